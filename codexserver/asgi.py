@@ -1,0 +1,21 @@
+"""ASGI entry point: HTTP goes to Django, the WebSocket at ``/`` to the app-server."""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "codexserver.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_http = get_asgi_application()  # sets Django up before the imports below
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import path  # noqa: E402
+
+from realtime.consumers import AppServerConsumer  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_http,
+        "websocket": URLRouter([path("", AppServerConsumer.as_asgi())]),
+    }
+)

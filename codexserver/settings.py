@@ -1,0 +1,149 @@
+"""Settings, read from the environment (PROTOCOL §6-7; README has the table).
+
+Embedded default: SQLite file in the project and the in-memory channel layer.
+DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis for scale-out.
+"""
+
+import os
+import socket
+from pathlib import Path
+
+import dj_database_url
+from django.core.management.utils import get_random_secret_key
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, str(default)).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = _env_bool("DJANGO_DEBUG")
+# Without DJANGO_SECRET_KEY each process makes its own: fine for one local
+# process, but sessions then do not survive restarts or span processes.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or get_random_secret_key()
+ALLOWED_HOSTS = _env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,[::1]")
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "identity",
+    "realtime",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "codexserver.urls"
+ASGI_APPLICATION = "codexserver.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.config(
+        default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=0
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL and IMMEDIATE transactions let several processes share the file
+    # without "database is locked" under concurrent connects.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+
+REDIS_URL = os.environ.get("REDIS_URL")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# `python manage.py test` hands over to pytest: one suite, one runner.
+TEST_RUNNER = "codexserver.test_runner.PytestTestRunner"
+
+# --- app-server -------------------------------------------------------------
+CODEX_SERVER_INSTANCE = os.environ.get(
+    "CODEX_SERVER_INSTANCE", f"{socket.gethostname()}-{os.getpid()}"
+)
+CODEX_ALLOWED_ORIGINS = _env_list("CODEX_ALLOWED_ORIGINS")
+CODEX_WS_AUTH_TOKEN = os.environ.get("CODEX_WS_AUTH_TOKEN") or None
+
+# --- upstreams (PROTOCOL §6) ------------------------------------------------
+CODEX_API_BASE_URL = os.environ.get("CODEX_API_BASE_URL", "https://api.openai.com/v1")
+CODEX_CHATGPT_BASE_URL = os.environ.get(
+    "CODEX_CHATGPT_BASE_URL", "https://chatgpt.com/backend-api"
+)
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY") or None
+CODEX_MODEL = os.environ.get("CODEX_MODEL", "gpt-5-codex")
+CODEX_RESPONSES_TRANSPORT = os.environ.get("CODEX_RESPONSES_TRANSPORT", "sse")
+# Retries of 5xx answers other than 503: tries in all, and the first backoff
+# (doubled each time).
+CODEX_UPSTREAM_MAX_TRIES = int(os.environ.get("CODEX_UPSTREAM_MAX_TRIES", "3"))
+CODEX_UPSTREAM_RETRY_BACKOFF = float(os.environ.get("CODEX_UPSTREAM_RETRY_BACKOFF", "0.5"))
+# Longest silence tolerated inside a model stream before it counts as cut.
+CODEX_UPSTREAM_IDLE_TIMEOUT = float(os.environ.get("CODEX_UPSTREAM_IDLE_TIMEOUT", "300"))
+CODEX_UPSTREAM_CONNECT_TIMEOUT = float(os.environ.get("CODEX_UPSTREAM_CONNECT_TIMEOUT", "10"))
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("CODEX_LOG_LEVEL", "INFO")},
+    "loggers": {
+        # httpx logs every request line at INFO; keep it at WARNING.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
+}

@@ -1,0 +1,70 @@
+"""The only functions that change ConnectionIdentity rows.
+
+opened (at the upgrade), initialized (one write of every identity field),
+closed (at disconnect) and reconciled (rows a dead process left open).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from .client_identity import ClientIdentity
+from .models import ConnectionIdentity
+
+
+async def record_connection_opened(
+    connection_id: uuid.UUID, server_instance: str, remote_addr: str | None
+) -> None:
+    await ConnectionIdentity.objects.acreate(
+        connection_id=connection_id,
+        server_instance=server_instance,
+        remote_addr=remote_addr,
+        connected_at=timezone.now(),
+    )
+
+
+async def record_connection_initialized(
+    connection_id: uuid.UUID, identity: ClientIdentity, capabilities: dict
+) -> None:
+    await ConnectionIdentity.objects.filter(connection_id=connection_id).aupdate(
+        client_name=identity.client_name,
+        client_title=identity.client_title,
+        client_version=identity.client_version,
+        originator=identity.originator,
+        user_agent=identity.user_agent,
+        is_infrastructure=identity.is_infrastructure,
+        is_first_party=identity.is_first_party,
+        capabilities=capabilities,
+        initialized_at=timezone.now(),
+    )
+
+
+async def record_connection_closed(connection_id: uuid.UUID) -> None:
+    await ConnectionIdentity.objects.filter(
+        connection_id=connection_id, disconnected_at__isnull=True
+    ).aupdate(disconnected_at=timezone.now())
+
+
+def close_stale_connections(
+    server_instance: str | None = None, connected_before: datetime | None = None
+) -> int:
+    """Close open rows a dead process left behind; returns how many.
+
+    ``connected_before`` keeps a live process's own rows out of reach: a
+    restarted instance closes only rows older than its own start.
+    """
+    rows = ConnectionIdentity.objects.filter(disconnected_at__isnull=True)
+    if server_instance is not None:
+        rows = rows.filter(server_instance=server_instance)
+    if connected_before is not None:
+        rows = rows.filter(connected_at__lt=connected_before)
+    return rows.update(disconnected_at=timezone.now())
+
+
+async def reconcile_restarted_instance(server_instance: str, process_started_at: datetime) -> int:
+    """At a process's first connection: close what an earlier run of this instance left open."""
+    return await sync_to_async(close_stale_connections)(server_instance, process_started_at)

@@ -1,0 +1,101 @@
+"""httpx clients per identity over one shared transport and one SSL context.
+
+httpx's own split: the client is policy (base URL, the identity's default
+headers, timeouts), the transport moves bytes and owns the pool. Every
+identity gets its own client, so headers can never come from another
+connection; all of them share one pool and one SSL context, so a new
+connection costs no TLS set-up. httpcore pools belong to one event loop, hence
+one transport per running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import weakref
+from collections import OrderedDict
+from functools import lru_cache
+
+import httpx
+
+from .client_identity import ClientIdentity
+from .headers import build_outbound_headers
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=30.0)
+DEFAULT_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128)
+_CLIENT_CACHE_SIZE = 4096
+
+
+@lru_cache(maxsize=1)
+def shared_ssl_context() -> ssl.SSLContext:
+    """Loading CA certificates costs milliseconds: do it once per process."""
+    return httpx.create_ssl_context()
+
+
+class _BorrowedTransport(httpx.AsyncBaseTransport):
+    """Lends the shared transport to a client; closing the client leaves it open."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport):
+        self._transport = transport
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._transport.handle_async_request(request)
+
+    async def aclose(self) -> None:  # the factory owns the pool's lifetime
+        pass
+
+
+class IdentityClientFactory:
+    """Builds (and caches) one AsyncClient per identity and upstream."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport | None = None):
+        self._transport = transport or httpx.AsyncHTTPTransport(
+            verify=shared_ssl_context(), limits=DEFAULT_LIMITS
+        )
+        self._borrowed = _BorrowedTransport(self._transport)
+        self._clients: OrderedDict[tuple, httpx.AsyncClient] = OrderedDict()
+
+    def client_for(
+        self,
+        identity: ClientIdentity,
+        base_url: str,
+        *,
+        bearer_token: str | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    ) -> httpx.AsyncClient:
+        key = (identity, base_url, bearer_token, timeout)
+        client = self._clients.get(key)
+        if client is None:
+            client = httpx.AsyncClient(
+                base_url=base_url,
+                headers=build_outbound_headers(identity, bearer_token=bearer_token),
+                timeout=timeout,
+                transport=self._borrowed,
+                # Environment proxies would make httpx build a transport (and
+                # an SSL context) per client, defeating the shared pool.
+                trust_env=False,
+            )
+            self._clients[key] = client
+            if len(self._clients) > _CLIENT_CACHE_SIZE:
+                self._clients.popitem(last=False)
+        else:
+            self._clients.move_to_end(key)
+        return client
+
+    async def aclose(self) -> None:
+        self._clients.clear()
+        await self._transport.aclose()
+
+
+_factories: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdentityClientFactory] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def client_factory() -> IdentityClientFactory:
+    """The factory of the running event loop (one pool per loop)."""
+    loop = asyncio.get_running_loop()
+    factory = _factories.get(loop)
+    if factory is None:
+        factory = _factories[loop] = IdentityClientFactory()
+    return factory

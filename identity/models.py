@@ -1,0 +1,42 @@
+"""ConnectionIdentity: one row per WebSocket connection (PROTOCOL §7).
+
+Rows are data only; every change goes through ``identity.actions``.
+"""
+
+from django.db import models
+
+
+class ConnectionIdentity(models.Model):
+    connection_id = models.UUIDField(unique=True, editable=False)
+    server_instance = models.CharField(max_length=255, db_index=True)
+    client_name = models.CharField(max_length=256, blank=True, default="")
+    client_title = models.CharField(max_length=512, null=True, blank=True)
+    client_version = models.CharField(max_length=256, blank=True, default="")
+    originator = models.CharField(max_length=256, blank=True, default="", db_index=True)
+    user_agent = models.CharField(max_length=1024, blank=True, default="")
+    is_infrastructure = models.BooleanField(default=False)
+    is_first_party = models.BooleanField(default=False)
+    remote_addr = models.GenericIPAddressField(null=True, blank=True)
+    capabilities = models.JSONField(default=dict, blank=True)
+    connected_at = models.DateTimeField(db_index=True)
+    initialized_at = models.DateTimeField(null=True, blank=True)
+    disconnected_at = models.DateTimeField(null=True, blank=True, db_index=True)
+
+    class Meta:
+        verbose_name = "connection identity"
+        verbose_name_plural = "connection identities"
+        indexes = [
+            # Stale-row reconciliation: open rows of one instance.
+            models.Index(
+                fields=["server_instance", "connected_at"],
+                name="open_by_instance",
+                condition=models.Q(disconnected_at__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.client_name or '(uninitialized)'} {self.connection_id}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.disconnected_at is None

@@ -1,0 +1,1 @@
+"""The app-server: WebSocket transport, JSON-RPC protocol, method handlers, upstream services."""

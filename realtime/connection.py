@@ -1,0 +1,141 @@
+"""Protocol state of one WebSocket connection: identity, threads, tasks, outbox.
+
+The consumer hands every decoded text frame to ``handle_frame``. ``initialize``
+runs inline, so no later request can overtake it; every other request runs as
+its own task inside the connection's identity scope, so a streaming turn never
+blocks the socket and everything the request starts inherits the identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Coroutine
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from identity.client_identity import ClientIdentity
+from identity.scope import identity_scope
+
+from . import protocol
+from .context import RequestContext
+from .handlers import HANDLERS, INITIALIZE
+from .outbox import Outbox
+from .protocol import ClientResponse, JsonRpcError, Notification, Request
+from .threads import Thread
+
+logger = logging.getLogger(__name__)
+
+CLOSE_GRACE_SECONDS = 5.0
+
+
+class AppServerConnection:
+    def __init__(self, connection_id: uuid.UUID, outbox: Outbox, asgi_scope: dict[str, Any]):
+        self.connection_id = connection_id
+        self.outbox = outbox
+        self.asgi_scope = asgi_scope
+        self.identity: ClientIdentity | None = None
+        self.opted_out: frozenset[str] = frozenset()
+        self.threads: dict[str, Thread] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    # --- identity -----------------------------------------------------------
+
+    def adopt_identity(self, identity: ClientIdentity, opted_out: frozenset[str]) -> None:
+        """Called once, by ``initialize``, after the row holds the identity."""
+        self.identity = identity
+        self.opted_out = opted_out
+        self.asgi_scope["codex_identity"] = identity
+
+    # --- frames in ----------------------------------------------------------
+
+    async def handle_frame(self, text: str) -> None:
+        try:
+            message = protocol.parse_message(text)
+        except JsonRpcError as error:
+            self.send_error(error.request_id, error)
+            return
+        if isinstance(message, Request):
+            await self._handle_request(message)
+        elif isinstance(message, Notification):
+            self._handle_notification(message)
+        elif isinstance(message, ClientResponse):
+            logger.debug("ignoring a client response to id %r", message.id)
+
+    async def _handle_request(self, request: Request) -> None:
+        if request.method == INITIALIZE:
+            await self._run_request(request)
+        elif self.identity is None:
+            self.send_error(request.id, JsonRpcError.not_initialized())
+        elif self.outbox.overloaded:
+            self.send_error(request.id, JsonRpcError.overloaded())
+        else:
+            self.spawn(self._run_request(request), name=f"request {request.method}")
+
+    def _handle_notification(self, notification: Notification) -> None:
+        # `initialized` needs no reply; other client notifications are not used yet.
+        logger.debug("client notification %s", notification.method)
+
+    async def _run_request(self, request: Request) -> None:
+        context = RequestContext(self, request)
+        try:
+            handler = HANDLERS.get(request.method)
+            if handler is None:
+                raise JsonRpcError.method_not_found(request.method)
+            with self._identity_scope():
+                result = await handler(context, request.params)
+                self.send(protocol.response(request.id, result))
+                context.run_after_reply()
+        except JsonRpcError as error:
+            self.send_error(request.id, error)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("request %s failed", request.method)
+            self.send_error(request.id, JsonRpcError.internal_error())
+
+    def _identity_scope(self) -> AbstractContextManager:
+        # The one place a request enters its scope; `initialize` runs before
+        # there is an identity, so it runs in none.
+        if self.identity is None:
+            return nullcontext()
+        return identity_scope(self.identity, str(self.connection_id))
+
+    # --- frames out ---------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> None:
+        if not self._closed:
+            self.outbox.put(message)
+
+    def send_error(self, request_id, error: JsonRpcError) -> None:
+        self.send(protocol.error_response(request_id, error))
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        if method not in self.opted_out:
+            self.send(protocol.notification(method, params))
+
+    # --- tasks --------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine, name: str | None = None) -> asyncio.Task:
+        """Start work owned by this connection; it is cancelled at disconnect."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def task_count(self) -> int:
+        return len(self._tasks)
+
+    async def close(self) -> None:
+        """Called at disconnect: cancel every task; their upstream streams close with them."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_GRACE_SECONDS)
+            if pending:
+                logger.warning("%d task(s) did not stop within %ss", len(pending), CLOSE_GRACE_SECONDS)

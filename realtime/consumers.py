@@ -1,0 +1,97 @@
+"""The WebSocket transport: frames in, frames out, lifecycle. Protocol lives elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.utils import timezone
+
+from identity.actions import (
+    record_connection_closed,
+    record_connection_opened,
+    reconcile_restarted_instance,
+)
+
+from .connection import AppServerConnection
+from .outbox import Outbox
+from .protocol import MAX_FRAME_BYTES, JsonRpcError
+from .upgrade_policy import upgrade_refusal
+
+logger = logging.getLogger(__name__)
+
+CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_TRY_AGAIN_LATER = 1013
+
+PROCESS_STARTED_AT = timezone.now()
+_instance_reconciled = asyncio.Event()  # set once this process has closed its predecessor's rows
+
+
+async def _reconcile_instance_once() -> None:
+    if _instance_reconciled.is_set():
+        return
+    closed = await reconcile_restarted_instance(settings.CODEX_SERVER_INSTANCE, PROCESS_STARTED_AT)
+    if closed:
+        logger.info("closed %d connection row(s) left open by an earlier run of %s", closed, settings.CODEX_SERVER_INSTANCE)
+    _instance_reconciled.set()
+
+
+def _frame_size(text_data: str | None, bytes_data: bytes | None) -> int:
+    if bytes_data is not None:
+        return len(bytes_data)
+    if len(text_data) * 4 <= MAX_FRAME_BYTES:  # UTF-8 is at most 4 bytes a character
+        return len(text_data)
+    return len(text_data.encode("utf-8", "surrogatepass"))
+
+
+class AppServerConsumer(AsyncWebsocketConsumer):
+    connection: AppServerConnection | None = None
+    _writer: asyncio.Task | None = None
+
+    async def connect(self):
+        """Called at the upgrade: refuse it, or open the row and accept."""
+        refusal = upgrade_refusal(self.scope)
+        if refusal is not None:
+            logger.info("refused a WebSocket upgrade with HTTP %d", refusal)
+            await self.close()
+            return
+        connection_id = uuid.uuid4()
+        await _reconcile_instance_once()
+        client = self.scope.get("client") or (None,)
+        await record_connection_opened(connection_id, settings.CODEX_SERVER_INSTANCE, client[0])
+        outbox = Outbox(self._send_text, on_overflow=self._drop_slow_client)
+        self.connection = AppServerConnection(connection_id, outbox, self.scope)
+        await self.accept()
+        self._writer = asyncio.create_task(outbox.run(), name="outbox writer")
+
+    async def receive(self, text_data=None, bytes_data=None):
+        """Called for each frame from the client."""
+        if self.connection is None:
+            return
+        frame_size = _frame_size(text_data, bytes_data)
+        if frame_size > MAX_FRAME_BYTES:
+            logger.warning("closing connection %s: frame of %d bytes", self.connection.connection_id, frame_size)
+            await self.close(code=CLOSE_MESSAGE_TOO_BIG)
+            return
+        if bytes_data is not None:
+            self.connection.send_error(None, JsonRpcError.parse_error("binary frames are not accepted"))
+            return
+        await self.connection.handle_frame(text_data)
+
+    async def disconnect(self, code):
+        """Called when the socket has closed, whichever side closed it."""
+        if self.connection is None:
+            return
+        await self.connection.close()
+        if self._writer is not None:
+            self._writer.cancel()
+        await record_connection_closed(self.connection.connection_id)
+
+    async def _send_text(self, text: str) -> None:
+        await self.send(text_data=text)
+
+    def _drop_slow_client(self) -> None:
+        asyncio.get_running_loop().create_task(self.close(code=CLOSE_TRY_AGAIN_LATER))

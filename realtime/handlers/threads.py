@@ -1,0 +1,31 @@
+"""``thread/start``: a thread owned by this connection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..params import optional_str, params_object
+from ..services import telemetry
+from ..services.config import UpstreamConfig
+from ..threads import Thread, new_id
+
+
+async def start_thread(context, params: Any) -> dict[str, Any]:
+    params = params_object(params)
+    config = UpstreamConfig.from_settings()
+    thread = Thread(
+        id=new_id(),
+        model=optional_str(params, "model") or config.model,
+        base_instructions=optional_str(params, "baseInstructions"),
+    )
+    connection = context.connection
+    connection.threads[thread.id] = thread
+    identity = context.identity
+
+    def announce() -> None:
+        connection.notify("thread/started", {"thread": thread.to_json()})
+        event = telemetry.analytics_event(identity, telemetry.THREAD_STARTED, thread.id)
+        connection.spawn(telemetry.post_events(identity, [event], config), name="telemetry")
+
+    context.after_reply(announce)
+    return {"thread": thread.to_json()}

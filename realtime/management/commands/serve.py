@@ -1,0 +1,37 @@
+"""``python manage.py serve``: daphne on 127.0.0.1:8765 with the limits the protocol needs."""
+
+from django.core.management.base import BaseCommand
+
+from realtime.protocol import MAX_FRAME_BYTES
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
+
+class Command(BaseCommand):
+    help = "Serve the app-server (HTTP + WebSocket) with daphne."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
+        parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+        parser.add_argument(
+            "daphne_args", nargs="*", help="further daphne options, after `--` (e.g. -- --proxy-headers)"
+        )
+
+    def handle(self, *args, host, port, daphne_args, **options):
+        from daphne.cli import CommandLineInterface
+
+        argv = [
+            "--bind", host,
+            "--port", str(port),
+            # Frames over 1 MiB close the connection with 1009 (PROTOCOL §3).
+            "--websocket-max-message-size", str(MAX_FRAME_BYTES),
+            "--websocket-max-frame-size", str(MAX_FRAME_BYTES),
+            "--ping-interval", "20",
+            "--ping-timeout", "30",
+            "--application-close-timeout", "10",
+            *daphne_args,
+            "codexserver.asgi:application",
+        ]
+        self.stdout.write(f"codexserver listening on ws://{host}:{port}/ (admin at http://{host}:{port}/admin/)")
+        CommandLineInterface().run(argv)

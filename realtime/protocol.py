@@ -1,0 +1,143 @@
+"""JSON-RPC messages (without the "jsonrpc" member) and the error table of PROTOCOL §3."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+RequestId = str | int
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+SERVER_OVERLOADED = -32001
+
+MAX_FRAME_BYTES = 1024 * 1024
+
+
+class JsonRpcError(Exception):
+    """An error reply; ``request_id`` is None when the request could not be read."""
+
+    def __init__(self, code: int, message: str, data: Any = None, request_id: RequestId | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+        self.request_id = request_id
+
+    def to_error(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+    @classmethod
+    def parse_error(cls, detail: str) -> JsonRpcError:
+        return cls(PARSE_ERROR, f"Parse error: {detail}")
+
+    @classmethod
+    def invalid_request(cls, detail: str, request_id: RequestId | None = None) -> JsonRpcError:
+        return cls(INVALID_REQUEST, f"Invalid request: {detail}", request_id=request_id)
+
+    @classmethod
+    def not_initialized(cls) -> JsonRpcError:
+        return cls(INVALID_REQUEST, "Not initialized")
+
+    @classmethod
+    def already_initialized(cls) -> JsonRpcError:
+        return cls(INVALID_REQUEST, "Already initialized")
+
+    @classmethod
+    def method_not_found(cls, method: str) -> JsonRpcError:
+        return cls(METHOD_NOT_FOUND, f"Method not found: {method}")
+
+    @classmethod
+    def invalid_params(cls, detail: str) -> JsonRpcError:
+        return cls(INVALID_PARAMS, f"Invalid params: {detail}")
+
+    @classmethod
+    def internal_error(cls) -> JsonRpcError:
+        return cls(INTERNAL_ERROR, "Internal error")
+
+    @classmethod
+    def overloaded(cls) -> JsonRpcError:
+        return cls(SERVER_OVERLOADED, "Server overloaded; retry later.")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: RequestId
+    method: str
+    params: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    method: str
+    params: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientResponse:
+    """A reply from the client to a server request; this server sends none yet."""
+
+    id: RequestId
+    payload: dict = field(default_factory=dict)
+
+
+Message = Request | Notification | ClientResponse
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def is_request_id(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def parse_message(frame: str) -> Message:
+    """Decode one text frame; raises JsonRpcError with the error to send back."""
+    try:
+        obj = json.loads(frame, parse_constant=_reject_constant)
+    except RecursionError:
+        raise JsonRpcError.parse_error("nesting too deep") from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, over-long integers
+        raise JsonRpcError.parse_error(str(exc)) from None
+    if not isinstance(obj, dict):
+        raise JsonRpcError.parse_error("a message must be a JSON object")
+
+    has_id = "id" in obj
+    request_id = obj.get("id")
+    if has_id and not is_request_id(request_id):
+        raise JsonRpcError.invalid_request("id must be a string or an integer")
+    method = obj.get("method")
+    if method is None:
+        if has_id and ("result" in obj or "error" in obj):
+            return ClientResponse(request_id, obj)
+        raise JsonRpcError.invalid_request("missing method", request_id)
+    if not isinstance(method, str):
+        raise JsonRpcError.invalid_request("method must be a string", request_id)
+    if not has_id:
+        return Notification(method, obj.get("params"))
+    return Request(request_id, method, obj.get("params"))
+
+
+def encode(message: dict[str, Any]) -> str:
+    # ASCII escapes keep lone surrogates a client sent us encodable as UTF-8.
+    return json.dumps(message, separators=(",", ":"))
+
+
+def response(request_id: RequestId, result: Any) -> dict[str, Any]:
+    return {"id": request_id, "result": result}
+
+
+def error_response(request_id: RequestId | None, error: JsonRpcError) -> dict[str, Any]:
+    return {"id": request_id, "error": error.to_error()}
+
+
+def notification(method: str, params: Any) -> dict[str, Any]:
+    return {"method": method, "params": params}

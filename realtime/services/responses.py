@@ -1,0 +1,89 @@
+"""Model turns against the Responses API, over SSE or WebSocket.
+
+Both transports yield the same event dicts; this module adds what they share:
+the request body, retries of retryable failures before the first event, and
+the rule that a stream is complete only at ``response.completed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from identity.client_identity import ClientIdentity
+
+from . import upstream_errors
+from .config import UpstreamConfig
+from .upstream_errors import UpstreamError
+
+COMPLETED = "response.completed"
+FAILED_EVENTS = ("response.failed", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    thread_id: str
+    model: str
+    input: list[dict[str, Any]]
+    instructions: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "input": self.input}
+        if self.instructions:
+            body["instructions"] = self.instructions
+        return body
+
+    def session_headers(self) -> dict[str, str]:
+        return {"session-id": self.thread_id, "x-client-request-id": self.thread_id}
+
+
+def _open_transport(identity: ClientIdentity, request: ModelRequest, config: UpstreamConfig):
+    if config.responses_transport == "websocket":
+        from . import responses_ws
+
+        return responses_ws.stream_events(identity, request, config)
+    from . import responses_sse
+
+    return responses_sse.stream_events(identity, request, config)
+
+
+async def stream_model_response(
+    identity: ClientIdentity, request: ModelRequest, config: UpstreamConfig | None = None
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield Responses events for one turn, ending after ``response.completed``.
+
+    Raises UpstreamError. Only failures before the first event are retried:
+    once text has reached the client, a retry would repeat it.
+    """
+    config = config or UpstreamConfig.from_settings()
+    tries = 0
+    while True:
+        tries += 1
+        started = False
+        try:
+            async with aclosing(_open_transport(identity, request, config)) as events:
+                async for event in events:
+                    started = True
+                    kind = event.get("type")
+                    if kind in FAILED_EVENTS:
+                        raise upstream_errors.failed_response(_error_of(event))
+                    yield event
+                    if kind == COMPLETED:
+                        return
+            raise upstream_errors.stream_disconnected("the stream ended without response.completed")
+        except UpstreamError as error:
+            if not error.retryable or started:
+                raise
+            if tries >= config.max_tries:
+                raise upstream_errors.too_many_failed_attempts(error, tries) from error
+        await asyncio.sleep(config.retry_backoff * 2 ** (tries - 1))
+
+
+def _error_of(event: dict[str, Any]) -> Any:
+    response = event.get("response")
+    if isinstance(response, dict) and response.get("error") is not None:
+        return response["error"]
+    return event.get("error")

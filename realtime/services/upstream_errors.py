@@ -1,0 +1,114 @@
+"""The one mapping from upstream failures to ``codexErrorInfo`` (PROTOCOL §6)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.conf import settings
+
+MAX_MESSAGE_CHARS = 500
+
+
+def redact(text: str) -> str:
+    """Upstreams sometimes echo credentials back; none reaches a client or a log."""
+    for secret in (settings.OPENAI_API_KEY, settings.CODEX_WS_AUTH_TOKEN):
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text[:MAX_MESSAGE_CHARS]
+
+
+class UpstreamError(Exception):
+    def __init__(
+        self,
+        message: str,
+        codex_error_info: str | dict[str, Any],
+        *,
+        http_status: int | None = None,
+        retryable: bool = False,
+    ):
+        message = redact(message)
+        super().__init__(message)
+        self.message = message
+        self.codex_error_info = codex_error_info
+        self.http_status = http_status
+        self.retryable = retryable
+
+    def turn_error(self) -> dict[str, Any]:
+        """The ``error`` of a failed ``turn/completed``."""
+        return {"message": self.message, "codexErrorInfo": self.codex_error_info}
+
+
+def _detail(body: bytes | str) -> str:
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        error = json.loads(text).get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+    except (ValueError, AttributeError):
+        pass
+    return text.strip()
+
+
+def error_for_status(status: int, body: bytes | str = b"") -> UpstreamError:
+    detail = _detail(body)
+    message = f"upstream answered {status}" + (f": {detail}" if detail else "")
+    if status in (401, 403):
+        return UpstreamError(message, "unauthorized", http_status=status)
+    if status == 400:
+        return UpstreamError(message, "badRequest", http_status=status)
+    if status == 429:
+        return UpstreamError(message, "usageLimitExceeded", http_status=status)
+    if status == 503:
+        return UpstreamError(message, "serverOverloaded", http_status=status)
+    if 500 <= status <= 599:
+        return UpstreamError(message, "internalServerError", http_status=status, retryable=True)
+    return UpstreamError(message, "other", http_status=status)
+
+
+def too_many_failed_attempts(last: UpstreamError, tries: int) -> UpstreamError:
+    return UpstreamError(
+        f"gave up after {tries} tries: {last.message}",
+        {"responseTooManyFailedAttempts": {"httpStatusCode": last.http_status}},
+        http_status=last.http_status,
+    )
+
+
+def connection_failed(exc: BaseException) -> UpstreamError:
+    return UpstreamError(
+        f"could not connect to the model upstream ({type(exc).__name__})",
+        {"responseStreamConnectionFailed": {"httpStatusCode": None}},
+    )
+
+
+def stream_disconnected(reason: str, http_status: int | None = None) -> UpstreamError:
+    return UpstreamError(
+        f"stream disconnected before completion: {reason}",
+        {"responseStreamDisconnected": {"httpStatusCode": http_status}},
+        http_status=http_status,
+    )
+
+
+_FAILED_RESPONSE_CODES = {
+    "rate_limit_exceeded": "usageLimitExceeded",
+    "insufficient_quota": "usageLimitExceeded",
+    "usage_limit_reached": "usageLimitExceeded",
+    "invalid_request_error": "badRequest",
+    "context_length_exceeded": "badRequest",
+    "server_error": "internalServerError",
+    "server_is_overloaded": "serverOverloaded",
+    "slow_down": "serverOverloaded",
+}
+
+
+def failed_response(error: Any) -> UpstreamError:
+    """A ``response.failed`` (or WebSocket ``error``) event's error object."""
+    error = error if isinstance(error, dict) else {}
+    status = error.get("status") if isinstance(error.get("status"), int) else None
+    if status is not None and status >= 400:
+        return error_for_status(status, json.dumps({"error": error}))
+    code = error.get("code") if isinstance(error.get("code"), str) else ""
+    message = error.get("message") if isinstance(error.get("message"), str) else "response failed"
+    return UpstreamError(message, _FAILED_RESPONSE_CODES.get(code, "other"))

@@ -1,0 +1,42 @@
+"""Threads and turns: per-connection conversation state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(eq=False)
+class Turn:
+    id: str
+    task: asyncio.Task | None = None
+    interrupt_requested: bool = False
+
+    def interrupt(self) -> None:
+        self.interrupt_requested = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def to_json(self, status: str) -> dict[str, Any]:
+        return {"id": self.id, "status": status}
+
+
+@dataclass(eq=False)
+class Thread:
+    id: str
+    model: str
+    base_instructions: str | None = None
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    # Responses API input items of earlier turns, replayed on each request.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    active_turn: Turn | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "createdAt": self.created_at, "model": self.model}
