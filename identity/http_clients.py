@@ -63,9 +63,9 @@ class IdentityClientFactory:
         bearer_token: str | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
     ) -> httpx.AsyncClient:
-        key = (identity, base_url, bearer_token, timeout)
+        key = (identity, base_url, bearer_token, tuple(timeout.as_dict().items()))
         client = self._clients.get(key)
-        if client is None:
+        if client is None or client.is_closed:
             client = httpx.AsyncClient(
                 base_url=base_url,
                 headers=build_outbound_headers(identity, bearer_token=bearer_token),

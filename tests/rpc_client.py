@@ -1,0 +1,104 @@
+"""A JSON-RPC client for tests, over WebsocketCommunicator or a real socket."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from typing import Any
+
+from channels.testing import WebsocketCommunicator
+
+
+class RpcClient:
+    def __init__(self, send_text, receive_text):
+        self._send_text = send_text
+        self._receive_text = receive_text
+        self._ids = itertools.count(1)
+        self.inbox: list[dict] = []  # received and not yet taken by a wait
+
+    async def send_raw(self, text: str) -> None:
+        await self._send_text(text)
+
+    async def send(self, message: dict) -> None:
+        await self._send_text(json.dumps(message))
+
+    async def receive(self, timeout: float = 5.0) -> dict:
+        return json.loads(await asyncio.wait_for(self._receive_text(), timeout))
+
+    async def wait_for(self, predicate, timeout: float = 5.0) -> dict:
+        """The first message (buffered or new) for which predicate holds."""
+        for index, message in enumerate(self.inbox):
+            if predicate(message):
+                return self.inbox.pop(index)
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.receive(timeout)
+                if predicate(message):
+                    return message
+                self.inbox.append(message)
+
+    async def request(self, method: str, params: Any = None, timeout: float = 5.0) -> dict:
+        """Send a request and return its whole response (result or error)."""
+        request_id = next(self._ids)
+        message: dict[str, Any] = {"id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        await self.send(message)
+        return await self.wait_for(lambda m: m.get("id") == request_id and "method" not in m, timeout)
+
+    async def call(self, method: str, params: Any = None, timeout: float = 5.0) -> Any:
+        response = await self.request(method, params, timeout)
+        assert "result" in response, response
+        return response["result"]
+
+    async def notification(self, method: str, timeout: float = 5.0, **match: Any) -> dict:
+        """The next notification ``method`` whose params contain ``match``."""
+
+        def wanted(message: dict) -> bool:
+            params = message.get("params") or {}
+            return message.get("method") == method and all(params.get(k) == v for k, v in match.items())
+
+        return (await self.wait_for(wanted, timeout))["params"]
+
+    async def initialize(self, name: str, version: str = "1.0.0", **capabilities: Any) -> dict:
+        result = await self.call(
+            "initialize",
+            {"clientInfo": {"name": name, "title": name.title(), "version": version}, "capabilities": capabilities},
+        )
+        await self.send({"method": "initialized"})
+        return result
+
+    async def start_thread(self, **params: Any) -> str:
+        return (await self.call("thread/start", params))["thread"]["id"]
+
+    async def run_turn(self, thread_id: str, text: str = "hi", timeout: float = 10.0) -> dict:
+        """Start a turn and return its turn/completed params."""
+        result = await self.call("turn/start", {"threadId": thread_id, "input": [{"type": "text", "text": text}]})
+        turn_id = result["turn"]["id"]
+
+        def completed(message: dict) -> bool:
+            params = message.get("params") or {}
+            return message.get("method") == "turn/completed" and params.get("turn", {}).get("id") == turn_id
+
+        return (await self.wait_for(completed, timeout))["params"]
+
+
+class CommunicatorClient(RpcClient):
+    """Against the ASGI application in this process."""
+
+    def __init__(self, communicator: WebsocketCommunicator):
+        self.communicator = communicator
+        # Our own timeouts cancel the wait; asgiref's would cancel the application.
+        super().__init__(self._send, lambda: communicator.receive_from(timeout=3600))
+
+    async def _send(self, text: str) -> None:
+        await self.communicator.send_to(text_data=text)
+
+
+class SocketClient(RpcClient):
+    """Against a real server, over a websockets client connection."""
+
+    def __init__(self, websocket):
+        self.websocket = websocket
+        super().__init__(websocket.send, websocket.recv)

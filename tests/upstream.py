@@ -1,0 +1,292 @@
+"""A real local upstream on loopback that records every request it receives.
+
+It plays the Responses API (SSE and WebSocket), realtime calls, telemetry,
+the connector directory and the plugin list. What a turn's upstream does is
+chosen by the user's text, so tests script faults without mocking anything:
+
+    "fail:401"        answer 401 (any status; "fail:500x2" fails twice, then streams)
+    "cut"             stream two deltas, then drop the connection
+    "slow:N"          stream N deltas 0.1 s apart (for interrupts and disconnects)
+    "response-failed" stream a response.failed event
+    anything else     stream "Hello" + " world" and complete
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+DEFAULT_DELTAS = ["Hello", " world"]
+
+
+@dataclass
+class Recorded:
+    kind: str  # "http", "ws" (handshake), "closed" (a stream or socket ended early), "ws-message"
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: Any = None
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def originator(self) -> str | None:
+        return self.headers.get("originator")
+
+    @property
+    def user_agent(self) -> str | None:
+        return self.headers.get("user-agent")
+
+
+def _last_user_text(body: dict) -> str:
+    for item in reversed(body.get("input") or []):
+        if item.get("role") == "user":
+            return " ".join(part.get("text", "") for part in item.get("content", []))
+    return ""
+
+
+def response_events(text: str, deltas: list[str]) -> list[dict]:
+    item_id = "msg_" + format(abs(hash(text)) % 10**8, "08d")
+    events: list[dict] = [
+        {"type": "response.created", "response": {"id": "resp_1"}},
+        {"type": "response.output_item.added", "item": {"id": item_id, "type": "message", "role": "assistant"}},
+    ]
+    events += [{"type": "response.output_text.delta", "item_id": item_id, "delta": d} for d in deltas]
+    events.append(
+        {
+            "type": "response.output_item.done",
+            "item": {"id": item_id, "type": "message", "content": [{"type": "output_text", "text": "".join(deltas)}]},
+        }
+    )
+    events.append({"type": "response.completed", "response": {"id": "resp_1"}})
+    return events
+
+
+class UpstreamServer:
+    """Runs in its own thread and event loop, so any test (sync or async) can use it."""
+
+    def __init__(self):
+        self.records: list[Recorded] = []
+        self._lock = threading.Lock()
+        self._failures: Counter[str] = Counter()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="upstream")
+        self.port: int | None = None
+        self.apps: list[dict] = []
+        self.plugins: list[dict] = []
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> UpstreamServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app.router.add_post("/v1/responses", self._responses_sse)
+        app.router.add_get("/v1/responses", self._responses_ws)
+        app.router.add_post("/v1/realtime/calls", self._realtime_call)
+        app.router.add_get("/v1/realtime", self._realtime_sideband)
+        app.router.add_post("/backend-api/codex/analytics-events/events", self._telemetry)
+        app.router.add_get("/backend-api/connectors/directory/list", self._connectors)
+        app.router.add_get("/backend-api/plugins/list", self._plugins)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def chatgpt_base_url(self) -> str:
+        return self.url + "/backend-api"
+
+    # --- records --------------------------------------------------------------
+
+    def reset(self) -> None:
+        with self._lock:
+            self.records.clear()
+            self._failures.clear()
+        self.apps = []
+        self.plugins = []
+
+    def _record(self, request: web.Request, kind: str, body: Any = None) -> Recorded:
+        record = Recorded(
+            kind=kind,
+            method=request.method,
+            path=request.path,
+            query=request.query_string,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+        )
+        with self._lock:
+            self.records.append(record)
+        return record
+
+    def requests(self, path_suffix: str | None = None, kind: str | None = None) -> list[Recorded]:
+        with self._lock:
+            return [
+                r
+                for r in self.records
+                if (path_suffix is None or r.path.endswith(path_suffix)) and (kind is None or r.kind == kind)
+            ]
+
+    def model_requests(self) -> list[Recorded]:
+        return [r for r in self.requests("/responses") if r.kind in ("http", "ws-message")]
+
+    def wait_for(self, predicate, timeout: float = 5.0) -> list[Recorded]:
+        """Block until ``predicate(records)`` is truthy; returns the records."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                snapshot = list(self.records)
+            if predicate(snapshot):
+                return snapshot
+            if time.monotonic() > deadline:
+                raise AssertionError(f"upstream never saw what was expected; it saw {[(r.kind, r.path) for r in snapshot]}")
+            time.sleep(0.01)
+
+    async def await_for(self, predicate, timeout: float = 5.0) -> list[Recorded]:
+        return await asyncio.to_thread(self.wait_for, predicate, timeout)
+
+    # --- behaviour --------------------------------------------------------------
+
+    def _scripted_failure(self, text: str) -> int | None:
+        match = re.search(r"fail:(\d{3})(?:x(\d+))?", text)
+        if not match:
+            return None
+        status, times = int(match.group(1)), match.group(2)
+        with self._lock:
+            self._failures[text] += 1
+            seen = self._failures[text]
+        if times is not None and seen > int(times):
+            return None
+        return status
+
+    @staticmethod
+    def _plan(text: str) -> tuple[list[dict], float, bool]:
+        """(events, delay between them, whether to cut the stream after two deltas)"""
+        slow = re.search(r"slow:(\d+)", text)
+        if slow:
+            return response_events(text, [f"d{i} " for i in range(int(slow.group(1)))]), 0.1, False
+        if "response-failed" in text:
+            failed = {"type": "response.failed", "response": {"error": {"code": "server_error", "message": "model crashed"}}}
+            return [{"type": "response.created", "response": {}}, failed], 0.0, False
+        return response_events(text, DEFAULT_DELTAS), 0.0, "cut" in text
+
+    async def _responses_sse(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        record = self._record(request, "http", body)
+        text = _last_user_text(body)
+        status = self._scripted_failure(text)
+        if status is not None:
+            return web.json_response({"error": {"message": f"scripted {status}", "code": "scripted"}}, status=status)
+        events, delay, cut = self._plan(text)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        deltas = 0
+        try:
+            for event in events:
+                await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+                deltas += event["type"] == "response.output_text.delta"
+                if cut and deltas == 2:
+                    await asyncio.sleep(0.05)
+                    request.transport.close()
+                    return response
+                if delay:
+                    await asyncio.sleep(delay)
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self._record_close(record)
+            raise
+        return response
+
+    def _record_close(self, origin: Recorded) -> None:
+        closed = Recorded("closed", origin.method, origin.path, origin.query, origin.headers, origin.body)
+        with self._lock:
+            self.records.append(closed)
+
+    async def _responses_ws(self, request: web.Request) -> web.WebSocketResponse:
+        handshake = self._record(request, "ws")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        try:
+            async for message in ws:
+                if message.type != WSMsgType.TEXT:
+                    continue
+                body = json.loads(message.data)
+                record = Recorded("ws-message", "WS", request.path, request.query_string, handshake.headers, body)
+                with self._lock:
+                    self.records.append(record)
+                text = _last_user_text(body)
+                status = self._scripted_failure(text)
+                if status is not None:
+                    await ws.send_json({"type": "error", "status": status, "error": {"message": f"scripted {status}"}})
+                    continue
+                events, delay, cut = self._plan(text)
+                deltas = 0
+                for event in events:
+                    await ws.send_json(event)
+                    deltas += event["type"] == "response.output_text.delta"
+                    if cut and deltas == 2:
+                        await ws.close()
+                        return ws
+                    if delay:
+                        await asyncio.sleep(delay)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self._record_close(handshake)
+            raise
+        self._record_close(handshake)
+        return ws
+
+    async def _realtime_call(self, request: web.Request) -> web.Response:
+        offer = await request.text()
+        self._record(request, "http", offer)
+        call_id = f"rtc_{len(self.records)}"
+        return web.Response(
+            status=201,
+            text=f"v=0\r\na=answer-for:{call_id}\r\n",
+            content_type="application/sdp",
+            headers={"Location": f"/v1/realtime/calls/{call_id}"},
+        )
+
+    async def _realtime_sideband(self, request: web.Request) -> web.WebSocketResponse:
+        handshake = self._record(request, "ws")
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        self._record_close(handshake)
+        return ws
+
+    async def _telemetry(self, request: web.Request) -> web.Response:
+        self._record(request, "http", await request.json())
+        return web.json_response({})
+
+    async def _connectors(self, request: web.Request) -> web.Response:
+        self._record(request, "http")
+        return web.json_response({"apps": self.apps})
+
+    async def _plugins(self, request: web.Request) -> web.Response:
+        self._record(request, "http")
+        return web.json_response({"plugins": self.plugins})
