@@ -3,7 +3,7 @@
 import asyncio
 import logging
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import JsonResponse
@@ -34,7 +34,7 @@ async def _channel_layer_answers() -> None:
 async def readyz(request):
     checks = {}
     for name, check in (
-        ("database", sync_to_async(_database_answers)),
+        ("database", database_sync_to_async(_database_answers)),
         ("channel_layer", _channel_layer_answers),
     ):
         try:

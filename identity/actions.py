@@ -2,6 +2,8 @@
 
 opened (at the upgrade), initialized (one write of every identity field),
 closed (at disconnect) and reconciled (rows a dead process left open).
+The async ones run through channels' ``database_sync_to_async``, which also
+retires stale database connections around each call, as a request would.
 """
 
 from __future__ import annotations
@@ -9,17 +11,18 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from .client_identity import ClientIdentity
 from .models import ConnectionIdentity
 
 
-async def record_connection_opened(
+@database_sync_to_async
+def record_connection_opened(
     connection_id: uuid.UUID, server_instance: str, remote_addr: str | None
 ) -> None:
-    await ConnectionIdentity.objects.acreate(
+    ConnectionIdentity.objects.create(
         connection_id=connection_id,
         server_instance=server_instance,
         remote_addr=remote_addr,
@@ -27,10 +30,11 @@ async def record_connection_opened(
     )
 
 
-async def record_connection_initialized(
+@database_sync_to_async
+def record_connection_initialized(
     connection_id: uuid.UUID, identity: ClientIdentity, capabilities: dict
 ) -> None:
-    await ConnectionIdentity.objects.filter(connection_id=connection_id).aupdate(
+    ConnectionIdentity.objects.filter(connection_id=connection_id).update(
         client_name=identity.client_name,
         client_title=identity.client_title,
         client_version=identity.client_version,
@@ -43,10 +47,11 @@ async def record_connection_initialized(
     )
 
 
-async def record_connection_closed(connection_id: uuid.UUID) -> None:
-    await ConnectionIdentity.objects.filter(
+@database_sync_to_async
+def record_connection_closed(connection_id: uuid.UUID) -> None:
+    ConnectionIdentity.objects.filter(
         connection_id=connection_id, disconnected_at__isnull=True
-    ).aupdate(disconnected_at=timezone.now())
+    ).update(disconnected_at=timezone.now())
 
 
 def close_stale_connections(
@@ -65,6 +70,7 @@ def close_stale_connections(
     return rows.update(disconnected_at=timezone.now())
 
 
-async def reconcile_restarted_instance(server_instance: str, process_started_at: datetime) -> int:
+@database_sync_to_async
+def reconcile_restarted_instance(server_instance: str, process_started_at: datetime) -> int:
     """At a process's first connection: close what an earlier run of this instance left open."""
-    return await sync_to_async(close_stale_connections)(server_instance, process_started_at)
+    return close_stale_connections(server_instance, process_started_at)

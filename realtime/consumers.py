@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from http import HTTPStatus
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -19,7 +20,7 @@ from identity.actions import (
 from .connection import AppServerConnection
 from .outbox import Outbox
 from .protocol import MAX_FRAME_BYTES, JsonRpcError
-from .upgrade_policy import upgrade_refusal
+from .upgrade_policy import DENIAL_EXTENSION, upgrade_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         refusal = upgrade_refusal(self.scope)
         if refusal is not None:
             logger.info("refused a WebSocket upgrade with HTTP %d", refusal)
-            await self.close()
+            await self._refuse(refusal)
             return
         connection_id = uuid.uuid4()
         await _reconcile_instance_once()
@@ -89,6 +90,14 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         if self._writer is not None:
             self._writer.cancel()
         await record_connection_closed(self.connection.connection_id)
+
+    async def _refuse(self, status: int) -> None:
+        # Without the denial-response extension an ASGI server can only say 403.
+        if DENIAL_EXTENSION in self.scope.get("extensions", {}):
+            await self.base_send({"type": "websocket.http.response.start", "status": status, "headers": []})
+            await self.base_send({"type": "websocket.http.response.body", "body": HTTPStatus(status).phrase.encode()})
+        else:
+            await self.close()
 
     async def _send_text(self, text: str) -> None:
         await self.send(text_data=text)

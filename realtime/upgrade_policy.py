@@ -7,6 +7,9 @@ from typing import Any
 
 from django.conf import settings
 
+# ASGI extension that lets a consumer refuse the upgrade with any HTTP status.
+DENIAL_EXTENSION = "websocket.http.response"
+
 FORBIDDEN = 403
 UNAUTHORIZED = 401
 

@@ -4,12 +4,16 @@ import asyncio
 import json
 
 import pytest
+from channels.db import database_sync_to_async
 
 from identity.client_identity import process_default_identity
 from identity.models import ConnectionIdentity
 from tests.conftest import TEST_API_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+# channels' wrapper, unlike the async ORM, closes the thread's connection after use.
+only_row = database_sync_to_async(ConnectionIdentity.objects.get)
 
 
 # --- the seed's regression, on the wire ---------------------------------------
@@ -255,10 +259,10 @@ async def test_invalid_client_info_is_refused_stores_nothing_and_allows_a_retry(
         "code": -32600,
         "message": f"Invalid clientInfo.{field}: '{value}'. Must be a valid HTTP header value.",
     }
-    row = await ConnectionIdentity.objects.aget()
+    row = await only_row()
     assert row.initialized_at is None and row.client_name == "" and row.user_agent == ""
     await client.initialize("codex_ios", "1.0.0")
-    row = await ConnectionIdentity.objects.aget()
+    row = await only_row()
     assert row.client_name == "codex_ios"
 
 
@@ -344,10 +348,10 @@ async def test_oversized_frame_closes_only_that_connection(connect):
 
 async def test_row_lifecycle_and_no_secret_in_the_database(connect):
     client = await connect()
-    row = await ConnectionIdentity.objects.aget()
+    row = await only_row()
     assert row.connected_at and row.initialized_at is None and row.disconnected_at is None
     await client.initialize("codex-backend", "2.0.0", experimentalApi=True)
-    row = await ConnectionIdentity.objects.aget()
+    row = await only_row()
     assert (row.client_name, row.client_title, row.client_version) == ("codex-backend", "Codex-Backend", "2.0.0")
     assert row.originator == "codex_cli_rs" and row.is_infrastructure and row.is_first_party
     assert row.user_agent.endswith("(codex-backend; 2.0.0)")
@@ -356,7 +360,7 @@ async def test_row_lifecycle_and_no_secret_in_the_database(connect):
     thread = await client.start_thread()
     await client.run_turn(thread)
     await client.communicator.disconnect()
-    row = await ConnectionIdentity.objects.aget()
+    row = await only_row()
     assert row.disconnected_at is not None
-    dumped = json.dumps([row async for row in ConnectionIdentity.objects.values()], default=str)
+    dumped = json.dumps(await database_sync_to_async(lambda: list(ConnectionIdentity.objects.values()))(), default=str)
     assert TEST_API_KEY not in dumped

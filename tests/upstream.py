@@ -8,6 +8,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "cut"             stream two deltas, then drop the connection
     "slow:N"          stream N deltas 0.1 s apart (for interrupts and disconnects)
     "response-failed" stream a response.failed event
+    "hang"            send response.created, then nothing at all
     anything else     stream "Hello" + " world" and complete
 """
 
@@ -99,7 +100,7 @@ class UpstreamServer:
         app.router.add_post("/backend-api/codex/analytics-events/events", self._telemetry)
         app.router.add_get("/backend-api/connectors/directory/list", self._connectors)
         app.router.add_get("/backend-api/plugins/list", self._plugins)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -192,6 +193,8 @@ class UpstreamServer:
         if "response-failed" in text:
             failed = {"type": "response.failed", "response": {"error": {"code": "server_error", "message": "model crashed"}}}
             return [{"type": "response.created", "response": {}}, failed], 0.0, False
+        if "hang" in text:
+            return [{"type": "response.created", "response": {}}], 0.0, False
         return response_events(text, DEFAULT_DELTAS), 0.0, "cut" in text
 
     async def _responses_sse(self, request: web.Request) -> web.StreamResponse:
@@ -215,11 +218,20 @@ class UpstreamServer:
                     return response
                 if delay:
                     await asyncio.sleep(delay)
+            if "hang" in text:
+                await self._until_client_leaves(request)
+                self._record_close(record)
+                return response
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             self._record_close(record)
             raise
         return response
+
+    @staticmethod
+    async def _until_client_leaves(request: web.Request) -> None:
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.05)
 
     def _record_close(self, origin: Recorded) -> None:
         closed = Recorded("closed", origin.method, origin.path, origin.query, origin.headers, origin.body)

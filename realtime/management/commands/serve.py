@@ -19,7 +19,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, host, port, daphne_args, **options):
-        from daphne.cli import CommandLineInterface
+        from codexserver.daphne_server import AppServerCommandLine
 
         argv = [
             "--bind", host,
@@ -34,4 +34,4 @@ class Command(BaseCommand):
             "codexserver.asgi:application",
         ]
         self.stdout.write(f"codexserver listening on ws://{host}:{port}/ (admin at http://{host}:{port}/admin/)")
-        CommandLineInterface().run(argv)
+        AppServerCommandLine().run(argv)

@@ -1,0 +1,101 @@
+"""The read-only admin, the stale-row command and the health probes."""
+
+import uuid
+from datetime import timedelta
+
+import httpx
+import pytest
+from django.core.management import call_command
+from django.urls import reverse
+from django.utils import timezone
+
+from identity.client_identity import ClientIdentity
+from identity.models import ConnectionIdentity
+
+pytestmark = pytest.mark.django_db
+
+
+def make_row(name="codex_ios", *, instance="host-1", open_=True, age=timedelta(0)):
+    identity = ClientIdentity.from_client_info(name, "1.4.0")
+    return ConnectionIdentity.objects.create(
+        connection_id=uuid.uuid4(),
+        server_instance=instance,
+        client_name=identity.client_name,
+        client_version=identity.client_version,
+        originator=identity.originator,
+        user_agent=identity.user_agent,
+        is_infrastructure=identity.is_infrastructure,
+        is_first_party=identity.is_first_party,
+        connected_at=timezone.now() - age,
+        initialized_at=timezone.now() - age,
+        disconnected_at=None if open_ else timezone.now(),
+    )
+
+
+def test_superuser_sees_rows_filters_and_search(admin_client):
+    ios = make_row("codex_ios")
+    make_row("codex-backend", open_=False)
+    changelist = reverse("admin:identity_connectionidentity_changelist")
+    page = admin_client.get(changelist)
+    assert page.status_code == 200
+    body = page.content.decode()
+    assert "codex_ios" in body and "codex-backend" in body
+    filtered = admin_client.get(changelist, {"originator": "codex_ios"}).content.decode()
+    assert str(ios.connection_id) in filtered and "codex-backend" not in filtered
+    open_only = admin_client.get(changelist, {"state": "open"}).content.decode()
+    assert "codex-backend" not in open_only
+    found = admin_client.get(changelist, {"q": str(ios.connection_id)[:8]}).content.decode()
+    assert str(ios.connection_id) in found
+
+
+def test_add_change_and_delete_are_refused(admin_client):
+    row = make_row()
+    assert admin_client.get(reverse("admin:identity_connectionidentity_add")).status_code == 403
+    change_url = reverse("admin:identity_connectionidentity_change", args=[row.pk])
+    view = admin_client.get(change_url)
+    assert view.status_code == 200 and 'name="_save"' not in view.content.decode()
+    assert admin_client.post(change_url, {"client_name": "forged"}).status_code == 403
+    delete_url = reverse("admin:identity_connectionidentity_delete", args=[row.pk])
+    assert admin_client.post(delete_url, {"post": "yes"}).status_code == 403
+    row.refresh_from_db()
+    assert row.client_name == "codex_ios"
+
+
+def test_admin_requires_a_staff_login(client):
+    page = client.get(reverse("admin:identity_connectionidentity_changelist"))
+    assert page.status_code == 302 and "/login/" in page["Location"]
+
+
+def test_close_stale_connections_by_instance_and_age(capsys):
+    dead = make_row(instance="dead-host")
+    alive_old = make_row(instance="live-host", age=timedelta(hours=3))
+    alive_new = make_row(instance="live-host")
+    call_command("close_stale_connections", "--instance", "dead-host")
+    call_command("close_stale_connections", "--older-than", "2h")
+    for row in (dead, alive_old, alive_new):
+        row.refresh_from_db()
+    assert dead.disconnected_at and alive_old.disconnected_at and alive_new.disconnected_at is None
+    assert "closed 1 stale connection row(s)" in capsys.readouterr().out
+
+
+def test_close_stale_connections_refuses_to_close_everything():
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError):
+        call_command("close_stale_connections")
+
+
+@pytest.mark.django_db(transaction=True)  # the probe manages its own connection
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+@pytest.mark.e2e
+def test_readyz_is_503_when_the_channel_layer_is_down(daphne_server):
+    server = daphne_server(REDIS_URL="redis://127.0.0.1:1/0")
+    assert httpx.get(server.http_url + "/healthz").status_code == 200
+    ready = httpx.get(server.http_url + "/readyz", timeout=10)
+    assert ready.status_code == 503
+    assert ready.json()["checks"] == {"database": "ok", "channel_layer": "unavailable"}

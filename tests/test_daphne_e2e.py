@@ -1,0 +1,120 @@
+"""The same regression through a real daphne process on loopback."""
+
+import asyncio
+import json
+import sqlite3
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.rpc_client import SocketClient
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_seed_regression_through_daphne(daphne_server, upstream, tmp_path):
+    server = daphne_server()
+    async with ws_connect(server.ws_url) as backend_ws, ws_connect(server.ws_url) as ios_ws:
+        backend, ios = SocketClient(backend_ws), SocketClient(ios_ws)
+        await backend.initialize("codex-backend", "2.0.0")
+        ios_result = await ios.initialize("codex_ios", "1.4.0")
+        assert ios_result["userAgent"].startswith("codex_ios/") and ios_result["userAgent"].endswith("(codex_ios; 1.4.0)")
+        ios_thread, backend_thread = await ios.start_thread(), await backend.start_thread()
+        results = await asyncio.gather(ios.run_turn(ios_thread), backend.run_turn(backend_thread))
+        assert [r["turn"]["status"] for r in results] == ["completed", "completed"]
+
+    by_thread = {r.headers["session-id"]: r for r in upstream.model_requests()}
+    assert by_thread[ios_thread].originator == "codex_ios"
+    assert by_thread[ios_thread].user_agent.startswith("codex_ios/")
+    assert by_thread[backend_thread].originator == "codex_cli_rs"
+    assert by_thread[backend_thread].user_agent.endswith("(codex-backend; 2.0.0)")
+
+    rows = await _rows_when_closed(tmp_path / "server.sqlite3", 2)
+    assert {(r["client_name"], r["originator"], r["is_infrastructure"]) for r in rows} == {
+        ("codex-backend", "codex_cli_rs", 1),
+        ("codex_ios", "codex_ios", 0),
+    }
+    assert {r["remote_addr"] for r in rows} == {"127.0.0.1"}
+
+
+async def test_override_set_on_the_process_still_loses_to_an_explicit_identity(daphne_server, upstream):
+    server = daphne_server(CODEX_INTERNAL_ORIGINATOR_OVERRIDE="codex_exec")
+    async with ws_connect(server.ws_url) as ios_ws, ws_connect(server.ws_url) as daemon_ws:
+        ios, daemon = SocketClient(ios_ws), SocketClient(daemon_ws)
+        await ios.initialize("codex_ios", "1.4.0")
+        await daemon.initialize("codex_app_server_daemon", "0.2.0")
+        ios_thread, daemon_thread = await ios.start_thread(), await daemon.start_thread()
+        await ios.run_turn(ios_thread)
+        await daemon.run_turn(daemon_thread)
+    by_thread = {r.headers["session-id"]: r for r in upstream.model_requests()}
+    assert by_thread[ios_thread].originator == "codex_ios"
+    assert by_thread[daemon_thread].originator == "codex_exec"
+    assert by_thread[daemon_thread].user_agent.startswith("codex_exec/")
+    assert by_thread[daemon_thread].user_agent.endswith("(codex_app_server_daemon; 0.2.0)")
+
+
+async def test_health_origin_and_frame_limit_on_a_real_server(daphne_server):
+    server = daphne_server()
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        assert (await http.get("/healthz")).status_code == 200
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "channel_layer": "ok"}
+        assert (await http.get("/admin/")).status_code == 302  # login first
+
+    with pytest.raises(InvalidStatus) as refused:
+        async with ws_connect(server.ws_url, origin="https://evil.example"):
+            pass
+    assert refused.value.response.status_code == 403
+
+    async with ws_connect(server.ws_url, max_size=None) as victim_ws, ws_connect(server.ws_url) as other_ws:
+        other = SocketClient(other_ws)
+        await other.initialize("codex_ios", "1")
+        await victim_ws.send("x" * (1024 * 1024 + 10))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(victim_ws.recv(), 5)
+        assert closed.value.rcvd.code == 1009
+        assert await other.start_thread()
+
+
+async def test_a_real_server_survives_junk_frames(daphne_server):
+    server = daphne_server()
+    async with ws_connect(server.ws_url) as websocket:
+        client = SocketClient(websocket)
+        for frame in ["", "[]", "{", '{"id": {}}', '{"id": 1, "method": 5}', "\u0000", json.dumps({"id": 2, "method": "x"})]:
+            await client.send_raw(frame)
+            reply = await client.receive()
+            assert "error" in reply
+        await websocket.send(b"\xff\xfe")
+        assert (await client.receive())["error"]["code"] == -32700
+        await client.initialize("codex_ios", "1")
+        assert (await client.run_turn(await client.start_thread()))["turn"]["status"] == "completed"
+
+
+async def _rows_when_closed(db_path, count, timeout=5.0):
+    async with asyncio.timeout(timeout):
+        while True:
+            with sqlite3.connect(db_path) as db:
+                db.row_factory = sqlite3.Row
+                rows = [dict(r) for r in db.execute("select * from identity_connectionidentity")]
+            if len(rows) == count and all(r["disconnected_at"] for r in rows):
+                return rows
+            await asyncio.sleep(0.05)
+
+
+async def test_bearer_token_is_required_when_configured(daphne_server, upstream):
+    server = daphne_server(CODEX_WS_AUTH_TOKEN="s3cret-token", CODEX_ALLOWED_ORIGINS="https://ide.example")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"}):
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(server.ws_url, additional_headers=headers):
+                pass
+        assert refused.value.response.status_code == 401
+    good = {"Authorization": "Bearer s3cret-token"}
+    async with ws_connect(server.ws_url, additional_headers=good, origin="https://ide.example") as websocket:
+        assert (await SocketClient(websocket).initialize("codex_ios", "1"))["userAgent"]
+    with pytest.raises(InvalidStatus) as refused:
+        async with ws_connect(server.ws_url, additional_headers=good, origin="https://other.example"):
+            pass
+    assert refused.value.response.status_code == 403
+    assert "s3cret-token" not in server.log()

@@ -1,0 +1,91 @@
+"""The scale-out path on the machine's real PostgreSQL and Redis: never skipped.
+
+Each test gets a fresh PostgreSQL database; an unreachable service fails the
+test loudly. Set CODEX_TEST_POSTGRES_URL / CODEX_TEST_REDIS_URL to point
+elsewhere.
+"""
+
+import asyncio
+import os
+import signal
+import uuid
+
+import psycopg
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+
+from tests.rpc_client import SocketClient
+
+pytestmark = pytest.mark.e2e
+
+POSTGRES_URL = os.environ.get("CODEX_TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("CODEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def postgres_database():
+    name = f"codexserver_e2e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = POSTGRES_URL.rsplit("/", 1)[0] + "/" + name
+    yield url
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def rows(database_url: str) -> list[dict]:
+    with psycopg.connect(database_url) as db, db.cursor(row_factory=psycopg.rows.dict_row) as cursor:
+        cursor.execute("select * from identity_connectionidentity order by connected_at")
+        return cursor.fetchall()
+
+
+async def run_client(server, name: str, version: str = "1.0.0") -> str:
+    async with ws_connect(server.ws_url) as websocket:
+        client = SocketClient(websocket)
+        await client.initialize(name, version)
+        thread = await client.start_thread()
+        assert (await client.run_turn(thread, "slow:3"))["turn"]["status"] == "completed"
+        return thread
+
+
+async def test_two_daphne_processes_on_postgres_and_redis_attribute_every_request(
+    daphne_server, postgres_database, upstream
+):
+    first = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-a")
+    second = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-b")
+    plan = [(first, "codex-backend"), (second, "codex_ios"), (first, "codex_vscode"), (second, "codex_app_server_daemon")]
+    threads = await asyncio.gather(*(run_client(server, name) for server, name in plan))
+
+    by_thread = {r.headers["session-id"]: r for r in upstream.model_requests()}
+    for (server, name), thread in zip(plan, threads):
+        expected = "codex_cli_rs" if name in ("codex-backend", "codex_app_server_daemon") else name
+        assert by_thread[thread].originator == expected
+        assert by_thread[thread].user_agent.endswith(f"({name}; 1.0.0)")
+
+    await asyncio.sleep(0.3)  # disconnect rows are written as the sockets close
+    stored = rows(postgres_database)
+    assert len(stored) == 4
+    assert {(r["client_name"], r["server_instance"]) for r in stored} == {
+        ("codex-backend", "node-a"),
+        ("codex_vscode", "node-a"),
+        ("codex_ios", "node-b"),
+        ("codex_app_server_daemon", "node-b"),
+    }
+    assert all(r["disconnected_at"] is not None for r in stored)
+
+
+async def test_a_killed_instance_has_its_rows_closed_when_it_restarts(daphne_server, postgres_database):
+    server = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-k")
+    async with ws_connect(server.ws_url) as websocket:
+        await SocketClient(websocket).initialize("codex_ios", "1")
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(10)
+    [orphan] = rows(postgres_database)
+    assert orphan["disconnected_at"] is None
+
+    restarted = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-k")
+    async with ws_connect(restarted.ws_url) as websocket:
+        await SocketClient(websocket).initialize("codex_vscode", "1")
+        stored = {r["client_name"]: r for r in rows(postgres_database)}
+        assert stored["codex_ios"]["disconnected_at"] is not None
+        assert stored["codex_vscode"]["disconnected_at"] is None
