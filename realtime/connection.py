@@ -23,6 +23,7 @@ from .context import RequestContext
 from .handlers import HANDLERS, INITIALIZE
 from .outbox import Outbox
 from .protocol import ClientResponse, JsonRpcError, Notification, Request
+from .services.upstream_errors import UpstreamError
 from .threads import Thread
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class AppServerConnection:
                 context.run_after_reply()
         except JsonRpcError as error:
             self.send_error(request.id, error)
+        except UpstreamError as error:
+            self.send_error(request.id, JsonRpcError.upstream_failure(error.message, error.codex_error_info))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -13,6 +13,8 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+# Server-defined range: an upstream refused or failed a request made for it.
+UPSTREAM_ERROR = -32000
 SERVER_OVERLOADED = -32001
 
 MAX_FRAME_BYTES = 1024 * 1024
@@ -61,6 +63,10 @@ class JsonRpcError(Exception):
     @classmethod
     def internal_error(cls) -> JsonRpcError:
         return cls(INTERNAL_ERROR, "Internal error")
+
+    @classmethod
+    def upstream_failure(cls, message: str, codex_error_info: Any) -> JsonRpcError:
+        return cls(UPSTREAM_ERROR, f"Upstream error: {message}", data={"codexErrorInfo": codex_error_info})
 
     @classmethod
     def overloaded(cls) -> JsonRpcError:

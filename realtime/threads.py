@@ -29,6 +29,14 @@ class Turn:
 
 
 @dataclass(eq=False)
+class RealtimeSession:
+    """A realtime call of a thread; its task holds the sideband socket open."""
+
+    call_id: str | None = None  # None while the call is being created
+    task: asyncio.Task | None = None
+
+
+@dataclass(eq=False)
 class Thread:
     id: str
     model: str
@@ -37,6 +45,7 @@ class Thread:
     # Responses API input items of earlier turns, replayed on each request.
     history: list[dict[str, Any]] = field(default_factory=list)
     active_turn: Turn | None = None
+    realtime: RealtimeSession | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "createdAt": self.created_at, "model": self.model}

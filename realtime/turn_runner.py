@@ -71,8 +71,7 @@ async def run_turn(turn_context: TurnContext) -> None:
     if error is not None:
         completed["error"] = error
     connection.notify("turn/completed", {"threadId": thread.id, "turn": completed})
-    event = telemetry.analytics_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id)
-    connection.spawn(telemetry.post_events(turn_context.identity, [event], turn_context.config))
+    telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id)
 
 
 def user_message(text_parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def upstream_settings(settings, upstream):
     settings.OPENAI_API_KEY = TEST_API_KEY
     settings.CODEX_UPSTREAM_RETRY_BACKOFF = 0.01
     settings.CODEX_RESPONSES_TRANSPORT = "sse"
+    settings.CODEX_TELEMETRY_FLUSH_INTERVAL = 0.05
     upstream.reset()
     return settings
 

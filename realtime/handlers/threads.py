@@ -24,8 +24,7 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
 
     def announce() -> None:
         connection.notify("thread/started", {"thread": thread.to_json()})
-        event = telemetry.analytics_event(identity, telemetry.THREAD_STARTED, thread.id)
-        connection.spawn(telemetry.post_events(identity, [event], config), name="telemetry")
+        telemetry.record_event(identity, telemetry.THREAD_STARTED, thread.id)
 
     context.after_reply(announce)
     return {"thread": thread.to_json()}

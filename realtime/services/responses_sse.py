@@ -7,8 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-from httpx_sse import SSEError, aconnect_sse
+from httpx_sse import aconnect_sse
 
 from identity.client_identity import ClientIdentity
 
@@ -24,7 +23,7 @@ async def stream_events(
     client = config.api_client(identity)
     body = {**request.body(), "stream": True}
     headers = {**request.session_headers(), "Accept": "text/event-stream"}
-    try:
+    async with upstream_errors.http_failures():
         async with aconnect_sse(client, "POST", "responses", json=body, headers=headers) as source:
             status = source.response.status_code
             if status >= 400:
@@ -33,11 +32,6 @@ async def stream_events(
                 event = _decode(sse.event, sse.data)
                 if event is not None:
                     yield event
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise upstream_errors.connection_failed(exc) from exc
-    except (httpx.TransportError, SSEError) as exc:
-        # Read timeouts, resets and truncated chunks: the stream was cut.
-        raise upstream_errors.stream_disconnected(type(exc).__name__) from exc
 
 
 def _decode(event_name: str, data: str) -> dict[str, Any] | None:

@@ -1,16 +1,24 @@
-"""Analytics events: ``POST {chatgpt}/codex/analytics-events/events`` under one identity.
+"""Analytics events: ``POST {chatgpt}/codex/analytics-events/events``, batched per identity.
 
-A request holds the events of one identity only, and carries that identity's
-headers: ``product_client_id`` and the ``originator`` header always agree.
-Telemetry never fails the work it describes: errors are logged and dropped.
+One sender per event loop buffers events by identity and flushes a batch when
+it is full or when the flush interval passes. A request holds the events of
+one identity only and carries that identity's headers, so
+``product_client_id`` and the ``originator`` header always agree.
+Telemetry never fails the work it describes: errors are logged and dropped,
+and a full buffer drops its oldest event (counted in ``dropped``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
+import weakref
+from collections import OrderedDict
 from typing import Any
 
 import httpx
+from django.conf import settings
 
 from identity.client_identity import ClientIdentity
 
@@ -51,3 +59,93 @@ async def post_events(
         logger.warning("telemetry refused (%d event(s)): HTTP %d", len(events), response.status_code)
         return False
     return True
+
+
+class TelemetrySender:
+    def __init__(self, max_batch: int, flush_interval: float, max_buffered: int):
+        self.max_batch = max_batch
+        self.flush_interval = flush_interval
+        self.max_buffered = max_buffered
+        self.dropped = 0
+        self.sent = 0
+        self._pending: OrderedDict[ClientIdentity, list[dict[str, Any]]] = OrderedDict()
+        self._buffered = 0
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task | None = None
+
+    @classmethod
+    def from_settings(cls) -> TelemetrySender:
+        return cls(
+            max_batch=settings.CODEX_TELEMETRY_MAX_BATCH,
+            flush_interval=settings.CODEX_TELEMETRY_FLUSH_INTERVAL,
+            max_buffered=settings.CODEX_TELEMETRY_MAX_BUFFERED,
+        )
+
+    def record(self, identity: ClientIdentity, event: dict[str, Any]) -> None:
+        """Buffer an event of ``identity``; never blocks, never raises."""
+        if self._buffered >= self.max_buffered:
+            self._drop_oldest()
+        self._pending.setdefault(identity, []).append(event)
+        self._buffered += 1
+        if len(self._pending[identity]) >= self.max_batch:
+            self._wake.set()
+        self._ensure_flusher()
+
+    def _drop_oldest(self) -> None:
+        identity, events = next(iter(self._pending.items()))
+        events.pop(0)
+        if not events:
+            del self._pending[identity]
+        self._buffered -= 1
+        self.dropped += 1
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            # An empty context: this process-wide task must not inherit the
+            # identity scope of whichever connection happened to start it.
+            self._flusher = asyncio.create_task(
+                self._run(), name="telemetry flusher", context=contextvars.Context()
+            )
+
+    async def _run(self) -> None:
+        while self._buffered:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send everything buffered: one request per identity per batch."""
+        pending, self._pending, self._buffered = self._pending, OrderedDict(), 0
+        config = UpstreamConfig.from_settings()
+        batches = [
+            (identity, events[start : start + self.max_batch])
+            for identity, events in pending.items()
+            for start in range(0, len(events), self.max_batch)
+        ]
+        results = await asyncio.gather(*(post_events(identity, batch, config) for identity, batch in batches))
+        self.sent += sum(len(batch) for (_, batch), ok in zip(batches, results) if ok)
+
+    async def aclose(self) -> None:
+        """Flush what is left and stop (at shutdown)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.flush()
+
+
+_senders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TelemetrySender] = weakref.WeakKeyDictionary()
+
+
+def telemetry_sender() -> TelemetrySender:
+    """The sender of the running event loop."""
+    loop = asyncio.get_running_loop()
+    sender = _senders.get(loop)
+    if sender is None:
+        sender = _senders[loop] = TelemetrySender.from_settings()
+    return sender
+
+
+def record_event(identity: ClientIdentity, event_type: str, thread_id: str, turn_id: str | None = None) -> None:
+    telemetry_sender().record(identity, analytics_event(identity, event_type, thread_id, turn_id))

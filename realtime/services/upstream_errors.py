@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from django.conf import settings
+from httpx_sse import SSEError
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 MAX_MESSAGE_CHARS = 500
 
@@ -112,3 +117,28 @@ def failed_response(error: Any) -> UpstreamError:
     code = error.get("code") if isinstance(error.get("code"), str) else ""
     message = error.get("message") if isinstance(error.get("message"), str) else "response failed"
     return UpstreamError(message, _FAILED_RESPONSE_CODES.get(code, "other"))
+
+
+@asynccontextmanager
+async def websocket_failures() -> AsyncIterator[None]:
+    """Map what an upstream WebSocket raises, at the handshake or mid-stream."""
+    try:
+        yield
+    except InvalidStatus as exc:
+        raise error_for_status(exc.response.status_code, exc.response.body or b"") from exc
+    except ConnectionClosed as exc:
+        raise stream_disconnected(f"socket closed ({exc.rcvd.code if exc.rcvd else 'no close frame'})") from exc
+    except (OSError, InvalidHandshake, TimeoutError) as exc:  # TimeoutError: the handshake's
+        raise connection_failed(exc) from exc
+
+
+@asynccontextmanager
+async def http_failures() -> AsyncIterator[None]:
+    """Map what httpx raises: no connection at all, or a response cut short."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise connection_failed(exc) from exc
+    except (httpx.TransportError, SSEError) as exc:
+        # Read timeouts, resets and truncated chunks: the stream was cut.
+        raise stream_disconnected(type(exc).__name__) from exc

@@ -1,0 +1,20 @@
+"""``app/list`` and ``plugin/list``: upstream listings seen through the caller's identity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..params import params_object
+from ..services.config import UpstreamConfig
+from ..services.connectors import list_apps
+from ..services.plugins import list_plugins
+
+
+async def list_app_connectors(context, params: Any) -> dict[str, Any]:
+    params_object(params)
+    return {"data": await list_apps(context.identity, UpstreamConfig.from_settings())}
+
+
+async def list_plugin_entries(context, params: Any) -> dict[str, Any]:
+    params_object(params)
+    return {"data": await list_plugins(context.identity, UpstreamConfig.from_settings())}

@@ -1,0 +1,70 @@
+"""``thread/realtime/start`` and ``thread/realtime/stop``: a call and its sideband socket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from ..params import params_object, required_str
+from ..protocol import INVALID_REQUEST, JsonRpcError
+from ..services import realtime_calls, upstream_errors
+from ..services.config import UpstreamConfig
+from ..threads import RealtimeSession, Thread
+
+logger = logging.getLogger(__name__)
+
+
+async def start_realtime(context, params: Any) -> dict[str, Any]:
+    params = params_object(params)
+    thread = context.owned_thread(required_str(params, "threadId"))
+    sdp = required_str(params, "sdp")
+    if thread.realtime is not None:
+        raise JsonRpcError(INVALID_REQUEST, "Realtime already started for this thread")
+    session = thread.realtime = RealtimeSession()
+    identity, config, connection = context.identity, UpstreamConfig.from_settings(), context.connection
+    try:
+        call = await realtime_calls.create_call(identity, sdp, config)
+        async with upstream_errors.websocket_failures():
+            socket = await realtime_calls.open_sideband(identity, call.call_id, config)
+    except BaseException:
+        thread.realtime = None
+        raise
+    session.call_id = call.call_id
+    session.task = connection.spawn(_hold_sideband(connection, thread, session, socket), name=f"sideband {call.call_id}")
+    context.after_reply(
+        lambda: connection.notify("thread/realtime/started", {"threadId": thread.id, "callId": call.call_id})
+    )
+    return {"callId": call.call_id, "sdp": call.sdp_answer}
+
+
+async def _hold_sideband(connection, thread: Thread, session: RealtimeSession, socket) -> None:
+    """Keeps the sideband open until stop, disconnect (cancellation) or the upstream ends it."""
+    try:
+        async for _ in socket:
+            pass  # call events are not relayed to the client yet
+    except ConnectionClosed:
+        pass
+    finally:
+        await socket.close()
+        if thread.realtime is session:
+            thread.realtime = None
+    logger.info("upstream ended realtime call %s", session.call_id)
+    connection.notify("thread/realtime/closed", {"threadId": thread.id, "callId": session.call_id})
+
+
+async def stop_realtime(context, params: Any) -> dict[str, Any]:
+    params = params_object(params)
+    thread = context.owned_thread(required_str(params, "threadId"))
+    session = thread.realtime
+    if session is None or session.task is None:
+        raise JsonRpcError(INVALID_REQUEST, "No realtime call for this thread")
+    thread.realtime = None
+    session.task.cancel()
+    await asyncio.wait([session.task])
+    context.after_reply(
+        lambda: context.notify("thread/realtime/closed", {"threadId": thread.id, "callId": session.call_id})
+    )
+    return {}
