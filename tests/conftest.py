@@ -49,19 +49,20 @@ def application():
 @pytest.fixture
 async def connect(application):
     """``await connect()`` opens a WebSocket to the ASGI app; all are closed after the test."""
-    communicators: list[WebsocketCommunicator] = []
+    clients: list[CommunicatorClient] = []
 
     async def open_client(headers=None, path="/") -> CommunicatorClient:
         communicator = WebsocketCommunicator(application, path, headers=headers or [])
         connected, _ = await communicator.connect()
         assert connected, "the upgrade was refused"
-        communicators.append(communicator)
-        return CommunicatorClient(communicator)
+        clients.append(CommunicatorClient(communicator))
+        return clients[-1]
 
     yield open_client
-    for communicator in communicators:
+    for client in clients:
+        await client.close()
         with contextlib.suppress(Exception):
-            await communicator.disconnect()
+            await client.communicator.disconnect()
 
 
 def free_port() -> int:

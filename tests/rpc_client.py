@@ -11,11 +11,17 @@ from channels.testing import WebsocketCommunicator
 
 
 class RpcClient:
+    """One reader task files every incoming message into ``inbox``; any number
+    of concurrent waits pick what they need from it."""
+
     def __init__(self, send_text, receive_text):
         self._send_text = send_text
         self._receive_text = receive_text
         self._ids = itertools.count(1)
         self.inbox: list[dict] = []  # received and not yet taken by a wait
+        self._arrived = asyncio.Condition()
+        self._reader: asyncio.Task | None = None
+        self._reader_error: BaseException | None = None
 
     async def send_raw(self, text: str) -> None:
         await self._send_text(text)
@@ -23,20 +29,41 @@ class RpcClient:
     async def send(self, message: dict) -> None:
         await self._send_text(json.dumps(message))
 
+    async def _read_forever(self) -> None:
+        try:
+            while True:
+                message = json.loads(await self._receive_text())
+                async with self._arrived:
+                    self.inbox.append(message)
+                    self._arrived.notify_all()
+        except BaseException as exc:  # the socket closed: wake every waiter
+            self._reader_error = exc
+            async with self._arrived:
+                self._arrived.notify_all()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
     async def receive(self, timeout: float = 5.0) -> dict:
-        return json.loads(await asyncio.wait_for(self._receive_text(), timeout))
+        """The next message, in arrival order."""
+        return await self.wait_for(lambda message: True, timeout)
 
     async def wait_for(self, predicate, timeout: float = 5.0) -> dict:
         """The first message (buffered or new) for which predicate holds."""
-        for index, message in enumerate(self.inbox):
-            if predicate(message):
-                return self.inbox.pop(index)
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_forever())
         async with asyncio.timeout(timeout):
-            while True:
-                message = await self.receive(timeout)
-                if predicate(message):
-                    return message
-                self.inbox.append(message)
+            async with self._arrived:
+                while True:
+                    for index, message in enumerate(self.inbox):
+                        if predicate(message):
+                            return self.inbox.pop(index)
+                    if self._reader_error is not None:
+                        raise ConnectionError("the connection closed") from self._reader_error
+                    await self._arrived.wait()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
 
     async def request(self, method: str, params: Any = None, timeout: float = 5.0) -> dict:
         """Send a request and return its whole response (result or error)."""

@@ -19,6 +19,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ class Recorded:
     headers: dict[str, str]
     body: Any = None
     at: float = field(default_factory=time.monotonic)
+    repeated_headers: tuple[str, ...] = ()  # names sent more than once (e.g. two User-Agents)
 
     @property
     def originator(self) -> str | None:
@@ -100,6 +102,9 @@ class UpstreamServer:
         app.router.add_post("/backend-api/codex/analytics-events/events", self._telemetry)
         app.router.add_get("/backend-api/connectors/directory/list", self._connectors)
         app.router.add_get("/backend-api/plugins/list", self._plugins)
+        # Any request under /status/NNN/ is answered with that status (plain HTTP
+        # and WebSocket handshakes alike), e.g. CODEX_API_BASE_URL=.../status/401/v1.
+        app.router.add_route("*", r"/status/{status:\d{3}}/{tail:.*}", self._status)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -132,6 +137,7 @@ class UpstreamServer:
         self.plugins = []
 
     def _record(self, request: web.Request, kind: str, body: Any = None) -> Recorded:
+        names = Counter(k.lower() for k in request.headers.keys())
         record = Recorded(
             kind=kind,
             method=request.method,
@@ -139,6 +145,7 @@ class UpstreamServer:
             query=request.query_string,
             headers={k.lower(): v for k, v in request.headers.items()},
             body=body,
+            repeated_headers=tuple(sorted(name for name, count in names.items() if count > 1)),
         )
         with self._lock:
             self.records.append(record)
@@ -242,39 +249,48 @@ class UpstreamServer:
         handshake = self._record(request, "ws")
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        try:
-            async for message in ws:
-                if message.type != WSMsgType.TEXT:
-                    continue
-                body = json.loads(message.data)
-                record = Recorded("ws-message", "WS", request.path, request.query_string, handshake.headers, body)
-                with self._lock:
-                    self.records.append(record)
-                text = _last_user_text(body)
-                status = self._scripted_failure(text)
-                if status is not None:
-                    await ws.send_json({"type": "error", "status": status, "error": {"message": f"scripted {status}"}})
-                    continue
-                events, delay, cut = self._plan(text)
-                deltas = 0
-                for event in events:
-                    await ws.send_json(event)
-                    deltas += event["type"] == "response.output_text.delta"
-                    if cut and deltas == 2:
-                        await ws.close()
-                        return ws
-                    if delay:
-                        await asyncio.sleep(delay)
-        except (ConnectionResetError, asyncio.CancelledError):
+        sender: asyncio.Task | None = None
+        # Keep reading while a response streams, so a close frame is seen at once.
+        async for message in ws:
+            if message.type != WSMsgType.TEXT:
+                continue
+            body = json.loads(message.data)
+            record = Recorded("ws-message", "WS", request.path, request.query_string, handshake.headers, body)
+            with self._lock:
+                self.records.append(record)
+            sender = asyncio.create_task(self._stream_ws_response(ws, _last_user_text(body)))
+        if sender is not None and not sender.done():
+            sender.cancel()
             self._record_close(handshake)
-            raise
-        self._record_close(handshake)
         return ws
+
+    async def _stream_ws_response(self, ws: web.WebSocketResponse, text: str) -> None:
+        status = self._scripted_failure(text)
+        if status is not None:
+            await ws.send_json({"type": "error", "status": status, "error": {"message": f"scripted {status}"}})
+            return
+        events, delay, cut = self._plan(text)
+        deltas = 0
+        for event in events:
+            await ws.send_json(event)
+            deltas += event["type"] == "response.output_text.delta"
+            if cut and deltas == 2:
+                await ws.close()
+                return
+            if delay:
+                await asyncio.sleep(delay)
+        if "hang" in text:
+            await asyncio.Event().wait()  # until cancelled by the client leaving
+
+    async def _status(self, request: web.Request) -> web.Response:
+        self._record(request, "http")
+        status = int(request.match_info["status"])
+        return web.json_response({"error": {"message": f"scripted {status}"}}, status=status)
 
     async def _realtime_call(self, request: web.Request) -> web.Response:
         offer = await request.text()
         self._record(request, "http", offer)
-        call_id = f"rtc_{len(self.records)}"
+        call_id = f"rtc_{uuid.uuid4().hex[:12]}"
         return web.Response(
             status=201,
             text=f"v=0\r\na=answer-for:{call_id}\r\n",

@@ -21,6 +21,7 @@ from .upstream_errors import UpstreamError
 
 COMPLETED = "response.completed"
 FAILED_EVENTS = ("response.failed", "error")
+TERMINAL_EVENTS = (COMPLETED, *FAILED_EVENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,23 +57,28 @@ async def stream_model_response(
     """Yield Responses events for one turn, ending after ``response.completed``.
 
     Raises UpstreamError. Only failures before the first event are retried:
-    once text has reached the client, a retry would repeat it.
+    once text has reached the client, a retry would repeat it. A transport
+    ends its stream after the terminal event (the SSE one reads to the end of
+    the body first, so its pooled connection can be reused).
     """
     config = config or UpstreamConfig.from_settings()
     tries = 0
     while True:
         tries += 1
-        started = False
+        started = completed = False
         try:
             async with aclosing(_open_transport(identity, request, config)) as events:
                 async for event in events:
-                    started = True
+                    if completed:
+                        continue  # nothing after the end counts
                     kind = event.get("type")
                     if kind in FAILED_EVENTS:
                         raise upstream_errors.failed_response(_error_of(event))
+                    started = True
                     yield event
-                    if kind == COMPLETED:
-                        return
+                    completed = kind == COMPLETED
+            if completed:
+                return
             raise upstream_errors.stream_disconnected("the stream ended without response.completed")
         except UpstreamError as error:
             if not error.retryable or started:
@@ -83,7 +89,12 @@ async def stream_model_response(
 
 
 def _error_of(event: dict[str, Any]) -> Any:
+    """``response.failed`` nests the error in the response; a WebSocket ``error``
+    event carries it beside the HTTP-like ``status``."""
     response = event.get("response")
     if isinstance(response, dict) and response.get("error") is not None:
         return response["error"]
-    return event.get("error")
+    error = event.get("error")
+    if isinstance(error, dict) and isinstance(event.get("status"), int):
+        return {**error, "status": event["status"]}
+    return error

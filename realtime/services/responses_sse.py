@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any
 
-from httpx_sse import aconnect_sse
+import httpx
+from httpx_sse import SSEError, aconnect_sse
 
 from identity.client_identity import ClientIdentity
 
 from . import upstream_errors
 from .config import UpstreamConfig
+from .responses import TERMINAL_EVENTS
+
+DRAIN_SECONDS = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +34,23 @@ async def stream_events(
             status = source.response.status_code
             if status >= 400:
                 raise upstream_errors.error_for_status(status, await source.response.aread())
-            async for sse in source.aiter_sse():
+            sse_events = source.aiter_sse()
+            async for sse in sse_events:
                 event = _decode(sse.event, sse.data)
-                if event is not None:
-                    yield event
+                if event is None:
+                    continue
+                yield event
+                if event.get("type") in TERMINAL_EVENTS:
+                    await _drain(sse_events)
+                    return
+
+
+async def _drain(sse_events: AsyncIterator) -> None:
+    """Read to the end of the body, briefly, so httpx can pool the connection."""
+    with suppress(TimeoutError, httpx.HTTPError, SSEError):
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for _ in sse_events:
+                pass
 
 
 def _decode(event_name: str, data: str) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from identity.client_identity import ClientIdentity
 from . import upstream_errors
 from .config import UpstreamConfig, join_url, websocket_url
 from .identity_websocket import connect_as
+from .responses import TERMINAL_EVENTS
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ async def stream_events(
                 event = _decode(raw)
                 if event is not None:
                     yield event
+                    if event.get("type") in TERMINAL_EVENTS:
+                        return  # one socket per turn: leaving closes it
 
 
 def _decode(raw: str | bytes) -> dict[str, Any] | None:
