@@ -1,22 +1,25 @@
 """daphne, tuned for the app-server: the one place we reach into its internals.
 
-Two gaps in stock daphne 4.2 matter to PROTOCOL §2-3:
+Three gaps in stock daphne 4.2 matter to us:
 - it refuses every WebSocket upgrade with 403; we need 401 for a missing
   bearer token. ASGI's "websocket.http.response" extension lets the consumer
   choose the status, so we advertise and implement it.
 - autobahn drops the TCP connection on an oversized frame (``failByDrop``);
   we want the close frame with code 1009 sent first.
+- it has no shutdown hook for the application; buffered telemetry must be
+  flushed before the process exits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from autobahn.twisted.websocket import ConnectionDeny
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from realtime.upgrade_policy import DENIAL_EXTENSION
 
@@ -58,7 +61,14 @@ class AppServerDaphne(Server):
     def run(self):
         # The factory is made inside run(); adjust it once the reactor starts.
         reactor.callWhenRunning(self._tune_websocket_factory)
+        reactor.addSystemEventTrigger("before", "shutdown", self._flush_telemetry)
         super().run()
+
+    @staticmethod
+    def _flush_telemetry() -> defer.Deferred:
+        from realtime.services.telemetry import flush_at_shutdown
+
+        return defer.Deferred.fromFuture(asyncio.ensure_future(flush_at_shutdown()))
 
     def _tune_websocket_factory(self) -> None:
         self.ws_factory.protocol = DenialCapableWebSocketProtocol

@@ -118,3 +118,17 @@ async def test_bearer_token_is_required_when_configured(daphne_server, upstream)
             pass
     assert refused.value.response.status_code == 403
     assert "s3cret-token" not in server.log()
+
+
+async def test_buffered_telemetry_is_flushed_when_the_server_stops(daphne_server, upstream):
+    server = daphne_server(CODEX_TELEMETRY_FLUSH_INTERVAL="600")
+    async with ws_connect(server.ws_url) as websocket:
+        client = SocketClient(websocket)
+        await client.initialize("codex_ios", "1.4.0")
+        thread = await client.start_thread()
+        await asyncio.sleep(0.3)
+        assert upstream.requests("/events") == []  # still buffered
+    server.stop()  # SIGTERM
+    [record] = upstream.requests("/events")
+    assert record.originator == "codex_ios"
+    assert record.body["events"][0]["event_params"]["thread_id"] == thread

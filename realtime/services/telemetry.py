@@ -149,3 +149,10 @@ def telemetry_sender() -> TelemetrySender:
 
 def record_event(identity: ClientIdentity, event_type: str, thread_id: str, turn_id: str | None = None) -> None:
     telemetry_sender().record(identity, analytics_event(identity, event_type, thread_id, turn_id))
+
+
+async def flush_at_shutdown() -> None:
+    """Send what the running loop's sender still holds (called at server shutdown)."""
+    sender = _senders.get(asyncio.get_running_loop())
+    if sender is not None:
+        await sender.aclose()
