@@ -11,6 +11,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.management.utils import get_random_secret_key
 
+from codexserver.log_format import LOG_FORMAT
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -133,13 +135,21 @@ CODEX_UPSTREAM_RETRY_BACKOFF = float(os.environ.get("CODEX_UPSTREAM_RETRY_BACKOF
 CODEX_UPSTREAM_IDLE_TIMEOUT = float(os.environ.get("CODEX_UPSTREAM_IDLE_TIMEOUT", "300"))
 CODEX_UPSTREAM_CONNECT_TIMEOUT = float(os.environ.get("CODEX_UPSTREAM_CONNECT_TIMEOUT", "10"))
 
+# Every line names the connection and originator it was logged for (see
+# codexserver/log_format.py); secrets are redacted from the final text.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"identity": {"()": "codexserver.log_format.IdentityLogFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {
+            "()": "codexserver.log_format.RedactingFormatter",
+            "format": LOG_FORMAT,
+        },
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["identity"]},
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("CODEX_LOG_LEVEL", "INFO")},
     "loggers": {
         # httpx logs every request line at INFO; keep it at WARNING.

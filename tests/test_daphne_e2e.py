@@ -9,6 +9,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tests.conftest import TEST_API_KEY
 from tests.rpc_client import SocketClient
 
 pytestmark = pytest.mark.e2e
@@ -132,3 +133,22 @@ async def test_buffered_telemetry_is_flushed_when_the_server_stops(daphne_server
     [record] = upstream.requests("/events")
     assert record.originator == "codex_ios"
     assert record.body["events"][0]["event_params"]["thread_id"] == thread
+
+
+async def test_log_lines_name_their_connection_and_never_the_key(daphne_server, upstream):
+    server = daphne_server()
+    async with ws_connect(server.ws_url) as websocket:
+        client = SocketClient(websocket)
+        await client.initialize("codex_ios", "1.4.0")
+        # The upstream echoes the key back in its error body; it must not reach the log.
+        completed = await client.run_turn(await client.start_thread(), "fail:401")
+        assert completed["turn"]["status"] == "failed"
+    await asyncio.sleep(0.2)
+    log = server.log()
+    assert TEST_API_KEY not in log
+    initialized = [line for line in log.splitlines() if "initialized: codex_ios/" in line]
+    assert len(initialized) == 1 and "originator=codex_ios]" in initialized[0]
+    connection_id = initialized[0].split("[conn=", 1)[1].split(" ", 1)[0]
+    # The failed turn is logged from the turn's own task, under the same scope.
+    [failed] = [line for line in log.splitlines() if " failed: " in line and "realtime.turn_runner" in line]
+    assert f"[conn={connection_id} originator=codex_ios]" in failed

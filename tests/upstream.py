@@ -210,7 +210,11 @@ class UpstreamServer:
         text = _last_user_text(body)
         status = self._scripted_failure(text)
         if status is not None:
-            return web.json_response({"error": {"message": f"scripted {status}", "code": "scripted"}}, status=status)
+            # Like real APIs, echo (part of) the credential back in the error.
+            echoed = request.headers.get("Authorization", "")
+            return web.json_response(
+                {"error": {"message": f"scripted {status} for {echoed}", "code": "scripted"}}, status=status
+            )
         events, delay, cut = self._plan(text)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)

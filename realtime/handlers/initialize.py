@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from typing import Any
 
 from identity.actions import record_connection_initialized
 from identity.client_identity import ClientIdentity, InvalidClientInfo
+from identity.scope import identity_scope
 
 from ..params import optional_object, params_object
 from ..protocol import INVALID_REQUEST, JsonRpcError
+
+logger = logging.getLogger(__name__)
 
 MAX_TITLE_CHARS = 512
 MAX_CAPABILITIES_BYTES = 16 * 1024
@@ -51,5 +55,7 @@ async def initialize(context, params: Any) -> dict[str, Any]:
 
     await record_connection_initialized(connection.connection_id, identity, capabilities)
     connection.adopt_identity(identity, frozenset(opt_out))
+    with identity_scope(identity, str(connection.connection_id)):
+        logger.info("initialized: %s", identity.user_agent)
     family, os_name = platform_family_and_os()
     return {"userAgent": identity.user_agent, "platformFamily": family, "platformOs": os_name}

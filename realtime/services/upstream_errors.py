@@ -8,19 +8,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from django.conf import settings
 from httpx_sse import SSEError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from codexserver.log_format import redact_secrets
 
 MAX_MESSAGE_CHARS = 500
 
 
 def redact(text: str) -> str:
     """Upstreams sometimes echo credentials back; none reaches a client or a log."""
-    for secret in (settings.OPENAI_API_KEY, settings.CODEX_WS_AUTH_TOKEN):
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return text[:MAX_MESSAGE_CHARS]
+    return redact_secrets(text)[:MAX_MESSAGE_CHARS]
 
 
 class UpstreamError(Exception):

@@ -1,0 +1,39 @@
+"""Log records that say whose work they describe, and never carry a secret.
+
+``IdentityLogFilter`` stamps every record with the ``connection_id`` and
+``originator`` of the identity scope it was emitted in (``-`` outside one), so
+a line from a turn's background task names the connection it belongs to.
+``RedactingFormatter`` removes the API key and the WebSocket auth token from
+the final text, tracebacks included.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+
+from identity.scope import current_scope
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [conn=%(connection_id)s originator=%(originator)s] %(message)s"
+REDACTED = "[redacted]"
+
+
+def redact_secrets(text: str) -> str:
+    for secret in (settings.OPENAI_API_KEY, settings.CODEX_WS_AUTH_TOKEN):
+        if secret and secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+class IdentityLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        scope = current_scope()
+        record.connection_id = (scope.connection_id or "-") if scope else "-"
+        record.originator = scope.identity.originator if scope else "-"
+        return True
+
+
+class RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_secrets(super().format(record))
