@@ -6,7 +6,8 @@ import pytest
 
 from identity.client_identity import ClientIdentity
 from realtime.services.telemetry import TelemetrySender, analytics_event
-from tests.conftest import TEST_API_KEY, free_port
+from codexserver.devtools.server_process import free_port
+from tests.conftest import TEST_API_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.conftest import free_port
+from codexserver.devtools.server_process import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

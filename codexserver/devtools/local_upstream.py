@@ -1,6 +1,7 @@
 """A real local upstream on loopback that records every request it receives.
 
-It plays the Responses API (SSE and WebSocket), realtime calls, telemetry,
+Used by the test suite, ``manage.py demo`` and the benchmarks: its replies are
+canned text, never a real model. It plays the Responses API (SSE and WebSocket), realtime calls, telemetry,
 the connector directory and the plugin list. What a turn's upstream does is
 chosen by the user's text, so tests script faults without mocking anything:
 
@@ -85,10 +86,12 @@ class UpstreamServer:
         self.port: int | None = None
         self.apps: list[dict] = []
         self.plugins: list[dict] = []
+        self.canned_reply = list(DEFAULT_DELTAS)  # deltas of an ordinary turn
 
     # --- lifecycle ------------------------------------------------------------
 
-    def start(self) -> UpstreamServer:
+    def start(self, port: int = 0) -> UpstreamServer:
+        self._requested_port = port
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self
@@ -107,7 +110,7 @@ class UpstreamServer:
         app.router.add_route("*", r"/status/{status:\d{3}}/{tail:.*}", self._status)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self._requested_port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
 
@@ -191,8 +194,7 @@ class UpstreamServer:
             return None
         return status
 
-    @staticmethod
-    def _plan(text: str) -> tuple[list[dict], float, bool]:
+    def _plan(self, text: str) -> tuple[list[dict], float, bool]:
         """(events, delay between them, whether to cut the stream after two deltas)"""
         slow = re.search(r"slow:(\d+)", text)
         if slow:
@@ -202,7 +204,7 @@ class UpstreamServer:
             return [{"type": "response.created", "response": {}}, failed], 0.0, False
         if "hang" in text:
             return [{"type": "response.created", "response": {}}], 0.0, False
-        return response_events(text, DEFAULT_DELTAS), 0.0, "cut" in text
+        return response_events(text, self.canned_reply), 0.0, "cut" in text
 
     async def _responses_sse(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
