@@ -46,7 +46,6 @@ class ConnectionIdentityAdmin(admin.ModelAdmin):
     search_fields = ("client_name", "user_agent", "connection_id")
     # Open connections first, newest first.
     ordering = (F("disconnected_at").asc(nulls_first=True), "-connected_at")
-    date_hierarchy = "connected_at"
     show_full_result_count = False
     list_per_page = 100
 

@@ -99,3 +99,40 @@ def test_readyz_is_503_when_the_channel_layer_is_down(daphne_server):
     ready = httpx.get(server.http_url + "/readyz", timeout=10)
     assert ready.status_code == 503
     assert ready.json()["checks"] == {"database": "ok", "channel_layer": "unavailable"}
+
+
+def test_changelist_at_100000_rows_uses_a_fixed_number_of_queries_and_the_open_first_index(admin_client):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from identity.admin import ConnectionIdentityAdmin
+
+    now = timezone.now()
+    ConnectionIdentity.objects.bulk_create(
+        [
+            ConnectionIdentity(
+                connection_id=uuid.uuid4(),
+                server_instance=f"node-{i % 4}",
+                client_name=f"client_{i % 50}",
+                client_version="1.0",
+                originator=f"client_{i % 50}",
+                user_agent=f"client_{i % 50}/0.1.0 (Linux; x86_64) (client_{i % 50}; 1.0)",
+                connected_at=now - timedelta(seconds=i),
+                disconnected_at=None if i % 10 == 0 else now,
+            )
+            for i in range(100_000)
+        ],
+        batch_size=5000,
+    )
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE identity_connectionidentity")
+    changelist = reverse("admin:identity_connectionidentity_changelist")
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get(changelist, {"originator": "client_7"})
+    assert page.status_code == 200 and "client_7" in page.content.decode()
+    assert len(queries) <= 12, [q["sql"] for q in queries]  # no query per row
+    plan = ConnectionIdentity.objects.order_by(*ConnectionIdentityAdmin.ordering)[:100].explain()
+    assert "identity_conn_open_first" in plan, plan
+    listed = list(ConnectionIdentity.objects.order_by(*ConnectionIdentityAdmin.ordering).values_list("disconnected_at", flat=True)[:10_001])
+    assert all(value is None for value in listed[:10_000]) and listed[10_000] is not None  # open first

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Debian packages the test suite needs beyond Python: Chromium and its driver,
+# for the admin's browser test. Does nothing when they are already there.
+set -euo pipefail
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
