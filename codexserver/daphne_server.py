@@ -1,6 +1,6 @@
 """daphne, tuned for the app-server: the one place we reach into its internals.
 
-Three gaps in stock daphne 4.2 matter to us:
+Four gaps in stock daphne 4.2 matter to us:
 - it refuses every WebSocket upgrade with 403; we need 401 for a missing
   bearer token. ASGI's "websocket.http.response" extension lets the consumer
   choose the status, so we advertise and implement it.
@@ -8,6 +8,11 @@ Three gaps in stock daphne 4.2 matter to us:
   we want the close frame with code 1009 sent first.
 - it has no shutdown hook for the application; buffered telemetry must be
   flushed before the process exits.
+- its ``send`` never waits: a client that stops reading makes Twisted buffer
+  without bound, and the consumer never learns. We register the protocol as
+  the socket's push producer and hold each ``websocket.send`` while Twisted
+  says its write buffer is full, so the consumer's bounded outbox fills and
+  the slow client is dropped (PROTOCOL §3) instead of the process growing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
 from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
 
 from realtime.upgrade_policy import DENIAL_EXTENSION
 
@@ -27,10 +34,40 @@ logger = logging.getLogger(__name__)
 
 
 
-class DenialCapableWebSocketProtocol(WebSocketProtocol):
-    """Adds the ASGI WebSocket Denial Response to daphne's protocol."""
+@implementer(IPushProducer)
+class AppServerWebSocketProtocol(WebSocketProtocol):
+    """daphne's protocol plus the ASGI denial response and write backpressure."""
 
     _denial_status: int | None = None
+    _writable: asyncio.Event | None = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        # After the upgrade the HTTP channel is still the socket's producer.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+
+    # IPushProducer: Twisted pauses us when the socket's write buffer is full.
+    def pauseProducing(self):
+        self._writable.clear()
+
+    def resumeProducing(self):
+        self._writable.set()
+
+    def stopProducing(self):
+        self._writable.set()
+
+    def connectionLost(self, reason):
+        if self._writable is not None:
+            self._writable.set()
+        super().connectionLost(reason)
+
+    async def wait_writable(self) -> None:
+        if self._writable is not None:
+            await self._writable.wait()
 
     def handle_reply(self, message):
         kind = message.get("type")
@@ -43,6 +80,12 @@ class DenialCapableWebSocketProtocol(WebSocketProtocol):
             return
         super().handle_reply(message)
 
+    def serverClose(self, code=None):
+        # autobahn's sendClose lets applications use only 1000 and 3000-4999,
+        # but the registered codes we send (1009 message too big, 1013 try
+        # again later) are valid for a server to put on the wire.
+        self.sendCloseFrame(code=1000 if code is None else code, isReply=False)
+
     def _deny(self, status: int, reason: str) -> None:
         if not hasattr(self, "handshake_deferred"):
             return
@@ -53,8 +96,13 @@ class DenialCapableWebSocketProtocol(WebSocketProtocol):
 
 
 class AppServerDaphne(Server):
+    async def handle_reply(self, protocol, message):
+        if message.get("type") == "websocket.send" and isinstance(protocol, AppServerWebSocketProtocol):
+            await protocol.wait_writable()
+        await super().handle_reply(protocol, message)
+
     def create_application(self, protocol, scope):
-        if isinstance(protocol, DenialCapableWebSocketProtocol):
+        if isinstance(protocol, AppServerWebSocketProtocol):
             scope = {**scope, "extensions": {**scope.get("extensions", {}), DENIAL_EXTENSION: {}}}
         return super().create_application(protocol, scope)
 
@@ -71,7 +119,7 @@ class AppServerDaphne(Server):
         return defer.Deferred.fromFuture(asyncio.ensure_future(flush_at_shutdown()))
 
     def _tune_websocket_factory(self) -> None:
-        self.ws_factory.protocol = DenialCapableWebSocketProtocol
+        self.ws_factory.protocol = AppServerWebSocketProtocol
         self.ws_factory.setProtocolOptions(failByDrop=False)
 
 

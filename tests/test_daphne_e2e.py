@@ -93,15 +93,21 @@ async def test_a_real_server_survives_junk_frames(daphne_server):
         assert (await client.run_turn(await client.start_thread()))["turn"]["status"] == "completed"
 
 
-async def _rows_when_closed(db_path, count, timeout=5.0):
+async def _rows_when(db_path, predicate, timeout=5.0):
     async with asyncio.timeout(timeout):
         while True:
             with sqlite3.connect(db_path) as db:
                 db.row_factory = sqlite3.Row
                 rows = [dict(r) for r in db.execute("select * from identity_connectionidentity")]
-            if len(rows) == count and all(r["disconnected_at"] for r in rows):
+            if predicate(rows):
                 return rows
             await asyncio.sleep(0.05)
+
+
+async def _rows_when_closed(db_path, count, timeout=5.0):
+    return await _rows_when(
+        db_path, lambda rows: len(rows) == count and all(r["disconnected_at"] for r in rows), timeout
+    )
 
 
 async def test_bearer_token_is_required_when_configured(daphne_server, upstream):
@@ -152,3 +158,25 @@ async def test_log_lines_name_their_connection_and_never_the_key(daphne_server, 
     # The failed turn is logged from the turn's own task, under the same scope.
     [failed] = [line for line in log.splitlines() if " failed: " in line and "realtime.turn_runner" in line]
     assert f"[conn={connection_id} originator=codex_ios]" in failed
+
+
+async def test_a_client_that_stops_reading_is_dropped_while_others_carry_on(daphne_server, tmp_path):
+    server = daphne_server()
+    # max_queue=1: once one frame waits unread, the client stops reading its socket.
+    async with ws_connect(server.ws_url, max_queue=1) as stalled, ws_connect(server.ws_url) as healthy_ws:
+        await stalled.send(json.dumps({"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "stalled", "version": "1"}}}))
+        assert "result" in json.loads(await stalled.recv())
+        await stalled.send(json.dumps({"id": 2, "method": "thread/start", "params": {}}))
+        thread = json.loads(await stalled.recv())["result"]["thread"]["id"]
+        await stalled.send(json.dumps({"id": 3, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "flood:6000:4096"}]}}))
+        # ...and never reads again. About 25 MB of deltas are on their way.
+
+        healthy = SocketClient(healthy_ws)
+        await healthy.initialize("codex_ios", "1")
+        healthy_thread = await healthy.start_thread()
+        assert (await healthy.run_turn(healthy_thread))["turn"]["status"] == "completed"
+
+        rows = await _rows_when(tmp_path / "server.sqlite3", lambda rows: any(r["client_name"] == "stalled" and r["disconnected_at"] for r in rows), timeout=20)
+        assert [r for r in rows if r["client_name"] == "codex_ios"][0]["disconnected_at"] is None
+        assert "outbound queue full (1024 messages)" in server.log()
+        assert (await healthy.run_turn(healthy_thread))["turn"]["status"] == "completed"

@@ -8,6 +8,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "fail:401"        answer 401 (any status; "fail:500x2" fails twice, then streams)
     "cut"             stream two deltas, then drop the connection
     "slow:N"          stream N deltas 0.1 s apart (for interrupts and disconnects)
+    "flood:N:SIZE"    stream N deltas of SIZE characters as fast as possible
     "response-failed" stream a response.failed event
     "hang"            send response.created, then nothing at all
     anything else     stream "Hello" + " world" and complete
@@ -196,6 +197,10 @@ class UpstreamServer:
 
     def _plan(self, text: str) -> tuple[list[dict], float, bool]:
         """(events, delay between them, whether to cut the stream after two deltas)"""
+        flood = re.search(r"flood:(\d+):(\d+)", text)
+        if flood:
+            size = int(flood.group(2))
+            return response_events(text, ["x" * size for _ in range(int(flood.group(1)))]), 0.0, False
         slow = re.search(r"slow:(\d+)", text)
         if slow:
             return response_events(text, [f"d{i} " for i in range(int(slow.group(1)))]), 0.1, False
