@@ -94,9 +94,6 @@ def test_any_frames_get_valid_json_rpc_replies_and_never_an_exception(frames):
         assert is_valid_reply(json.loads(raw)), raw
 
 
-pytestmark_e2e = pytest.mark.e2e
-
-
 @pytest.mark.e2e
 async def test_a_real_server_survives_5000_hostile_frames(daphne_server):
     server = daphne_server(CODEX_LOG_LEVEL="ERROR")
@@ -133,3 +130,63 @@ async def test_a_thousand_mid_turn_disconnects_leak_no_task_and_close_every_stre
     open_rows = await database_sync_to_async(ConnectionIdentity.objects.filter(disconnected_at__isnull=True).count)()
     assert open_rows == 0
     assert await database_sync_to_async(ConnectionIdentity.objects.count)() == 1000
+
+
+@pytest.mark.e2e
+async def test_two_hundred_concurrent_identities_on_one_process_zero_misattributed(daphne_server, upstream):
+    from codexserver.devtools.attribution_load import (
+        LoadReport, close_clients, count_misattributed, open_clients, run_turns,
+    )
+
+    server = daphne_server(CODEX_LOG_LEVEL="WARNING")
+    clients = await open_clients(server.ws_url, 200)
+    report = LoadReport(connections=200)
+    owners = await run_turns(clients, "slow:3", report)
+    await close_clients(clients)
+    assert report.completed == report.turns == 200
+    assert report.server_errors == 0
+    assert len(upstream.model_requests()) == 200
+    assert count_misattributed(upstream, owners) == 0
+
+
+@pytest.mark.e2e
+async def test_the_api_key_and_auth_token_appear_nowhere(daphne_server, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    import httpx
+
+    from codexserver.devtools.server_process import PROJECT_DIR
+    from tests.conftest import TEST_API_KEY
+
+    token = "ws-token-5f1d2c3b4a"
+    server = daphne_server(CODEX_WS_AUTH_TOKEN=token)
+    seen: list[str] = []
+    async with ws_connect(server.ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as websocket:
+        client = SocketClient(websocket)
+        seen.append(json.dumps(await client.initialize("codex_ios", "1")))
+        thread = await client.start_thread()
+        for text in ("fail:401", "fail:400", "fail:500", "hello"):
+            seen.append(json.dumps(await client.run_turn(thread, text)))
+        seen.append(json.dumps(await client.request("thread/realtime/start", {"threadId": thread, "sdp": "v=0"})))
+        seen += [json.dumps(m) for m in client.inbox]
+
+    subprocess.run(
+        [sys.executable, "manage.py", "createsuperuser", "--noinput", "--username", "op", "--email", "op@x.example"],
+        cwd=PROJECT_DIR, env={**server.env, "DJANGO_SUPERUSER_PASSWORD": "pw-for-tests-123"}, check=True,
+    )
+    async with httpx.AsyncClient(base_url=server.http_url, follow_redirects=True) as http:
+        login = await http.get("/admin/login/")
+        csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login.text).group(1)
+        await http.post("/admin/login/", data={"csrfmiddlewaretoken": csrf, "username": "op", "password": "pw-for-tests-123", "next": "/admin/"})
+        changelist = await http.get("/admin/identity/connectionidentity/")
+        assert "codex_ios" in changelist.text
+        detail_url = re.search(r'href="(/admin/identity/connectionidentity/\d+/change/)"', changelist.text).group(1)
+        seen += [changelist.text, (await http.get(detail_url)).text]
+
+    seen.append(server.log())
+    seen.append((tmp_path / "server.sqlite3").read_bytes().decode("latin-1"))
+    for text in seen:
+        assert TEST_API_KEY not in text
+        assert token not in text

@@ -89,3 +89,34 @@ async def test_a_killed_instance_has_its_rows_closed_when_it_restarts(daphne_ser
         stored = {r["client_name"]: r for r in rows(postgres_database)}
         assert stored["codex_ios"]["disconnected_at"] is not None
         assert stored["codex_vscode"]["disconnected_at"] is None
+
+
+async def test_killing_one_process_mid_turn_leaves_the_other_serving_and_loses_no_row(
+    daphne_server, postgres_database, upstream
+):
+    doomed = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-x")
+    survivor = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-y")
+    async with ws_connect(doomed.ws_url) as doomed_ws, ws_connect(survivor.ws_url) as survivor_ws:
+        victim, steady = SocketClient(doomed_ws), SocketClient(survivor_ws)
+        await victim.initialize("codex_ios", "1.0.0")
+        await steady.initialize("codex_vscode", "1.0.0")
+        victim_thread, steady_thread = await victim.start_thread(), await steady.start_thread()
+        await victim.call("turn/start", {"threadId": victim_thread, "input": [{"type": "text", "text": "slow:50"}]})
+        steady_turn = asyncio.create_task(steady.run_turn(steady_thread, "slow:20"))
+        await victim.notification("item/agentMessage/delta", threadId=victim_thread)
+        doomed.process.send_signal(signal.SIGKILL)
+        doomed.process.wait(10)
+        assert (await steady_turn)["turn"]["status"] == "completed"
+        assert (await steady.run_turn(steady_thread))["turn"]["status"] == "completed"
+
+        restarted = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-x")
+        async with ws_connect(restarted.ws_url) as again_ws:
+            await SocketClient(again_ws).initialize("codex_android", "1.0.0")
+            stored = rows(postgres_database)
+    assert len(stored) == 3 and len({r["connection_id"] for r in stored}) == 3
+    by_name = {r["client_name"]: r for r in stored}
+    assert by_name["codex_ios"]["disconnected_at"] is not None  # closed by the restart
+    assert by_name["codex_vscode"]["disconnected_at"] is None  # still connected at that moment
+    assert by_name["codex_android"]["server_instance"] == "node-x"
+    owners = {r.headers["session-id"]: r.originator for r in upstream.model_requests()}
+    assert owners[victim_thread] == "codex_ios" and owners[steady_thread] == "codex_vscode"
