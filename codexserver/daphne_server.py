@@ -6,8 +6,10 @@ Four gaps in stock daphne 4.2 matter to us:
   choose the status, so we advertise and implement it.
 - autobahn drops the TCP connection on an oversized frame (``failByDrop``);
   we want the close frame with code 1009 sent first.
-- it has no shutdown hook for the application; buffered telemetry must be
-  flushed before the process exits.
+- it has no start or shutdown hook for the application: at start we close
+  the rows a crashed predecessor left open; at shutdown, the rows of our own
+  connections (daphne cancels them without a disconnect) and buffered
+  telemetry.
 - its ``send`` never waits: a client that stops reading makes Twisted buffer
   without bound, and the consumer never learns. We register the protocol as
   the socket's push producer and hold each ``websocket.send`` while Twisted
@@ -109,14 +111,15 @@ class AppServerDaphne(Server):
     def run(self):
         # The factory is made inside run(); adjust it once the reactor starts.
         reactor.callWhenRunning(self._tune_websocket_factory)
-        reactor.addSystemEventTrigger("before", "shutdown", self._flush_telemetry)
+        reactor.callWhenRunning(self._run_soon, "reconcile_once")
+        reactor.addSystemEventTrigger("before", "shutdown", self._run_soon, "shut_down")
         super().run()
 
     @staticmethod
-    def _flush_telemetry() -> defer.Deferred:
-        from realtime.services.telemetry import flush_at_shutdown
+    def _run_soon(step: str) -> defer.Deferred:
+        from realtime import instance_lifecycle
 
-        return defer.Deferred.fromFuture(asyncio.ensure_future(flush_at_shutdown()))
+        return defer.Deferred.fromFuture(asyncio.ensure_future(getattr(instance_lifecycle, step)()))
 
     def _tune_websocket_factory(self) -> None:
         self.ws_factory.protocol = AppServerWebSocketProtocol

@@ -166,3 +166,9 @@ LOGGING = {
 CODEX_TELEMETRY_MAX_BATCH = int(os.environ.get("CODEX_TELEMETRY_MAX_BATCH", "50"))
 CODEX_TELEMETRY_FLUSH_INTERVAL = float(os.environ.get("CODEX_TELEMETRY_FLUSH_INTERVAL", "1.0"))
 CODEX_TELEMETRY_MAX_BUFFERED = int(os.environ.get("CODEX_TELEMETRY_MAX_BUFFERED", "10000"))
+
+# What one connection may hold at once, so no client can starve the others
+# of the shared upstream pool or the event loop.
+CODEX_MAX_THREADS_PER_CONNECTION = int(os.environ.get("CODEX_MAX_THREADS_PER_CONNECTION", "256"))
+CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = int(os.environ.get("CODEX_MAX_RUNNING_TURNS_PER_CONNECTION", "16"))
+CODEX_MAX_REQUESTS_IN_FLIGHT = int(os.environ.get("CODEX_MAX_REQUESTS_IN_FLIGHT", "64"))

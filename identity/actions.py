@@ -74,3 +74,11 @@ def close_stale_connections(
 def reconcile_restarted_instance(server_instance: str, process_started_at: datetime) -> int:
     """At a process's first connection: close what an earlier run of this instance left open."""
     return close_stale_connections(server_instance, process_started_at)
+
+
+@database_sync_to_async
+def record_instance_stopped(server_instance: str, process_started_at: datetime) -> int:
+    """At shutdown: close the rows of this process's connections still open."""
+    return ConnectionIdentity.objects.filter(
+        server_instance=server_instance, disconnected_at__isnull=True, connected_at__gte=process_started_at
+    ).update(disconnected_at=timezone.now())

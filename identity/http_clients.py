@@ -15,14 +15,17 @@ import ssl
 import weakref
 from collections import OrderedDict
 from functools import lru_cache
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
 from .client_identity import ClientIdentity
 from .headers import build_outbound_headers
 
-DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=30.0)
-DEFAULT_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128)
+# A short pool timeout: a saturated pool fails a call quickly instead of
+# holding it for minutes behind other connections' streams.
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=10.0)
+DEFAULT_LIMITS = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
 _CLIENT_CACHE_SIZE = 4096
 
 
@@ -69,6 +72,10 @@ class IdentityClientFactory:
             client = httpx.AsyncClient(
                 base_url=base_url,
                 headers=build_outbound_headers(identity, bearer_token=bearer_token),
+                # Clients are shared by equal identities of different
+                # connections: a cookie one upstream reply sets must not ride
+                # on another connection's request.
+                cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
                 timeout=timeout,
                 transport=self._borrowed,
                 # Environment proxies would make httpx build a transport (and

@@ -15,6 +15,8 @@ from collections.abc import Coroutine
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+from django.conf import settings
+
 from identity.client_identity import ClientIdentity
 from identity.scope import identity_scope
 
@@ -40,6 +42,7 @@ class AppServerConnection:
         self.opted_out: frozenset[str] = frozenset()
         self.threads: dict[str, Thread] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._requests_in_flight = 0
         self._closed = False
 
     # --- identity -----------------------------------------------------------
@@ -70,10 +73,15 @@ class AppServerConnection:
             await self._run_request(request)
         elif self.identity is None:
             self.send_error(request.id, JsonRpcError.not_initialized())
-        elif self.outbox.overloaded:
+        elif self.outbox.overloaded or self._requests_in_flight >= settings.CODEX_MAX_REQUESTS_IN_FLIGHT:
             self.send_error(request.id, JsonRpcError.overloaded())
         else:
-            self.spawn(self._run_request(request), name=f"request {request.method}")
+            self._requests_in_flight += 1
+            task = self.spawn(self._run_request(request), name=f"request {request.method}")
+            task.add_done_callback(self._request_done)
+
+    def _request_done(self, task: asyncio.Task) -> None:
+        self._requests_in_flight -= 1
 
     def _handle_notification(self, notification: Notification) -> None:
         # `initialized` needs no reply; other client notifications are not used yet.
@@ -134,8 +142,8 @@ class AppServerConnection:
             logger.error("task %s failed", task.get_name(), exc_info=task.exception())
 
     @property
-    def task_count(self) -> int:
-        return len(self._tasks)
+    def running_turns(self) -> int:
+        return sum(thread.active_turn is not None for thread in self.threads.values())
 
     async def close(self) -> None:
         """Called at disconnect: cancel every task; their upstream streams close with them."""

@@ -9,15 +9,11 @@ from http import HTTPStatus
 
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
-from django.utils import timezone
 
-from identity.actions import (
-    record_connection_closed,
-    record_connection_opened,
-    reconcile_restarted_instance,
-)
+from identity.actions import record_connection_closed, record_connection_opened
 
 from .connection import AppServerConnection
+from .instance_lifecycle import reconcile_once
 from .outbox import Outbox
 from .protocol import MAX_FRAME_BYTES, JsonRpcError
 from .upgrade_policy import DENIAL_EXTENSION, upgrade_refusal
@@ -26,19 +22,6 @@ logger = logging.getLogger(__name__)
 
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_TRY_AGAIN_LATER = 1013
-
-PROCESS_STARTED_AT = timezone.now()
-_instance_reconciled = asyncio.Event()  # set once this process has closed its predecessor's rows
-
-
-async def _reconcile_instance_once() -> None:
-    if _instance_reconciled.is_set():
-        return
-    closed = await reconcile_restarted_instance(settings.CODEX_SERVER_INSTANCE, PROCESS_STARTED_AT)
-    if closed:
-        logger.info("closed %d connection row(s) left open by an earlier run of %s", closed, settings.CODEX_SERVER_INSTANCE)
-    _instance_reconciled.set()
-
 
 def _frame_size(text_data: str | None, bytes_data: bytes | None) -> int:
     if bytes_data is not None:
@@ -60,7 +43,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             await self._refuse(refusal)
             return
         connection_id = uuid.uuid4()
-        await _reconcile_instance_once()
+        await reconcile_once()
         client = self.scope.get("client") or (None,)
         await record_connection_opened(connection_id, settings.CODEX_SERVER_INSTANCE, client[0])
         outbox = Outbox(self._send_text, on_overflow=self._drop_slow_client)

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+# Messages replayed to the model per thread: a bound on memory and on the
+# request body encoded for each turn.
+MAX_HISTORY_ITEMS = 200
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -46,6 +51,12 @@ class Thread:
     history: list[dict[str, Any]] = field(default_factory=list)
     active_turn: Turn | None = None
     realtime: RealtimeSession | None = None
+
+    def remember(self, item: dict[str, Any]) -> None:
+        """Keep an item for later turns; the oldest go first past the bound."""
+        self.history.append(item)
+        if len(self.history) > MAX_HISTORY_ITEMS:
+            del self.history[: len(self.history) - MAX_HISTORY_ITEMS]
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "createdAt": self.created_at, "model": self.model}

@@ -7,7 +7,7 @@ notifications a client sees do not depend on how the model was reached.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .threads import new_id
@@ -18,8 +18,12 @@ AGENT_MESSAGE = "agentMessage"
 @dataclass(eq=False)
 class _AgentMessage:
     id: str
-    text: str = ""
+    parts: list[str] = field(default_factory=list)  # joined once, not re-concatenated per delta
     completed: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 class TurnEventTranslator:
@@ -44,7 +48,7 @@ class TurnEventTranslator:
             delta = event.get("delta")
             if isinstance(delta, str) and delta:
                 message = self._message(event.get("item_id"))
-                message.text += delta
+                message.parts.append(delta)
                 self._item_notification(
                     "item/agentMessage/delta", itemId=message.id, delta=delta
                 )
@@ -53,8 +57,8 @@ class TurnEventTranslator:
             if item.get("type") == "message":
                 message = self._message(item.get("id"))
                 final = _message_text(item)
-                if final is not None and not message.text:
-                    message.text = final
+                if final is not None and not message.parts:
+                    message.parts.append(final)
                 self._complete(message)
 
     def finish(self) -> None:
@@ -88,9 +92,12 @@ def _object(value: Any) -> dict[str, Any]:
 
 
 def _message_text(item: dict[str, Any]) -> str | None:
+    content = item.get("content")
+    if not isinstance(content, list):
+        return None
     parts = [
         part.get("text")
-        for part in item.get("content") or []
+        for part in content
         if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str)
     ]
     return "".join(parts) if parts else None

@@ -60,13 +60,17 @@ async def run_turn(turn_context: TurnContext) -> None:
     except UpstreamError as exc:
         logger.info("turn %s failed: %s", turn.id, exc.message)
         status, error = "failed", exc.turn_error()
+    except Exception:
+        # Whatever went wrong, the client is owed a turn/completed.
+        logger.exception("turn %s failed unexpectedly", turn.id)
+        status, error = "failed", {"message": "internal error while streaming the turn", "codexErrorInfo": "other"}
     finally:
         thread.active_turn = None
 
     translator.finish()
-    thread.history.append(turn_context.user_message)
+    thread.remember(turn_context.user_message)
     if translator.text:
-        thread.history.append(assistant_message(translator.text))
+        thread.remember(assistant_message(translator.text))
     completed = turn.to_json(status)
     if error is not None:
         completed["error"] = error

@@ -180,3 +180,13 @@ async def test_a_client_that_stops_reading_is_dropped_while_others_carry_on(daph
         assert [r for r in rows if r["client_name"] == "codex_ios"][0]["disconnected_at"] is None
         assert "outbound queue full (1024 messages)" in server.log()
         assert (await healthy.run_turn(healthy_thread))["turn"]["status"] == "completed"
+
+
+async def test_a_graceful_stop_closes_the_rows_of_open_connections(daphne_server, tmp_path):
+    server = daphne_server(CODEX_SERVER_INSTANCE="graceful")
+    async with ws_connect(server.ws_url) as websocket:
+        await SocketClient(websocket).initialize("codex_ios", "1")
+        await _rows_when(tmp_path / "server.sqlite3", lambda rows: len(rows) == 1)
+        server.stop()  # SIGTERM while the client is still connected
+    rows = await _rows_when(tmp_path / "server.sqlite3", lambda rows: True)
+    assert rows[0]["disconnected_at"] is not None

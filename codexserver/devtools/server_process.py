@@ -26,12 +26,21 @@ def migrate(env: dict[str, str]) -> None:
 
 
 class ServerProcess:
-    """One app-server process; ``start()`` returns once /healthz answers."""
+    """One server process (by default ``manage.py serve``); ``start()`` returns once it answers."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None):
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        port: int | None = None,
+        command: list[str] | None = None,
+        ready_path: str = "/healthz",
+    ):
         self.port = port or free_port()
         self.env = env
         self.log_path = log_path
+        self.command = command or ["manage.py", "serve", "--port", "{port}"]
+        self.ready_path = ready_path
         self.process: subprocess.Popen | None = None
 
     @property
@@ -45,7 +54,7 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "manage.py", "serve", "--port", str(self.port)],
+                [sys.executable, *(part.format(port=self.port) for part in self.command)],
                 cwd=PROJECT_DIR,
                 env=self.env,
                 stdout=log,
@@ -56,12 +65,12 @@ class ServerProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited early:\n{self.log()}")
             try:
-                if httpx.get(self.http_url + "/healthz", timeout=1).status_code == 200:
-                    return self
+                httpx.get(self.http_url + self.ready_path, timeout=1)
+                return self  # any HTTP answer means it is listening
             except httpx.HTTPError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"the server did not answer /healthz:\n{self.log()}")
+        raise RuntimeError(f"the server did not answer {self.ready_path}:\n{self.log()}")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -71,6 +80,14 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process, from /proc (Linux)."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

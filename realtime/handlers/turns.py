@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
+
 from ..params import optional_str, params_object, required_list, required_str
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services.config import UpstreamConfig
@@ -38,6 +40,8 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     model = optional_str(params, "model")
     if thread.active_turn is not None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
+    if context.connection.running_turns >= settings.CODEX_MAX_RUNNING_TURNS_PER_CONNECTION:
+        raise JsonRpcError.overloaded()
     if model:
         thread.model = model  # like Codex: the override sticks for later turns
     turn = thread.active_turn = Turn(new_id())

@@ -49,7 +49,7 @@ class UpstreamConfig:
 
     @property
     def timeout(self) -> httpx.Timeout:
-        return httpx.Timeout(self.idle_timeout, connect=self.connect_timeout)
+        return httpx.Timeout(self.idle_timeout, connect=self.connect_timeout, pool=self.connect_timeout)
 
     def api_client(self, identity: ClientIdentity) -> httpx.AsyncClient:
         """Client for CODEX_API_BASE_URL: identity headers plus the API key."""

@@ -27,10 +27,12 @@ async def stream_events(
     identity: ClientIdentity, request, config: UpstreamConfig
 ) -> AsyncIterator[dict[str, Any]]:
     client = config.api_client(identity)
-    body = {**request.body(), "stream": True}
-    headers = {**request.session_headers(), "Accept": "text/event-stream"}
+    # Encoded here, ASCII-escaped: httpx would write raw UTF-8 and fail on a
+    # lone surrogate a client sent.
+    body = json.dumps({**request.body(), "stream": True}).encode()
+    headers = {**request.session_headers(), "Accept": "text/event-stream", "Content-Type": "application/json"}
     async with upstream_errors.http_failures():
-        async with aconnect_sse(client, "POST", "responses", json=body, headers=headers) as source:
+        async with aconnect_sse(client, "POST", "responses", content=body, headers=headers) as source:
             status = source.response.status_code
             if status >= 400:
                 raise upstream_errors.error_for_status(status, await source.response.aread())

@@ -129,9 +129,10 @@ class TelemetrySender:
         self.sent += sum(len(batch) for (_, batch), ok in zip(batches, results) if ok)
 
     async def aclose(self) -> None:
-        """Flush what is left and stop (at shutdown)."""
-        if self._flusher is not None:
-            self._flusher.cancel()
+        """Flush what is left (at shutdown); a batch already being sent is awaited, not dropped."""
+        if self._flusher is not None and not self._flusher.done():
+            self._wake.set()
+            await asyncio.wait([self._flusher], timeout=10)
         await self.flush()
 
 

@@ -1,0 +1,375 @@
+"""Benchmarks: what identity scoping costs and how far one process scales.
+
+    python bench/run.py [--quick] [--json PATH] [--plot PATH] [--skip-peer]
+
+Everything runs on loopback in this one run, side by side, and every answer
+is a ratio of two things measured together (these machines are noisy):
+
+1. scoping overhead: turn latency and turns/s of the real server vs a
+   baseline relay with one global httpx client and no identity;
+2. identity client cost: the project's factory vs a new httpx.AsyncClient();
+3. connection scale on one daphne process: RSS per connection, turn
+   latency and misattributed upstream requests at 250 ... 2,000 connections;
+4. relay throughput: deltas/s relayed vs a bare echo consumer's messages/s
+   (daphne; uvicorn for reference);
+5. the peer: the real Codex app-server (npm @openai/codex 0.169.0) on the
+   same upstream: latency ratio and misattributed model requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "codexserver.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+import httpx  # noqa: E402
+from websockets.asyncio.client import connect  # noqa: E402
+
+from bench import peer  # noqa: E402
+from codexserver.devtools.attribution_load import (  # noqa: E402
+    LoadReport,
+    close_clients,
+    count_misattributed,
+    open_clients,
+    run_turns,
+)
+from codexserver.devtools.local_upstream import UpstreamServer  # noqa: E402
+from codexserver.devtools.server_process import ServerProcess, migrate  # noqa: E402
+from identity.client_identity import ClientIdentity  # noqa: E402
+from identity.http_clients import IdentityClientFactory  # noqa: E402
+
+TURN_TEXT = "flood:20:16"  # 20 deltas per turn, streamed as fast as the upstream can
+
+
+class Bench:
+    def __init__(self, quick: bool, workdir: Path):
+        self.quick = quick
+        self.workdir = workdir
+        self.upstream = UpstreamServer().start()
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("CODEX_", "DATABASE_URL", "REDIS_URL"))},
+            "CODEX_API_BASE_URL": self.upstream.api_base_url,
+            "CODEX_CHATGPT_BASE_URL": self.upstream.chatgpt_base_url,
+            "OPENAI_API_KEY": "sk-bench",
+            "CODEX_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(ROOT),
+        }
+        self.servers: list[ServerProcess] = []
+
+    def start(self, name: str, command: list[str] | None = None, **env: str) -> ServerProcess:
+        server_env = {**self.env, "DATABASE_URL": f"sqlite:///{self.workdir / name}.sqlite3", **env}
+        if command is None:
+            migrate(server_env)
+        server = ServerProcess(server_env, self.workdir / f"{name}.log", command=command, ready_path="/")
+        self.servers.append(server.start())
+        return server
+
+    def stop(self, server: ServerProcess) -> None:
+        server.stop()
+        self.servers.remove(server)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.upstream.stop()
+
+
+def daphne_command(app: str) -> list[str]:
+    return ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", app]
+
+
+# --- 1. scoping overhead -----------------------------------------------------
+
+
+async def turn_round(ws_url: str, concurrency: int, turns_each: int) -> tuple[float, float]:
+    """(median turn latency in ms, turns per second) with ``concurrency`` clients."""
+    clients = await open_clients(ws_url, concurrency)
+    latencies: list[float] = []
+
+    async def worker(client) -> None:
+        thread = await client.start_thread()
+        for _ in range(turns_each):
+            started = time.perf_counter()
+            completed = await client.run_turn(thread, TURN_TEXT, timeout=300)
+            assert completed["turn"]["status"] == "completed", completed
+            latencies.append(time.perf_counter() - started)
+            client.inbox.clear()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(client) for _, client, _ in clients))
+    wall = time.perf_counter() - started
+    await close_clients(clients)
+    return statistics.median(latencies) * 1000, len(latencies) / wall
+
+
+def scoping_overhead(bench: Bench) -> dict:
+    ours = bench.start("ours_overhead")
+    baseline = bench.start("baseline", daphne_command("bench.reference_apps:baseline_relay"))
+    levels = {1: 20 if bench.quick else 60, 50: 3 if bench.quick else 8, 500: 1 if bench.quick else 2}
+    rounds = 2 if bench.quick else 3
+    results = {}
+    for concurrency, turns_each in levels.items():
+        samples = {"ours": [], "baseline": []}
+        for _ in range(rounds):  # alternate, so drift hits both alike
+            for name, server in (("ours", ours), ("baseline", baseline)):
+                samples[name].append(asyncio.run(turn_round(server.ws_url, concurrency, turns_each)))
+        ours_ms = statistics.median(s[0] for s in samples["ours"])
+        base_ms = statistics.median(s[0] for s in samples["baseline"])
+        ours_tps = statistics.median(s[1] for s in samples["ours"])
+        base_tps = statistics.median(s[1] for s in samples["baseline"])
+        results[concurrency] = {
+            "ours_median_ms": ours_ms,
+            "baseline_median_ms": base_ms,
+            "latency_ratio": ours_ms / base_ms,
+            "ours_turns_per_s": ours_tps,
+            "baseline_turns_per_s": base_tps,
+            "throughput_ratio": base_tps / ours_tps,
+        }
+    bench.stop(ours)
+    bench.stop(baseline)
+    return results
+
+
+# --- 2. identity client cost ---------------------------------------------------
+
+
+def client_construction() -> dict:
+    async def measure() -> dict:
+        factory = IdentityClientFactory()
+        identities = [ClientIdentity.from_client_info(f"client_{i}", "1.0") for i in range(2000)]
+        started = time.perf_counter()
+        for identity in identities:  # every one new: no cache hit
+            factory.client_for(identity, "https://api.example/v1", bearer_token="k")
+        per_factory = (time.perf_counter() - started) / len(identities)
+        fresh = []
+        started = time.perf_counter()
+        for _ in range(100):
+            fresh.append(httpx.AsyncClient())
+        per_fresh = (time.perf_counter() - started) / 100
+        for client in fresh:
+            await client.aclose()
+        await factory.aclose()
+        return {"factory_us": per_factory * 1e6, "new_async_client_us": per_fresh * 1e6, "speedup": per_fresh / per_factory}
+
+    return asyncio.run(measure())
+
+
+# --- 3. connection scale -------------------------------------------------------
+
+
+def connection_scale(bench: Bench) -> list[dict]:
+    levels = [250, 500] if bench.quick else [250, 500, 1000, 2000]
+    server = bench.start("ours_scale")
+    rows = []
+
+    async def run() -> None:
+        await asyncio.sleep(1)
+        idle_rss = server.rss_bytes()
+        clients = []
+        for level in levels:
+            bench.upstream.reset()
+            clients += await open_clients(server.ws_url, level - len(clients), batch=100)
+            # open_clients numbers from 0: give later batches their own names
+            await asyncio.sleep(1)
+            rss = server.rss_bytes()
+            report = LoadReport(connections=level)
+            owners = await run_turns(clients, "flood:5:16", report, timeout=600)
+            for _, client, _ in clients:
+                client.inbox.clear()
+            rows.append(
+                {
+                    "connections": level,
+                    "rss_mib": rss / 2**20,
+                    "rss_per_connection_kib": (rss - idle_rss) / level / 1024,
+                    "p50_ms": report.percentile(0.5) * 1000,
+                    "p99_ms": report.percentile(0.99) * 1000,
+                    "completed": report.completed,
+                    "misattributed": count_misattributed(bench.upstream, owners),
+                    "server_errors": report.server_errors,
+                }
+            )
+        await close_clients(clients)
+
+    asyncio.run(run())
+    bench.stop(server)
+    return rows
+
+
+# --- 4. relay throughput ---------------------------------------------------------
+
+
+async def relay_rate(ws_url: str, clients_count: int, deltas: int) -> float:
+    clients = await open_clients(ws_url, clients_count)
+    threads = [await client.start_thread() for _, client, _ in clients]
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(client.run_turn(thread, f"flood:{deltas}:16", timeout=600) for (_, client, _), thread in zip(clients, threads))
+    )
+    wall = time.perf_counter() - started
+    await close_clients(clients)
+    return clients_count * deltas / wall
+
+
+async def echo_rate(ws_url: str, clients_count: int, messages: int) -> float:
+    frame = json.dumps({"method": "item/agentMessage/delta", "params": {"threadId": "t" * 36, "turnId": "u" * 36, "itemId": "msg_00000000", "delta": "x" * 16}})
+
+    async def one() -> None:
+        async with connect(ws_url, max_size=None) as socket:
+            async def send_all():
+                for _ in range(messages):
+                    await socket.send(frame)
+
+            sender = asyncio.create_task(send_all())
+            for _ in range(messages):
+                await socket.recv()
+            await sender
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(clients_count)))
+    return clients_count * messages / (time.perf_counter() - started)
+
+
+def relay_throughput(bench: Bench) -> dict:
+    deltas = 2000 if bench.quick else 5000
+    ours = bench.start("ours_relay")
+    echo = bench.start("echo", daphne_command("bench.reference_apps:echo"))
+    uvicorn_echo = bench.start(
+        "uvicorn_echo", ["-m", "uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning", "bench.reference_apps:echo"]
+    )
+    samples = {"relay": [], "echo": [], "uvicorn_echo": []}
+    for _ in range(2 if bench.quick else 3):
+        samples["relay"].append(asyncio.run(relay_rate(ours.ws_url, 4, deltas)))
+        samples["echo"].append(asyncio.run(echo_rate(echo.ws_url, 4, deltas)))
+        samples["uvicorn_echo"].append(asyncio.run(echo_rate(uvicorn_echo.ws_url, 4, deltas)))
+    for server in (ours, echo, uvicorn_echo):
+        bench.stop(server)
+    relay, daphne_echo, uv = (statistics.median(samples[k]) for k in ("relay", "echo", "uvicorn_echo"))
+    return {"relay_deltas_per_s": relay, "daphne_echo_per_s": daphne_echo, "uvicorn_echo_per_s": uv, "relay_vs_echo_ratio": relay / daphne_echo}
+
+
+# --- report -------------------------------------------------------------------------
+
+
+def print_report(results: dict) -> None:
+    print(f"\ncodexserver benchmarks  ({results['date']}, {results['machine']})\n")
+    print("1. scoping overhead (ours vs baseline relay with a global client, same upstream)")
+    print(f"   {'conns':>5} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'ours t/s':>9} {'base t/s':>9} {'ratio':>6}")
+    for level, row in results["scope_overhead"].items():
+        print(
+            f"   {level:>5} {row['ours_median_ms']:9.1f} {row['baseline_median_ms']:9.1f} {row['latency_ratio']:6.2f}"
+            f" {row['ours_turns_per_s']:9.1f} {row['baseline_turns_per_s']:9.1f} {row['throughput_ratio']:6.2f}"
+        )
+    c = results["client_construction"]
+    print(f"\n2. identity client: factory {c['factory_us']:.1f} µs vs new AsyncClient {c['new_async_client_us']:.0f} µs = {c['speedup']:.0f}x cheaper")
+    print("\n3. connection scale on one daphne process")
+    print(f"   {'conns':>5} {'RSS MiB':>8} {'KiB/conn':>9} {'p50 ms':>8} {'p99 ms':>8} {'done':>6} {'misattr':>8}")
+    for row in results["scale"]:
+        print(
+            f"   {row['connections']:>5} {row['rss_mib']:8.1f} {row['rss_per_connection_kib']:9.1f} {row['p50_ms']:8.1f}"
+            f" {row['p99_ms']:8.1f} {row['completed']:>6} {row['misattributed']:>8}"
+        )
+    r = results["relay"]
+    print(
+        f"\n4. relay {r['relay_deltas_per_s']:.0f} deltas/s vs daphne echo {r['daphne_echo_per_s']:.0f} msg/s"
+        f" = {r['relay_vs_echo_ratio']:.2f} (uvicorn echo {r['uvicorn_echo_per_s']:.0f} msg/s)"
+    )
+    p = results["peer"]
+    if p.get("skipped"):
+        print(f"\n5. peer: skipped ({p['skipped']})")
+    else:
+        print(
+            f"\n5. peer (codex app-server {p['version']}): median turn {p['ours_median_ms']:.1f} ms ours vs"
+            f" {p['peer_median_ms']:.1f} ms peer = {p['latency_ratio']:.2f}; misattributed with 20 clients:"
+            f" ours {p['ours_misattributed']}, peer {p['peer_misattributed']} of {p['peer_requests']}"
+        )
+    print()
+    print(json.dumps(summary(results), indent=2))
+
+
+def summary(results: dict) -> dict:
+    held = [row for row in results["scale"] if row["misattributed"] == 0 and row["completed"] == row["connections"]]
+    best = max(held, key=lambda row: row["connections"]) if held else None
+    peer_result = results["peer"]
+    return {
+        "scope_overhead_ratio": results["scope_overhead"][50]["latency_ratio"],
+        "scope_throughput_ratio": results["scope_overhead"][50]["throughput_ratio"],
+        "client_construction_speedup": results["client_construction"]["speedup"],
+        "max_connections": best["connections"] if best else 0,
+        "rss_per_connection_kib": best["rss_per_connection_kib"] if best else None,
+        "misattributed": sum(row["misattributed"] for row in results["scale"]),
+        "relay_vs_echo_ratio": results["relay"]["relay_vs_echo_ratio"],
+        "peer_latency_ratio": peer_result.get("latency_ratio"),
+        "peer_misattributed": peer_result.get("peer_misattributed"),
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["scale"]
+    counts = [row["connections"] for row in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(counts, [row["p50_ms"] for row in rows], "o-", label="p50")
+    left.plot(counts, [row["p99_ms"] for row in rows], "s--", label="p99")
+    left.set(xlabel="concurrent connections (each runs one turn)", ylabel="turn latency (ms)", title="Turn latency")
+    left.legend()
+    right.plot(counts, [row["rss_per_connection_kib"] for row in rows], "o-", color="tab:green")
+    right.axhline(100, color="grey", linestyle=":", label="goal: 100 KiB")
+    right.set(xlabel="connections", ylabel="KiB per connection", title="Server memory per connection")
+    right.legend()
+    fig.suptitle(f"codexserver on one daphne process ({results['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller runs, under 5 minutes")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot of the scale run here")
+    parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
+    args = parser.parse_args()
+
+    results = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}",
+        "quick": args.quick,
+    }
+    with tempfile.TemporaryDirectory(prefix="codexserver-bench-") as workdir:
+        bench = Bench(args.quick, Path(workdir))
+        try:
+            results["client_construction"] = client_construction()
+            results["scope_overhead"] = scoping_overhead(bench)
+            results["relay"] = relay_throughput(bench)
+            results["scale"] = connection_scale(bench)
+            results["peer"] = {"skipped": "--skip-peer"} if args.skip_peer else peer.compare(bench, Path(workdir))
+        finally:
+            bench.close()
+    print_report(results)
+    if args.json:
+        args.json.write_text(json.dumps({**summary(results), "details": results}, indent=2, default=str))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
