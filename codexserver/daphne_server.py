@@ -82,6 +82,16 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
             return
         super().handle_reply(message)
 
+    def serverSend(self, content, binary=False):
+        # autobahn applies the message size limit to both directions. The
+        # 1 MiB limit is for what clients send (PROTOCOL §3); what we send (a
+        # long reply's item/completed) may be larger.
+        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+        try:
+            super().serverSend(content, binary)
+        finally:
+            self.maxMessagePayloadSize = limit
+
     def serverClose(self, code=None):
         # autobahn's sendClose lets applications use only 1000 and 3000-4999,
         # but the registered codes we send (1009 message too big, 1013 try

@@ -172,3 +172,6 @@ CODEX_TELEMETRY_MAX_BUFFERED = int(os.environ.get("CODEX_TELEMETRY_MAX_BUFFERED"
 CODEX_MAX_THREADS_PER_CONNECTION = int(os.environ.get("CODEX_MAX_THREADS_PER_CONNECTION", "256"))
 CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = int(os.environ.get("CODEX_MAX_RUNNING_TURNS_PER_CONNECTION", "16"))
 CODEX_MAX_REQUESTS_IN_FLIGHT = int(os.environ.get("CODEX_MAX_REQUESTS_IN_FLIGHT", "64"))
+# Seconds a client may read nothing while a turn waits for it to drain its
+# queue; after that the queue fills and the client is dropped (1013).
+CODEX_CLIENT_STALL_TIMEOUT = float(os.environ.get("CODEX_CLIENT_STALL_TIMEOUT", "10"))

@@ -21,6 +21,7 @@ from .upgrade_policy import DENIAL_EXTENSION, upgrade_refusal
 logger = logging.getLogger(__name__)
 
 CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 
 def _frame_size(text_data: str | None, bytes_data: bytes | None) -> int:
@@ -46,10 +47,13 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         await reconcile_once()
         client = self.scope.get("client") or (None,)
         await record_connection_opened(connection_id, settings.CODEX_SERVER_INSTANCE, client[0])
-        outbox = Outbox(self._send_text, on_overflow=self._drop_slow_client)
+        outbox = Outbox(
+            self._send_text, on_overflow=self._drop_slow_client, stall_seconds=settings.CODEX_CLIENT_STALL_TIMEOUT
+        )
         self.connection = AppServerConnection(connection_id, outbox, self.scope)
         await self.accept()
         self._writer = asyncio.create_task(outbox.run(), name="outbox writer")
+        self._writer.add_done_callback(self._writer_stopped)
 
     async def receive(self, text_data=None, bytes_data=None):
         """Called for each frame from the client."""
@@ -84,6 +88,13 @@ class AppServerConsumer(AsyncWebsocketConsumer):
 
     async def _send_text(self, text: str) -> None:
         await self.send(text_data=text)
+
+    def _writer_stopped(self, writer: asyncio.Task) -> None:
+        # Cancelled at disconnect as planned; anything else leaves a socket
+        # nobody writes to, so close it rather than let the client hang.
+        if not writer.cancelled() and writer.exception() is not None:
+            logger.error("outbound writer failed; closing the connection", exc_info=writer.exception())
+            asyncio.get_running_loop().create_task(self.close(code=CLOSE_INTERNAL_ERROR))
 
     def _drop_slow_client(self) -> None:
         asyncio.get_running_loop().create_task(self.close(code=CLOSE_TRY_AGAIN_LATER))

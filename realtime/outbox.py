@@ -3,6 +3,12 @@
 Every frame to the client (replies and notifications) passes through here, so
 order is kept and a client that stops reading costs a bounded amount of memory:
 past ``capacity`` queued messages the connection is dropped (PROTOCOL §3).
+
+A slow client is not a stopped one: a streaming turn waits in
+``wait_for_room`` while the queue is above the overload threshold, so the
+model's pace adapts to the client's. Only when the client makes no progress
+at all for ``stall_seconds`` does the turn stop waiting, the queue fill up,
+and the connection get dropped.
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ class Outbox:
         send_text: Callable[[str], Awaitable[None]],
         on_overflow: Callable[[], None],
         capacity: int = OUTBOX_CAPACITY,
+        stall_seconds: float = 10.0,
     ):
         self._send_text = send_text
         self._on_overflow = on_overflow
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=capacity)
         self._overflowed = False
+        self._stall_seconds = stall_seconds
+        self._sent = 0
+        self._stalled_at = -1
+        self._room = asyncio.Event()
 
     @property
     def overloaded(self) -> bool:
@@ -51,8 +62,24 @@ class Outbox:
             logger.warning("outbound queue full (%d messages): disconnecting slow client", self._queue.maxsize)
             self._on_overflow()
 
+    async def wait_for_room(self) -> None:
+        """Hold a producer while the queue is above the overload threshold and
+        the client is draining it; return at once when it has stalled."""
+        while self.overloaded and not self._overflowed and self._sent != self._stalled_at:
+            progress = self._sent
+            self._room.clear()
+            try:
+                await asyncio.wait_for(self._room.wait(), self._stall_seconds)
+            except TimeoutError:
+                if self._sent == progress:
+                    self._stalled_at = progress  # stop waiting until the client moves again
+                    return
+
     async def run(self) -> None:
         """The writer task: sends queued frames in order until cancelled."""
         while True:
             text = await self._queue.get()
             await self._send_text(text)
+            self._sent += 1
+            if not self.overloaded:
+                self._room.set()

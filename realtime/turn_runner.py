@@ -51,6 +51,7 @@ async def run_turn(turn_context: TurnContext) -> None:
             stream_model_response(turn_context.identity, request, turn_context.config)
         ) as events:
             async for event in events:
+                await connection.outbox.wait_for_room()  # a slow client slows the stream
                 translator.feed(event)
     except asyncio.CancelledError:
         if not turn.interrupt_requested:

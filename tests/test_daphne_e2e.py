@@ -161,7 +161,7 @@ async def test_log_lines_name_their_connection_and_never_the_key(daphne_server, 
 
 
 async def test_a_client_that_stops_reading_is_dropped_while_others_carry_on(daphne_server, tmp_path):
-    server = daphne_server()
+    server = daphne_server(CODEX_CLIENT_STALL_TIMEOUT="1")
     # max_queue=1: once one frame waits unread, the client stops reading its socket.
     async with ws_connect(server.ws_url, max_queue=1) as stalled, ws_connect(server.ws_url) as healthy_ws:
         await stalled.send(json.dumps({"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "stalled", "version": "1"}}}))
@@ -190,3 +190,23 @@ async def test_a_graceful_stop_closes_the_rows_of_open_connections(daphne_server
         server.stop()  # SIGTERM while the client is still connected
     rows = await _rows_when(tmp_path / "server.sqlite3", lambda rows: True)
     assert rows[0]["disconnected_at"] is not None
+
+
+async def test_a_slow_reader_gets_the_whole_turn_instead_of_being_dropped(daphne_server):
+    server = daphne_server(CODEX_CLIENT_STALL_TIMEOUT="5")
+    async with ws_connect(server.ws_url, max_queue=1, max_size=None) as websocket:
+        client = SocketClient(websocket)
+        await client.initialize("slow_phone", "1")
+        thread = await client.start_thread()
+        await client.send({"id": "t", "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "flood:3000:2048"}]}})
+        deltas = 0
+        async with asyncio.timeout(60):
+            while True:
+                message = await client.receive()
+                if message.get("method") == "item/agentMessage/delta":
+                    deltas += 1
+                    if deltas % 200 == 0:
+                        await asyncio.sleep(0.05)  # reads, but slower than the model streams
+                if message.get("method") == "turn/completed":
+                    break
+        assert deltas == 3000 and message["params"]["turn"]["status"] == "completed"
