@@ -164,7 +164,7 @@ LOGGING = {
 # Telemetry batching: events per request, seconds between flushes, and how
 # many events may wait before the oldest are dropped.
 CODEX_TELEMETRY_MAX_BATCH = int(os.environ.get("CODEX_TELEMETRY_MAX_BATCH", "50"))
-CODEX_TELEMETRY_FLUSH_INTERVAL = float(os.environ.get("CODEX_TELEMETRY_FLUSH_INTERVAL", "1.0"))
+CODEX_TELEMETRY_FLUSH_INTERVAL = float(os.environ.get("CODEX_TELEMETRY_FLUSH_INTERVAL", "5.0"))
 CODEX_TELEMETRY_MAX_BUFFERED = int(os.environ.get("CODEX_TELEMETRY_MAX_BUFFERED", "10000"))
 
 # What one connection may hold at once, so no client can starve the others
