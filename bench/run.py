@@ -296,6 +296,7 @@ def print_report(results: dict) -> None:
             f"\n5. peer (codex app-server {p['version']}): median turn {p['ours_median_ms']:.1f} ms ours vs"
             f" {p['peer_median_ms']:.1f} ms peer = {p['latency_ratio']:.2f}; misattributed with 20 clients:"
             f" ours {p['ours_misattributed']}, peer {p['peer_misattributed']} of {p['peer_requests']}"
+            f" (peer originators seen: {p['peer_originators_seen']})"
         )
     print()
     print(json.dumps(summary(results), indent=2))

@@ -62,13 +62,27 @@ def response_events(text: str, deltas: list[str]) -> list[dict]:
     item_id = "msg_" + format(abs(hash(text)) % 10**8, "08d")
     events: list[dict] = [
         {"type": "response.created", "response": {"id": "resp_1"}},
-        {"type": "response.output_item.added", "item": {"id": item_id, "type": "message", "role": "assistant"}},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {"id": item_id, "type": "message", "role": "assistant", "status": "in_progress", "content": []},
+        },
     ]
-    events += [{"type": "response.output_text.delta", "item_id": item_id, "delta": d} for d in deltas]
+    events += [
+        {"type": "response.output_text.delta", "item_id": item_id, "output_index": 0, "content_index": 0, "delta": d}
+        for d in deltas
+    ]
     events.append(
         {
             "type": "response.output_item.done",
-            "item": {"id": item_id, "type": "message", "content": [{"type": "output_text", "text": "".join(deltas)}]},
+            "output_index": 0,
+            "item": {
+                "id": item_id,
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "".join(deltas), "annotations": []}],
+            },
         }
     )
     events.append({"type": "response.completed", "response": {"id": "resp_1"}})

@@ -41,6 +41,7 @@ class ServerProcess:
         self.log_path = log_path
         self.command = command or ["manage.py", "serve", "--port", "{port}"]
         self.ready_path = ready_path
+        self.executable = sys.executable  # the command runs under this program
         self.process: subprocess.Popen | None = None
 
     @property
@@ -54,7 +55,7 @@ class ServerProcess:
     def start(self, timeout: float = 30.0) -> ServerProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, *(part.format(port=self.port) for part in self.command)],
+                [self.executable, *(part.format(port=self.port) for part in self.command)],
                 cwd=PROJECT_DIR,
                 env=self.env,
                 stdout=log,
