@@ -13,7 +13,9 @@ is a ratio of two things measured together (these machines are noisy):
 4. relay throughput: deltas/s relayed vs a bare echo consumer's messages/s
    (daphne; uvicorn for reference);
 5. the peer: the real Codex app-server (npm @openai/codex 0.169.0) on the
-   same upstream: latency ratio and misattributed model requests.
+   same upstream: latency ratio and misattributed model requests;
+6. isolation: a healthy client's turn latency while other clients stop
+   reading in the middle of a flood (goal: within 1.5x).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from codexserver.devtools.attribution_load import (  # noqa: E402
     run_turns,
 )
 from codexserver.devtools.local_upstream import UpstreamServer  # noqa: E402
+from codexserver.devtools.rpc_client import SocketClient  # noqa: E402
 from codexserver.devtools.server_process import ServerProcess, migrate  # noqa: E402
 from identity.client_identity import ClientIdentity  # noqa: E402
 from identity.http_clients import IdentityClientFactory  # noqa: E402
@@ -262,6 +265,61 @@ def relay_throughput(bench: Bench) -> dict:
     return {"relay_deltas_per_s": relay, "daphne_echo_per_s": daphne_echo, "uvicorn_echo_per_s": uv, "relay_vs_echo_ratio": relay / daphne_echo}
 
 
+# --- 6. a stalled client does not slow the others ------------------------------------
+
+
+async def healthy_latency(ws_url: str, turns: int) -> float:
+    async with connect(ws_url, max_size=None) as socket:
+        client = SocketClient(socket)
+        await client.initialize("healthy_client", "1.0.0")
+        thread = await client.start_thread()
+        latencies = []
+        for _ in range(turns):
+            client.inbox.clear()
+            started = time.perf_counter()
+            await client.run_turn(thread, TURN_TEXT, timeout=60)
+            latencies.append(time.perf_counter() - started)
+        await client.close()
+        return statistics.median(latencies) * 1000
+
+
+async def with_stalled_clients(ws_url: str, turns: int, stalled: int) -> tuple[float, int]:
+    """The healthy client's median latency while ``stalled`` clients stop reading mid-flood."""
+    sockets = []
+    for index in range(stalled):
+        socket = await connect(ws_url, max_queue=1, max_size=None)
+        await socket.send(json.dumps({"id": 1, "method": "initialize", "params": {"clientInfo": {"name": f"stalled_{index}", "version": "1"}}}))
+        await socket.recv()
+        await socket.send(json.dumps({"id": 2, "method": "thread/start", "params": {}}))
+        thread = json.loads(await socket.recv())["result"]["thread"]["id"]
+        await socket.send(json.dumps({"id": 3, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "flood:6000:4096"}]}}))
+        sockets.append(socket)  # ...and never read again
+    latency = await healthy_latency(ws_url, turns)
+    dropped = 0
+    for socket in sockets:
+        dropped += socket.close_code is not None or socket.state.name != "OPEN"
+        socket.transport.abort()
+    return latency, dropped
+
+
+def stalled_client_isolation(bench: Bench) -> dict:
+    server = bench.start("ours_stalled", CODEX_CLIENT_STALL_TIMEOUT="2")
+    turns = 20 if bench.quick else 40
+    alone = asyncio.run(healthy_latency(server.ws_url, turns))
+    stalled_latency, _ = asyncio.run(with_stalled_clients(server.ws_url, turns, stalled=4))
+    alone_again = asyncio.run(healthy_latency(server.ws_url, turns))
+    dropped = server.log().count("outbound queue full")
+    bench.stop(server)
+    baseline = statistics.median([alone, alone_again])
+    return {
+        "healthy_alone_ms": baseline,
+        "healthy_with_stalled_ms": stalled_latency,
+        "ratio": stalled_latency / baseline,
+        "stalled_clients": 4,
+        "stalled_dropped": dropped,
+    }
+
+
 # --- report -------------------------------------------------------------------------
 
 
@@ -287,6 +345,12 @@ def print_report(results: dict) -> None:
     print(
         f"\n4. relay {r['relay_deltas_per_s']:.0f} deltas/s vs daphne echo {r['daphne_echo_per_s']:.0f} msg/s"
         f" = {r['relay_vs_echo_ratio']:.2f} (uvicorn echo {r['uvicorn_echo_per_s']:.0f} msg/s)"
+    )
+    iso = results["stalled_isolation"]
+    print(
+        f"\n6. a healthy client's turn: {iso['healthy_alone_ms']:.1f} ms alone, {iso['healthy_with_stalled_ms']:.1f} ms"
+        f" while {iso['stalled_clients']} clients stop reading mid-flood = {iso['ratio']:.2f}"
+        f" ({iso['stalled_dropped']} stalled clients dropped)"
     )
     p = results["peer"]
     if p.get("skipped"):
@@ -314,6 +378,7 @@ def summary(results: dict) -> dict:
         "rss_per_connection_kib": best["rss_per_connection_kib"] if best else None,
         "misattributed": sum(row["misattributed"] for row in results["scale"]),
         "relay_vs_echo_ratio": results["relay"]["relay_vs_echo_ratio"],
+        "stalled_client_latency_ratio": results["stalled_isolation"]["ratio"],
         "peer_latency_ratio": peer_result.get("latency_ratio"),
         "peer_misattributed": peer_result.get("peer_misattributed"),
     }
@@ -361,6 +426,7 @@ def main() -> int:
             results["scope_overhead"] = scoping_overhead(bench)
             results["relay"] = relay_throughput(bench)
             results["scale"] = connection_scale(bench)
+            results["stalled_isolation"] = stalled_client_isolation(bench)
             results["peer"] = {"skipped": "--skip-peer"} if args.skip_peer else peer.compare(bench, Path(workdir))
         finally:
             bench.close()

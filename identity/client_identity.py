@@ -59,6 +59,12 @@ class ClientIdentity:
             raise InvalidClientInfo("version", version)
         infrastructure = policy.is_infrastructure_client(name)
         originator = policy.process_default_originator() if infrastructure else name
+        return cls._derive(name, version, title, originator, infrastructure)
+
+    @classmethod
+    def _derive(
+        cls, name: str, version: str, title: str | None, originator: str, infrastructure: bool
+    ) -> ClientIdentity:
         return cls(
             client_name=name,
             client_version=version,
@@ -74,12 +80,4 @@ class ClientIdentity:
 def process_default_identity() -> ClientIdentity:
     """The identity of work that belongs to no connection (startup, commands)."""
     originator = policy.process_default_originator()
-    return ClientIdentity(
-        client_name=originator,
-        client_version=SERVER_VERSION,
-        client_title=None,
-        originator=originator,
-        user_agent=build_user_agent(originator, originator, SERVER_VERSION),
-        is_infrastructure=False,
-        is_first_party=policy.is_first_party_originator(originator),
-    )
+    return ClientIdentity._derive(originator, SERVER_VERSION, None, originator, infrastructure=False)

@@ -9,6 +9,7 @@ from channels.db import database_sync_to_async
 from identity.client_identity import process_default_identity
 from identity.models import ConnectionIdentity
 from tests.conftest import TEST_API_KEY
+from tests.rpc_client import backend_then_ios
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -20,10 +21,7 @@ only_row = database_sync_to_async(ConnectionIdentity.objects.get)
 
 
 async def test_later_client_is_not_labelled_as_the_first_one(connect, upstream):
-    backend = await connect()
-    await backend.initialize("codex-backend", "2.0.0")
-    ios = await connect()
-    await ios.initialize("codex_ios", "1.4.0")
+    backend, ios = await backend_then_ios(connect)
 
     ios_thread = await ios.start_thread()
     backend_thread = await backend.start_thread()
@@ -213,10 +211,7 @@ async def test_real_client_shaped_params_are_accepted(connect):
 
 
 async def test_thread_started_telemetry_is_sent_after_the_reply_under_the_connection_identity(connect, upstream):
-    backend = await connect()
-    await backend.initialize("codex-backend", "2.0.0")
-    ios = await connect()
-    await ios.initialize("codex_ios", "1.4.0")
+    backend, ios = await backend_then_ios(connect)
     ios_thread = await ios.start_thread()
     backend_thread = await backend.start_thread()
     records = await upstream.await_for(lambda rs: len([r for r in rs if r.path.endswith("/events")]) >= 2)

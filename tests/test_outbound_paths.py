@@ -8,6 +8,8 @@ from identity.client_identity import ClientIdentity
 from realtime.services.telemetry import TelemetrySender, analytics_event
 from codexserver.devtools.server_process import free_port
 from tests.conftest import TEST_API_KEY
+from tests.rpc_client import backend_then_ios
+from tests.test_upstream_faults import FAULTS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -18,7 +20,11 @@ def expected_originator(name: str) -> str:
     return "codex_cli_rs" if name in INFRA else name
 
 
-def assert_identity(record, name: str, version: str = "1.0.0") -> None:
+VERSIONS = {"codex-backend": "2.0.0", "codex_ios": "1.4.0"}  # as backend_then_ios initializes them
+
+
+def assert_identity(record, name: str, version: str | None = None) -> None:
+    version = version or VERSIONS.get(name, "1.0.0")
     assert record.originator == expected_originator(name), record
     assert record.user_agent.startswith(expected_originator(name) + "/")
     assert record.user_agent.endswith(f"({name}; {version})")
@@ -28,14 +34,6 @@ def assert_identity(record, name: str, version: str = "1.0.0") -> None:
 @pytest.fixture
 def websocket_transport(settings):
     settings.CODEX_RESPONSES_TRANSPORT = "websocket"
-
-
-async def backend_then_ios(connect):
-    backend = await connect()
-    await backend.initialize("codex-backend")
-    ios = await connect()
-    await ios.initialize("codex_ios")
-    return backend, ios
 
 
 # --- Responses over WebSocket ---------------------------------------------------
@@ -76,18 +74,7 @@ async def test_both_transports_produce_the_same_notifications(connect, settings)
     assert len(sequences["sse"]) == 6  # turn/started, item/started, 3 deltas, item/completed (run_turn took turn/completed)
 
 
-WS_FAULTS = {
-    "fail:401": "unauthorized",
-    "fail:400": "badRequest",
-    "fail:429": "usageLimitExceeded",
-    "fail:503": "serverOverloaded",
-    "fail:500": {"responseTooManyFailedAttempts": {"httpStatusCode": 500}},
-    "cut": {"responseStreamDisconnected": {"httpStatusCode": None}},
-    "response-failed": "internalServerError",
-}
-
-
-@pytest.mark.parametrize("text, expected", WS_FAULTS.items(), ids=WS_FAULTS.keys())
+@pytest.mark.parametrize("text, expected", FAULTS.items(), ids=FAULTS.keys())
 async def test_websocket_faults_map_like_sse_and_the_connection_stays_usable(connect, websocket_transport, text, expected):
     client = await connect()
     await client.initialize("codex_ios")
@@ -105,7 +92,7 @@ async def test_websocket_handshake_refusals_map_to_codex_errors(connect, upstrea
     await client.initialize("codex_ios")
     completed = await client.run_turn(await client.start_thread())
     assert completed["turn"]["error"]["codexErrorInfo"] == expected
-    assert_identity(upstream.requests(f"/status/{status}/v1/responses")[0], "codex_ios")
+    assert_identity(upstream.requests(f"/status/{status}/v1/responses")[0], "codex_ios", "1.0.0")
 
 
 async def test_websocket_connection_refused(connect, settings, websocket_transport):
@@ -207,7 +194,7 @@ async def test_app_list_uses_the_caller_identity_and_filters_by_originator(conne
     by_ua = {r.user_agent: r for r in upstream.requests("/connectors/directory/list")}
     assert len(by_ua) == 2
     for name in ("codex_ios", "codex-backend"):
-        [record] = [r for ua, r in by_ua.items() if ua.endswith(f"({name}; 1.0.0)")]
+        [record] = [r for ua, r in by_ua.items() if ua.endswith(f"({name}; {VERSIONS[name]})")]
         assert_identity(record, name)
         assert "authorization" not in record.headers
 
@@ -219,13 +206,13 @@ async def test_plugin_list_is_looked_up_for_first_party_originators_only(connect
     third_party = await connect()
     await third_party.initialize("acme_editor")
     backend = await connect()
-    await backend.initialize("codex-backend")
+    await backend.initialize("codex-backend", "2.0.0")
     assert await ios.call("plugin/list", {}) == {"data": [{"id": "p1", "name": "Linter"}]}
     assert await third_party.call("plugin/list", {}) == {"data": []}
     assert (await backend.call("plugin/list", {}))["data"] == [{"id": "p1", "name": "Linter"}]
     records = upstream.requests("/plugins/list")
     assert len(records) == 2
-    assert {r.user_agent.rsplit("(", 1)[1] for r in records} == {"codex_ios; 1.0.0)", "codex-backend; 1.0.0)"}
+    assert {r.user_agent.rsplit("(", 1)[1] for r in records} == {"codex_ios; 1.0.0)", "codex-backend; 2.0.0)"}
 
 
 async def test_listing_failures_are_upstream_errors(connect, upstream, settings):
