@@ -2,6 +2,9 @@
 
     python bench/run.py [--quick] [--json PATH] [--plot PATH] [--skip-peer]
 
+It installs its own extras (bench/requirements.txt) and, for the peer, the
+npm package into bench/.peer on first use.
+
 Everything runs on loopback in this one run, side by side, and every answer
 is a ratio of two things measured together (these machines are noisy):
 
@@ -346,12 +349,6 @@ def print_report(results: dict) -> None:
         f"\n4. relay {r['relay_deltas_per_s']:.0f} deltas/s vs daphne echo {r['daphne_echo_per_s']:.0f} msg/s"
         f" = {r['relay_vs_echo_ratio']:.2f} (uvicorn echo {r['uvicorn_echo_per_s']:.0f} msg/s)"
     )
-    iso = results["stalled_isolation"]
-    print(
-        f"\n6. a healthy client's turn: {iso['healthy_alone_ms']:.1f} ms alone, {iso['healthy_with_stalled_ms']:.1f} ms"
-        f" while {iso['stalled_clients']} clients stop reading mid-flood = {iso['ratio']:.2f}"
-        f" ({iso['stalled_dropped']} stalled clients dropped)"
-    )
     p = results["peer"]
     if p.get("skipped"):
         print(f"\n5. peer: skipped ({p['skipped']})")
@@ -362,6 +359,12 @@ def print_report(results: dict) -> None:
             f" ours {p['ours_misattributed']}, peer {p['peer_misattributed']} of {p['peer_requests']}"
             f" (peer originators seen: {p['peer_originators_seen']})"
         )
+    iso = results["stalled_isolation"]
+    print(
+        f"\n6. a healthy client's turn: {iso['healthy_alone_ms']:.1f} ms alone, {iso['healthy_with_stalled_ms']:.1f} ms"
+        f" while {iso['stalled_clients']} clients stop reading mid-flood = {iso['ratio']:.2f}"
+        f" ({iso['stalled_dropped']} stalled clients dropped)"
+    )
     print()
     print(json.dumps(summary(results), indent=2))
 
@@ -408,7 +411,20 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def ensure_bench_requirements() -> None:
+    """The benchmark's own set-up: uvicorn and matplotlib, on top of the project's."""
+    import importlib.util
+    import subprocess
+
+    if all(importlib.util.find_spec(name) for name in ("uvicorn", "matplotlib")):
+        return
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / "bench" / "requirements.txt")], check=True
+    )
+
+
 def main() -> int:
+    ensure_bench_requirements()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller runs, under 5 minutes")
     parser.add_argument("--json", type=Path, help="write the results here")
