@@ -24,6 +24,7 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 
+
 def _frame_size(text_data: str | None, bytes_data: bytes | None) -> int:
     if bytes_data is not None:
         return len(bytes_data)
@@ -35,6 +36,7 @@ def _frame_size(text_data: str | None, bytes_data: bytes | None) -> int:
 class AppServerConsumer(AsyncWebsocketConsumer):
     connection: AppServerConnection | None = None
     _writer: asyncio.Task | None = None
+    _closing: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
 
     async def connect(self):
         """Called at the upgrade: refuse it, or open the row and accept."""
@@ -94,7 +96,12 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         # nobody writes to, so close it rather than let the client hang.
         if not writer.cancelled() and writer.exception() is not None:
             logger.error("outbound writer failed; closing the connection", exc_info=writer.exception())
-            asyncio.get_running_loop().create_task(self.close(code=CLOSE_INTERNAL_ERROR))
+            self._close_soon(CLOSE_INTERNAL_ERROR)
 
     def _drop_slow_client(self) -> None:
-        asyncio.get_running_loop().create_task(self.close(code=CLOSE_TRY_AGAIN_LATER))
+        self._close_soon(CLOSE_TRY_AGAIN_LATER)
+
+    def _close_soon(self, code: int) -> None:
+        """Close from a synchronous callback (the outbox's, a task's)."""
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.close(code=code))
