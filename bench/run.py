@@ -189,14 +189,15 @@ def connection_scale(bench: Bench) -> list[dict]:
         clients = []
         for level in levels:
             bench.upstream.reset()
-            clients += await open_clients(server.ws_url, level - len(clients), batch=100)
-            # open_clients numbers from 0: give later batches their own names
+            # Every connection a distinct identity: later levels continue the numbering.
+            clients += await open_clients(server.ws_url, level - len(clients), batch=100, first_index=len(clients))
             await asyncio.sleep(1)
             rss = server.rss_bytes()
             report = LoadReport(connections=level)
             owners = await run_turns(clients, "flood:5:16", report, timeout=600)
             for _, client, _ in clients:
                 client.inbox.clear()
+            assert len({name for name, _, _ in clients}) == level
             rows.append(
                 {
                     "connections": level,

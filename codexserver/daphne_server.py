@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 
+SERVER_CLOSE_CODES = frozenset({1000, 1001, 1008, 1009, 1011, 1013})
+
+
 @implementer(IPushProducer)
 class AppServerWebSocketProtocol(WebSocketProtocol):
     """daphne's protocol plus the ASGI denial response and write backpressure."""
@@ -47,9 +50,9 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
         super().connectionMade()
         self._writable = asyncio.Event()
         self._writable.set()
-        # After the upgrade the HTTP channel is still the socket's producer.
-        if getattr(self.transport, "producer", None) is not None:
-            self.transport.unregisterProducer()
+        # After the upgrade the HTTP channel is still the socket's producer;
+        # unregistering is safe when there is none (TCP and TLS alike).
+        self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
 
     # IPushProducer: Twisted pauses us when the socket's write buffer is full.
@@ -61,6 +64,13 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
 
     def stopProducing(self):
         self._writable.set()
+
+    def unregisterProducer(self):
+        # autobahn lets go of us when the close handshake starts: from then on
+        # nothing waits for room, and sends are dropped (handle_reply).
+        super().unregisterProducer()
+        if self._writable is not None:
+            self._writable.set()
 
     def connectionLost(self, reason):
         if self._writable is not None:
@@ -80,6 +90,8 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
             if not message.get("more_body", False):
                 self._deny(self._denial_status, message.get("body", b"").decode("utf-8", "replace"))
             return
+        if kind == "websocket.send" and self.state in (self.STATE_CLOSING, self.STATE_CLOSED):
+            return  # the close has begun: autobahn would raise, and the peer would never read it
         super().handle_reply(message)
 
     def serverSend(self, content, binary=False):
@@ -94,9 +106,11 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
 
     def serverClose(self, code=None):
         # autobahn's sendClose lets applications use only 1000 and 3000-4999,
-        # but the registered codes we send (1009 message too big, 1013 try
-        # again later) are valid for a server to put on the wire.
-        self.sendCloseFrame(code=1000 if code is None else code, isReply=False)
+        # but the registered codes we send (1009 message too big, 1011 internal
+        # error, 1013 try again later) are valid for a server to put on the wire.
+        if code is None or not (code in SERVER_CLOSE_CODES or 3000 <= code <= 4999):
+            code = 1000
+        self.sendCloseFrame(code=code, isReply=False)
 
     def _deny(self, status: int, reason: str) -> None:
         if not hasattr(self, "handshake_deferred"):
@@ -129,7 +143,10 @@ class AppServerDaphne(Server):
     def _run_soon(step: str) -> defer.Deferred:
         from realtime import instance_lifecycle
 
-        return defer.Deferred.fromFuture(asyncio.ensure_future(getattr(instance_lifecycle, step)()))
+        deferred = defer.Deferred.fromFuture(asyncio.ensure_future(getattr(instance_lifecycle, step)()))
+        # Twisted's own log goes nowhere at daphne's default verbosity.
+        deferred.addErrback(lambda failure: logger.error("%s failed: %s", step, failure.getTraceback()))
+        return deferred
 
     def _tune_websocket_factory(self) -> None:
         self.ws_factory.protocol = AppServerWebSocketProtocol

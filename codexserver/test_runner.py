@@ -1,6 +1,5 @@
 """Lets ``python manage.py test`` run the pytest suite."""
 
-import sys
 
 class PytestTestRunner:
     def __init__(self, verbosity=1, failfast=False, keepdb=False, **kwargs):

@@ -72,7 +72,7 @@ def close_stale_connections(
 
 @database_sync_to_async
 def reconcile_restarted_instance(server_instance: str, process_started_at: datetime) -> int:
-    """At a process's first connection: close what an earlier run of this instance left open."""
+    """At a process's start: close what an earlier run of this instance left open."""
     return close_stale_connections(server_instance, process_started_at)
 
 

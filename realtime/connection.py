@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+import weakref
 from collections.abc import Coroutine
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -32,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 CLOSE_GRACE_SECONDS = 5.0
 
+# Every open connection of this process, for shutdown (daphne cancels the
+# consumers without a disconnect). Weak: a closed connection just disappears.
+live_connections: weakref.WeakSet[AppServerConnection] = weakref.WeakSet()
+
 
 class AppServerConnection:
     def __init__(self, connection_id: uuid.UUID, outbox: Outbox, asgi_scope: dict[str, Any]):
@@ -44,6 +49,7 @@ class AppServerConnection:
         self._tasks: set[asyncio.Task] = set()
         self._requests_in_flight = 0
         self._closed = False
+        live_connections.add(self)
 
     # --- identity -----------------------------------------------------------
 
@@ -148,6 +154,7 @@ class AppServerConnection:
     async def close(self) -> None:
         """Called at disconnect: cancel every task; their upstream streams close with them."""
         self._closed = True
+        live_connections.discard(self)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -182,14 +182,19 @@ async def test_a_client_that_stops_reading_is_dropped_while_others_carry_on(daph
         assert (await healthy.run_turn(healthy_thread))["turn"]["status"] == "completed"
 
 
-async def test_a_graceful_stop_closes_the_rows_of_open_connections(daphne_server, tmp_path):
+async def test_a_graceful_stop_cancels_turns_and_closes_rows_of_open_connections(daphne_server, upstream, tmp_path):
     server = daphne_server(CODEX_SERVER_INSTANCE="graceful")
     async with ws_connect(server.ws_url) as websocket:
-        await SocketClient(websocket).initialize("codex_ios", "1")
-        await _rows_when(tmp_path / "server.sqlite3", lambda rows: len(rows) == 1)
-        server.stop()  # SIGTERM while the client is still connected
+        client = SocketClient(websocket)
+        await client.initialize("codex_ios", "1")
+        thread = await client.start_thread()
+        await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:300"}]})
+        await client.notification("item/agentMessage/delta", threadId=thread)
+        server.stop()  # SIGTERM mid-turn, the client still connected
     rows = await _rows_when(tmp_path / "server.sqlite3", lambda rows: True)
     assert rows[0]["disconnected_at"] is not None
+    # The turn's upstream stream was closed, not left to run out.
+    await upstream.await_for(lambda rs: any(r.kind == "closed" and r.path == "/v1/responses" for r in rs), timeout=2)
 
 
 async def test_a_slow_reader_gets_the_whole_turn_instead_of_being_dropped(daphne_server):

@@ -33,8 +33,11 @@ def client_name(index: int) -> str:
     return f"load_client_{index:05d}"
 
 
-async def open_clients(ws_url: str, count: int, batch: int = 100) -> list[tuple[str, SocketClient, object]]:
-    """Connect and initialize ``count`` clients, ``batch`` at a time; returns (name, client, socket)."""
+async def open_clients(
+    ws_url: str, count: int, batch: int = 100, first_index: int = 0
+) -> list[tuple[str, SocketClient, object]]:
+    """Connect and initialize ``count`` clients named from ``first_index`` on,
+    ``batch`` at a time; returns (name, client, socket)."""
     opened: list[tuple[str, SocketClient, object]] = []
 
     async def open_one(index: int):
@@ -43,8 +46,9 @@ async def open_clients(ws_url: str, count: int, batch: int = 100) -> list[tuple[
         await client.initialize(client_name(index), "1.0.0")
         return client_name(index), client, socket
 
-    for start in range(0, count, batch):
-        opened += await asyncio.gather(*(open_one(i) for i in range(start, min(count, start + batch))))
+    end = first_index + count
+    for start in range(first_index, end, batch):
+        opened += await asyncio.gather(*(open_one(i) for i in range(start, min(end, start + batch))))
     return opened
 
 

@@ -221,9 +221,9 @@ class UpstreamServer:
         if "response-failed" in text:
             failed = {"type": "response.failed", "response": {"error": {"code": "server_error", "message": "model crashed"}}}
             return [{"type": "response.created", "response": {}}, failed], 0.0, False
-        if "hang" in text:
+        if re.search(r"\bhang\b", text):
             return [{"type": "response.created", "response": {}}], 0.0, False
-        return response_events(text, self.canned_reply), 0.0, "cut" in text
+        return response_events(text, self.canned_reply), 0.0, re.search(r"\bcut\b", text) is not None
 
     async def _responses_sse(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -250,7 +250,7 @@ class UpstreamServer:
                     return response
                 if delay:
                     await asyncio.sleep(delay)
-            if "hang" in text:
+            if re.search(r"\bhang\b", text) and len(events) == 1:
                 await self._until_client_leaves(request)
                 self._record_close(record)
                 return response
@@ -304,7 +304,7 @@ class UpstreamServer:
                 return
             if delay:
                 await asyncio.sleep(delay)
-        if "hang" in text:
+        if re.search(r"\bhang\b", text) and len(events) == 1:
             await asyncio.Event().wait()  # until cancelled by the client leaving
 
     async def _status(self, request: web.Request) -> web.Response:

@@ -17,7 +17,6 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-import httpx
 from django.conf import settings
 
 from identity.client_identity import ClientIdentity
@@ -51,14 +50,27 @@ async def post_events(
     """Send one batch for one identity; True when the upstream accepted it."""
     config = config or UpstreamConfig.from_settings()
     try:
-        response = await config.chatgpt_client(identity).post(EVENTS_PATH, json={"events": events})
-    except httpx.HTTPError as exc:
+        async with _in_flight():
+            response = await config.chatgpt_client(identity).post(EVENTS_PATH, json={"events": events})
+    except Exception as exc:  # telemetry never takes anything down with it
         logger.warning("telemetry not sent (%d event(s)): %s", len(events), type(exc).__name__)
         return False
     if response.status_code >= 400:
         logger.warning("telemetry refused (%d event(s)): HTTP %d", len(events), response.status_code)
         return False
     return True
+
+
+MAX_CONCURRENT_POSTS = 16
+_post_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def _in_flight() -> asyncio.Semaphore:
+    """A flush of many identities must not crowd the model streams out of the shared pool."""
+    loop = asyncio.get_running_loop()
+    if loop not in _post_slots:
+        _post_slots[loop] = asyncio.Semaphore(MAX_CONCURRENT_POSTS)
+    return _post_slots[loop]
 
 
 class TelemetrySender:
@@ -83,7 +95,7 @@ class TelemetrySender:
 
     def record(self, identity: ClientIdentity, event: dict[str, Any]) -> None:
         """Buffer an event of ``identity``; never blocks, never raises."""
-        if self._buffered >= self.max_buffered:
+        if self._buffered >= self.max_buffered and self._pending:
             self._drop_oldest()
         self._pending.setdefault(identity, []).append(event)
         self._buffered += 1
@@ -92,6 +104,8 @@ class TelemetrySender:
         self._ensure_flusher()
 
     def _drop_oldest(self) -> None:
+        # The first event of the identity buffered longest: the oldest event
+        # still waiting, as each identity's list is in arrival order.
         identity, events = next(iter(self._pending.items()))
         events.pop(0)
         if not events:
