@@ -255,7 +255,7 @@ class UpstreamServer:
                 self._record_close(record)
                 return response
             await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.CancelledError):  # the client left mid-stream
             self._record_close(record)
             raise
         return response
