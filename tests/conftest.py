@@ -1,16 +1,28 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 
 import pytest
+from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db import connections
 
 from codexserver.devtools.local_upstream import UpstreamServer
 from codexserver.devtools.server_process import ServerProcess, migrate
 from tests.rpc_client import CommunicatorClient
 
 TEST_API_KEY = "sk-test-0123456789abcdef-secret"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_connections_of_the_database_thread(django_db_setup):
+    """The async tests' database calls run on asgiref's one shared thread; close
+    what it holds before the test database is dropped (PostgreSQL refuses to
+    drop a database with sessions open)."""
+    yield
+    asyncio.run(database_sync_to_async(connections.close_all)())
 
 
 @pytest.fixture(scope="session")
