@@ -127,7 +127,7 @@ def scoping_overhead(bench: Bench) -> dict:
     ours = bench.start("ours_overhead")
     baseline = bench.start("baseline", daphne_command("bench.reference_apps:baseline_relay"))
     levels = {1: 20 if bench.quick else 60, 50: 3 if bench.quick else 8, 500: 1 if bench.quick else 2}
-    rounds = 2 if bench.quick else 3
+    rounds = 2 if bench.quick else 5
     results = {}
     for concurrency, turns_each in levels.items():
         samples = {"ours": [], "baseline": []}
