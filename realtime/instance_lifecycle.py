@@ -30,9 +30,17 @@ async def reconcile_once() -> None:
     connections waits for the one run instead of starting its own.
     """
     global _reconcile
-    if _reconcile is None or (_reconcile.done() and _reconcile.get_loop() is not asyncio.get_running_loop()):
+    if _reconcile is None or (_reconcile.done() and not _succeeded_here(_reconcile)):
         _reconcile = asyncio.ensure_future(_reconcile_instance())
     await asyncio.shield(_reconcile)
+
+
+def _succeeded_here(run: asyncio.Future) -> bool:
+    # A run that failed (the database was down) is tried again by the next
+    # connection rather than failing every connection until a restart.
+    return (
+        run.get_loop() is asyncio.get_running_loop() and not run.cancelled() and run.exception() is None
+    )
 
 
 async def _reconcile_instance() -> None:
