@@ -10,14 +10,14 @@ one transport per running loop.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
-import weakref
 from collections import OrderedDict
 from functools import lru_cache
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
+
+from codexserver.loop_local import LoopLocal
 
 from .client_identity import ClientIdentity
 from .headers import build_outbound_headers
@@ -97,15 +97,9 @@ class IdentityClientFactory:
         await self._transport.aclose()
 
 
-_factories: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdentityClientFactory] = (
-    weakref.WeakKeyDictionary()
-)
+_factories: LoopLocal[IdentityClientFactory] = LoopLocal(IdentityClientFactory)
 
 
 def client_factory() -> IdentityClientFactory:
     """The factory of the running event loop (one pool per loop)."""
-    loop = asyncio.get_running_loop()
-    factory = _factories.get(loop)
-    if factory is None:
-        factory = _factories[loop] = IdentityClientFactory()
-    return factory
+    return _factories.get()

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import weakref
 from collections import OrderedDict
 from typing import Any
 
 from django.conf import settings
 
+from codexserver.loop_local import LoopLocal
 from identity.client_identity import ClientIdentity
 
 from .config import UpstreamConfig
@@ -28,6 +28,11 @@ logger = logging.getLogger(__name__)
 EVENTS_PATH = "codex/analytics-events/events"
 THREAD_STARTED = "codex_thread_started"
 TURN_COMPLETED = "codex_turn_completed"
+
+
+MAX_CONCURRENT_POSTS = 16
+# A flush of many identities must not crowd the model streams out of the shared pool.
+_post_slots: LoopLocal[asyncio.Semaphore] = LoopLocal(lambda: asyncio.Semaphore(MAX_CONCURRENT_POSTS))
 
 
 def analytics_event(
@@ -50,7 +55,7 @@ async def post_events(
     """Send one batch for one identity; True when the upstream accepted it."""
     config = config or UpstreamConfig.from_settings()
     try:
-        async with _in_flight():
+        async with _post_slots.get():
             response = await config.chatgpt_client(identity).post(EVENTS_PATH, json={"events": events})
     except Exception as exc:  # telemetry never takes anything down with it
         logger.warning("telemetry not sent (%d event(s)): %s", len(events), type(exc).__name__)
@@ -59,18 +64,6 @@ async def post_events(
         logger.warning("telemetry refused (%d event(s)): HTTP %d", len(events), response.status_code)
         return False
     return True
-
-
-MAX_CONCURRENT_POSTS = 16
-_post_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-
-
-def _in_flight() -> asyncio.Semaphore:
-    """A flush of many identities must not crowd the model streams out of the shared pool."""
-    loop = asyncio.get_running_loop()
-    if loop not in _post_slots:
-        _post_slots[loop] = asyncio.Semaphore(MAX_CONCURRENT_POSTS)
-    return _post_slots[loop]
 
 
 class TelemetrySender:
@@ -150,16 +143,12 @@ class TelemetrySender:
         await self.flush()
 
 
-_senders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TelemetrySender] = weakref.WeakKeyDictionary()
+_senders: LoopLocal[TelemetrySender] = LoopLocal(TelemetrySender.from_settings)
 
 
 def telemetry_sender() -> TelemetrySender:
     """The sender of the running event loop."""
-    loop = asyncio.get_running_loop()
-    sender = _senders.get(loop)
-    if sender is None:
-        sender = _senders[loop] = TelemetrySender.from_settings()
-    return sender
+    return _senders.get()
 
 
 def record_event(identity: ClientIdentity, event_type: str, thread_id: str, turn_id: str | None = None) -> None:
@@ -168,6 +157,6 @@ def record_event(identity: ClientIdentity, event_type: str, thread_id: str, turn
 
 async def flush_at_shutdown() -> None:
     """Send what the running loop's sender still holds (called at server shutdown)."""
-    sender = _senders.get(asyncio.get_running_loop())
+    sender = _senders.peek()
     if sender is not None:
         await sender.aclose()

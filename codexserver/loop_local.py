@@ -1,0 +1,33 @@
+"""One value per running event loop.
+
+Connection pools, semaphores, events and buffers belong to the loop that made
+them. daphne runs one loop, but the test suite and the benchmarks run many,
+so each process-wide singleton of that kind is kept per loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopLocal(Generic[T]):
+    def __init__(self, make: Callable[[], T]):
+        self._make = make
+        self._values: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
+
+    def get(self) -> T:
+        """The running loop's value, made on first use."""
+        loop = asyncio.get_running_loop()
+        value = self._values.get(loop)
+        if value is None:
+            value = self._values[loop] = self._make()
+        return value
+
+    def peek(self) -> T | None:
+        """The running loop's value if it was ever made."""
+        return self._values.get(asyncio.get_running_loop())
