@@ -14,8 +14,7 @@ async def get_listing(identity: ClientIdentity, path: str, key: str, config: Ups
     """GET ``path`` as ``identity`` and return the objects under ``key``; raises UpstreamError."""
     async with upstream_errors.http_failures():
         response = await config.chatgpt_client(identity).get(path)
-    if response.status_code >= 400:
-        raise upstream_errors.error_for_status(response.status_code, response.content)
+    upstream_errors.raise_for_status(response)
     try:
         body = response.json()
     except ValueError as exc:

@@ -25,8 +25,7 @@ async def create_call(identity: ClientIdentity, sdp_offer: str, config: Upstream
         response = await config.api_client(identity).post(
             "realtime/calls", content=sdp_offer.encode(), headers={"Content-Type": "application/sdp"}
         )
-    if response.status_code >= 400:
-        raise upstream_errors.error_for_status(response.status_code, response.content)
+    upstream_errors.raise_for_status(response)
     location = response.headers.get("Location", "")
     call_id = location.rstrip("/").rsplit("/realtime/calls/", 1)[-1] if "/realtime/calls/" in location else ""
     if not call_id:

@@ -71,6 +71,12 @@ def error_for_status(status: int, body: bytes | str = b"") -> UpstreamError:
     return UpstreamError(message, "other", http_status=status)
 
 
+def raise_for_status(response: httpx.Response) -> None:
+    """A read response that answered an error status, as an UpstreamError."""
+    if response.status_code >= 400:
+        raise error_for_status(response.status_code, response.content)
+
+
 def too_many_failed_attempts(last: UpstreamError, tries: int) -> UpstreamError:
     return UpstreamError(
         f"gave up after {tries} tries: {last.message}",
