@@ -30,20 +30,25 @@ def record_connection_opened(
     )
 
 
+def identity_fields(identity: ClientIdentity) -> dict:
+    """The row's fields that come from the identity, by model field name."""
+    return {
+        "client_name": identity.client_name,
+        "client_title": identity.client_title,
+        "client_version": identity.client_version,
+        "originator": identity.originator,
+        "user_agent": identity.user_agent,
+        "is_infrastructure": identity.is_infrastructure,
+        "is_first_party": identity.is_first_party,
+    }
+
+
 @database_sync_to_async
 def record_connection_initialized(
     connection_id: uuid.UUID, identity: ClientIdentity, capabilities: dict
 ) -> None:
     ConnectionIdentity.objects.filter(connection_id=connection_id).update(
-        client_name=identity.client_name,
-        client_title=identity.client_title,
-        client_version=identity.client_version,
-        originator=identity.originator,
-        user_agent=identity.user_agent,
-        is_infrastructure=identity.is_infrastructure,
-        is_first_party=identity.is_first_party,
-        capabilities=capabilities,
-        initialized_at=timezone.now(),
+        **identity_fields(identity), capabilities=capabilities, initialized_at=timezone.now()
     )
 
 

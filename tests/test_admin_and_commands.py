@@ -9,6 +9,7 @@ from django.core.management import call_command
 from django.urls import reverse
 from django.utils import timezone
 
+from identity.actions import identity_fields
 from identity.client_identity import ClientIdentity
 from identity.models import ConnectionIdentity
 
@@ -20,12 +21,7 @@ def make_row(name="codex_ios", *, instance="host-1", open_=True, age=timedelta(0
     return ConnectionIdentity.objects.create(
         connection_id=uuid.uuid4(),
         server_instance=instance,
-        client_name=identity.client_name,
-        client_version=identity.client_version,
-        originator=identity.originator,
-        user_agent=identity.user_agent,
-        is_infrastructure=identity.is_infrastructure,
-        is_first_party=identity.is_first_party,
+        **identity_fields(identity),
         connected_at=timezone.now() - age,
         initialized_at=timezone.now() - age,
         disconnected_at=None if open_ else timezone.now(),
