@@ -11,6 +11,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.management.utils import get_random_secret_key
 
+from codexserver.channel_layers import redis_host
 from codexserver.log_format import LOG_FORMAT
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -90,8 +91,8 @@ REDIS_URL = os.environ.get("REDIS_URL")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
+            "BACKEND": "codexserver.channel_layers.ResilientRedisChannelLayer",
+            "CONFIG": {"hosts": [redis_host(REDIS_URL)]},
         }
     }
 else:

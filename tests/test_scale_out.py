@@ -120,3 +120,23 @@ async def test_killing_one_process_mid_turn_leaves_the_other_serving_and_loses_n
     assert by_name["codex_android"]["server_instance"] == "node-x"
     owners = {r.headers["session-id"]: r.originator for r in upstream.model_requests()}
     assert owners[victim_thread] == "codex_ios" and owners[steady_thread] == "codex_vscode"
+
+
+async def test_idle_connections_on_the_redis_layer_stay_open_and_answer(daphne_server, postgres_database):
+    """redis-py gives connections a read timeout shorter than channels_redis's
+    blocking pop; no such timeout may ever reach a consumer (PROTOCOL §2)."""
+    first = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="idle-a")
+    second = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="idle-b")
+    async with (
+        ws_connect(first.ws_url) as a,
+        ws_connect(first.ws_url) as b,
+        ws_connect(second.ws_url) as c,
+    ):
+        clients = [SocketClient(a), SocketClient(b), SocketClient(c)]
+        for index, client in enumerate(clients):
+            await client.initialize(f"codex_idle_{index}", "1.0.0")
+        await asyncio.sleep(15)
+        for client in clients:
+            assert (await client.call("app/list", {}))["data"] is not None
+    await asyncio.sleep(0.3)
+    assert all(r["disconnected_at"] is not None for r in rows(postgres_database))

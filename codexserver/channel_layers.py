@@ -1,0 +1,48 @@
+"""The Redis channel layer, made safe for connections that stay idle for days.
+
+channels_redis blocks in ``BZPOPMIN`` for ``brpop_timeout`` (5 s) at a time,
+while redis-py may give its sockets a read timeout of the same length or
+shorter (redis-py 8 does: 5 s). A read timeout, or any other Redis fault,
+raised from ``receive`` lands in channels' ``await_many_dispatch`` and kills
+the consumer of a perfectly healthy WebSocket. Here no Redis fault ever
+reaches a consumer: ``receive`` waits for Redis to come back instead, and the
+socket read timeout is set explicitly, well above the blocking pop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from channels_redis.core import RedisChannelLayer
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+RETRY_FIRST_DELAY = 0.1
+RETRY_MAX_DELAY = 5.0
+
+
+def redis_host(url: str) -> dict[str, Any]:
+    """One ``hosts`` entry: the URL plus timeouts that outlast the blocking pop."""
+    return {
+        "address": url,
+        "socket_timeout": RedisChannelLayer.brpop_timeout + 10,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
+
+
+class ResilientRedisChannelLayer(RedisChannelLayer):
+    async def receive(self, channel: str) -> dict:
+        delay = RETRY_FIRST_DELAY
+        while True:
+            try:
+                return await super().receive(channel)
+            except (RedisError, OSError) as exc:  # OSError covers TimeoutError and socket errors
+                if delay == RETRY_FIRST_DELAY:
+                    logger.warning("channel layer receive failed (%s: %s); retrying", type(exc).__name__, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
