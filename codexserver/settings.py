@@ -120,6 +120,9 @@ TEST_RUNNER = "codexserver.test_runner.PytestTestRunner"
 CODEX_SERVER_INSTANCE = os.environ.get(
     "CODEX_SERVER_INSTANCE", f"{socket.gethostname()}-{os.getpid()}"
 )
+# The server's Codex home, reported by `initialize` (`codexHome`); the server
+# keeps nothing there itself.
+CODEX_HOME = os.path.abspath(os.path.expanduser(os.environ.get("CODEX_HOME") or "~/.codex"))
 CODEX_ALLOWED_ORIGINS = _env_list("CODEX_ALLOWED_ORIGINS")
 CODEX_WS_AUTH_TOKEN = os.environ.get("CODEX_WS_AUTH_TOKEN") or None
 
@@ -172,6 +175,11 @@ CODEX_TELEMETRY_MAX_BUFFERED = int(os.environ.get("CODEX_TELEMETRY_MAX_BUFFERED"
 # of the shared upstream pool or the event loop.
 CODEX_MAX_THREADS_PER_CONNECTION = int(os.environ.get("CODEX_MAX_THREADS_PER_CONNECTION", "256"))
 CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = int(os.environ.get("CODEX_MAX_RUNNING_TURNS_PER_CONNECTION", "16"))
+# Bytes of earlier turns replayed as model input per thread (oldest dropped
+# first), and how many threads this process keeps (unloaded ones evicted).
+CODEX_MAX_HISTORY_BYTES = int(os.environ.get("CODEX_MAX_HISTORY_BYTES", str(4 * 1024 * 1024)))
+CODEX_MAX_STORED_THREADS = int(os.environ.get("CODEX_MAX_STORED_THREADS", "1000"))
+CODEX_MODELS = _env_list("CODEX_MODELS")
 CODEX_MAX_REQUESTS_IN_FLIGHT = int(os.environ.get("CODEX_MAX_REQUESTS_IN_FLIGHT", "64"))
 # Seconds a client may read nothing while a turn waits for it to drain its
 # queue; after that the queue fills and the client is dropped (1013).

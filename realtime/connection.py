@@ -23,7 +23,7 @@ from identity.scope import identity_scope
 
 from . import protocol
 from .context import RequestContext
-from .handlers import HANDLERS, INITIALIZE
+from .handlers import HANDLERS, INITIALIZE, INTERRUPT
 from .outbox import Outbox
 from .protocol import ClientResponse, JsonRpcError, Notification, Request
 from .services.upstream_errors import UpstreamError
@@ -59,6 +59,16 @@ class AppServerConnection:
         self.opted_out = opted_out
         self.asgi_scope["codex_identity"] = identity
 
+    # --- threads ------------------------------------------------------------
+
+    def subscribe(self, thread: Thread) -> None:
+        self.threads[thread.id] = thread
+        thread.subscribers.add(self)
+
+    def unsubscribe(self, thread: Thread) -> None:
+        self.threads.pop(thread.id, None)
+        thread.subscribers.discard(self)
+
     # --- frames in ----------------------------------------------------------
 
     async def handle_frame(self, text: str) -> None:
@@ -79,7 +89,10 @@ class AppServerConnection:
             await self._run_request(request)
         elif self.identity is None:
             self.send_error(request.id, JsonRpcError.not_initialized())
-        elif self.outbox.overloaded or self._requests_in_flight >= settings.CODEX_MAX_REQUESTS_IN_FLIGHT:
+        elif request.method != INTERRUPT and (
+            self.outbox.overloaded or self._requests_in_flight >= settings.CODEX_MAX_REQUESTS_IN_FLIGHT
+        ):
+            # Never for turn/interrupt (PROTOCOL §3): it is what relieves the pressure.
             self.send_error(request.id, JsonRpcError.overloaded())
         else:
             self._requests_in_flight += 1
@@ -149,12 +162,18 @@ class AppServerConnection:
 
     @property
     def running_turns(self) -> int:
-        return sum(thread.active_turn is not None for thread in self.threads.values())
+        mine = str(self.connection_id)
+        return sum(
+            thread.active_turn is not None and thread.active_turn.connection_id == mine
+            for thread in self.threads.values()
+        )
 
     async def close(self) -> None:
         """Called at disconnect: cancel every task; their upstream streams close with them."""
         self._closed = True
         live_connections.discard(self)
+        for thread in list(self.threads.values()):
+            self.unsubscribe(thread)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from identity.client_identity import ClientIdentity
 
 from .protocol import JsonRpcError, Request
-from .threads import Thread
+from .threads import Thread, thread_store
 
 if TYPE_CHECKING:
     from .connection import AppServerConnection
@@ -37,9 +37,16 @@ class RequestContext:
         for callback in self._after_reply:
             callback()
 
-    def owned_thread(self, thread_id: str) -> Thread:
-        """The thread if this connection started it; another's is as unknown as a made-up one."""
+    def subscribed_thread(self, thread_id: str) -> Thread:
+        """A thread this connection started or resumed (PROTOCOL §5); any other is unknown."""
         thread = self.connection.threads.get(thread_id)
+        if thread is None:
+            raise JsonRpcError.invalid_params("unknown threadId")
+        return thread
+
+    def stored_thread(self, thread_id: str) -> Thread:
+        """Any thread of the store, for reading and resuming (one server is one tenant)."""
+        thread = thread_store.get(thread_id)
         if thread is None:
             raise JsonRpcError.invalid_params("unknown threadId")
         return thread

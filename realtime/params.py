@@ -51,3 +51,24 @@ def required_list(params: dict[str, Any], name: str) -> list[Any]:
     if not isinstance(value, list):
         raise JsonRpcError.invalid_params(f"{name} must be an array")
     return value
+
+
+def optional_bool(params: dict[str, Any], name: str) -> bool | None:
+    value = params.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise JsonRpcError.invalid_params(f"{name} must be a boolean")
+    return value
+
+
+def optional_int(params: dict[str, Any], name: str) -> int | None:
+    value = params.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise JsonRpcError.invalid_params(f"{name} must be a non-negative integer")
+    return value
+
+
+def optional_str_list(params: dict[str, Any], name: str) -> list[str] | None:
+    value = params.get(name)
+    if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+        raise JsonRpcError.invalid_params(f"{name} must be an array of strings")
+    return value

@@ -1,26 +1,73 @@
-"""Threads and turns: per-connection conversation state."""
+"""Threads, turns and items: the conversation state, in the Codex app-server's shapes.
+
+Threads live in one process-wide store, not in a connection: a client that
+quits can resume its thread later on the same process (PROTOCOL §8-9; the
+database store is a later step). A connection *subscribes* to the threads it
+starts or resumes, and every notification of a thread's turn reaches every
+subscriber. Identity is the request's, never the thread's: each turn records
+the originator and connection that started it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from codexserver import __version__ as SERVER_VERSION
 
-# Messages replayed to the model per thread: a bound on memory and on the
-# request body encoded for each turn.
-MAX_HISTORY_ITEMS = 200
+if TYPE_CHECKING:
+    from .connection import AppServerConnection
+
+# The wire values of a turn's status (schema TurnStatus).
+IN_PROGRESS, COMPLETED, INTERRUPTED, FAILED = "inProgress", "completed", "interrupted", "failed"
+PREVIEW_CHARS = 200
 
 
 def new_id() -> str:
     return str(uuid.uuid4())
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(eq=False)
+class ItemRecord:
+    """One ThreadItem (schema shape) with its timing."""
+
+    item: dict[str, Any]
+    started_at_ms: int
+    completed_at_ms: int | None = None
+
+    def entry_json(self, turn_id: str) -> dict[str, Any]:
+        """A ``ThreadItemEntry`` of ``thread/items/list``."""
+        return {
+            "turnId": turn_id,
+            "item": self.item,
+            "startedAtMs": self.started_at_ms,
+            "completedAtMs": self.completed_at_ms,
+        }
+
+
 @dataclass(eq=False)
 class Turn:
     id: str
+    originator: str
+    connection_id: str
+    status: str = IN_PROGRESS
+    items: list[ItemRecord] = field(default_factory=list)
+    started_at_ms: int = field(default_factory=now_ms)
+    completed_at_ms: int | None = None
+    error: dict[str, Any] | None = None
+    # Model input items of this turn (user message, reply), replayed by later turns.
+    model_input: list[dict[str, Any]] = field(default_factory=list)
+    input_bytes: int = 0
     task: asyncio.Task | None = None
     interrupt_requested: bool = False
 
@@ -29,8 +76,26 @@ class Turn:
         if self.task is not None:
             self.task.cancel()
 
-    def to_json(self, status: str) -> dict[str, Any]:
-        return {"id": self.id, "status": status}
+    def finish(self, status: str, error: dict[str, Any] | None) -> None:
+        self.status, self.error = status, error
+        self.completed_at_ms = now_ms()
+
+    def remember_input(self, items: list[dict[str, Any]]) -> None:
+        self.model_input = items
+        self.input_bytes = sum(len(json.dumps(item)) for item in items)
+
+    def to_json(self, include_items: bool = True) -> dict[str, Any]:
+        """The schema's ``Turn``; ``startedAt``/``completedAt`` in Unix seconds."""
+        return {
+            "id": self.id,
+            "status": self.status,
+            "items": [record.item for record in self.items] if include_items else [],
+            "itemsView": "full" if include_items else "notLoaded",
+            "error": self.error,
+            "startedAt": self.started_at_ms // 1000,
+            "completedAt": None if self.completed_at_ms is None else self.completed_at_ms // 1000,
+            "durationMs": None if self.completed_at_ms is None else self.completed_at_ms - self.started_at_ms,
+        }
 
 
 @dataclass(eq=False)
@@ -45,18 +110,117 @@ class RealtimeSession:
 class Thread:
     id: str
     model: str
+    model_provider: str
+    cwd: str
+    originator: str  # of the connection that started it; turns carry their own
     base_instructions: str | None = None
     created_at: int = field(default_factory=lambda: int(time.time()))
-    # Responses API input items of earlier turns, replayed on each request.
-    history: list[dict[str, Any]] = field(default_factory=list)
+    updated_at: int = field(default_factory=lambda: int(time.time()))
+    preview: str = ""
+    turns: list[Turn] = field(default_factory=list)
     active_turn: Turn | None = None
     realtime: RealtimeSession | None = None
+    read_revision: int = 0
+    subscribers: weakref.WeakSet[AppServerConnection] = field(default_factory=weakref.WeakSet)
 
-    def remember(self, item: dict[str, Any]) -> None:
-        """Keep an item for later turns; the oldest go first past the bound."""
-        self.history.append(item)
-        if len(self.history) > MAX_HISTORY_ITEMS:
-            del self.history[: len(self.history) - MAX_HISTORY_ITEMS]
+    # --- conversation -------------------------------------------------------
 
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "createdAt": self.created_at, "model": self.model}
+    def history(self, max_bytes: int) -> list[dict[str, Any]]:
+        """Model input of the earlier turns, newest kept first within ``max_bytes``."""
+        kept: list[list[dict[str, Any]]] = []
+        budget = max_bytes
+        for turn in reversed(self.turns):
+            if turn is self.active_turn or not turn.model_input:
+                continue
+            if turn.input_bytes > budget:
+                break
+            budget -= turn.input_bytes
+            kept.append(turn.model_input)
+        return [item for items in reversed(kept) for item in items]
+
+    def trim(self, max_bytes: int) -> None:
+        """Drop the oldest finished turns past ``max_bytes`` of stored input."""
+        total = sum(turn.input_bytes for turn in self.turns)
+        while total > max_bytes and self.turns and self.turns[0] is not self.active_turn:
+            total -= self.turns.pop(0).input_bytes
+
+    def touch(self) -> None:
+        self.updated_at = int(time.time())
+
+    def turn(self, turn_id: str) -> Turn | None:
+        return next((turn for turn in self.turns if turn.id == turn_id), None)
+
+    # --- subscribers --------------------------------------------------------
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        """Send a notification to every connection subscribed to this thread."""
+        for connection in list(self.subscribers):
+            connection.notify(method, params)
+
+    @property
+    def loaded(self) -> bool:
+        return len(self.subscribers) > 0
+
+    def status_json(self) -> dict[str, Any]:
+        if self.active_turn is not None:
+            return {"type": "active", "activeFlags": []}
+        return {"type": "idle"} if self.loaded else {"type": "notLoaded"}
+
+    # --- wire shape ---------------------------------------------------------
+
+    def to_json(self, include_turns: bool = False) -> dict[str, Any]:
+        """The schema's ``Thread``."""
+        return {
+            "id": self.id,
+            "sessionId": self.id,
+            "createdAt": self.created_at,
+            "updatedAt": self.updated_at,
+            "model": self.model,
+            "modelProvider": self.model_provider,
+            "cwd": self.cwd,
+            "cliVersion": SERVER_VERSION,
+            "source": "appServer",
+            "originator": self.originator,
+            "ephemeral": False,
+            "preview": self.preview,
+            "projectId": None,
+            "name": None,
+            "path": None,
+            "status": self.status_json(),
+            "turns": [turn.to_json() for turn in self.turns] if include_turns else [],
+        }
+
+
+class ThreadStore:
+    """Every thread of this process, oldest-updated evicted first past the bound
+    (never one with a subscriber)."""
+
+    def __init__(self) -> None:
+        self._threads: OrderedDict[str, Thread] = OrderedDict()
+
+    def add(self, thread: Thread, max_threads: int) -> None:
+        self._threads[thread.id] = thread
+        self._evict(max_threads)
+
+    def get(self, thread_id: str) -> Thread | None:
+        return self._threads.get(thread_id)
+
+    def newest_first(self) -> list[Thread]:
+        return sorted(self._threads.values(), key=lambda t: (t.updated_at, t.created_at), reverse=True)
+
+    def loaded(self) -> list[Thread]:
+        return [thread for thread in self._threads.values() if thread.loaded]
+
+    def _evict(self, max_threads: int) -> None:
+        if len(self._threads) <= max_threads:
+            return
+        for thread in sorted(self._threads.values(), key=lambda t: t.updated_at):
+            if len(self._threads) <= max_threads:
+                break
+            if not thread.loaded and thread.active_turn is None:
+                del self._threads[thread.id]
+
+
+# The process's threads. Conversation data, not identity: nothing here is
+# read to decide how an outbound call is labelled.
+thread_store = ThreadStore()

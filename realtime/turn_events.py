@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .threads import new_id
+from .threads import ItemRecord, Turn, new_id, now_ms
 
 AGENT_MESSAGE = "agentMessage"
 
@@ -18,6 +18,7 @@ AGENT_MESSAGE = "agentMessage"
 @dataclass(eq=False)
 class _AgentMessage:
     id: str
+    record: ItemRecord
     parts: list[str] = field(default_factory=list)  # joined once, not re-concatenated per delta
     completed: bool = False
 
@@ -27,9 +28,12 @@ class _AgentMessage:
 
 
 class TurnEventTranslator:
-    def __init__(self, thread_id: str, turn_id: str, notify: Callable[[str, dict[str, Any]], None]):
+    """Feeds a turn's items (``turn.items``) and tells ``notify`` as they change."""
+
+    def __init__(self, thread_id: str, turn: Turn, notify: Callable[[str, dict[str, Any]], None]):
         self.thread_id = thread_id
-        self.turn_id = turn_id
+        self.turn = turn
+        self.turn_id = turn.id
         self._notify = notify
         self._messages: dict[str, _AgentMessage] = {}
 
@@ -70,18 +74,20 @@ class TurnEventTranslator:
         key = upstream_id if isinstance(upstream_id, str) else ""
         message = self._messages.get(key)
         if message is None:
-            message = self._messages[key] = _AgentMessage(key or new_id())
-            self._item_notification("item/started", item=self._item(message))
+            item_id = key or new_id()
+            record = ItemRecord({"id": item_id, "type": AGENT_MESSAGE, "text": ""}, now_ms())
+            message = self._messages[key] = _AgentMessage(item_id, record)
+            self.turn.items.append(record)
+            self._item_notification("item/started", item=record.item, startedAtMs=record.started_at_ms)
         return message
 
     def _complete(self, message: _AgentMessage) -> None:
         if not message.completed:
             message.completed = True
-            self._item_notification("item/completed", item=self._item(message))
-
-    @staticmethod
-    def _item(message: _AgentMessage) -> dict[str, Any]:
-        return {"id": message.id, "type": AGENT_MESSAGE, "text": message.text}
+            record = message.record
+            record.item = {**record.item, "text": message.text}
+            record.completed_at_ms = now_ms()
+            self._item_notification("item/completed", item=record.item, completedAtMs=record.completed_at_ms)
 
     def _item_notification(self, method: str, **params: Any) -> None:
         self._notify(method, {"threadId": self.thread_id, "turnId": self.turn_id, **params})

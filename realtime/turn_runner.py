@@ -14,7 +14,7 @@ from .services import telemetry
 from .services.config import UpstreamConfig
 from .services.responses import ModelRequest, stream_model_response
 from .services.upstream_errors import UpstreamError
-from .threads import Thread, Turn
+from .threads import COMPLETED, FAILED, INTERRUPTED, ItemRecord, Thread, Turn
 from .turn_events import TurnEventTranslator
 
 if TYPE_CHECKING:
@@ -31,21 +31,28 @@ class TurnContext:
     connection: AppServerConnection
     thread: Thread
     turn: Turn
-    user_message: dict[str, Any]
+    user_message: dict[str, Any]  # Responses API input item
+    user_item: ItemRecord  # the same message as a ThreadItem
     config: UpstreamConfig
+    max_history_bytes: int
 
 
 async def run_turn(turn_context: TurnContext) -> None:
     connection, thread, turn = turn_context.connection, turn_context.thread, turn_context.turn
-    connection.notify("turn/started", {"threadId": thread.id, "turn": turn.to_json("inProgress")})
-    translator = TurnEventTranslator(thread.id, turn.id, connection.notify)
+    notify = thread.notify  # every subscriber of the thread sees the turn
+    notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
+    notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
+    user_item = turn_context.user_item
+    notify("item/started", {"threadId": thread.id, "turnId": turn.id, "item": user_item.item, "startedAtMs": user_item.started_at_ms})
+    notify("item/completed", {"threadId": thread.id, "turnId": turn.id, "item": user_item.item, "completedAtMs": user_item.completed_at_ms})
+    translator = TurnEventTranslator(thread.id, turn, notify)
     request = ModelRequest(
         thread_id=thread.id,
         model=thread.model,
-        input=[*thread.history, turn_context.user_message],
+        input=[*thread.history(turn_context.max_history_bytes), turn_context.user_message],
         instructions=thread.base_instructions,
     )
-    status, error = "completed", None
+    status, error = COMPLETED, None
     try:
         async with aclosing(
             stream_model_response(turn_context.identity, request, turn_context.config)
@@ -54,28 +61,34 @@ async def run_turn(turn_context: TurnContext) -> None:
                 await connection.outbox.wait_for_room()  # a slow client slows the stream
                 translator.feed(event)
     except asyncio.CancelledError:
-        if not turn.interrupt_requested:
-            raise  # the connection is closing: nobody to tell
+        # turn/interrupt, or the starting connection closed: either way the
+        # stored turn ends, and the thread's other subscribers are told.
         asyncio.current_task().uncancel()
-        status = "interrupted"
+        status = INTERRUPTED
     except UpstreamError as exc:
         logger.info("turn %s failed: %s", turn.id, exc.message)
-        status, error = "failed", exc.turn_error()
+        status, error = FAILED, exc.turn_error()
     except Exception:
         # Whatever went wrong, the client is owed a turn/completed.
         logger.exception("turn %s failed unexpectedly", turn.id)
-        status, error = "failed", {"message": "internal error while streaming the turn", "codexErrorInfo": "other"}
+        status, error = FAILED, {"message": "internal error while streaming the turn", "codexErrorInfo": "other"}
     finally:
         thread.active_turn = None
 
     translator.finish()
-    thread.remember(turn_context.user_message)
+    model_input = [turn_context.user_message]
     if translator.text:
-        thread.remember(assistant_message(translator.text))
-    completed = turn.to_json(status)
+        model_input.append(assistant_message(translator.text))
+    turn.remember_input(model_input)
+    turn.finish(status, error)
+    thread.trim(turn_context.max_history_bytes)
+    thread.touch()
     if error is not None:
-        completed["error"] = error
-    connection.notify("turn/completed", {"threadId": thread.id, "turn": completed})
+        error = {"additionalDetails": None, **error}
+        turn.error = error
+        notify("error", {"threadId": thread.id, "turnId": turn.id, "error": error, "willRetry": False})
+    notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
+    notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id)
 
 

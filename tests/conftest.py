@@ -11,7 +11,9 @@ from django.db import connections
 
 from codexserver.devtools.local_upstream import UpstreamServer
 from codexserver.devtools.server_process import ServerProcess, migrate
+from codexserver.devtools.rpc_client import RpcClient
 from tests.rpc_client import CommunicatorClient
+from tests.wire_schema import schema_errors
 
 TEST_API_KEY = "sk-test-0123456789abcdef-secret"
 
@@ -23,6 +25,24 @@ def close_connections_of_the_database_thread(django_db_setup):
     drop a database with sessions open)."""
     yield
     asyncio.run(database_sync_to_async(connections.close_all)())
+
+
+@pytest.fixture(autouse=True)
+def every_message_matches_the_codex_schema(monkeypatch):
+    """Every response and notification any test's client receives is checked
+    against the Codex app-server schema (PROTOCOL §5); the first invalid one
+    fails that client's next wait, and the test at its end."""
+    invalid: list[str] = []
+
+    def check(message: dict, request_method: str | None) -> None:
+        errors = schema_errors(message, request_method)
+        if errors:
+            invalid.extend(errors)
+            raise AssertionError("schema violation: " + "; ".join(errors) + f"\nmessage: {message}")
+
+    monkeypatch.setattr(RpcClient, "message_checks", [check])
+    yield
+    assert not invalid, "messages that break the Codex schema:\n" + "\n".join(invalid)
 
 
 @pytest.fixture(scope="session")

@@ -98,18 +98,27 @@ async def test_turn_streams_the_notifications_in_order(connect):
     while True:
         message = await client.wait_for(lambda m: "method" in m)
         methods.append(message["method"])
+        params = message["params"]
         if message["method"] == "item/agentMessage/delta":
-            deltas.append(message["params"]["delta"])
-            assert message["params"]["threadId"] == thread and message["params"]["turnId"] == turn_id
-        if message["method"] == "item/completed":
-            assert message["params"]["item"] == {"id": message["params"]["item"]["id"], "type": "agentMessage", "text": "Hello world"}
+            deltas.append(params["delta"])
+            assert params["threadId"] == thread and params["turnId"] == turn_id
+        if message["method"] == "item/completed" and params["item"]["type"] == "agentMessage":
+            assert params["item"] == {"id": params["item"]["id"], "type": "agentMessage", "text": "Hello world"}
+        if message["method"] == "item/completed" and params["item"]["type"] == "userMessage":
+            assert params["item"]["content"] == [{"type": "text", "text": "hi", "text_elements": []}]
         if message["method"] == "turn/completed":
-            assert message["params"] == {"threadId": thread, "turn": {"id": turn_id, "status": "completed"}}
+            turn = params["turn"]
+            assert (turn["id"], turn["status"], turn["error"]) == (turn_id, "completed", None)
+            assert [item["type"] for item in turn["items"]] == ["userMessage", "agentMessage"]
+            assert turn["durationMs"] >= 0 and turn["completedAt"] >= turn["startedAt"]
             break
     assert methods == [
         "thread/started",
         "turn/started",
-        "item/started",
+        "thread/status/changed",
+        "item/started",  # the user's message
+        "item/completed",
+        "item/started",  # the reply
         "item/agentMessage/delta",
         "item/agentMessage/delta",
         "item/completed",
@@ -138,7 +147,7 @@ async def test_interrupt_ends_the_turn_and_closes_the_upstream_stream(connect, u
     await client.notification("item/agentMessage/delta", threadId=thread)
     assert await client.call("turn/interrupt", {"threadId": thread, "turnId": turn["id"]}) == {}
     completed = await client.notification("turn/completed", threadId=thread)
-    assert completed["turn"] == {"id": turn["id"], "status": "interrupted"}
+    assert (completed["turn"]["id"], completed["turn"]["status"]) == (turn["id"], "interrupted")
     await upstream.await_for(lambda records: any(r.kind == "closed" for r in records), timeout=1.0)
     # The thread takes a new turn afterwards.
     assert (await client.run_turn(thread))["turn"]["status"] == "completed"

@@ -71,7 +71,9 @@ async def test_both_transports_produce_the_same_notifications(connect, settings)
             if m.get("method", "").startswith(("turn/", "item/"))
         ]
     assert sequences["sse"] == sequences["websocket"]
-    assert len(sequences["sse"]) == 6  # turn/started, item/started, 3 deltas, item/completed (run_turn took turn/completed)
+    # turn/started, the user message's item/started + item/completed, the
+    # reply's item/started, 3 deltas, item/completed (run_turn took turn/completed)
+    assert len(sequences["sse"]) == 8
 
 
 @pytest.mark.parametrize("text, expected", FAULTS.items(), ids=FAULTS.keys())
@@ -141,7 +143,9 @@ async def test_realtime_call_and_sideband_carry_the_owner_identity(connect, upst
         backend.call("thread/realtime/start", {"threadId": backend_thread, "sdp": "v=0\r\no=codex-backend\r\n"}),
     )
     assert ios_call["sdp"].startswith("v=0") and ios_call["callId"] != backend_call["callId"]
-    assert await ios.notification("thread/realtime/started", threadId=ios_thread) == {"threadId": ios_thread, "callId": ios_call["callId"]}
+    started = await ios.notification("thread/realtime/started", threadId=ios_thread)
+    assert (started["callId"], started["version"]) == (ios_call["callId"], "v2")
+    assert (await ios.notification("thread/realtime/sdp", threadId=ios_thread))["sdp"] == ios_call["sdp"]
 
     posts = {r.body: r for r in upstream.requests("/v1/realtime/calls")}
     assert_identity(posts["v=0\r\no=codex_ios\r\n"], "codex_ios")
@@ -154,7 +158,7 @@ async def test_realtime_call_and_sideband_carry_the_owner_identity(connect, upst
     assert_identity(sidebands[f"call_id={backend_call['callId']}"], "codex-backend")
 
     assert await ios.call("thread/realtime/stop", {"threadId": ios_thread}) == {}
-    assert await ios.notification("thread/realtime/closed", threadId=ios_thread) == {"threadId": ios_thread, "callId": ios_call["callId"]}
+    assert (await ios.notification("thread/realtime/closed", threadId=ios_thread))["callId"] == ios_call["callId"]
     closed = lambda rs, call: any(r.kind == "closed" and r.query == f"call_id={call}" for r in rs)  # noqa: E731
     await upstream.await_for(lambda rs: closed(rs, ios_call["callId"]), timeout=1.0)
     await backend.communicator.disconnect()
@@ -207,8 +211,8 @@ async def test_plugin_list_is_looked_up_for_first_party_originators_only(connect
     await third_party.initialize("acme_editor")
     backend = await connect()
     await backend.initialize("codex-backend", "2.0.0")
-    assert await ios.call("plugin/list", {}) == {"data": [{"id": "p1", "name": "Linter"}]}
-    assert await third_party.call("plugin/list", {}) == {"data": []}
+    assert await ios.call("plugin/list", {}) == {"data": [{"id": "p1", "name": "Linter"}], "marketplaces": []}
+    assert (await third_party.call("plugin/list", {}))["data"] == []
     assert (await backend.call("plugin/list", {}))["data"] == [{"id": "p1", "name": "Linter"}]
     records = upstream.requests("/plugins/list")
     assert len(records) == 2

@@ -5,13 +5,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections.abc import Callable
 from typing import Any
 
 
 
+MessageCheck = Callable[[dict, "str | None"], None]
+
+
 class RpcClient:
     """One reader task files every incoming message into ``inbox``; any number
-    of concurrent waits pick what they need from it."""
+    of concurrent waits pick what they need from it.
+
+    ``message_checks`` (the class's, copied to each client) are called with every
+    message received and the method of the request it answers; one that raises
+    ends the reader, so every later wait fails with its error."""
+
+    message_checks: list[MessageCheck] = []
 
     def __init__(self, send_text, receive_text):
         self._send_text = send_text
@@ -21,6 +31,8 @@ class RpcClient:
         self._arrived = asyncio.Condition()
         self._reader: asyncio.Task | None = None
         self._reader_error: BaseException | None = None
+        self._checks = list(self.message_checks)
+        self._methods: dict[Any, str] = {}  # request id → method, for checking its response
 
     async def send_raw(self, text: str) -> None:
         await self._send_text(text)
@@ -32,6 +44,9 @@ class RpcClient:
         try:
             while True:
                 message = json.loads(await self._receive_text())
+                answered = self._methods.pop(message.get("id"), None) if "method" not in message else None
+                for check in self._checks:
+                    check(message, answered)
                 async with self._arrived:
                     self.inbox.append(message)
                     self._arrived.notify_all()
@@ -56,6 +71,8 @@ class RpcClient:
                     for index, message in enumerate(self.inbox):
                         if predicate(message):
                             return self.inbox.pop(index)
+                    if isinstance(self._reader_error, AssertionError):
+                        raise self._reader_error
                     if self._reader_error is not None:
                         raise ConnectionError("the connection closed") from self._reader_error
                     await self._arrived.wait()
@@ -70,6 +87,7 @@ class RpcClient:
         message: dict[str, Any] = {"id": request_id, "method": method}
         if params is not None:
             message["params"] = params
+        self._methods[request_id] = method
         await self.send(message)
         return await self.wait_for(lambda m: m.get("id") == request_id and "method" not in m, timeout)
 

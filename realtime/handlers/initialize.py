@@ -7,6 +7,8 @@ import logging
 import platform
 from typing import Any
 
+from django.conf import settings
+
 from identity.actions import record_connection_initialized
 from identity.client_identity import ClientIdentity, InvalidClientInfo
 from identity.scope import identity_scope
@@ -58,4 +60,9 @@ async def initialize(context, params: Any) -> dict[str, Any]:
     with identity_scope(identity, str(connection.connection_id)):
         logger.info("initialized: %s", identity.user_agent)
     family, os_name = platform_family_and_os()
-    return {"userAgent": identity.user_agent, "platformFamily": family, "platformOs": os_name}
+    return {
+        "userAgent": identity.user_agent,
+        "platformFamily": family,
+        "platformOs": os_name,
+        "codexHome": settings.CODEX_HOME,
+    }

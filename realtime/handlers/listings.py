@@ -17,4 +17,6 @@ async def list_app_connectors(context, params: Any) -> dict[str, Any]:
 
 async def list_plugin_entries(context, params: Any) -> dict[str, Any]:
     params_object(params)
-    return {"data": await list_plugins(context.identity, UpstreamConfig.from_settings())}
+    # ``data`` is PROTOCOL §5's list; ``marketplaces`` keeps the schema's
+    # PluginListResponse valid (this server serves no marketplace).
+    return {"data": await list_plugins(context.identity, UpstreamConfig.from_settings()), "marketplaces": []}

@@ -16,11 +16,17 @@ from ..threads import RealtimeSession, Thread
 
 logger = logging.getLogger(__name__)
 
+REALTIME_VERSION = "v2"
+
+
+def _closed(thread: Thread, session: RealtimeSession, reason: str) -> dict[str, Any]:
+    return {"threadId": thread.id, "callId": session.call_id, "reason": reason}
+
 
 async def start_realtime(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.owned_thread(required_str(params, "threadId"))
-    sdp = required_str(params, "sdp")
+    thread = context.subscribed_thread(required_str(params, "threadId"))
+    sdp = _offer_sdp(params)
     if thread.realtime is not None:
         raise JsonRpcError(INVALID_REQUEST, "Realtime already started for this thread")
     session = thread.realtime = RealtimeSession()
@@ -34,10 +40,26 @@ async def start_realtime(context, params: Any) -> dict[str, Any]:
         raise
     session.call_id = call.call_id
     session.task = connection.spawn(_hold_sideband(connection, thread, session, socket), name=f"sideband {call.call_id}")
-    context.after_reply(
-        lambda: connection.notify("thread/realtime/started", {"threadId": thread.id, "callId": call.call_id})
-    )
+
+    def announce() -> None:
+        started = {"threadId": thread.id, "callId": call.call_id, "version": REALTIME_VERSION, "realtimeSessionId": None}
+        connection.notify("thread/realtime/started", started)
+        connection.notify("thread/realtime/sdp", {"threadId": thread.id, "sdp": call.sdp_answer})
+
+    context.after_reply(announce)
     return {"callId": call.call_id, "sdp": call.sdp_answer}
+
+
+def _offer_sdp(params: dict[str, Any]) -> str:
+    """The SDP offer: the schema's ``transport: {type: "webrtc", sdp}``, or PROTOCOL §5's ``sdp``."""
+    transport = params.get("transport")
+    if transport is None:
+        return required_str(params, "sdp")
+    if not isinstance(transport, dict) or transport.get("type") != "webrtc":
+        raise JsonRpcError.invalid_params("transport must be {type: \"webrtc\", sdp}: calls are made over WebRTC")
+    if not isinstance(transport.get("sdp"), str):
+        raise JsonRpcError.invalid_params("transport.sdp must be a string")
+    return transport["sdp"]
 
 
 async def _hold_sideband(connection, thread: Thread, session: RealtimeSession, socket) -> None:
@@ -52,12 +74,12 @@ async def _hold_sideband(connection, thread: Thread, session: RealtimeSession, s
         if thread.realtime is session:
             thread.realtime = None
     logger.info("upstream ended realtime call %s", session.call_id)
-    connection.notify("thread/realtime/closed", {"threadId": thread.id, "callId": session.call_id})
+    connection.notify("thread/realtime/closed", _closed(thread, session, "upstream ended the call"))
 
 
 async def stop_realtime(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.owned_thread(required_str(params, "threadId"))
+    thread = context.subscribed_thread(required_str(params, "threadId"))
     session = thread.realtime
     if session is None or session.task is None:
         raise JsonRpcError(INVALID_REQUEST, "No realtime call for this thread")
@@ -65,6 +87,6 @@ async def stop_realtime(context, params: Any) -> dict[str, Any]:
     session.task.cancel()
     await asyncio.wait([session.task])
     context.after_reply(
-        lambda: context.notify("thread/realtime/closed", {"threadId": thread.id, "callId": session.call_id})
+        lambda: context.notify("thread/realtime/closed", _closed(thread, session, "stopped"))
     )
     return {}

@@ -9,14 +9,15 @@ from django.conf import settings
 from ..params import optional_str, params_object, required_list, required_str
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services.config import UpstreamConfig
-from ..threads import Turn, new_id
+from ..threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
 from ..turn_runner import TurnContext, run_turn, user_message
 
 
-def _content_parts(items: list[Any]) -> list[dict[str, Any]]:
+def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(Responses API content parts, the schema's UserInput items) of ``input``."""
     if not items:
         raise JsonRpcError.invalid_params("input must not be empty")
-    parts = []
+    parts, user_inputs = [], []
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise JsonRpcError.invalid_params(f"input[{index}] must be an object")
@@ -25,18 +26,27 @@ def _content_parts(items: list[Any]) -> list[dict[str, Any]]:
             if not isinstance(item.get("text"), str):
                 raise JsonRpcError.invalid_params(f"input[{index}].text must be a string")
             parts.append({"type": "input_text", "text": item["text"]})
+            elements = item.get("text_elements")
+            user_inputs.append({"type": "text", "text": item["text"], "text_elements": elements if isinstance(elements, list) else []})
         elif kind == "image" and isinstance(item.get("url"), str):
             parts.append({"type": "input_image", "image_url": item["url"]})
+            user_inputs.append({"type": "image", "url": item["url"]})
         else:
             # Refused rather than dropped: the user would lose what they sent.
+            # (A localImage path names a file on the client's machine, not ours.)
             raise JsonRpcError.invalid_params(f"input[{index}].type {kind!r} is not supported")
-    return parts
+    return parts, user_inputs
+
+
+def _preview(user_inputs: list[dict[str, Any]]) -> str:
+    text = " ".join(item["text"] for item in user_inputs if item["type"] == "text")
+    return text[:PREVIEW_CHARS]
 
 
 async def start_turn(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.owned_thread(required_str(params, "threadId"))
-    parts = _content_parts(required_list(params, "input"))
+    thread = context.subscribed_thread(required_str(params, "threadId"))
+    parts, user_inputs = _read_input(required_list(params, "input"))
     model = optional_str(params, "model")
     if thread.active_turn is not None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
@@ -44,26 +54,35 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         raise JsonRpcError.overloaded()
     if model:
         thread.model = model  # like Codex: the override sticks for later turns
-    turn = thread.active_turn = Turn(new_id())
+    turn = Turn(new_id(), originator=context.identity.originator, connection_id=str(context.connection.connection_id))
+    started = now_ms()
+    user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
+    turn.items.append(user_item)
+    thread.turns.append(turn)
+    thread.active_turn = turn
+    thread.preview = thread.preview or _preview(user_inputs)
+    thread.touch()
     turn_context = TurnContext(
         identity=context.identity,
         connection=context.connection,
         thread=thread,
         turn=turn,
         user_message=user_message(parts),
+        user_item=user_item,
         config=UpstreamConfig.from_settings(),
+        max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
     )
 
     def start() -> None:
         turn.task = context.connection.spawn(run_turn(turn_context), name=f"turn {turn.id}")
 
     context.after_reply(start)
-    return {"turn": {**turn.to_json("inProgress"), "items": [], "error": None}}
+    return {"turn": turn.to_json(include_items=False)}
 
 
 async def interrupt_turn(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.owned_thread(required_str(params, "threadId"))
+    thread = context.subscribed_thread(required_str(params, "threadId"))
     turn_id = required_str(params, "turnId")
     turn = thread.active_turn
     if turn is None or turn.id != turn_id:
