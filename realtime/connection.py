@@ -27,7 +27,7 @@ from .handlers import HANDLERS, INITIALIZE, INTERRUPT
 from .outbox import Outbox
 from .protocol import ClientResponse, JsonRpcError, Notification, Request
 from .services.upstream_errors import UpstreamError
-from .threads import Thread
+from .threads import Thread, thread_store
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class AppServerConnection:
     def unsubscribe(self, thread: Thread) -> None:
         self.threads.pop(thread.id, None)
         thread.subscribers.discard(self)
+        thread_store.forget_if_unused(thread)
 
     # --- frames in ----------------------------------------------------------
 

@@ -114,6 +114,7 @@ class Thread:
     cwd: str
     originator: str  # of the connection that started it; turns carry their own
     base_instructions: str | None = None
+    ephemeral: bool = False  # not listed, and forgotten when its last subscriber leaves
     created_at: int = field(default_factory=lambda: int(time.time()))
     updated_at: int = field(default_factory=lambda: int(time.time()))
     preview: str = ""
@@ -181,7 +182,7 @@ class Thread:
             "cliVersion": SERVER_VERSION,
             "source": "appServer",
             "originator": self.originator,
-            "ephemeral": False,
+            "ephemeral": self.ephemeral,
             "preview": self.preview,
             "projectId": None,
             "name": None,
@@ -206,7 +207,14 @@ class ThreadStore:
         return self._threads.get(thread_id)
 
     def newest_first(self) -> list[Thread]:
-        return sorted(self._threads.values(), key=lambda t: (t.updated_at, t.created_at), reverse=True)
+        """The listed threads (not ephemeral ones), most recently updated first."""
+        listed = (thread for thread in self._threads.values() if not thread.ephemeral)
+        return sorted(listed, key=lambda t: (t.updated_at, t.created_at), reverse=True)
+
+    def forget_if_unused(self, thread: Thread) -> None:
+        """An ephemeral thread goes once nobody is subscribed and no turn runs."""
+        if thread.ephemeral and not thread.loaded and thread.active_turn is None:
+            self._threads.pop(thread.id, None)
 
     def loaded(self) -> list[Thread]:
         return [thread for thread in self._threads.values() if thread.loaded]

@@ -14,7 +14,7 @@ from .services import telemetry
 from .services.config import UpstreamConfig
 from .services.responses import ModelRequest, stream_model_response
 from .services.upstream_errors import UpstreamError
-from .threads import COMPLETED, FAILED, INTERRUPTED, ItemRecord, Thread, Turn
+from .threads import COMPLETED, FAILED, INTERRUPTED, ItemRecord, Thread, Turn, thread_store
 from .turn_events import TurnEventTranslator
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ class TurnContext:
     user_item: ItemRecord  # the same message as a ThreadItem
     config: UpstreamConfig
     max_history_bytes: int
+    output_schema: dict[str, Any] | None = None
 
 
 async def run_turn(turn_context: TurnContext) -> None:
@@ -51,6 +52,7 @@ async def run_turn(turn_context: TurnContext) -> None:
         model=thread.model,
         input=[*thread.history(turn_context.max_history_bytes), turn_context.user_message],
         instructions=thread.base_instructions,
+        output_schema=turn_context.output_schema,
     )
     status, error = COMPLETED, None
     try:
@@ -90,6 +92,7 @@ async def run_turn(turn_context: TurnContext) -> None:
     notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id)
+    thread_store.forget_if_unused(thread)
 
 
 def user_message(text_parts: list[dict[str, Any]]) -> dict[str, Any]:

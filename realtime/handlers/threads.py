@@ -61,6 +61,7 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
         cwd=_cwd(params),
         originator=context.identity.originator,
         base_instructions=optional_str(params, "baseInstructions"),
+        ephemeral=bool(optional_bool(params, "ephemeral")),
     )
     _subscribe(context, thread)
     thread_store.add(thread, settings.CODEX_MAX_STORED_THREADS)

@@ -48,6 +48,9 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     thread = context.subscribed_thread(required_str(params, "threadId"))
     parts, user_inputs = _read_input(required_list(params, "input"))
     model = optional_str(params, "model")
+    output_schema = params.get("outputSchema")
+    if output_schema is not None and not isinstance(output_schema, dict):
+        raise JsonRpcError.invalid_params("outputSchema must be an object")
     if thread.active_turn is not None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
     if context.connection.running_turns >= settings.CODEX_MAX_RUNNING_TURNS_PER_CONNECTION:
@@ -71,6 +74,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         user_item=user_item,
         config=UpstreamConfig.from_settings(),
         max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
+        output_schema=output_schema,
     )
 
     def start() -> None:

@@ -30,11 +30,18 @@ class ModelRequest:
     model: str
     input: list[dict[str, Any]]
     instructions: str | None = None
+    # turn/start's ``outputSchema``: the reply must be JSON of this schema
+    # (the Codex TUI asks for a thread title this way).
+    output_schema: dict[str, Any] | None = None
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "input": self.input}
         if self.instructions:
             body["instructions"] = self.instructions
+        if self.output_schema is not None:
+            body["text"] = {
+                "format": {"type": "json_schema", "name": "codex_output_schema", "schema": self.output_schema, "strict": True}
+            }
         return body
 
     def session_headers(self) -> dict[str, str]:
