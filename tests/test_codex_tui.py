@@ -1,0 +1,108 @@
+"""The real Codex TUI (npm @openai/codex 0.169.0), unchanged, chats through a
+real ``manage.py serve`` process to the recording upstream (PROTOCOL §8)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from tests.codex_cli import CODEX_VERSION, CONFIG_TOML, Terminal, codex_binary
+
+pytestmark = pytest.mark.e2e
+
+READY = "Ask Codex to do anything"
+
+
+@pytest.fixture
+def codex_home(tmp_path):
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text(CONFIG_TOML)
+    return home
+
+
+@pytest.fixture
+def terminals():
+    opened: list[Terminal] = []
+
+    def open_terminal() -> Terminal:
+        opened.append(Terminal())
+        return opened[-1]
+
+    yield open_terminal
+    for terminal in opened:
+        terminal.close()
+
+
+def run_tui(terminals, server, codex_home, *arguments: str, ready: str = READY) -> Terminal:
+    command = f"{codex_binary()} --remote ws://127.0.0.1:{server.port} {' '.join(arguments)}"
+    terminal = terminals().start(command, cwd=codex_home.parent, env={"CODEX_HOME": codex_home})
+    terminal.wait_for_text(ready, timeout=60)
+    return terminal
+
+
+def send_prompt(terminal: Terminal, text: str) -> None:
+    terminal.type(text)
+    # The TUI reads keys arriving together as a paste, where Enter is a newline.
+    time.sleep(0.6)
+    terminal.press("Enter")
+
+
+def assert_no_error_banner(screen: str) -> None:
+    assert not re.search(r"\berror\b|\bfailed\b", screen, re.IGNORECASE), screen
+
+
+async def test_the_codex_tui_chats_interrupts_and_is_attributed_as_itself(daphne_server, upstream, codex_home, terminals):
+    server = daphne_server()
+    terminal = run_tui(terminals, server, codex_home)
+
+    send_prompt(terminal, "slow:3")
+    terminal.wait_for_text("d0 d1 d2")
+    send_prompt(terminal, "second prompt")
+    terminal.wait_for_text("Hello world")
+
+    send_prompt(terminal, "slow:300")
+    terminal.wait_for_text("d3 d4")  # streaming
+    terminal.press("Escape")
+    screen = terminal.wait_for_text("Conversation interrupted")
+    upstream.wait_for(lambda records: any(r.kind == "closed" and r.path.endswith("/responses") for r in records), timeout=2)
+    assert "d299" not in screen
+    assert_no_error_banner(screen)
+
+    models = upstream.model_requests()
+    assert len(models) >= 3
+    for request in models:
+        assert request.originator == "codex-tui"
+        assert request.user_agent.startswith("codex-tui/") and request.user_agent.endswith(f"(codex-tui; {CODEX_VERSION})")
+    # The second turn replayed the first: the model saw the conversation.
+    second = next(r for r in models if "second prompt" in str(r.body["input"][-1]))
+    assert "slow:3" in str(second.body["input"])
+
+
+async def test_the_codex_tui_starts_a_new_thread_quits_and_resumes(daphne_server, upstream, codex_home, terminals):
+    server = daphne_server()
+    terminal = run_tui(terminals, server, codex_home)
+    send_prompt(terminal, "remember the word tangerine")
+    terminal.wait_for_text("Hello world")
+    send_prompt(terminal, "/new")
+    terminal.wait_for(lambda screen: "tangerine" not in screen, what="a new, empty thread")
+    send_prompt(terminal, "slow:2")
+    terminal.wait_for_text("d0 d1")
+    terminal.press("C-c", "C-c")  # quit
+    terminal.wait_for(lambda screen: READY not in screen, what="the TUI to exit")
+
+    # The picker lists the earlier threads, from the server's store.
+    resumed = run_tui(terminals, server, codex_home, "resume", ready="remember the word tangerine")
+    assert "slow:2" in resumed.screen()
+    resumed.press("Down")  # newest first: the /new thread, then the first one
+    resumed.press("Enter")
+    resumed.wait_for(lambda screen: READY in screen and "tangerine" in screen, what="the resumed conversation")
+    send_prompt(resumed, "what was the word?")
+    screen = resumed.wait_for(lambda s: s.count("Hello world") >= 2, what="the reply after resuming")
+    assert_no_error_banner(screen)
+
+    replayed = next(r for r in upstream.model_requests() if "what was the word?" in str(r.body["input"][-1]))
+    assert "tangerine" in str(replayed.body["input"])  # the earlier turn, replayed from the store
+    assert replayed.originator == "codex-tui"
