@@ -115,8 +115,8 @@ class Thread:
     originator: str  # of the connection that started it; turns carry their own
     base_instructions: str | None = None
     ephemeral: bool = False  # not listed, and forgotten when its last subscriber leaves
-    created_at: int = field(default_factory=lambda: int(time.time()))
-    updated_at: int = field(default_factory=lambda: int(time.time()))
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)  # sub-second: list order needs it
     preview: str = ""
     turns: list[Turn] = field(default_factory=list)
     active_turn: Turn | None = None
@@ -146,7 +146,7 @@ class Thread:
             total -= self.turns.pop(0).input_bytes
 
     def touch(self) -> None:
-        self.updated_at = int(time.time())
+        self.updated_at = time.time()
 
     def turn(self, turn_id: str) -> Turn | None:
         return next((turn for turn in self.turns if turn.id == turn_id), None)
@@ -174,8 +174,8 @@ class Thread:
         return {
             "id": self.id,
             "sessionId": self.id,
-            "createdAt": self.created_at,
-            "updatedAt": self.updated_at,
+            "createdAt": int(self.created_at),
+            "updatedAt": int(self.updated_at),
             "model": self.model,
             "modelProvider": self.model_provider,
             "cwd": self.cwd,
