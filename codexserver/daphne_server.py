@@ -44,6 +44,7 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
     """daphne's protocol plus the ASGI denial response and write backpressure."""
 
     _denial_status: int | None = None
+    _denial_headers: tuple[tuple[str, str], ...] = ()
     _writable: asyncio.Event | None = None
 
     def connectionMade(self):
@@ -85,6 +86,9 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
         kind = message.get("type")
         if kind == "websocket.http.response.start" and self.state == self.STATE_CONNECTING:
             self._denial_status = int(message["status"])
+            self._denial_headers = tuple(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in message.get("headers", ())
+            )
             return
         if kind == "websocket.http.response.body" and self._denial_status is not None:
             if not message.get("more_body", False):
@@ -111,6 +115,11 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
         if code is None or not (code in SERVER_CLOSE_CODES or 3000 <= code <= 4999):
             code = 1000
         self.sendCloseFrame(code=code, isReply=False)
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        # autobahn's ConnectionDeny carries no headers; a denial's own (a
+        # 401's WWW-Authenticate) are added here.
+        return super().failHandshake(reason, code, [*(responseHeaders or ()), *self._denial_headers])
 
     def _deny(self, status: int, reason: str) -> None:
         if not hasattr(self, "handshake_deferred"):

@@ -115,8 +115,6 @@ class AppServerConnection:
                 raise JsonRpcError.method_not_found(request.method)
             with self._identity_scope():
                 result = await handler(context, request.params)
-                self.send(protocol.response(request.id, result))
-                context.run_after_reply()
         except JsonRpcError as error:
             self.send_error(request.id, error)
         except UpstreamError as error:
@@ -126,6 +124,12 @@ class AppServerConnection:
         except Exception:
             logger.exception("request %s failed", request.method)
             self.send_error(request.id, JsonRpcError.internal_error())
+        else:
+            # One reply per id, always: work after the reply can fail, but
+            # never answer the request a second time.
+            self.send(protocol.response(request.id, result))
+            with self._identity_scope():
+                context.run_after_reply()
 
     def _identity_scope(self) -> AbstractContextManager:
         # The one place a request enters its scope; `initialize` runs before

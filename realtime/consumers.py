@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import uuid
 from http import HTTPStatus
@@ -16,7 +17,7 @@ from .connection import AppServerConnection
 from .instance_lifecycle import reconcile_once
 from .outbox import Outbox
 from .protocol import MAX_FRAME_BYTES, JsonRpcError
-from .upgrade_policy import DENIAL_EXTENSION, upgrade_refusal
+from .upgrade_policy import DENIAL_EXTENSION, refusal_headers, upgrade_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,19 @@ def _frame_size(text_data: str | None, bytes_data: bytes | None) -> int:
     return len(text_data.encode("utf-8", "surrogatepass"))
 
 
+def _peer_address(scope: dict) -> str | None:
+    """The client's IP address, or None. Under daphne's ``--proxy-headers`` it
+    comes from ``X-Forwarded-For``, which a client can write anything into:
+    a value that is not an IP address is dropped, never stored (or a 500)."""
+    client = scope.get("client") or (None,)
+    try:
+        return str(ipaddress.ip_address(client[0]))
+    except ValueError:
+        if client[0] is not None:
+            logger.warning("ignoring a client address that is not an IP address: %r", str(client[0])[:100])
+        return None
+
+
 class AppServerConsumer(AsyncWebsocketConsumer):
     connection: AppServerConnection | None = None
     _writer: asyncio.Task | None = None
@@ -47,8 +61,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             return
         connection_id = uuid.uuid4()
         await reconcile_once()
-        client = self.scope.get("client") or (None,)
-        await record_connection_opened(connection_id, settings.CODEX_SERVER_INSTANCE, client[0])
+        await record_connection_opened(connection_id, settings.CODEX_SERVER_INSTANCE, _peer_address(self.scope))
         outbox = Outbox(
             self._send_text, on_overflow=self._drop_slow_client, stall_seconds=settings.CODEX_CLIENT_STALL_TIMEOUT
         )
@@ -83,7 +96,9 @@ class AppServerConsumer(AsyncWebsocketConsumer):
     async def _refuse(self, status: int) -> None:
         # Without the denial-response extension an ASGI server can only say 403.
         if DENIAL_EXTENSION in self.scope.get("extensions", {}):
-            await self.base_send({"type": "websocket.http.response.start", "status": status, "headers": []})
+            await self.base_send(
+                {"type": "websocket.http.response.start", "status": status, "headers": refusal_headers(status)}
+            )
             await self.base_send({"type": "websocket.http.response.body", "body": HTTPStatus(status).phrase.encode()})
         else:
             await self.close()

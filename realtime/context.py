@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,8 @@ from .threads import Thread, thread_store
 
 if TYPE_CHECKING:
     from .connection import AppServerConnection
+
+logger = logging.getLogger(__name__)
 
 
 class RequestContext:
@@ -35,7 +38,10 @@ class RequestContext:
 
     def run_after_reply(self) -> None:
         for callback in self._after_reply:
-            callback()
+            try:
+                callback()
+            except Exception:
+                logger.exception("work after the reply to %s failed", self.request.method)
 
     def subscribed_thread(self, thread_id: str) -> Thread:
         """A thread this connection started or resumed (PROTOCOL §5); any other is unknown."""

@@ -27,9 +27,18 @@ def upgrade_refusal(scope: dict[str, Any]) -> int | None:
     if origin is not None and origin.decode("latin-1") not in settings.CODEX_ALLOWED_ORIGINS:
         return FORBIDDEN
     token = settings.CODEX_WS_AUTH_TOKEN
-    if token:
-        expected = b"Bearer " + token.encode()
-        supplied = _header(scope, b"authorization") or b""
-        if not hmac.compare_digest(supplied, expected):
-            return UNAUTHORIZED
+    if token and not _bearer_matches(_header(scope, b"authorization") or b"", token.encode()):
+        return UNAUTHORIZED
     return None
+
+
+def _bearer_matches(authorization: bytes, token: bytes) -> bool:
+    # RFC 9110: the scheme name is case-insensitive; the token is compared
+    # in constant time.
+    scheme, _, supplied = authorization.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(supplied.strip(), token)
+
+
+def refusal_headers(status: int) -> list[tuple[bytes, bytes]]:
+    """Headers of the refusal: a 401 names the scheme it wants (PROTOCOL §2)."""
+    return [(b"www-authenticate", b"Bearer")] if status == UNAUTHORIZED else []

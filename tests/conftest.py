@@ -19,12 +19,14 @@ TEST_API_KEY = "sk-test-0123456789abcdef-secret"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def close_connections_of_the_database_thread(django_db_setup):
+def close_connections_of_the_database_thread(django_db_setup, django_db_blocker):
     """The async tests' database calls run on asgiref's one shared thread; close
     what it holds before the test database is dropped (PostgreSQL refuses to
-    drop a database with sessions open)."""
+    drop a database with sessions open). Unblocked: the last test may be one
+    without database access."""
     yield
-    asyncio.run(database_sync_to_async(connections.close_all)())
+    with django_db_blocker.unblock():
+        asyncio.run(database_sync_to_async(connections.close_all)())
 
 
 @pytest.fixture(autouse=True)
@@ -111,11 +113,12 @@ def daphne_server(upstream, tmp_path):
     """``daphne_server(**env)`` starts a migrated daphne process on a fresh SQLite file."""
     started: list[ServerProcess] = []
 
-    def start(database_url: str | None = None, **extra: str) -> ServerProcess:
+    def start(database_url: str | None = None, daphne_args: tuple[str, ...] = (), **extra: str) -> ServerProcess:
         database_url = database_url or f"sqlite:///{tmp_path / 'server.sqlite3'}"
         env = server_env(upstream, database_url, **extra)
         migrate(env)
-        server = ServerProcess(env, tmp_path / f"daphne-{len(started)}.log")
+        command = ["manage.py", "serve", "--port", "{port}", "--", *daphne_args] if daphne_args else None
+        server = ServerProcess(env, tmp_path / f"daphne-{len(started)}.log", command=command)
         started.append(server)
         return server.start()
 

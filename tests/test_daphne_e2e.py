@@ -117,8 +117,12 @@ async def test_bearer_token_is_required_when_configured(daphne_server, upstream)
             async with ws_connect(server.ws_url, additional_headers=headers):
                 pass
         assert refused.value.response.status_code == 401
+        assert refused.value.response.headers["WWW-Authenticate"] == "Bearer"
     good = {"Authorization": "Bearer s3cret-token"}
     async with ws_connect(server.ws_url, additional_headers=good, origin="https://ide.example") as websocket:
+        assert (await SocketClient(websocket).initialize("codex_ios", "1"))["userAgent"]
+    # The scheme word is case-insensitive (RFC 9110), as Codex clients may send it.
+    async with ws_connect(server.ws_url, additional_headers={"Authorization": "bearer s3cret-token"}) as websocket:
         assert (await SocketClient(websocket).initialize("codex_ios", "1"))["userAgent"]
     with pytest.raises(InvalidStatus) as refused:
         async with ws_connect(server.ws_url, additional_headers=good, origin="https://other.example"):

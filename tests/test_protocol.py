@@ -1,5 +1,6 @@
 """Parsing frames into JSON-RPC messages, and the errors of PROTOCOL §3."""
 
+from realtime.management.commands.serve import daphne_argv
 import pytest
 
 from realtime.protocol import (
@@ -51,3 +52,10 @@ def test_method_of_wrong_type_is_invalid_request_with_the_id():
 def test_encoding_survives_lone_surrogates():
     text = encode({"id": 1, "error": {"message": "\ud800"}})
     text.encode("utf-8")  # would raise if the surrogate were written raw
+
+
+def test_serve_never_closes_a_websocket_for_its_age():
+    argv = daphne_argv("127.0.0.1", 8765, [])
+    assert argv[argv.index("--websocket_timeout") + 1] == "-1"  # daphne's default is 24 h
+    assert argv[-1] == "codexserver.asgi:application"
+    assert daphne_argv("127.0.0.1", 8765, ["--proxy-headers"])[-2] == "--proxy-headers"

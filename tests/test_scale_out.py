@@ -140,3 +140,14 @@ async def test_idle_connections_on_the_redis_layer_stay_open_and_answer(daphne_s
             assert (await client.call("app/list", {}))["data"] is not None
     await asyncio.sleep(0.3)
     assert all(r["disconnected_at"] is not None for r in rows(postgres_database))
+
+
+async def test_a_forged_x_forwarded_for_never_fails_the_upgrade_on_postgres(daphne_server, postgres_database):
+    """Under --proxy-headers daphne takes the client-writable first address of
+    X-Forwarded-For; one that is not an IP address is dropped, not a 500."""
+    server = daphne_server(postgres_database, daphne_args=("--proxy-headers",))
+    for forwarded in ("x", "203.0.113.9", "not an address, 198.51.100.1"):
+        async with ws_connect(server.ws_url, additional_headers={"X-Forwarded-For": forwarded}) as websocket:
+            await SocketClient(websocket).initialize("codex_ios", "1.0.0")
+    stored = [r["remote_addr"] and str(r["remote_addr"]) for r in rows(postgres_database)]
+    assert stored == [None, "203.0.113.9", None]

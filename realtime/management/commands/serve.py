@@ -21,17 +21,25 @@ class Command(BaseCommand):
     def handle(self, *args, host, port, daphne_args, **options):
         from codexserver.daphne_server import AppServerCommandLine
 
-        argv = [
-            "--bind", host,
-            "--port", str(port),
-            # Frames over 1 MiB close the connection with 1009 (PROTOCOL §3).
-            "--websocket-max-message-size", str(MAX_FRAME_BYTES),
-            "--websocket-max-frame-size", str(MAX_FRAME_BYTES),
-            "--ping-interval", "20",
-            "--ping-timeout", "30",
-            "--application-close-timeout", "10",
-            *daphne_args,
-            "codexserver.asgi:application",
-        ]
+        argv = daphne_argv(host, port, daphne_args)
         self.stdout.write(f"codexserver listening on ws://{host}:{port}/ (admin at http://{host}:{port}/admin/)")
         AppServerCommandLine().run(argv)
+
+
+def daphne_argv(host: str, port: int, extra: list[str]) -> list[str]:
+    """daphne's command line: the protocol's limits, then the operator's options."""
+    return [
+        "--bind", host,
+        "--port", str(port),
+        # Frames over 1 MiB close the connection with 1009 (PROTOCOL §3).
+        "--websocket-max-message-size", str(MAX_FRAME_BYTES),
+        "--websocket-max-frame-size", str(MAX_FRAME_BYTES),
+        "--ping-interval", "20",
+        "--ping-timeout", "30",
+        "--application-close-timeout", "10",
+        # No fixed lifetime (daphne's default closes every socket after 24 h):
+        # IDE sessions stay open for days; dead peers fail the ping (PROTOCOL §2).
+        "--websocket_timeout", "-1",
+        *extra,
+        "codexserver.asgi:application",
+    ]

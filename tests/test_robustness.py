@@ -1,0 +1,61 @@
+"""Review findings of the second hardening round, each proven on the real ASGI app."""
+
+from __future__ import annotations
+
+import pytest
+from channels.db import database_sync_to_async
+
+from identity.models import ConnectionIdentity
+from realtime.outbox import Outbox
+from realtime.services import telemetry
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def test_interrupt_is_accepted_while_the_outbox_is_overloaded(connect, monkeypatch):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    turn = (await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:100"}]}))["turn"]
+    await client.notification("item/agentMessage/delta", threadId=thread)
+
+    monkeypatch.setattr(Outbox, "overloaded", property(lambda self: True))
+    assert (await client.request("thread/start", {}))["error"]["code"] == -32001
+    # The one request that relieves the pressure is never refused (PROTOCOL §3).
+    assert await client.call("turn/interrupt", {"threadId": thread, "turnId": turn["id"]}) == {}
+    monkeypatch.undo()
+    completed = await client.notification("turn/completed", threadId=thread)
+    assert completed["turn"]["status"] == "interrupted"
+
+
+async def test_a_failure_after_the_reply_never_sends_a_second_reply(connect, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("telemetry broke")
+
+    monkeypatch.setattr(telemetry, "record_event", broken)
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    response = await client.request("thread/start", {})
+    assert "result" in response
+    assert (await client.request("thread/loaded/list", {}))["result"]["data"]  # the connection still answers
+    assert [m for m in client.inbox if m.get("id") == response["id"]] == []  # no second reply
+
+
+@pytest.mark.parametrize(
+    "client_info, capabilities, field",
+    [
+        ({"name": "codex_ios", "version": "1", "title": "bad \ud800 title"}, {}, "clientInfo.title"),
+        ({"name": "codex_ios", "version": "1", "title": "nul \x00 title"}, {}, "clientInfo.title"),
+        ({"name": "codex_ios", "version": "1"}, {"experimentalApi": False, "note": "nul \x00"}, "capabilities"),
+        ({"name": "codex_ios", "version": "1"}, {"odd \ud800 key": True}, "capabilities"),
+    ],
+)
+async def test_unstorable_client_strings_are_invalid_params_naming_the_field(connect, client_info, capabilities, field):
+    client = await connect()
+    response = await client.request("initialize", {"clientInfo": client_info, "capabilities": capabilities})
+    assert response["error"]["code"] == -32602
+    assert field in response["error"]["message"]
+    # Nothing was stored and the client may retry.
+    assert (await client.initialize("codex_ios", "1"))["userAgent"]
+    row = await database_sync_to_async(ConnectionIdentity.objects.get)()
+    assert row.client_title == "Codex_Ios" and "\x00" not in str(row.capabilities)
