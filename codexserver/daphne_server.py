@@ -6,10 +6,10 @@ Four gaps in stock daphne 4.2 matter to us:
   choose the status, so we advertise and implement it.
 - autobahn drops the TCP connection on an oversized frame (``failByDrop``);
   we want the close frame with code 1009 sent first.
-- it has no start or shutdown hook for the application: at start we close
-  the rows a crashed predecessor left open; at shutdown, the rows of our own
-  connections (daphne cancels them without a disconnect) and buffered
-  telemetry.
+- it has no start or shutdown hook for the application: at start we record
+  this process's boot, close the rows of processes that stopped beating and
+  start our heartbeat; at shutdown, the rows of our own connections (daphne
+  cancels them without a disconnect) and buffered telemetry.
 - its ``send`` never waits: a client that stops reading makes Twisted buffer
   without bound, and the consumer never learns. We register the protocol as
   the socket's push producer and hold each ``websocket.send`` while Twisted
@@ -144,7 +144,7 @@ class AppServerDaphne(Server):
     def run(self):
         # The factory is made inside run(); adjust it once the reactor starts.
         reactor.callWhenRunning(self._tune_websocket_factory)
-        reactor.callWhenRunning(self._run_soon, "reconcile_once")
+        reactor.callWhenRunning(self._run_soon, "start")
         reactor.addSystemEventTrigger("before", "shutdown", self._run_soon, "shut_down")
         super().run()
 

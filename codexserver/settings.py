@@ -123,6 +123,10 @@ CODEX_SERVER_INSTANCE = os.environ.get(
 # The server's Codex home, reported by `initialize` (`codexHome`); the server
 # keeps nothing there itself.
 CODEX_HOME = os.path.abspath(os.path.expanduser(os.environ.get("CODEX_HOME") or "~/.codex"))
+# Each process beats in the database this often; one silent for the timeout
+# is dead, and its open rows are closed by whichever live process notices.
+CODEX_HEARTBEAT_INTERVAL = float(os.environ.get("CODEX_HEARTBEAT_INTERVAL", "15"))
+CODEX_HEARTBEAT_TIMEOUT = float(os.environ.get("CODEX_HEARTBEAT_TIMEOUT", "60"))
 CODEX_ALLOWED_ORIGINS = _env_list("CODEX_ALLOWED_ORIGINS")
 CODEX_WS_AUTH_TOKEN = os.environ.get("CODEX_WS_AUTH_TOKEN") or None
 

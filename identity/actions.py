@@ -1,7 +1,8 @@
-"""The only functions that change ConnectionIdentity rows.
+"""The only functions that change ConnectionIdentity and ServerBoot rows.
 
 opened (at the upgrade), initialized (one write of every identity field),
-closed (at disconnect) and reconciled (rows a dead process left open).
+closed (at disconnect) and reconciled (rows a dead process left open); a
+process's boot: started, beating, stopped.
 The async ones run through channels' ``database_sync_to_async``, which also
 retires stale database connections around each call, as a request would.
 """
@@ -9,22 +10,24 @@ retires stale database connections around each call, as a request would.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from channels.db import database_sync_to_async
+from django.db import transaction
 from django.utils import timezone
 
 from .client_identity import ClientIdentity
-from .models import ConnectionIdentity
+from .models import ConnectionIdentity, ServerBoot
 
 
 @database_sync_to_async
 def record_connection_opened(
-    connection_id: uuid.UUID, server_instance: str, remote_addr: str | None
+    connection_id: uuid.UUID, server_instance: str, boot_id: uuid.UUID, remote_addr: str | None
 ) -> None:
     ConnectionIdentity.objects.create(
         connection_id=connection_id,
         server_instance=server_instance,
+        boot_id=boot_id,
         remote_addr=remote_addr,
         connected_at=timezone.now(),
     )
@@ -76,14 +79,50 @@ def close_stale_connections(
 
 
 @database_sync_to_async
-def reconcile_restarted_instance(server_instance: str, process_started_at: datetime) -> int:
-    """At a process's start: close what an earlier run of this instance left open."""
-    return close_stale_connections(server_instance, process_started_at)
+def record_boot_started(boot_id: uuid.UUID, server_instance: str, started_at: datetime) -> None:
+    ServerBoot.objects.create(
+        boot_id=boot_id, server_instance=server_instance, started_at=started_at, heartbeat_at=timezone.now()
+    )
 
 
 @database_sync_to_async
-def record_instance_stopped(server_instance: str, process_started_at: datetime) -> int:
-    """At shutdown: close the rows of this process's connections still open."""
-    return ConnectionIdentity.objects.filter(
-        server_instance=server_instance, disconnected_at__isnull=True, connected_at__gte=process_started_at
-    ).update(disconnected_at=timezone.now())
+def record_heartbeat(boot_id: uuid.UUID) -> None:
+    ServerBoot.objects.filter(boot_id=boot_id).update(heartbeat_at=timezone.now())
+
+
+@database_sync_to_async
+def close_rows_of_dead_processes(
+    server_instance: str, process_started_at: datetime, heartbeat_timeout: timedelta
+) -> int:
+    """Close the open rows of every process whose heartbeat stopped, whatever
+    its instance name; never those of a process still beating, even one that
+    shares ours. Rows from before boot ids existed are closed by the old rule:
+    same instance, connected before this process started."""
+    now = timezone.now()
+    with transaction.atomic():
+        dead = list(
+            ServerBoot.objects.filter(stopped_at__isnull=True, heartbeat_at__lt=now - heartbeat_timeout)
+            .values_list("boot_id", flat=True)
+        )
+        closed = ConnectionIdentity.objects.filter(disconnected_at__isnull=True, boot_id__in=dead).update(
+            disconnected_at=now
+        )
+        ServerBoot.objects.filter(boot_id__in=dead).update(stopped_at=now)
+        closed += ConnectionIdentity.objects.filter(
+            disconnected_at__isnull=True,
+            boot_id__isnull=True,
+            server_instance=server_instance,
+            connected_at__lt=process_started_at,
+        ).update(disconnected_at=now)
+    return closed
+
+
+@database_sync_to_async
+def record_boot_stopped(boot_id: uuid.UUID) -> int:
+    """At shutdown: close this process's rows still open, and its boot."""
+    now = timezone.now()
+    closed = ConnectionIdentity.objects.filter(boot_id=boot_id, disconnected_at__isnull=True).update(
+        disconnected_at=now
+    )
+    ServerBoot.objects.filter(boot_id=boot_id).update(stopped_at=now)
+    return closed

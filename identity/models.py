@@ -6,9 +6,27 @@ Rows are data only; every change goes through ``identity.actions``.
 from django.db import models
 
 
+class ServerBoot(models.Model):
+    """One run of one server process: its boot id and heartbeat (PROTOCOL §7).
+
+    Instance names may repeat (two processes, or a restart); boot ids never
+    do. A boot whose heartbeat stopped is dead, and its open rows are closed.
+    """
+
+    boot_id = models.UUIDField(unique=True, editable=False)
+    server_instance = models.CharField(max_length=255)
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField(db_index=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.server_instance} {self.boot_id}"
+
+
 class ConnectionIdentity(models.Model):
     connection_id = models.UUIDField(unique=True, editable=False)
     server_instance = models.CharField(max_length=255, db_index=True)
+    boot_id = models.UUIDField(null=True, blank=True, db_index=True, editable=False)
     client_name = models.CharField(max_length=256, blank=True, default="")
     client_title = models.CharField(max_length=512, null=True, blank=True)
     client_version = models.CharField(max_length=256, blank=True, default="")

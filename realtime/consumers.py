@@ -14,7 +14,7 @@ from django.conf import settings
 from identity.actions import record_connection_closed, record_connection_opened
 
 from .connection import AppServerConnection
-from .instance_lifecycle import reconcile_once
+from .instance_lifecycle import process_lifecycle
 from .outbox import Outbox
 from .protocol import MAX_FRAME_BYTES, JsonRpcError
 from .upgrade_policy import DENIAL_EXTENSION, refusal_headers, upgrade_refusal
@@ -60,8 +60,11 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             await self._refuse(refusal)
             return
         connection_id = uuid.uuid4()
-        await reconcile_once()
-        await record_connection_opened(connection_id, settings.CODEX_SERVER_INSTANCE, _peer_address(self.scope))
+        lifecycle = process_lifecycle()
+        await lifecycle.ensure_started()
+        await record_connection_opened(
+            connection_id, settings.CODEX_SERVER_INSTANCE, lifecycle.boot_id, _peer_address(self.scope)
+        )
         outbox = Outbox(
             self._send_text, on_overflow=self._drop_slow_client, stall_seconds=settings.CODEX_CLIENT_STALL_TIMEOUT
         )

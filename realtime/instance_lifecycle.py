@@ -1,15 +1,31 @@
-"""What this process does for its rows at start and at shutdown (PROTOCOL §7)."""
+"""This process in the database: its boot, its heartbeat, and the rows of
+processes that died (PROTOCOL §7).
+
+Each process (each event loop, in tests and benchmarks) has its own boot id.
+It beats every ``CODEX_HEARTBEAT_INTERVAL`` seconds; a boot silent for
+``CODEX_HEARTBEAT_TIMEOUT`` is dead, and whichever live process notices
+first closes its open rows. Two live processes may share an instance name:
+neither ever closes the other's rows.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import uuid
+from datetime import timedelta
 
 from django.conf import settings
 from django.utils import timezone
 
-from identity.actions import reconcile_restarted_instance, record_instance_stopped
-
+from codexserver.loop_local import LoopLocal
+from identity.actions import (
+    close_rows_of_dead_processes,
+    record_boot_started,
+    record_boot_stopped,
+    record_heartbeat,
+)
 from identity.http_clients import client_factory
 
 from .connection import live_connections
@@ -17,53 +33,88 @@ from .services.telemetry import flush_at_shutdown
 
 logger = logging.getLogger(__name__)
 
-PROCESS_STARTED_AT = timezone.now()
 SHUTDOWN_SECONDS = 10.0
-_reconcile: asyncio.Task | None = None  # one run per process, shared by whoever asks first
 
 
-async def reconcile_once() -> None:
-    """Close the rows an earlier run of this instance left open; once per process.
+class ProcessLifecycle:
+    def __init__(self) -> None:
+        self.boot_id = uuid.uuid4()
+        self.started_at = timezone.now()
+        self._start: asyncio.Future | None = None  # one run, shared by whoever asks first
+        self._heartbeat: asyncio.Task | None = None
 
-    Called at server start (``manage.py serve``) and before each connection's
-    row is written (so plain ``daphne`` deployments get it too); a burst of
-    connections waits for the one run instead of starting its own.
-    """
-    global _reconcile
-    if _reconcile is None or (_reconcile.done() and not _succeeded_here(_reconcile)):
-        _reconcile = asyncio.ensure_future(_reconcile_instance())
-    await asyncio.shield(_reconcile)
+    async def ensure_started(self) -> None:
+        """Record the boot, close dead processes' rows and start beating; once.
+
+        Called at server start (``manage.py serve``) and before each
+        connection's row is written (so plain ``daphne`` gets it too); a burst
+        of connections waits for the one run. A run that failed (the database
+        was down) is tried again by the next connection.
+        """
+        if self._start is None or (self._start.done() and (self._start.cancelled() or self._start.exception())):
+            self._start = asyncio.ensure_future(self._begin())
+        await asyncio.shield(self._start)
+
+    async def _begin(self) -> None:
+        instance = settings.CODEX_SERVER_INSTANCE
+        await record_boot_started(self.boot_id, instance, self.started_at)
+        await self._close_dead_rows()
+        if self._heartbeat is None:
+            # An empty context: the loop must never carry the scope of the
+            # connection whose upgrade happened to start it.
+            self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat", context=contextvars.Context())
+
+    async def _close_dead_rows(self) -> None:
+        closed = await close_rows_of_dead_processes(
+            settings.CODEX_SERVER_INSTANCE,
+            self.started_at,
+            timedelta(seconds=settings.CODEX_HEARTBEAT_TIMEOUT),
+        )
+        if closed:
+            logger.info("closed %d connection row(s) of processes that stopped beating", closed)
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(settings.CODEX_HEARTBEAT_INTERVAL)
+            try:
+                await record_heartbeat(self.boot_id)
+                await self._close_dead_rows()
+            except Exception as exc:  # the database is down: beat again later
+                logger.warning("heartbeat failed: %s", exc)
+
+    async def shut_down(self) -> None:
+        """At server shutdown, within SHUTDOWN_SECONDS: stop every connection's
+        tasks (closing their upstream streams), close their rows and the boot,
+        send buffered telemetry and release the upstream pool."""
+        try:
+            await asyncio.wait_for(self._shut_down(), SHUTDOWN_SECONDS)
+        except TimeoutError:
+            logger.error("shutdown steps did not finish within %ss", SHUTDOWN_SECONDS)
+
+    async def _shut_down(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        try:
+            await asyncio.gather(*(connection.close() for connection in list(live_connections)))
+            closed = await record_boot_stopped(self.boot_id)
+            logger.info("shutting down: closed %d open connection row(s)", closed)
+        finally:
+            await flush_at_shutdown()
+            await client_factory().aclose()
 
 
-def _succeeded_here(run: asyncio.Future) -> bool:
-    # A run that failed (the database was down) is tried again by the next
-    # connection rather than failing every connection until a restart.
-    return (
-        run.get_loop() is asyncio.get_running_loop() and not run.cancelled() and run.exception() is None
-    )
+_lifecycles: LoopLocal[ProcessLifecycle] = LoopLocal(ProcessLifecycle)
 
 
-async def _reconcile_instance() -> None:
-    closed = await reconcile_restarted_instance(settings.CODEX_SERVER_INSTANCE, PROCESS_STARTED_AT)
-    if closed:
-        logger.info("closed %d connection row(s) left open by an earlier run of %s", closed, settings.CODEX_SERVER_INSTANCE)
+def process_lifecycle() -> ProcessLifecycle:
+    """This process's (this event loop's) lifecycle."""
+    return _lifecycles.get()
+
+
+# The steps daphne's start and shutdown hooks run (codexserver/daphne_server.py).
+async def start() -> None:
+    await process_lifecycle().ensure_started()
 
 
 async def shut_down() -> None:
-    """At server shutdown, within SHUTDOWN_SECONDS: stop every connection's
-    tasks (closing their upstream streams), close their rows, send buffered
-    telemetry and release the upstream pool."""
-    try:
-        await asyncio.wait_for(_shut_down(), SHUTDOWN_SECONDS)
-    except TimeoutError:
-        logger.error("shutdown steps did not finish within %ss", SHUTDOWN_SECONDS)
-
-
-async def _shut_down() -> None:
-    try:
-        await asyncio.gather(*(connection.close() for connection in list(live_connections)))
-        closed = await record_instance_stopped(settings.CODEX_SERVER_INSTANCE, PROCESS_STARTED_AT)
-        logger.info("shutting down: closed %d open connection row(s)", closed)
-    finally:
-        await flush_at_shutdown()
-        await client_factory().aclose()
+    await process_lifecycle().shut_down()

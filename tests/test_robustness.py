@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from channels.db import database_sync_to_async
 
 from identity.models import ConnectionIdentity
 from realtime.outbox import Outbox
 from realtime.services import telemetry
+from realtime.threads import thread_store
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,3 +62,20 @@ async def test_unstorable_client_strings_are_invalid_params_naming_the_field(con
     assert (await client.initialize("codex_ios", "1"))["userAgent"]
     row = await database_sync_to_async(ConnectionIdentity.objects.get)()
     assert row.client_title == "Codex_Ios" and "\x00" not in str(row.capabilities)
+
+
+async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, settings):
+    settings.CODEX_MAX_HISTORY_BYTES = 50_000
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    big = "x" * 20_000
+    for index in range(6):
+        await client.run_turn(thread, f"turn {index} {big}")
+    sizes = [len(json.dumps(r.body["input"])) for r in upstream.model_requests()]
+    # Each request: the new message plus at most 50 kB of earlier turns, oldest dropped first.
+    assert max(sizes) <= 50_000 + 21_000
+    last_input = str(upstream.model_requests()[-1].body["input"])
+    assert "turn 5" in last_input and "turn 4" in last_input and "turn 0" not in last_input
+    stored = thread_store.get(thread)
+    assert sum(turn.input_bytes for turn in stored.turns) <= 50_000

@@ -74,8 +74,18 @@ async def test_two_daphne_processes_on_postgres_and_redis_attribute_every_reques
     assert all(r["disconnected_at"] is not None for r in stored)
 
 
-async def test_a_killed_instance_has_its_rows_closed_when_it_restarts(daphne_server, postgres_database):
-    server = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-k")
+FAST_HEARTBEAT = {"CODEX_HEARTBEAT_INTERVAL": "0.3", "CODEX_HEARTBEAT_TIMEOUT": "2"}
+
+
+async def wait_for_rows(database_url: str, predicate, timeout: float = 8.0) -> list[dict]:
+    async with asyncio.timeout(timeout):
+        while not predicate(stored := rows(database_url)):
+            await asyncio.sleep(0.2)
+    return stored
+
+
+async def test_a_killed_instance_has_its_rows_closed_once_its_heartbeat_stops(daphne_server, postgres_database):
+    server = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-k", **FAST_HEARTBEAT)
     async with ws_connect(server.ws_url) as websocket:
         await SocketClient(websocket).initialize("codex_ios", "1")
         server.process.send_signal(signal.SIGKILL)
@@ -83,19 +93,47 @@ async def test_a_killed_instance_has_its_rows_closed_when_it_restarts(daphne_ser
     [orphan] = rows(postgres_database)
     assert orphan["disconnected_at"] is None
 
-    restarted = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-k")
+    restarted = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-k", **FAST_HEARTBEAT)
     async with ws_connect(restarted.ws_url) as websocket:
         await SocketClient(websocket).initialize("codex_vscode", "1")
-        stored = {r["client_name"]: r for r in rows(postgres_database)}
-        assert stored["codex_ios"]["disconnected_at"] is not None
-        assert stored["codex_vscode"]["disconnected_at"] is None
+        by_name = lambda stored: {r["client_name"]: r for r in stored}  # noqa: E731
+        stored = await wait_for_rows(postgres_database, lambda s: by_name(s)["codex_ios"]["disconnected_at"] is not None)
+        assert by_name(stored)["codex_vscode"]["disconnected_at"] is None
+
+
+async def test_two_live_processes_sharing_an_instance_name_never_close_each_others_rows(
+    daphne_server, postgres_database
+):
+    first = daphne_server(postgres_database, CODEX_SERVER_INSTANCE="shared", **FAST_HEARTBEAT)
+    second = daphne_server(postgres_database, CODEX_SERVER_INSTANCE="shared", **FAST_HEARTBEAT)
+    async with ws_connect(first.ws_url) as a, ws_connect(second.ws_url) as b:
+        await SocketClient(a).initialize("codex_on_first", "1")
+        await SocketClient(b).initialize("codex_on_second", "1")
+        # A third process of that name starts, and the second stops gracefully.
+        third = daphne_server(postgres_database, CODEX_SERVER_INSTANCE="shared", **FAST_HEARTBEAT)
+        async with ws_connect(third.ws_url) as c:
+            await SocketClient(c).initialize("codex_on_third", "1")
+            second.stop()
+            await asyncio.sleep(3)  # past the heartbeat timeout
+            by_name = {r["client_name"]: r for r in rows(postgres_database)}
+            assert by_name["codex_on_first"]["disconnected_at"] is None
+            assert by_name["codex_on_third"]["disconnected_at"] is None
+            assert by_name["codex_on_second"]["disconnected_at"] is not None  # closed by its own stop
+            # kill -9 the first: its row closes within the heartbeat window, the third's stays open.
+            first.process.send_signal(signal.SIGKILL)
+            first.process.wait(10)
+            stored = await wait_for_rows(
+                postgres_database,
+                lambda s: {r["client_name"]: r for r in s}["codex_on_first"]["disconnected_at"] is not None,
+            )
+            assert {r["client_name"]: r for r in stored}["codex_on_third"]["disconnected_at"] is None
 
 
 async def test_killing_one_process_mid_turn_leaves_the_other_serving_and_loses_no_row(
     daphne_server, postgres_database, upstream
 ):
-    doomed = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-x")
-    survivor = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-y")
+    doomed = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-x", **FAST_HEARTBEAT)
+    survivor = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-y", **FAST_HEARTBEAT)
     async with ws_connect(doomed.ws_url) as doomed_ws, ws_connect(survivor.ws_url) as survivor_ws:
         victim, steady = SocketClient(doomed_ws), SocketClient(survivor_ws)
         await victim.initialize("codex_ios", "1.0.0")
@@ -109,10 +147,11 @@ async def test_killing_one_process_mid_turn_leaves_the_other_serving_and_loses_n
         assert (await steady_turn)["turn"]["status"] == "completed"
         assert (await steady.run_turn(steady_thread))["turn"]["status"] == "completed"
 
-        restarted = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-x")
+        restarted = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="node-x", **FAST_HEARTBEAT)
         async with ws_connect(restarted.ws_url) as again_ws:
             await SocketClient(again_ws).initialize("codex_android", "1.0.0")
-            stored = rows(postgres_database)
+            ios_closed = lambda s: {r["client_name"]: r for r in s}["codex_ios"]["disconnected_at"] is not None  # noqa: E731
+            stored = await wait_for_rows(postgres_database, ios_closed)
     assert len(stored) == 3 and len({r["connection_id"] for r in stored}) == 3
     by_name = {r["client_name"]: r for r in stored}
     assert by_name["codex_ios"]["disconnected_at"] is not None  # closed by the restart
