@@ -80,6 +80,15 @@ DATABASES = {
         default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=0
     )
 }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Django's psycopg pool: a connection per row write would cost a
+    # PostgreSQL backend start each (PROTOCOL §7 rows at every connect/close).
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        # every row-writer thread keeps one, plus the request and admin threads
+        "max_size": int(os.environ.get("CODEX_DB_WRITE_THREADS", "8")) + 4,
+        "timeout": 30,
+    }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL and IMMEDIATE transactions let several processes share the file
     # without "database is locked" under concurrent connects.
@@ -123,6 +132,8 @@ CODEX_SERVER_INSTANCE = os.environ.get(
 # The server's Codex home, reported by `initialize` (`codexHome`); the server
 # keeps nothing there itself.
 CODEX_HOME = os.path.abspath(os.path.expanduser(os.environ.get("CODEX_HOME") or "~/.codex"))
+# Threads writing ConnectionIdentity rows (PostgreSQL; SQLite uses one).
+CODEX_DB_WRITE_THREADS = int(os.environ.get("CODEX_DB_WRITE_THREADS", "8"))
 # Each process beats in the database this often; one silent for the timeout
 # is dead, and its open rows are closed by whichever live process notices.
 CODEX_HEARTBEAT_INTERVAL = float(os.environ.get("CODEX_HEARTBEAT_INTERVAL", "15"))

@@ -5,19 +5,61 @@ closed (at disconnect) and reconciled (rows a dead process left open); a
 process's boot: started, beating, stopped.
 The async ones run through channels' ``database_sync_to_async``, which also
 retires stale database connections around each call, as a request would.
+
+Row writes do not queue behind every other ORM call of the process on
+asgiref's one thread-sensitive thread: they run on their own small pool of
+threads (one for SQLite, which takes one writer at a time anyway), each
+holding a pooled PostgreSQL connection. A burst of a thousand connects and
+disconnects must fit in daphne's connect timeout.
 """
 
 from __future__ import annotations
 
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from datetime import datetime, timedelta
 
-from channels.db import database_sync_to_async
+from channels.db import DatabaseSyncToAsync
+from django.conf import settings
+from django.db import connection, connections
 from django.db import transaction
 from django.utils import timezone
 
 from .client_identity import ClientIdentity
 from .models import ConnectionIdentity, ServerBoot
+
+
+@cache
+def _row_writers() -> ThreadPoolExecutor:
+    threads = 1 if connection.vendor == "sqlite" else settings.CODEX_DB_WRITE_THREADS
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="row-writer")
+
+
+def close_row_writer_connections() -> None:
+    """Close the connection each row-writer thread holds (tests drop the
+    database after this; a stopping process lets its sessions go)."""
+    pool = _row_writers()
+    threads = pool._max_workers
+    barrier = threading.Barrier(threads)
+
+    def close_in_this_thread() -> None:
+        barrier.wait(timeout=10)  # one call per thread: each waits for the others
+        connections.close_all()
+
+    for future in [pool.submit(close_in_this_thread) for _ in range(threads)]:
+        future.result()
+
+
+def database_sync_to_async(func):
+    """channels' wrapper (it retires stale connections around each call), on
+    the row writers' threads."""
+
+    def call(*args, **kwargs):
+        return DatabaseSyncToAsync(func, thread_sensitive=False, executor=_row_writers())(*args, **kwargs)
+
+    return call
 
 
 @database_sync_to_async

@@ -51,6 +51,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
     connection: AppServerConnection | None = None
     _writer: asyncio.Task | None = None
     _closing: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
+    _row_closed: asyncio.Future | None = None
 
     async def connect(self):
         """Called at the upgrade: refuse it, or open the row and accept."""
@@ -91,10 +92,13 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         """Called when the socket has closed, whichever side closed it."""
         if self.connection is None:
             return
+        # The row first, and shielded: daphne cancels a consumer that is slow
+        # to finish, and the close must not be lost with it.
+        self._row_closed = asyncio.ensure_future(record_connection_closed(self.connection.connection_id))
         await self.connection.close()
         if self._writer is not None:
             self._writer.cancel()
-        await record_connection_closed(self.connection.connection_id)
+        await asyncio.shield(self._row_closed)
 
     async def _refuse(self, status: int) -> None:
         # Without the denial-response extension an ASGI server can only say 403.

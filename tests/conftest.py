@@ -12,6 +12,7 @@ from django.db import connections
 from codexserver.devtools.local_upstream import UpstreamServer
 from codexserver.devtools.server_process import ServerProcess, migrate
 from codexserver.devtools.rpc_client import RpcClient
+from identity.actions import close_row_writer_connections
 from tests.rpc_client import CommunicatorClient
 from tests.wire_schema import schema_errors
 
@@ -27,6 +28,10 @@ def close_connections_of_the_database_thread(django_db_setup, django_db_blocker)
     yield
     with django_db_blocker.unblock():
         asyncio.run(database_sync_to_async(connections.close_all)())
+        close_row_writer_connections()
+        for connection in connections.all():
+            if hasattr(connection, "close_pool"):  # PostgreSQL: the pooled sessions
+                connection.close_pool()
 
 
 @pytest.fixture(autouse=True)

@@ -190,3 +190,28 @@ async def test_a_forged_x_forwarded_for_never_fails_the_upgrade_on_postgres(daph
             await SocketClient(websocket).initialize("codex_ios", "1.0.0")
     stored = [r["remote_addr"] and str(r["remote_addr"]) for r in rows(postgres_database)]
     assert stored == [None, "203.0.113.9", None]
+
+
+CHURN_CLIENTS = 1000
+
+
+async def test_a_thousand_clients_connecting_and_dropping_at_once_lose_no_row_and_are_never_refused(
+    daphne_server, postgres_database
+):
+    server = daphne_server(postgres_database, REDIS_URL=REDIS_URL)
+    refused: list[BaseException] = []
+
+    async def connect_and_drop(index: int) -> None:
+        try:
+            async with ws_connect(server.ws_url, open_timeout=30) as websocket:
+                await websocket.send('{"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "churn_%d", "version": "1"}}}' % index)
+                await websocket.recv()
+        except Exception as exc:  # an upgrade refused or timed out
+            refused.append(exc)
+
+    await asyncio.gather(*(connect_and_drop(index) for index in range(CHURN_CLIENTS)))
+    assert refused == []
+    stored = await wait_for_rows(
+        postgres_database, lambda s: len(s) == CHURN_CLIENTS and all(r["disconnected_at"] for r in s), timeout=60
+    )
+    assert len({r["connection_id"] for r in stored}) == CHURN_CLIENTS
