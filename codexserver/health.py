@@ -2,11 +2,14 @@
 
 import asyncio
 import logging
+import time
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import JsonResponse
+
+from codexserver.loop_local import LoopLocal
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,37 @@ async def _channel_layer_answers() -> None:
     channel = await layer.new_channel()
     await layer.send(channel, {"type": "readyz.ping"})
     await layer.receive(channel)
+
+
+# Upgrades ask whether the layer answers; a burst of them shares one probe a second.
+LAYER_PROBE_SECONDS = 1.0
+
+
+class _LayerProbe:
+    def __init__(self) -> None:
+        self.started_at = 0.0
+        self.run: asyncio.Future | None = None
+
+
+_layer_probes: LoopLocal[_LayerProbe] = LoopLocal(_LayerProbe)
+
+
+async def channel_layer_available() -> bool:
+    """Whether the channel layer answered a round trip (probed at most once a second)."""
+    probe = _layer_probes.get()
+    if probe.run is None or (probe.run.done() and time.monotonic() - probe.started_at >= LAYER_PROBE_SECONDS):
+        probe.started_at = time.monotonic()
+        probe.run = asyncio.ensure_future(_probe_layer())
+    return await asyncio.shield(probe.run)
+
+
+async def _probe_layer() -> bool:
+    try:
+        await asyncio.wait_for(_channel_layer_answers(), READINESS_TIMEOUT)
+        return True
+    except Exception as exc:
+        logger.warning("channel layer unavailable: %s", type(exc).__name__)
+        return False
 
 
 async def readyz(request):

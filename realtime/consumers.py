@@ -11,6 +11,7 @@ from http import HTTPStatus
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from codexserver.health import channel_layer_available
 from identity.actions import record_connection_closed, record_connection_opened
 
 from .connection import AppServerConnection
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
+SERVICE_UNAVAILABLE = 503
 
 
 def _frame_size(text_data: str | None, bytes_data: bytes | None) -> int:
@@ -61,11 +63,9 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             await self._refuse(refusal)
             return
         connection_id = uuid.uuid4()
-        lifecycle = process_lifecycle()
-        await lifecycle.ensure_started()
-        await record_connection_opened(
-            connection_id, settings.CODEX_SERVER_INSTANCE, lifecycle.boot_id, _peer_address(self.scope)
-        )
+        if not await self._open_row(connection_id):
+            await self._refuse(SERVICE_UNAVAILABLE)
+            return
         outbox = Outbox(
             self._send_text, on_overflow=self._drop_slow_client, stall_seconds=settings.CODEX_CLIENT_STALL_TIMEOUT
         )
@@ -73,6 +73,22 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         await self.accept()
         self._writer = asyncio.create_task(outbox.run(), name="outbox writer")
         self._writer.add_done_callback(self._writer_stopped)
+
+    async def _open_row(self, connection_id: uuid.UUID) -> bool:
+        """Write the connection's row; False when the database or the channel
+        layer is down, and the upgrade is refused rather than left half-open."""
+        if not await channel_layer_available():
+            return False
+        lifecycle = process_lifecycle()
+        try:
+            await lifecycle.ensure_started()
+            await record_connection_opened(
+                connection_id, settings.CODEX_SERVER_INSTANCE, lifecycle.boot_id, _peer_address(self.scope)
+            )
+        except Exception as exc:
+            logger.warning("refusing a WebSocket upgrade: the database is unavailable (%s)", type(exc).__name__)
+            return False
+        return True
 
     async def receive(self, text_data=None, bytes_data=None):
         """Called for each frame from the client."""

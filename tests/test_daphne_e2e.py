@@ -219,3 +219,16 @@ async def test_a_slow_reader_gets_the_whole_turn_instead_of_being_dropped(daphne
                 if message.get("method") == "turn/completed":
                     break
         assert deltas == 3000 and message["params"]["turn"]["status"] == "completed"
+
+
+async def test_with_the_channel_layer_down_upgrades_are_refused_with_503_and_no_row_is_left(daphne_server, tmp_path):
+    server = daphne_server(REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
+    for _ in range(3):
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(server.ws_url):
+                pass
+        assert refused.value.response.status_code == 503
+    assert await _rows_when(tmp_path / "server.sqlite3", lambda rows: True, 0.1) == []
+    server.stop()
+    log = server.log()
+    assert "Traceback" not in log and "Task was destroyed" not in log
