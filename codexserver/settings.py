@@ -9,6 +9,7 @@ import socket
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
 from codexserver.channel_layers import redis_host
@@ -19,6 +20,33 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 def _env_bool(name: str, default: bool = False) -> bool:
     return os.environ.get(name, str(default)).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_number(name: str, default: str, kind: type) -> int | float:
+    """A number setting; anything else stops the process in one line naming it."""
+    raw = os.environ.get(name, default).strip()
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r}: must be a {'whole number' if kind is int else 'number'}") from None
+    if value < 0:
+        raise ImproperlyConfigured(f"{name}={raw!r}: must not be negative")
+    return value
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, default).strip()
+    value = raw.upper() if choices[0].isupper() else raw.lower()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name}={raw!r}: must be one of {', '.join(choices)}")
+    return value
+
+
+def _env_url(name: str, default: str) -> str:
+    raw = os.environ.get(name, default).strip()
+    if not raw.startswith(("http://", "https://")) or raw.endswith("://"):
+        raise ImproperlyConfigured(f"{name}={raw!r}: must be an http:// or https:// URL")
+    return raw
 
 
 def _env_list(name: str, default: str = "") -> list[str]:
@@ -86,7 +114,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         # every row-writer thread keeps one, plus the request and admin threads
-        "max_size": int(os.environ.get("CODEX_DB_WRITE_THREADS", "8")) + 4,
+        "max_size": _env_number("CODEX_DB_WRITE_THREADS", "8", int) + 4,
         "timeout": 30,
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -133,29 +161,27 @@ CODEX_SERVER_INSTANCE = os.environ.get(
 # keeps nothing there itself.
 CODEX_HOME = os.path.abspath(os.path.expanduser(os.environ.get("CODEX_HOME") or "~/.codex"))
 # Threads writing ConnectionIdentity rows (PostgreSQL; SQLite uses one).
-CODEX_DB_WRITE_THREADS = int(os.environ.get("CODEX_DB_WRITE_THREADS", "8"))
+CODEX_DB_WRITE_THREADS = _env_number("CODEX_DB_WRITE_THREADS", "8", int)
 # Each process beats in the database this often; one silent for the timeout
 # is dead, and its open rows are closed by whichever live process notices.
-CODEX_HEARTBEAT_INTERVAL = float(os.environ.get("CODEX_HEARTBEAT_INTERVAL", "15"))
-CODEX_HEARTBEAT_TIMEOUT = float(os.environ.get("CODEX_HEARTBEAT_TIMEOUT", "60"))
+CODEX_HEARTBEAT_INTERVAL = _env_number("CODEX_HEARTBEAT_INTERVAL", "15", float)
+CODEX_HEARTBEAT_TIMEOUT = _env_number("CODEX_HEARTBEAT_TIMEOUT", "60", float)
 CODEX_ALLOWED_ORIGINS = _env_list("CODEX_ALLOWED_ORIGINS")
 CODEX_WS_AUTH_TOKEN = os.environ.get("CODEX_WS_AUTH_TOKEN") or None
 
 # --- upstreams (PROTOCOL §6) ------------------------------------------------
-CODEX_API_BASE_URL = os.environ.get("CODEX_API_BASE_URL", "https://api.openai.com/v1")
-CODEX_CHATGPT_BASE_URL = os.environ.get(
-    "CODEX_CHATGPT_BASE_URL", "https://chatgpt.com/backend-api"
-)
+CODEX_API_BASE_URL = _env_url("CODEX_API_BASE_URL", "https://api.openai.com/v1")
+CODEX_CHATGPT_BASE_URL = _env_url("CODEX_CHATGPT_BASE_URL", "https://chatgpt.com/backend-api")
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY") or None
 CODEX_MODEL = os.environ.get("CODEX_MODEL", "gpt-5-codex")
-CODEX_RESPONSES_TRANSPORT = os.environ.get("CODEX_RESPONSES_TRANSPORT", "sse")
+CODEX_RESPONSES_TRANSPORT = _env_choice("CODEX_RESPONSES_TRANSPORT", "sse", ("sse", "websocket"))
 # Retries of 5xx answers other than 503: tries in all, and the first backoff
 # (doubled each time).
-CODEX_UPSTREAM_MAX_TRIES = int(os.environ.get("CODEX_UPSTREAM_MAX_TRIES", "3"))
-CODEX_UPSTREAM_RETRY_BACKOFF = float(os.environ.get("CODEX_UPSTREAM_RETRY_BACKOFF", "0.5"))
+CODEX_UPSTREAM_MAX_TRIES = _env_number("CODEX_UPSTREAM_MAX_TRIES", "3", int)
+CODEX_UPSTREAM_RETRY_BACKOFF = _env_number("CODEX_UPSTREAM_RETRY_BACKOFF", "0.5", float)
 # Longest silence tolerated inside a model stream before it counts as cut.
-CODEX_UPSTREAM_IDLE_TIMEOUT = float(os.environ.get("CODEX_UPSTREAM_IDLE_TIMEOUT", "300"))
-CODEX_UPSTREAM_CONNECT_TIMEOUT = float(os.environ.get("CODEX_UPSTREAM_CONNECT_TIMEOUT", "10"))
+CODEX_UPSTREAM_IDLE_TIMEOUT = _env_number("CODEX_UPSTREAM_IDLE_TIMEOUT", "300", float)
+CODEX_UPSTREAM_CONNECT_TIMEOUT = _env_number("CODEX_UPSTREAM_CONNECT_TIMEOUT", "10", float)
 
 # Every line names the connection and originator it was logged for (see
 # codexserver/log_format.py); secrets are redacted from the final text.
@@ -172,7 +198,7 @@ LOGGING = {
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["identity"]},
     },
-    "root": {"handlers": ["console"], "level": os.environ.get("CODEX_LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": _env_choice("CODEX_LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))},
     "loggers": {
         # httpx logs every request line at INFO; keep it at WARNING.
         "httpx": {"level": "WARNING"},
@@ -182,20 +208,20 @@ LOGGING = {
 
 # Telemetry batching: events per request, seconds between flushes, and how
 # many events may wait before the oldest are dropped.
-CODEX_TELEMETRY_MAX_BATCH = int(os.environ.get("CODEX_TELEMETRY_MAX_BATCH", "50"))
-CODEX_TELEMETRY_FLUSH_INTERVAL = float(os.environ.get("CODEX_TELEMETRY_FLUSH_INTERVAL", "5.0"))
-CODEX_TELEMETRY_MAX_BUFFERED = int(os.environ.get("CODEX_TELEMETRY_MAX_BUFFERED", "10000"))
+CODEX_TELEMETRY_MAX_BATCH = _env_number("CODEX_TELEMETRY_MAX_BATCH", "50", int)
+CODEX_TELEMETRY_FLUSH_INTERVAL = _env_number("CODEX_TELEMETRY_FLUSH_INTERVAL", "5.0", float)
+CODEX_TELEMETRY_MAX_BUFFERED = _env_number("CODEX_TELEMETRY_MAX_BUFFERED", "10000", int)
 
 # What one connection may hold at once, so no client can starve the others
 # of the shared upstream pool or the event loop.
-CODEX_MAX_THREADS_PER_CONNECTION = int(os.environ.get("CODEX_MAX_THREADS_PER_CONNECTION", "256"))
-CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = int(os.environ.get("CODEX_MAX_RUNNING_TURNS_PER_CONNECTION", "16"))
+CODEX_MAX_THREADS_PER_CONNECTION = _env_number("CODEX_MAX_THREADS_PER_CONNECTION", "256", int)
+CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = _env_number("CODEX_MAX_RUNNING_TURNS_PER_CONNECTION", "16", int)
 # Bytes of earlier turns replayed as model input per thread (oldest dropped
 # first), and how many threads this process keeps (unloaded ones evicted).
-CODEX_MAX_HISTORY_BYTES = int(os.environ.get("CODEX_MAX_HISTORY_BYTES", str(4 * 1024 * 1024)))
-CODEX_MAX_STORED_THREADS = int(os.environ.get("CODEX_MAX_STORED_THREADS", "1000"))
+CODEX_MAX_HISTORY_BYTES = _env_number("CODEX_MAX_HISTORY_BYTES", str(4 * 1024 * 1024), int)
+CODEX_MAX_STORED_THREADS = _env_number("CODEX_MAX_STORED_THREADS", "1000", int)
 CODEX_MODELS = _env_list("CODEX_MODELS")
-CODEX_MAX_REQUESTS_IN_FLIGHT = int(os.environ.get("CODEX_MAX_REQUESTS_IN_FLIGHT", "64"))
+CODEX_MAX_REQUESTS_IN_FLIGHT = _env_number("CODEX_MAX_REQUESTS_IN_FLIGHT", "64", int)
 # Seconds a client may read nothing while a turn waits for it to drain its
 # queue; after that the queue fills and the client is dropped (1013).
-CODEX_CLIENT_STALL_TIMEOUT = float(os.environ.get("CODEX_CLIENT_STALL_TIMEOUT", "10"))
+CODEX_CLIENT_STALL_TIMEOUT = _env_number("CODEX_CLIENT_STALL_TIMEOUT", "10", float)

@@ -33,7 +33,7 @@ async def start_realtime(context, params: Any) -> dict[str, Any]:
     identity, config, connection = context.identity, UpstreamConfig.from_settings(), context.connection
     try:
         call = await realtime_calls.create_call(identity, sdp, config)
-        async with upstream_errors.websocket_failures():
+        async with upstream_errors.websocket_failures(config.api_base_url):
             socket = await realtime_calls.open_sideband(identity, call.call_id, config)
     except BaseException:
         thread.realtime = None

@@ -25,7 +25,7 @@ async def stream_events(
 ) -> AsyncIterator[dict[str, Any]]:
     url = join_url(websocket_url(config.api_base_url), "responses")
     headers = {**request.session_headers(), "OpenAI-Beta": OPENAI_BETA}
-    async with upstream_errors.websocket_failures():
+    async with upstream_errors.websocket_failures(url):
         async with connect_as(identity, url, config, bearer_token=config.api_key, extra_headers=headers) as socket:
             await socket.send(json.dumps({"type": "response.create", **request.body()}))
             while True:

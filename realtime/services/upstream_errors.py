@@ -85,11 +85,21 @@ def too_many_failed_attempts(last: UpstreamError, tries: int) -> UpstreamError:
     )
 
 
-def connection_failed(exc: BaseException) -> UpstreamError:
+def connection_failed(exc: BaseException, url: str | None = None) -> UpstreamError:
+    """``url`` is said without its query: the operator needs to know which
+    base URL is unreachable, and nothing secret travels in our paths."""
+    where = f" at {url.split('?', 1)[0]}" if url else ""
     return UpstreamError(
-        f"could not connect to the model upstream ({type(exc).__name__})",
+        f"could not connect to the upstream{where} ({type(exc).__name__})",
         {"responseStreamConnectionFailed": {"httpStatusCode": None}},
     )
+
+
+def _request_url(exc: httpx.HTTPError) -> str | None:
+    try:
+        return str(exc.request.url)
+    except RuntimeError:  # an error raised before a request was made
+        return None
 
 
 def stream_disconnected(reason: str, http_status: int | None = None) -> UpstreamError:
@@ -124,8 +134,8 @@ def failed_response(error: Any) -> UpstreamError:
 
 
 @asynccontextmanager
-async def websocket_failures() -> AsyncIterator[None]:
-    """Map what an upstream WebSocket raises, at the handshake or mid-stream."""
+async def websocket_failures(url: str | None = None) -> AsyncIterator[None]:
+    """Map what an upstream WebSocket (at ``url``) raises, at the handshake or mid-stream."""
     try:
         yield
     except InvalidStatus as exc:
@@ -133,7 +143,7 @@ async def websocket_failures() -> AsyncIterator[None]:
     except ConnectionClosed as exc:
         raise stream_disconnected(f"socket closed ({exc.rcvd.code if exc.rcvd else 'no close frame'})") from exc
     except (OSError, InvalidHandshake, TimeoutError) as exc:  # TimeoutError: the handshake's
-        raise connection_failed(exc) from exc
+        raise connection_failed(exc, url) from exc
 
 
 @asynccontextmanager
@@ -142,7 +152,7 @@ async def http_failures() -> AsyncIterator[None]:
     try:
         yield
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise connection_failed(exc) from exc
+        raise connection_failed(exc, _request_url(exc)) from exc
     except (httpx.TransportError, SSEError) as exc:
         # Read timeouts, resets and truncated chunks: the stream was cut.
         raise stream_disconnected(type(exc).__name__) from exc

@@ -1,5 +1,6 @@
 """Close ConnectionIdentity rows left open by a process that died."""
 
+import argparse
 from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError
@@ -18,7 +19,8 @@ def _duration(value: str) -> timedelta:
         return timedelta(seconds=int(value))
     parsed = parse_duration(value)
     if parsed is None:
-        raise CommandError(f"--older-than: cannot read {value!r} as a duration")
+        # argparse turns this into a one-line usage error.
+        raise argparse.ArgumentTypeError(f"cannot read {value!r} as a duration (e.g. 90, 15m, 2h, 1d)")
     return parsed
 
 

@@ -1,6 +1,9 @@
 """``python manage.py serve``: daphne on 127.0.0.1:8765 with the limits the protocol needs."""
 
-from django.core.management.base import BaseCommand
+import socket
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
 
 from realtime.protocol import MAX_FRAME_BYTES
 
@@ -22,6 +25,9 @@ class Command(BaseCommand):
         from codexserver.daphne_server import AppServerCommandLine
 
         argv = daphne_argv(host, port, daphne_args)
+        if not settings.OPENAI_API_KEY:
+            self.stderr.write("warning: OPENAI_API_KEY is not set: model turns will fail with `unauthorized`")
+        _check_can_listen(host, port)
         self.stdout.write(f"codexserver listening on ws://{host}:{port}/ (admin at http://{host}:{port}/admin/)")
         AppServerCommandLine().run(argv)
 
@@ -43,3 +49,13 @@ def daphne_argv(host: str, port: int, extra: list[str]) -> list[str]:
         *extra,
         "codexserver.asgi:application",
     ]
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail in one line before saying "listening" when the address is taken."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
