@@ -79,3 +79,15 @@ async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, setting
     assert "turn 5" in last_input and "turn 4" in last_input and "turn 0" not in last_input
     stored = thread_store.get(thread)
     assert sum(turn.input_bytes for turn in stored.turns) <= 50_000
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_a_connect_failure_says_which_upstream_was_tried(connect, settings, transport):
+    settings.CODEX_API_BASE_URL = "http://127.0.0.1:1/v1"  # nothing listens there
+    settings.CODEX_RESPONSES_TRANSPORT = transport
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    completed = await client.run_turn(await client.start_thread())
+    error = completed["turn"]["error"]
+    assert error["codexErrorInfo"] == {"responseStreamConnectionFailed": {"httpStatusCode": None}}
+    assert "127.0.0.1:1/v1/responses" in error["message"]
