@@ -1,53 +1,115 @@
-"""Read-only admin for ConnectionIdentity: operators inspect, never edit."""
+"""Read-only admin for ConnectionIdentity: operators inspect, never edit.
+
+It answers "who is connected now" at a glance: open connections are the
+default view, one row fits a 1920 px screen, times carry seconds and zone,
+and a connection that has not initialized shows "—", not "no". Filters list
+only bounded sets (the first-party originators, never every name a client
+ever chose); anything else is a search.
+"""
 
 from django.contrib import admin
 from django.db.models import F
+from django.utils import timezone
 
 from .models import ConnectionIdentity
+from .policy import first_party_originators, process_default_originator
+
+NOT_YET = "—"
 
 
-class OpenClosedFilter(admin.SimpleListFilter):
+class StateFilter(admin.SimpleListFilter):
+    """Open connections unless asked otherwise."""
+
     title = "state"
     parameter_name = "state"
 
     def lookups(self, request, model_admin):
-        return [("open", "Open"), ("closed", "Closed")]
+        return [("open", "Open"), ("closed", "Closed"), ("all", "All")]
+
+    def choices(self, changelist):
+        current = self.value() or "open"
+        for value, label in self.lookup_choices:
+            yield {
+                "selected": current == value,
+                "query_string": changelist.get_query_string({self.parameter_name: value}),
+                "display": label,
+            }
 
     def queryset(self, request, queryset):
-        if self.value() == "open":
+        state = self.value() or "open"
+        if state == "open":
             return queryset.filter(disconnected_at__isnull=True)
-        if self.value() == "closed":
+        if state == "closed":
             return queryset.filter(disconnected_at__isnull=False)
         return queryset
+
+
+class OriginatorFilter(admin.SimpleListFilter):
+    """The first-party originators (a fixed, short list); ``?originator=X``
+    filters by any other value, and the search box finds the rest."""
+
+    title = "originator"
+    parameter_name = "originator"
+
+    def lookups(self, request, model_admin):
+        names = sorted({process_default_originator(), *first_party_originators()})
+        if self.value() and self.value() not in names:
+            names.append(self.value())
+        return [(name, name) for name in names]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(originator=self.value()) if self.value() else queryset
+
+
+def _time(value) -> str:
+    return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z") if value else NOT_YET
 
 
 @admin.register(ConnectionIdentity)
 class ConnectionIdentityAdmin(admin.ModelAdmin):
     list_display = (
-        "connection_id",
+        "connection",
         "client_name",
         "client_version",
         "originator",
-        "is_infrastructure",
-        "is_first_party",
+        "kind",
         "server_instance",
         "remote_addr",
-        "connected_at",
-        "initialized_at",
-        "disconnected_at",
+        "connected",
+        "initialized",
+        "disconnected",
     )
-    list_filter = (
-        OpenClosedFilter,
-        "originator",
-        "is_infrastructure",
-        "is_first_party",
-        "server_instance",
-    )
-    search_fields = ("client_name", "user_agent", "connection_id")
+    list_display_links = ("connection",)
+    list_filter = (StateFilter, OriginatorFilter, "is_infrastructure", "is_first_party")
+    search_fields = ("=originator", "client_name", "server_instance", "user_agent", "connection_id")
     # Open connections first, newest first.
     ordering = (F("disconnected_at").asc(nulls_first=True), "-connected_at")
     show_full_result_count = False
     list_per_page = 100
+
+    @admin.display(description="connection")
+    def connection(self, row: ConnectionIdentity) -> str:
+        return str(row.connection_id)[:8]  # the whole id is on the row's page and in search
+
+    @admin.display(description="kind")
+    def kind(self, row: ConnectionIdentity) -> str:
+        if row.initialized_at is None:
+            return NOT_YET
+        if row.is_infrastructure:
+            return "infrastructure"
+        return "first-party" if row.is_first_party else "third-party"
+
+    @admin.display(description="connected", ordering="connected_at")
+    def connected(self, row: ConnectionIdentity) -> str:
+        return _time(row.connected_at)
+
+    @admin.display(description="initialized", ordering="initialized_at")
+    def initialized(self, row: ConnectionIdentity) -> str:
+        return _time(row.initialized_at)
+
+    @admin.display(description="disconnected", ordering="disconnected_at")
+    def disconnected(self, row: ConnectionIdentity) -> str:
+        return _time(row.disconnected_at) if row.disconnected_at else "open"
 
     def has_add_permission(self, request):
         return False

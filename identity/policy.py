@@ -45,6 +45,11 @@ def _extra_first_party() -> frozenset[str]:
     return frozenset(part.strip() for part in raw.split(",") if part.strip())
 
 
+def first_party_originators() -> frozenset[str]:
+    """The named first-party originators (besides any starting with ``Codex ``)."""
+    return FIRST_PARTY_ORIGINATORS | _extra_first_party()
+
+
 def is_first_party_originator(originator: str) -> bool:
     return (
         originator in FIRST_PARTY_ORIGINATORS

@@ -4,6 +4,9 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
+import time
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,7 @@ def browser():
     options.binary_location = "/usr/bin/chromium"
     for flag in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1700,650",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1920,650",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
@@ -38,11 +41,34 @@ def browser():
     driver.quit()
 
 
-async def connect_clients(server) -> None:
-    async with ws_connect(server.ws_url) as a, ws_connect(server.ws_url) as b, ws_connect(server.ws_url) as c:
-        for websocket, name in ((a, "codex-backend"), (b, "codex_ios"), (c, "codex_vscode")):
-            await SocketClient(websocket).initialize(name, "1.4.0")
-        await asyncio.sleep(0.1)
+@contextmanager
+def connected_clients(server, names=("codex-backend", "codex_ios", "codex_vscode"), gone=("acme_editor",)):
+    """``names`` stay connected (on a loop in another thread) until the block
+    ends; ``gone`` connect, initialize and leave first."""
+    ready, leave = threading.Event(), asyncio.Event()
+    loop = asyncio.new_event_loop()
+
+    async def hold() -> None:
+        for name in gone:
+            async with ws_connect(server.ws_url) as websocket:
+                await SocketClient(websocket).initialize(name, "1.4.0")
+        async with AsyncExitStack() as stack:
+            for name in names:
+                websocket = await stack.enter_async_context(ws_connect(server.ws_url))
+                await SocketClient(websocket).initialize(name, "1.4.0")
+            ready.set()
+            await leave.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(hold(),))
+    thread.start()
+    try:
+        assert ready.wait(20), "the clients did not connect"
+        time.sleep(0.3)  # the closed row's disconnect is written
+        yield
+    finally:
+        loop.call_soon_threadsafe(leave.set)
+        thread.join(10)
+        loop.close()
 
 
 def test_operator_logs_in_filters_by_originator_and_cannot_edit(daphne_server, browser, tmp_path):
@@ -51,8 +77,11 @@ def test_operator_logs_in_filters_by_originator_and_cannot_edit(daphne_server, b
         [sys.executable, "manage.py", "createsuperuser", "--noinput", "--username", "operator", "--email", "op@example.com"],
         cwd=PROJECT_DIR, env={**server.env, "DJANGO_SUPERUSER_PASSWORD": PASSWORD}, check=True,
     )
-    asyncio.run(connect_clients(server))
+    with connected_clients(server):
+        browse_the_changelist(server, browser, tmp_path)
 
+
+def browse_the_changelist(server, browser, tmp_path):
     browser.get(server.http_url + "/admin/login/?next=/admin/identity/connectionidentity/")
     browser.find_element(By.NAME, "username").send_keys("operator")
     browser.find_element(By.NAME, "password").send_keys(PASSWORD)
@@ -65,7 +94,7 @@ def test_operator_logs_in_filters_by_originator_and_cannot_edit(daphne_server, b
     originator_filter.find_element(By.LINK_TEXT, "codex_ios").click()
     WebDriverWait(browser, 10).until(expected_conditions.url_contains("originator=codex_ios"))
     rows = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
-    assert len(rows) == 1 and "codex_ios" in rows[0].text
+    assert len(rows) == 1 and "codex_ios" in rows[0].text and "open" in rows[0].text
     assert "codex-backend" not in browser.find_element(By.ID, "result_list").text
     assert not browser.find_elements(By.CSS_SELECTOR, "#content a.addlink")  # the sidebar has other models
     assert not browser.find_elements(By.NAME, "action")  # no bulk delete action
@@ -78,6 +107,13 @@ def test_operator_logs_in_filters_by_originator_and_cannot_edit(daphne_server, b
     assert not browser.find_elements(By.CSS_SELECTOR, "a.deletelink")
     assert Path(tmp_path / "changelist.png").stat().st_size > 10_000
 
+    # Who is connected now: the default view, every column on a 1920 px screen.
+    browser.get(server.http_url + "/admin/identity/connectionidentity/")
+    listed = browser.find_element(By.ID, "result_list").text
+    assert all(name in listed for name in ("codex-backend", "codex_ios", "codex_vscode")) and "acme_editor" not in listed
+    overflow = browser.execute_script(
+        "return document.getElementById('result_list').getBoundingClientRect().right - window.innerWidth"
+    )
+    assert overflow <= 0, f"the table is {overflow}px wider than the window"
     if os.environ.get("CODEX_UPDATE_SCREENSHOTS"):  # refresh the README's picture
-        browser.get(server.http_url + "/admin/identity/connectionidentity/")
         browser.save_screenshot(str(SCREENSHOT))
