@@ -425,13 +425,13 @@ def ensure_bench_requirements() -> None:
 
 
 def main() -> int:
-    ensure_bench_requirements()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller runs, under 5 minutes")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the scale run here")
     parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
-    args = parser.parse_args()
+    args = parser.parse_args()  # --help prints and exits before anything is installed
+    ensure_bench_requirements()
 
     results = {
         "date": time.strftime("%Y-%m-%d"),

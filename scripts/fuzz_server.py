@@ -2,8 +2,7 @@
 
     .venv/bin/python scripts/fuzz_server.py --frames 100000
 
-Starts its own local upstream and `manage.py serve` on loopback (or use
---url to aim at a running server), sends the frames over several
+Starts its own local upstream and `manage.py serve` on loopback, sends the frames over several
 connections, then checks the process is alive and a fresh client can
 initialize and run a turn. Exits non-zero on any invalid reply.
 """

@@ -52,3 +52,11 @@ def test_serve_says_it_cannot_listen_before_saying_it_listens(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "listening" not in result.stdout
     assert "OPENAI_API_KEY is not set" in result.stderr
+
+
+def test_help_of_the_scripts_installs_nothing_and_offers_only_real_options():
+    offline = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/nonexistent"}  # an install would fail
+    bench = subprocess.run([sys.executable, "bench/run.py", "--help"], cwd=PROJECT_DIR, env=offline, capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0 and "--quick" in bench.stdout and "Successfully installed" not in bench.stdout
+    fuzz = subprocess.run([sys.executable, "scripts/fuzz_server.py", "--help"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60)
+    assert fuzz.returncode == 0 and "--url" not in fuzz.stdout
