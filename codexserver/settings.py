@@ -220,6 +220,7 @@ CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = _env_number("CODEX_MAX_RUNNING_TURNS_PE
 # first), and how many threads this process keeps (unloaded ones evicted).
 CODEX_MAX_HISTORY_BYTES = _env_number("CODEX_MAX_HISTORY_BYTES", str(4 * 1024 * 1024), int)
 CODEX_MAX_STORED_THREADS = _env_number("CODEX_MAX_STORED_THREADS", "1000", int)
+CODEX_MAX_STORED_BYTES = _env_number("CODEX_MAX_STORED_BYTES", str(512 * 1024 * 1024), int)
 CODEX_MODELS = _env_list("CODEX_MODELS")
 CODEX_MAX_REQUESTS_IN_FLIGHT = _env_number("CODEX_MAX_REQUESTS_IN_FLIGHT", "64", int)
 # Seconds a client may read nothing while a turn waits for it to drain its

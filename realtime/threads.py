@@ -139,9 +139,13 @@ class Thread:
             kept.append(turn.model_input)
         return [item for items in reversed(kept) for item in items]
 
+    @property
+    def stored_bytes(self) -> int:
+        return sum(turn.input_bytes for turn in self.turns)
+
     def trim(self, max_bytes: int) -> None:
         """Drop the oldest finished turns past ``max_bytes`` of stored input."""
-        total = sum(turn.input_bytes for turn in self.turns)
+        total = self.stored_bytes
         while total > max_bytes and self.turns and self.turns[0] is not self.active_turn:
             total -= self.turns.pop(0).input_bytes
 
@@ -193,15 +197,39 @@ class Thread:
 
 
 class ThreadStore:
-    """Every thread of this process, oldest-updated evicted first past the bound
-    (never one with a subscriber)."""
+    """Every thread of this process, within two bounds: a number of threads
+    (the least recently updated one without a subscriber goes first) and a
+    number of bytes of stored turns across all threads (threads without a
+    subscriber go first, then the oldest turns of the least recently updated
+    ones). Per thread, ``Thread.trim`` keeps ``CODEX_MAX_HISTORY_BYTES``."""
 
     def __init__(self) -> None:
         self._threads: OrderedDict[str, Thread] = OrderedDict()
+        self.total_bytes = 0
 
     def add(self, thread: Thread, max_threads: int) -> None:
         self._threads[thread.id] = thread
         self._evict(max_threads)
+
+    def resized(self, thread: Thread, change: int, max_total_bytes: int) -> None:
+        """A thread's stored turns grew or shrank by ``change`` bytes."""
+        if thread.id in self._threads:
+            self.total_bytes += change
+        if self.total_bytes <= max_total_bytes:
+            return
+        by_age = sorted(self._threads.values(), key=lambda t: t.updated_at)
+        for old in by_age:
+            if self.total_bytes <= max_total_bytes:
+                return
+            if not old.loaded and old.active_turn is None:
+                self._forget(old)
+        for old in by_age:
+            while self.total_bytes > max_total_bytes and old.turns and old.turns[0] is not old.active_turn:
+                self.total_bytes -= old.turns.pop(0).input_bytes
+
+    def _forget(self, thread: Thread) -> None:
+        if self._threads.pop(thread.id, None) is not None:
+            self.total_bytes -= thread.stored_bytes
 
     def get(self, thread_id: str) -> Thread | None:
         return self._threads.get(thread_id)
@@ -214,7 +242,7 @@ class ThreadStore:
     def forget_if_unused(self, thread: Thread) -> None:
         """An ephemeral thread goes once nobody is subscribed and no turn runs."""
         if thread.ephemeral and not thread.loaded and thread.active_turn is None:
-            self._threads.pop(thread.id, None)
+            self._forget(thread)
 
     def loaded(self) -> list[Thread]:
         return [thread for thread in self._threads.values() if thread.loaded]
@@ -226,7 +254,7 @@ class ThreadStore:
             if len(self._threads) <= max_threads:
                 break
             if not thread.loaded and thread.active_turn is None:
-                del self._threads[thread.id]
+                self._forget(thread)
 
 
 # The process's threads. Conversation data, not identity: nothing here is

@@ -35,6 +35,7 @@ class TurnContext:
     user_item: ItemRecord  # the same message as a ThreadItem
     config: UpstreamConfig
     max_history_bytes: int
+    max_stored_bytes: int
     output_schema: dict[str, Any] | None = None
 
 
@@ -81,9 +82,11 @@ async def run_turn(turn_context: TurnContext) -> None:
     model_input = [turn_context.user_message]
     if translator.text:
         model_input.append(assistant_message(translator.text))
+    stored_before = thread.stored_bytes
     turn.remember_input(model_input)
     turn.finish(status, error)
     thread.trim(turn_context.max_history_bytes)
+    thread_store.resized(thread, thread.stored_bytes - stored_before, turn_context.max_stored_bytes)
     thread.touch()
     if error is not None:
         error = {"additionalDetails": None, **error}

@@ -91,3 +91,20 @@ async def test_a_connect_failure_says_which_upstream_was_tried(connect, settings
     error = completed["turn"]["error"]
     assert error["codexErrorInfo"] == {"responseStreamConnectionFailed": {"httpStatusCode": None}}
     assert "127.0.0.1:1/v1/responses" in error["message"]
+
+
+async def test_the_store_is_bounded_in_bytes_across_threads(connect, settings):
+    settings.CODEX_MAX_STORED_BYTES = 70_000
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    big = "y" * 30_000
+    left = await client.start_thread()
+    await client.run_turn(left, big)
+    assert await client.call("thread/unsubscribe", {"threadId": left}) == {"status": "unsubscribed"}
+    kept = await client.start_thread()
+    await client.run_turn(kept, big)
+    await client.run_turn(kept, big)
+    # The thread nobody holds went first; the one in use kept its turns.
+    assert (await client.request("thread/read", {"threadId": left}))["error"]["code"] == -32602
+    assert len(thread_store.get(kept).turns) == 2
+    assert thread_store.total_bytes <= 70_000

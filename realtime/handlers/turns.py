@@ -74,6 +74,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         user_item=user_item,
         config=UpstreamConfig.from_settings(),
         max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
+        max_stored_bytes=settings.CODEX_MAX_STORED_BYTES,
         output_schema=output_schema,
     )
 
