@@ -65,6 +65,7 @@ class Turn:
     started_at_ms: int = field(default_factory=now_ms)
     completed_at_ms: int | None = None
     error: dict[str, Any] | None = None
+    usage: dict[str, int] | None = None  # the schema's TokenUsageBreakdown, as the upstream reported it
     # Model input items of this turn (user message, reply), replayed by later turns.
     model_input: list[dict[str, Any]] = field(default_factory=list)
     input_bytes: int = 0
@@ -122,6 +123,7 @@ class Thread:
     active_turn: Turn | None = None
     realtime: RealtimeSession | None = None
     read_revision: int = 0
+    total_usage: dict[str, int] = field(default_factory=dict)  # every turn's usage, summed
     subscribers: weakref.WeakSet[AppServerConnection] = field(default_factory=weakref.WeakSet)
 
     # --- conversation -------------------------------------------------------
@@ -148,6 +150,10 @@ class Thread:
         total = self.stored_bytes
         while total > max_bytes and self.turns and self.turns[0] is not self.active_turn:
             total -= self.turns.pop(0).input_bytes
+
+    def add_usage(self, usage: dict[str, int]) -> None:
+        for name, value in usage.items():
+            self.total_usage[name] = self.total_usage.get(name, 0) + value
 
     def touch(self) -> None:
         self.updated_at = time.time()

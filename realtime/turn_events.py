@@ -1,7 +1,10 @@
-"""One mapping from Responses stream events to app-server item notifications.
+"""One mapping from Responses stream events to app-server item notifications (PROTOCOL §10).
 
 Both transports (SSE and WebSocket) feed the same translator, so the
-notifications a client sees do not depend on how the model was reached.
+notifications a client sees do not depend on how the model was reached. It
+keeps the turn's items (``turn.items``), the reply text and reasoning items
+to replay to the model next turn, and the usage the response reported.
+Function calls and other tool items are ignored: the server sends no tools.
 """
 
 from __future__ import annotations
@@ -13,18 +16,53 @@ from typing import Any
 from .threads import ItemRecord, Turn, new_id, now_ms
 
 AGENT_MESSAGE = "agentMessage"
+REASONING = "reasoning"
+PHASES = frozenset({"commentary", "partial_answer", "final_answer"})  # the schema's MessagePhase
+TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta")
 
 
 @dataclass(eq=False)
-class _AgentMessage:
+class _Item:
     id: str
     record: ItemRecord
-    parts: list[str] = field(default_factory=list)  # joined once, not re-concatenated per delta
     completed: bool = False
+
+
+@dataclass(eq=False)
+class _AgentMessage(_Item):
+    parts: list[str] = field(default_factory=list)  # joined once, not re-concatenated per delta
+    final_text: str | None = None  # the done item's text, when it has one
+    phase: str | None = None
 
     @property
     def text(self) -> str:
-        return "".join(self.parts)
+        return self.final_text if self.final_text is not None else "".join(self.parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "type": AGENT_MESSAGE, "text": self.text, "phase": self.phase}
+
+
+@dataclass(eq=False)
+class _Reasoning(_Item):
+    summary: dict[int, list[str]] = field(default_factory=dict)
+    content: dict[int, list[str]] = field(default_factory=dict)
+    encrypted_content: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": REASONING,
+            "summary": ["".join(parts) for _, parts in sorted(self.summary.items())],
+            "content": ["".join(parts) for _, parts in sorted(self.content.items())],
+        }
+
+    def model_input(self) -> dict[str, Any] | None:
+        """The item to replay next turn (stateless: the encrypted content is the
+        model's context; Codex sends it without the id)."""
+        if self.encrypted_content is None:
+            return None
+        summary = [{"type": "summary_text", "text": text} for text in self.to_json()["summary"]]
+        return {"type": REASONING, "summary": summary, "encrypted_content": self.encrypted_content}
 
 
 class TurnEventTranslator:
@@ -35,59 +73,124 @@ class TurnEventTranslator:
         self.turn = turn
         self.turn_id = turn.id
         self._notify = notify
-        self._messages: dict[str, _AgentMessage] = {}
+        self._items: dict[str, _Item] = {}  # by upstream item id, or output index
+        self.usage: dict[str, Any] | None = None
 
     @property
     def text(self) -> str:
-        """Everything the model said this turn, items in order."""
-        return "".join(message.text for message in self._messages.values())
+        """Everything the model said this turn, messages in order."""
+        return "".join(item.text for item in self._items.values() if isinstance(item, _AgentMessage))
+
+    def model_input(self) -> list[dict[str, Any]]:
+        """This turn's output as model input for later turns: reasoning, then replies."""
+        replay: list[dict[str, Any]] = []
+        for item in self._items.values():
+            if isinstance(item, _Reasoning) and (reasoning := item.model_input()) is not None:
+                replay.append(reasoning)
+            elif isinstance(item, _AgentMessage) and item.text:
+                replay.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": item.text}]})
+        return replay
 
     def feed(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        if kind == "response.output_item.added":
-            item = _object(event.get("item"))
-            if item.get("type") == "message":
-                self._message(item.get("id"))
-        elif kind == "response.output_text.delta":
-            delta = event.get("delta")
-            if isinstance(delta, str) and delta:
-                message = self._message(event.get("item_id"))
-                message.parts.append(delta)
-                self._item_notification(
-                    "item/agentMessage/delta", itemId=message.id, delta=delta
-                )
-        elif kind == "response.output_item.done":
-            item = _object(event.get("item"))
-            if item.get("type") == "message":
-                message = self._message(item.get("id"))
-                final = _message_text(item)
-                if final is not None and not message.parts:
-                    message.parts.append(final)
-                self._complete(message)
+        if kind in ("response.output_item.added", "response.output_item.done"):
+            self._output_item(event, done=kind.endswith(".done"))
+        elif kind in TEXT_DELTAS:
+            self._text_delta(event)
+        elif kind == "response.reasoning_summary_part.added":
+            reasoning = self._reasoning(event)
+            index = _index(event, "summary_index")
+            reasoning.summary.setdefault(index, [])
+            self._item_notification("item/reasoning/summaryPartAdded", itemId=reasoning.id, summaryIndex=index)
+        elif kind == "response.reasoning_summary_text.delta":
+            self._reasoning_delta(event, "summary_index", "summary", "item/reasoning/summaryTextDelta", "summaryIndex")
+        elif kind == "response.reasoning_text.delta":
+            self._reasoning_delta(event, "content_index", "content", "item/reasoning/textDelta", "contentIndex")
+        elif kind == "response.completed":
+            response = _object(event.get("response"))
+            self.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
 
     def finish(self) -> None:
         """At the end of the turn, however it ended: close every open item."""
-        for message in self._messages.values():
-            self._complete(message)
+        for item in self._items.values():
+            self._complete(item)
 
-    def _message(self, upstream_id: Any) -> _AgentMessage:
-        key = upstream_id if isinstance(upstream_id, str) else ""
-        message = self._messages.get(key)
-        if message is None:
-            item_id = key or new_id()
-            record = ItemRecord({"id": item_id, "type": AGENT_MESSAGE, "text": ""}, now_ms())
-            message = self._messages[key] = _AgentMessage(item_id, record)
-            self.turn.items.append(record)
-            self._item_notification("item/started", item=record.item, startedAtMs=record.started_at_ms)
+    # --- items ----------------------------------------------------------------
+
+    def _key(self, event: dict[str, Any], item_id: Any) -> str:
+        # Items without an id are told apart by their place in the output.
+        return item_id if isinstance(item_id, str) and item_id else f"output:{event.get('output_index', 0)}"
+
+    def _output_item(self, event: dict[str, Any], done: bool) -> None:
+        item = _object(event.get("item"))
+        key = self._key(event, item.get("id"))
+        if item.get("type") == "message":
+            message = self._message(key)
+            if item.get("phase") in PHASES:
+                message.phase = item["phase"]
+            if done:
+                final = _content_text(item)
+                if final is not None:
+                    message.final_text = final
+                self._complete(message)
+        elif item.get("type") == REASONING:
+            reasoning = self._reasoning_item(key)
+            if isinstance(item.get("encrypted_content"), str):
+                reasoning.encrypted_content = item["encrypted_content"]
+            if done:
+                _fill_parts(reasoning.summary, item.get("summary"))
+                _fill_parts(reasoning.content, item.get("content"))
+                self._complete(reasoning)
+
+    def _text_delta(self, event: dict[str, Any]) -> None:
+        delta = event.get("delta")
+        if isinstance(delta, str) and delta:
+            message = self._message(self._key(event, event.get("item_id")))
+            message.parts.append(delta)
+            self._item_notification("item/agentMessage/delta", itemId=message.id, delta=delta)
+
+    def _reasoning(self, event: dict[str, Any]) -> _Reasoning:
+        return self._reasoning_item(self._key(event, event.get("item_id")))
+
+    def _reasoning_delta(self, event: dict[str, Any], index_name: str, part: str, method: str, wire_index: str) -> None:
+        delta = event.get("delta")
+        if not isinstance(delta, str) or not delta:
+            return
+        reasoning = self._reasoning(event)
+        index = _index(event, index_name)
+        getattr(reasoning, part).setdefault(index, []).append(delta)
+        self._item_notification(method, itemId=reasoning.id, delta=delta, **{wire_index: index})
+
+    def _message(self, key: str) -> _AgentMessage:
+        message = self._items.get(key)
+        if not isinstance(message, _AgentMessage):
+            message = _AgentMessage(*self._new_item(key))
+            self._start(key, message)
         return message
 
-    def _complete(self, message: _AgentMessage) -> None:
-        if not message.completed:
-            message.completed = True
-            record = message.record
-            record.item = {**record.item, "text": message.text}
-            record.completed_at_ms = now_ms()
-            self._item_notification("item/completed", item=record.item, completedAtMs=record.completed_at_ms)
+    def _reasoning_item(self, key: str) -> _Reasoning:
+        reasoning = self._items.get(key)
+        if not isinstance(reasoning, _Reasoning):
+            reasoning = _Reasoning(*self._new_item(key))
+            self._start(key, reasoning)
+        return reasoning
+
+    def _new_item(self, key: str) -> tuple[str, ItemRecord]:
+        item_id = key if not key.startswith("output:") else new_id()
+        return item_id, ItemRecord({}, now_ms())
+
+    def _start(self, key: str, item: _AgentMessage | _Reasoning) -> None:
+        self._items[key] = item
+        item.record.item = item.to_json()
+        self.turn.items.append(item.record)
+        self._item_notification("item/started", item=item.record.item, startedAtMs=item.record.started_at_ms)
+
+    def _complete(self, item: _Item) -> None:
+        if not item.completed:
+            item.completed = True
+            item.record.item = item.to_json()
+            item.record.completed_at_ms = now_ms()
+            self._item_notification("item/completed", item=item.record.item, completedAtMs=item.record.completed_at_ms)
 
     def _item_notification(self, method: str, **params: Any) -> None:
         self._notify(method, {"threadId": self.thread_id, "turnId": self.turn_id, **params})
@@ -97,13 +200,29 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _message_text(item: dict[str, Any]) -> str | None:
+def _index(event: dict[str, Any], name: str) -> int:
+    value = event.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _content_text(item: dict[str, Any]) -> str | None:
+    """A done message's text: its output_text parts, or its refusal."""
     content = item.get("content")
     if not isinstance(content, list):
         return None
     parts = [
-        part.get("text")
+        part.get("text") if part.get("type") == "output_text" else part.get("refusal")
         for part in content
-        if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str)
+        if isinstance(part, dict) and part.get("type") in ("output_text", "refusal")
     ]
+    parts = [part for part in parts if isinstance(part, str)]
     return "".join(parts) if parts else None
+
+
+def _fill_parts(parts: dict[int, list[str]], done: Any) -> None:
+    """The done item's summary or content texts replace what the deltas built."""
+    if not isinstance(done, list):
+        return
+    for index, part in enumerate(done):
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            parts[index] = [part["text"]]

@@ -56,9 +56,13 @@ async def run_turn(turn_context: TurnContext) -> None:
         output_schema=turn_context.output_schema,
     )
     status, error = COMPLETED, None
+
+    def will_retry(failure: UpstreamError) -> None:
+        notify("error", {"threadId": thread.id, "turnId": turn.id, "error": _error(failure.turn_error()), "willRetry": True})
+
     try:
         async with aclosing(
-            stream_model_response(turn_context.identity, request, turn_context.config)
+            stream_model_response(turn_context.identity, request, turn_context.config, on_retry=will_retry)
         ) as events:
             async for event in events:
                 await connection.outbox.wait_for_room()  # a slow client slows the stream
@@ -79,22 +83,25 @@ async def run_turn(turn_context: TurnContext) -> None:
         thread.active_turn = None
 
     translator.finish()
-    model_input = [turn_context.user_message]
-    if translator.text:
-        model_input.append(assistant_message(translator.text))
+    model_input = [turn_context.user_message, *translator.model_input()]
     stored_before = thread.stored_bytes
     turn.remember_input(model_input)
     turn.finish(status, error)
     thread.trim(turn_context.max_history_bytes)
     thread_store.resized(thread, thread.stored_bytes - stored_before, turn_context.max_stored_bytes)
     thread.touch()
+    usage = token_usage(translator.usage)
+    if usage is not None:
+        turn.usage = usage
+        thread.add_usage(usage)
+        token_usage_params = {"last": usage, "total": dict(thread.total_usage), "modelContextWindow": None}
+        notify("thread/tokenUsage/updated", {"threadId": thread.id, "turnId": turn.id, "tokenUsage": token_usage_params})
     if error is not None:
-        error = {"additionalDetails": None, **error}
-        turn.error = error
+        turn.error = error = _error(error)
         notify("error", {"threadId": thread.id, "turnId": turn.id, "error": error, "willRetry": False})
     notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
-    telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id)
+    telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id, usage=usage)
     thread_store.forget_if_unused(thread)
 
 
@@ -102,5 +109,26 @@ def user_message(text_parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"type": "message", "role": "user", "content": text_parts}
 
 
-def assistant_message(text: str) -> dict[str, Any]:
-    return {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}
+def _error(turn_error: dict[str, Any]) -> dict[str, Any]:
+    """The schema's TurnError, as the ``error`` notification and turn carry it."""
+    return {"additionalDetails": None, **turn_error}
+
+
+def token_usage(usage: dict[str, Any] | None) -> dict[str, int] | None:
+    """A Responses ``usage`` as the schema's TokenUsageBreakdown."""
+    if not usage:
+        return None
+
+    def number(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    input_details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
+    output_details = usage.get("output_tokens_details") if isinstance(usage.get("output_tokens_details"), dict) else {}
+    input_tokens, output_tokens = number(usage.get("input_tokens")), number(usage.get("output_tokens"))
+    return {
+        "inputTokens": input_tokens,
+        "cachedInputTokens": number(input_details.get("cached_tokens")),
+        "outputTokens": output_tokens,
+        "reasoningOutputTokens": number(output_details.get("reasoning_tokens")),
+        "totalTokens": number(usage.get("total_tokens")) or input_tokens + output_tokens,
+    }

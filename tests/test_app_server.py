@@ -103,7 +103,7 @@ async def test_turn_streams_the_notifications_in_order(connect):
             deltas.append(params["delta"])
             assert params["threadId"] == thread and params["turnId"] == turn_id
         if message["method"] == "item/completed" and params["item"]["type"] == "agentMessage":
-            assert params["item"] == {"id": params["item"]["id"], "type": "agentMessage", "text": "Hello world"}
+            assert params["item"] == {"id": params["item"]["id"], "type": "agentMessage", "text": "Hello world", "phase": None}
         if message["method"] == "item/completed" and params["item"]["type"] == "userMessage":
             assert params["item"]["content"] == [{"type": "text", "text": "hi", "text_elements": []}]
         if message["method"] == "turn/completed":

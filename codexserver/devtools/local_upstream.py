@@ -9,8 +9,12 @@ chosen by the user's text, so tests script faults without mocking anything:
     "cut"             stream two deltas, then drop the connection
     "slow:N"          stream N deltas 0.1 s apart (for interrupts and disconnects)
     "flood:N:SIZE"    stream N deltas of SIZE characters as fast as possible
-    "response-failed" stream a response.failed event
+    "response-failed" stream a response.failed event (server_is_overloaded)
     "hang"            send response.created, then nothing at all
+    "fixture:NAME"    replay NAME.chunks.txt of ``fixtures_dir`` line by line, as recorded
+    "incomplete:WHY"  two deltas, then response.incomplete (reason WHY), and keep the stream open
+    "instream:CODE"   response.created, then an in-stream error event with CODE
+                      ("instream:server_errorx1" fails once, then streams)
     anything else     stream "Hello" + " world" and complete
 """
 
@@ -24,11 +28,22 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 DEFAULT_DELTAS = ["Hello", " world"]
+RAW = "__recorded_line__"  # a replayed event's line, sent byte for byte
+
+
+def _wire(event: dict) -> str:
+    return event.get(RAW) or json.dumps(event)
+
+
+def _holds_open(text: str, events: list[dict]) -> bool:
+    """A hanging stream, or one whose terminal event must end the turn by itself."""
+    return (re.search(r"\bhang\b", text) is not None and len(events) == 1) or "incomplete:" in text
 
 
 @dataclass
@@ -92,7 +107,8 @@ def response_events(text: str, deltas: list[str]) -> list[dict]:
 class UpstreamServer:
     """Runs in its own thread and event loop, so any test (sync or async) can use it."""
 
-    def __init__(self):
+    def __init__(self, fixtures_dir: Path | None = None):
+        self.fixtures_dir = fixtures_dir
         self.records: list[Recorded] = []
         self._lock = threading.Lock()
         self._failures: Counter[str] = Counter()
@@ -197,6 +213,19 @@ class UpstreamServer:
 
     # --- behaviour --------------------------------------------------------------
 
+    def _count(self, text: str) -> int:
+        """How many times a scripted text has been asked for, this one included."""
+        with self._lock:
+            self._failures["instream:" + text] += 1
+            return self._failures["instream:" + text]
+
+    def _fixture_events(self, name: str) -> list[dict]:
+        """A recorded stream; each event keeps its recorded line (``RAW``) to send as is."""
+        if self.fixtures_dir is None:
+            raise RuntimeError("this upstream was started without fixtures_dir")
+        lines = (self.fixtures_dir / f"{name}.chunks.txt").read_text(encoding="utf-8").splitlines()
+        return [{**json.loads(line), RAW: line} for line in lines if line.strip()]
+
     def _scripted_failure(self, text: str) -> int | None:
         match = re.search(r"fail:(\d{3})(?:x(\d+))?", text)
         if not match:
@@ -219,8 +248,21 @@ class UpstreamServer:
         if slow:
             return response_events(text, [f"d{i} " for i in range(int(slow.group(1)))]), 0.1, False
         if "response-failed" in text:
-            failed = {"type": "response.failed", "response": {"error": {"code": "server_error", "message": "model crashed"}}}
+            failed = {"type": "response.failed", "response": {"error": {"code": "server_is_overloaded", "message": "model busy"}}}
             return [{"type": "response.created", "response": {}}, failed], 0.0, False
+        fixture = re.search(r"fixture:([\w.-]+)", text)
+        if fixture:
+            return self._fixture_events(fixture.group(1)), 0.0, False
+        incomplete = re.search(r"incomplete:(\w+)", text)
+        if incomplete:
+            events = response_events(text, ["partial ", "text"])[:-2]  # no done, no completed
+            reason = incomplete.group(1)
+            events.append({"type": "response.incomplete", "response": {"status": "incomplete", "incomplete_details": {"reason": reason}}})
+            return events, 0.0, False
+        instream = re.search(r"instream:(\w+?)(?:x(\d+))?\b", text)
+        if instream and self._count(text) <= int(instream.group(2) or 10**9):
+            error = {"type": "error", "code": instream.group(1), "message": f"scripted {instream.group(1)}"}
+            return [{"type": "response.created", "response": {}}, {"type": "response.in_progress", "response": {}}, error], 0.0, False
         if re.search(r"\bhang\b", text):
             return [{"type": "response.created", "response": {}}], 0.0, False
         return response_events(text, self.canned_reply), 0.0, re.search(r"\bcut\b", text) is not None
@@ -242,7 +284,7 @@ class UpstreamServer:
         deltas = 0
         try:
             for event in events:
-                await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+                await response.write(f"event: {event['type']}\ndata: {_wire(event)}\n\n".encode())
                 deltas += event["type"] == "response.output_text.delta"
                 if cut and deltas == 2:
                     await asyncio.sleep(0.05)
@@ -250,7 +292,7 @@ class UpstreamServer:
                     return response
                 if delay:
                     await asyncio.sleep(delay)
-            if re.search(r"\bhang\b", text) and len(events) == 1:
+            if _holds_open(text, events):
                 await self._until_client_leaves(request)
                 self._record_close(record)
                 return response
@@ -297,14 +339,14 @@ class UpstreamServer:
         events, delay, cut = self._plan(text)
         deltas = 0
         for event in events:
-            await ws.send_json(event)
+            await ws.send_str(_wire(event))
             deltas += event["type"] == "response.output_text.delta"
             if cut and deltas == 2:
                 await ws.close()
                 return
             if delay:
                 await asyncio.sleep(delay)
-        if re.search(r"\bhang\b", text) and len(events) == 1:
+        if _holds_open(text, events):
             await asyncio.Event().wait()  # until cancelled by the client leaving
 
     async def _status(self, request: web.Request) -> web.Response:

@@ -8,7 +8,7 @@ the rule that a stream is complete only at ``response.completed``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -20,8 +20,12 @@ from .config import UpstreamConfig
 from .upstream_errors import UpstreamError
 
 COMPLETED = "response.completed"
+INCOMPLETE = "response.incomplete"
 FAILED_EVENTS = ("response.failed", "error")
-TERMINAL_EVENTS = (COMPLETED, *FAILED_EVENTS)
+TERMINAL_EVENTS = (COMPLETED, INCOMPLETE, *FAILED_EVENTS)
+# Events that put nothing in front of the client: a failure after only these
+# may still be retried (PROTOCOL §10).
+NOT_CLIENT_OUTPUT = frozenset({"response.created", "response.in_progress", "response.queued"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +39,14 @@ class ModelRequest:
     output_schema: dict[str, Any] | None = None
 
     def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "input": self.input}
+        # Stateless, as Codex asks: nothing is stored upstream, and reasoning
+        # comes back encrypted so the next turn can replay it.
+        body: dict[str, Any] = {
+            "model": self.model,
+            "input": self.input,
+            "store": False,
+            "include": ["reasoning.encrypted_content"],
+        }
         if self.instructions:
             body["instructions"] = self.instructions
         if self.output_schema is not None:
@@ -59,14 +70,19 @@ def _open_transport(identity: ClientIdentity, request: ModelRequest, config: Ups
 
 
 async def stream_model_response(
-    identity: ClientIdentity, request: ModelRequest, config: UpstreamConfig | None = None
+    identity: ClientIdentity,
+    request: ModelRequest,
+    config: UpstreamConfig | None = None,
+    on_retry: Callable[[UpstreamError], None] | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Yield Responses events for one turn, ending after ``response.completed``.
 
-    Raises UpstreamError. Only failures before the first event are retried:
-    once text has reached the client, a retry would repeat it. A transport
-    ends its stream after the terminal event (the SSE one reads to the end of
-    the body first, so its pooled connection can be reused).
+    Raises UpstreamError, including for ``response.failed``, ``error`` and
+    ``response.incomplete`` (after yielding what came before). A retryable
+    failure is retried, after ``on_retry`` is told, only while nothing has
+    reached the client: a retry after text would repeat it. A transport ends
+    its stream after the terminal event (the SSE one reads to the end of the
+    body first, briefly, so its pooled connection can be reused).
     """
     config = config or UpstreamConfig.from_settings()
     tries = 0
@@ -81,7 +97,9 @@ async def stream_model_response(
                     kind = event.get("type")
                     if kind in FAILED_EVENTS:
                         raise upstream_errors.failed_response(_error_of(event))
-                    started = True
+                    if kind == INCOMPLETE:
+                        raise upstream_errors.incomplete_response(event.get("response"))
+                    started = started or kind not in NOT_CLIENT_OUTPUT
                     yield event
                     completed = kind == COMPLETED
             if completed:
@@ -92,16 +110,19 @@ async def stream_model_response(
                 raise
             if tries >= config.max_tries:
                 raise upstream_errors.too_many_failed_attempts(error, tries) from error
+            if on_retry is not None:
+                on_retry(error)
         await asyncio.sleep(config.retry_backoff * 2 ** (tries - 1))
 
 
 def _error_of(event: dict[str, Any]) -> Any:
-    """``response.failed`` nests the error in the response; a WebSocket ``error``
-    event carries it beside the HTTP-like ``status``."""
+    """``response.failed`` nests the error in the response; an ``error`` event
+    nests it (``{"error": {...}}``, on the WebSocket beside an HTTP-like
+    ``status``) or carries ``code``/``message`` at the top level."""
     response = event.get("response")
     if isinstance(response, dict) and response.get("error") is not None:
         return response["error"]
     error = event.get("error")
-    if isinstance(error, dict) and isinstance(event.get("status"), int):
-        return {**error, "status": event["status"]}
-    return error
+    if isinstance(error, dict):
+        return {**error, "status": event["status"]} if isinstance(event.get("status"), int) else error
+    return {key: event[key] for key in ("code", "message", "type", "param") if key in event}

@@ -18,7 +18,8 @@ from . import upstream_errors
 from .config import UpstreamConfig
 from .responses import TERMINAL_EVENTS
 
-DRAIN_SECONDS = 1.0
+# A turn ends within a second of its terminal event, drained or not (PROTOCOL §10).
+DRAIN_SECONDS = 0.5
 
 logger = logging.getLogger(__name__)
 

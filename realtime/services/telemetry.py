@@ -36,17 +36,21 @@ _post_slots: LoopLocal[asyncio.Semaphore] = LoopLocal(lambda: asyncio.Semaphore(
 
 
 def analytics_event(
-    identity: ClientIdentity, event_type: str, thread_id: str, turn_id: str | None = None
+    identity: ClientIdentity,
+    event_type: str,
+    thread_id: str,
+    turn_id: str | None = None,
+    usage: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    return {
-        "event_type": event_type,
-        "event_params": {
-            "product_client_id": identity.originator,
-            "client_version": identity.client_version,
-            "thread_id": thread_id,
-            "turn_id": turn_id,
-        },
+    params: dict[str, Any] = {
+        "product_client_id": identity.originator,
+        "client_version": identity.client_version,
+        "thread_id": thread_id,
+        "turn_id": turn_id,
     }
+    if usage is not None:
+        params["token_usage"] = usage  # the turn's tokens, attributed to whoever sent turn/start
+    return {"event_type": event_type, "event_params": params}
 
 
 async def post_events(
@@ -151,8 +155,14 @@ def telemetry_sender() -> TelemetrySender:
     return _senders.get()
 
 
-def record_event(identity: ClientIdentity, event_type: str, thread_id: str, turn_id: str | None = None) -> None:
-    telemetry_sender().record(identity, analytics_event(identity, event_type, thread_id, turn_id))
+def record_event(
+    identity: ClientIdentity,
+    event_type: str,
+    thread_id: str,
+    turn_id: str | None = None,
+    usage: dict[str, int] | None = None,
+) -> None:
+    telemetry_sender().record(identity, analytics_event(identity, event_type, thread_id, turn_id, usage))
 
 
 async def flush_at_shutdown() -> None:

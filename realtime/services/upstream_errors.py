@@ -110,27 +110,40 @@ def stream_disconnected(reason: str, http_status: int | None = None) -> Upstream
     )
 
 
+# In-stream error codes (PROTOCOL §10); any other code is "other".
 _FAILED_RESPONSE_CODES = {
-    "rate_limit_exceeded": "usageLimitExceeded",
     "insufficient_quota": "usageLimitExceeded",
-    "usage_limit_reached": "usageLimitExceeded",
-    "invalid_request_error": "badRequest",
-    "context_length_exceeded": "badRequest",
+    "usage_not_included": "usageLimitExceeded",
+    "rate_limit_exceeded": "rateLimitExceeded",
+    "context_length_exceeded": "contextWindowExceeded",
     "server_error": "internalServerError",
     "server_is_overloaded": "serverOverloaded",
     "slow_down": "serverOverloaded",
+    "invalid_prompt": "badRequest",
+    "invalid_request_error": "badRequest",
 }
 
 
 def failed_response(error: Any) -> UpstreamError:
-    """A ``response.failed`` (or WebSocket ``error``) event's error object."""
+    """The error of a ``response.failed`` or an ``error`` event. A server
+    error (by code, or by type when the code is null) may be retried."""
     error = error if isinstance(error, dict) else {}
     status = error.get("status") if isinstance(error.get("status"), int) else None
     if status is not None and status >= 400:
         return error_for_status(status, json.dumps({"error": error}))
     code = error.get("code") if isinstance(error.get("code"), str) else ""
+    if not code and error.get("type") == "server_error":
+        code = "server_error"
     message = error.get("message") if isinstance(error.get("message"), str) else "response failed"
-    return UpstreamError(message, _FAILED_RESPONSE_CODES.get(code, "other"))
+    info = _FAILED_RESPONSE_CODES.get(code, "other")
+    return UpstreamError(message, info, retryable=info == "internalServerError")
+
+
+def incomplete_response(response: Any) -> UpstreamError:
+    """``response.incomplete``: the turn fails, keeping what was streamed."""
+    details = response.get("incomplete_details") if isinstance(response, dict) else None
+    reason = details.get("reason") if isinstance(details, dict) else None
+    return UpstreamError(f"Incomplete response returned, reason: {reason or 'unknown'}", "other")
 
 
 @asynccontextmanager
