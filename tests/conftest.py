@@ -10,7 +10,7 @@ from channels.testing import WebsocketCommunicator
 from django.db import connections
 
 from codexserver.devtools.local_upstream import UpstreamServer
-from codexserver.devtools.server_process import ServerProcess, migrate
+from codexserver.devtools.server_process import PROJECT_DIR, ServerProcess, migrate
 from codexserver.devtools.rpc_client import RpcClient
 from identity.actions import close_row_writer_connections
 from tests.rpc_client import CommunicatorClient
@@ -52,9 +52,14 @@ def every_message_matches_the_codex_schema(monkeypatch):
     assert not invalid, "messages that break the Codex schema:\n" + "\n".join(invalid)
 
 
+# Recorded Responses API streams (PROTOCOL §10), read where they are kept: ../shared/.
+RESPONSE_FIXTURES = PROJECT_DIR.parent / "shared" / "fixtures" / "responses"
+
+
 @pytest.fixture(scope="session")
 def upstream():
-    server = UpstreamServer().start()
+    assert RESPONSE_FIXTURES.is_dir(), f"the recorded streams are missing: {RESPONSE_FIXTURES}"
+    server = UpstreamServer(fixtures_dir=RESPONSE_FIXTURES).start()
     yield server
     server.stop()
 

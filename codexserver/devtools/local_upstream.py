@@ -240,6 +240,9 @@ class UpstreamServer:
 
     def _plan(self, text: str) -> tuple[list[dict], float, bool]:
         """(events, delay between them, whether to cut the stream after two deltas)"""
+        fixture = re.search(r"fixture:([\w.-]+)", text)
+        if fixture:
+            return self._fixture_events(fixture.group(1)), 0.0, False
         flood = re.search(r"flood:(\d+):(\d+)", text)
         if flood:
             size = int(flood.group(2))
@@ -250,9 +253,6 @@ class UpstreamServer:
         if "response-failed" in text:
             failed = {"type": "response.failed", "response": {"error": {"code": "server_is_overloaded", "message": "model busy"}}}
             return [{"type": "response.created", "response": {}}, failed], 0.0, False
-        fixture = re.search(r"fixture:([\w.-]+)", text)
-        if fixture:
-            return self._fixture_events(fixture.group(1)), 0.0, False
         incomplete = re.search(r"incomplete:(\w+)", text)
         if incomplete:
             events = response_events(text, ["partial ", "text"])[:-2]  # no done, no completed
