@@ -182,7 +182,7 @@ async def test_the_api_key_and_auth_token_appear_nowhere(daphne_server, tmp_path
         await http.post("/admin/login/", data={"csrfmiddlewaretoken": csrf, "username": "op", "password": "pw-for-tests-123", "next": "/admin/"})
         changelist = await http.get("/admin/identity/connectionidentity/?state=all")
         assert "codex_ios" in changelist.text
-        detail_url = re.search(r'href="(/admin/identity/connectionidentity/\d+/change/)"', changelist.text).group(1)
+        detail_url = re.search(r'href="(/admin/identity/connectionidentity/\d+/change/)[^"]*"', changelist.text).group(1)
         seen += [changelist.text, (await http.get(detail_url)).text]
 
     seen.append(server.log())
