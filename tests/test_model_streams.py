@@ -151,3 +151,34 @@ async def test_an_incomplete_response_ends_the_turn_at_once_keeping_its_text(cli
     assert reply["text"] == "partial text"
     [error] = of(seen, "error")
     assert error["willRetry"] is False
+
+
+async def test_the_turns_usage_reaches_telemetry_under_the_turns_identity(client, upstream):
+    thread = await client.start_thread()
+    await run_collecting(client, thread, "fixture:issue-20047-openai-responses")
+    def turn_completed(records):
+        return [
+            (record, event)
+            for record in records
+            if record.path.endswith("/analytics-events/events")
+            for event in record.body["events"]
+            if event["event_type"] == "codex_turn_completed" and event["event_params"]["thread_id"] == thread
+        ]
+
+    [(record, event)] = turn_completed(await upstream.await_for(turn_completed))
+    assert event["event_params"]["token_usage"]["totalTokens"] == 14
+    assert record.originator == "codex_ios"
+
+
+async def test_message_items_without_ids_stay_apart_by_output_index(transport):
+    from realtime.threads import Turn
+    from realtime.turn_events import TurnEventTranslator
+
+    sent: list[tuple[str, dict]] = []
+    translator = TurnEventTranslator("thread", Turn("turn", originator="o", connection_id="c"), lambda m, p: sent.append((m, p)))
+    for index, text in ((0, "first"), (1, "second")):
+        translator.feed({"type": "response.output_item.added", "output_index": index, "item": {"type": "message"}})
+        translator.feed({"type": "response.output_text.delta", "output_index": index, "delta": text})
+        translator.feed({"type": "response.output_item.done", "output_index": index, "item": {"type": "message"}})
+    texts = [p["item"]["text"] for m, p in sent if m == "item/completed"]
+    assert texts == ["first", "second"]
