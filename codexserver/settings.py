@@ -4,6 +4,7 @@ Embedded default: SQLite file in the project and the in-memory channel layer.
 DATABASE_URL and REDIS_URL switch to PostgreSQL and Redis for scale-out.
 """
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -29,8 +30,8 @@ def _env_number(name: str, default: str, kind: type) -> int | float:
         value = kind(raw)
     except ValueError:
         raise ImproperlyConfigured(f"{name}={raw!r}: must be a {'whole number' if kind is int else 'number'}") from None
-    if value < 0:
-        raise ImproperlyConfigured(f"{name}={raw!r}: must not be negative")
+    if not math.isfinite(value) or value < 0:
+        raise ImproperlyConfigured(f"{name}={raw!r}: must be a finite number, not negative")
     return value
 
 
@@ -166,6 +167,12 @@ CODEX_DB_WRITE_THREADS = _env_number("CODEX_DB_WRITE_THREADS", "8", int)
 # is dead, and its open rows are closed by whichever live process notices.
 CODEX_HEARTBEAT_INTERVAL = _env_number("CODEX_HEARTBEAT_INTERVAL", "15", float)
 CODEX_HEARTBEAT_TIMEOUT = _env_number("CODEX_HEARTBEAT_TIMEOUT", "60", float)
+if not 0 < CODEX_HEARTBEAT_INTERVAL < CODEX_HEARTBEAT_TIMEOUT:
+    # A silent-but-alive process would otherwise look dead and lose its rows.
+    raise ImproperlyConfigured(
+        f"CODEX_HEARTBEAT_INTERVAL={CODEX_HEARTBEAT_INTERVAL:g}: must be above 0 and below "
+        f"CODEX_HEARTBEAT_TIMEOUT={CODEX_HEARTBEAT_TIMEOUT:g}"
+    )
 CODEX_ALLOWED_ORIGINS = _env_list("CODEX_ALLOWED_ORIGINS")
 CODEX_WS_AUTH_TOKEN = os.environ.get("CODEX_WS_AUTH_TOKEN") or None
 

@@ -25,6 +25,8 @@ from channels.db import DatabaseSyncToAsync
 from django.conf import settings
 from django.db import connection, connections
 from django.db import transaction
+from django.db.models import DateTimeField, ExpressionWrapper, Value
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from .client_identity import ClientIdentity
@@ -122,14 +124,41 @@ def close_stale_connections(
 
 @database_sync_to_async
 def record_boot_started(boot_id: uuid.UUID, server_instance: str, started_at: datetime) -> None:
-    ServerBoot.objects.create(
-        boot_id=boot_id, server_instance=server_instance, started_at=started_at, heartbeat_at=timezone.now()
+    # Idempotent: a start-up interrupted after this write runs it again.
+    ServerBoot.objects.update_or_create(
+        boot_id=boot_id,
+        defaults={"server_instance": server_instance, "started_at": started_at, "heartbeat_at": Now(), "stopped_at": None},
     )
 
 
 @database_sync_to_async
-def record_heartbeat(boot_id: uuid.UUID) -> None:
-    ServerBoot.objects.filter(boot_id=boot_id).update(heartbeat_at=timezone.now())
+def record_heartbeat(boot_id: uuid.UUID, live_connection_ids: frozenset[uuid.UUID], orphan_age: timedelta) -> int:
+    """Beat, on the database's clock (hosts' clocks may disagree). Then set
+    this process's rows straight; returns how many changed:
+    - declared dead while it could not beat (a database outage, a stalled
+      loop), it comes back: its boot and its live connections' rows reopen;
+    - rows of its own boot with no live connection behind them (a close that
+      failed to write, a connect cancelled after its row) are closed.
+    """
+    with transaction.atomic():
+        beating = ServerBoot.objects.filter(boot_id=boot_id, stopped_at__isnull=True).update(heartbeat_at=Now())
+        changed = 0
+        if not beating:
+            ServerBoot.objects.filter(boot_id=boot_id).update(heartbeat_at=Now(), stopped_at=None)
+            reopen = [str(i) for i in live_connection_ids]
+            for start in range(0, len(reopen), 500):
+                changed += ConnectionIdentity.objects.filter(
+                    boot_id=boot_id, connection_id__in=reopen[start : start + 500]
+                ).update(disconnected_at=None)
+        open_rows = ConnectionIdentity.objects.filter(
+            boot_id=boot_id, disconnected_at__isnull=True, connected_at__lt=timezone.now() - orphan_age
+        ).values_list("connection_id", flat=True)
+        orphans = [str(i) for i in open_rows if i not in live_connection_ids]
+        for start in range(0, len(orphans), 500):
+            changed += ConnectionIdentity.objects.filter(connection_id__in=orphans[start : start + 500]).update(
+                disconnected_at=timezone.now()
+            )
+    return changed
 
 
 @database_sync_to_async
@@ -141,9 +170,10 @@ def close_rows_of_dead_processes(
     shares ours. Rows from before boot ids existed are closed by the old rule:
     same instance, connected before this process started."""
     now = timezone.now()
+    silent_since = ExpressionWrapper(Now() - Value(heartbeat_timeout), output_field=DateTimeField())
     with transaction.atomic():
         dead = list(
-            ServerBoot.objects.filter(stopped_at__isnull=True, heartbeat_at__lt=now - heartbeat_timeout)
+            ServerBoot.objects.filter(stopped_at__isnull=True, heartbeat_at__lt=silent_since)
             .values_list("boot_id", flat=True)
         )
         closed = ConnectionIdentity.objects.filter(disconnected_at__isnull=True, boot_id__in=dead).update(

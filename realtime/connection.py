@@ -45,7 +45,8 @@ class AppServerConnection:
         self.asgi_scope = asgi_scope
         self.identity: ClientIdentity | None = None
         self.opted_out: frozenset[str] = frozenset()
-        self.threads: dict[str, Thread] = {}
+        self.threads: dict[str, Thread] = {}  # subscribed to
+        self.own_turns: set = set()  # turns this connection started that have not ended
         self._tasks: set[asyncio.Task] = set()
         self._requests_in_flight = 0
         self._closed = False
@@ -167,11 +168,8 @@ class AppServerConnection:
 
     @property
     def running_turns(self) -> int:
-        mine = str(self.connection_id)
-        return sum(
-            thread.active_turn is not None and thread.active_turn.connection_id == mine
-            for thread in self.threads.values()
-        )
+        # Its own turns, subscribed or not: unsubscribing does not free a slot.
+        return len(self.own_turns)
 
     async def close(self) -> None:
         """Called at disconnect: cancel every task; their upstream streams close with them."""

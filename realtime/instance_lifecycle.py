@@ -34,6 +34,9 @@ from .services.telemetry import flush_at_shutdown
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 10.0
+# A row of ours older than this with no live connection behind it is closed
+# (younger ones may belong to an upgrade still in progress).
+ORPHAN_ROW_AGE = timedelta(seconds=60)
 
 
 class ProcessLifecycle:
@@ -77,7 +80,10 @@ class ProcessLifecycle:
         while True:
             await asyncio.sleep(settings.CODEX_HEARTBEAT_INTERVAL)
             try:
-                await record_heartbeat(self.boot_id)
+                live = frozenset(connection.connection_id for connection in list(live_connections))
+                changed = await record_heartbeat(self.boot_id, live, ORPHAN_ROW_AGE)
+                if changed:
+                    logger.info("set %d of this process's connection rows straight", changed)
                 await self._close_dead_rows()
             except Exception as exc:  # the database is down: beat again later
                 logger.warning("heartbeat failed: %s", exc)

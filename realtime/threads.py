@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # The wire values of a turn's status (schema TurnStatus).
 IN_PROGRESS, COMPLETED, INTERRUPTED, FAILED = "inProgress", "completed", "interrupted", "failed"
 PREVIEW_CHARS = 200
+DELTA_SUFFIXES = ("/delta", "Delta")  # item/agentMessage/delta, item/reasoning/summaryTextDelta, …
 
 
 def new_id() -> str:
@@ -163,9 +164,17 @@ class Thread:
 
     # --- subscribers --------------------------------------------------------
 
-    def notify(self, method: str, params: dict[str, Any]) -> None:
-        """Send a notification to every connection subscribed to this thread."""
+    def notify(self, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None = None) -> None:
+        """Send a notification to every connection subscribed to this thread.
+
+        The turn waits for ``pace_setter`` (its own client) only. Another
+        subscriber that falls behind misses deltas rather than its
+        connection: ``item/completed`` still brings it the whole text.
+        """
+        droppable = method.endswith(DELTA_SUFFIXES)
         for connection in list(self.subscribers):
+            if droppable and connection is not pace_setter and connection.outbox.overloaded:
+                continue
             connection.notify(method, params)
 
     @property
@@ -230,6 +239,8 @@ class ThreadStore:
             if not old.loaded and old.active_turn is None:
                 self._forget(old)
         for old in by_age:
+            if old.id not in self._threads:
+                continue  # forgotten above: its bytes are already off the total
             while self.total_bytes > max_total_bytes and old.turns and old.turns[0] is not old.active_turn:
                 self.total_bytes -= old.turns.pop(0).input_bytes
 

@@ -75,6 +75,7 @@ class TurnEventTranslator:
         self._notify = notify
         self._items: dict[str, _Item] = {}  # by upstream item id, or output index
         self.usage: dict[str, Any] | None = None
+        self.completed = False  # response.completed was seen
 
     @property
     def text(self) -> str:
@@ -107,6 +108,7 @@ class TurnEventTranslator:
         elif kind == "response.reasoning_text.delta":
             self._reasoning_delta(event, "content_index", "content", "item/reasoning/textDelta", "contentIndex")
         elif kind == "response.completed":
+            self.completed = True
             response = _object(event.get("response"))
             self.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
 

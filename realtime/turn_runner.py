@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from .services import telemetry
 from .services.config import UpstreamConfig
 from .services.responses import ModelRequest, stream_model_response
 from .services.upstream_errors import UpstreamError
-from .threads import COMPLETED, FAILED, INTERRUPTED, ItemRecord, Thread, Turn, thread_store
+from .threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, thread_store
 from .turn_events import TurnEventTranslator
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ class TurnContext:
 
 async def run_turn(turn_context: TurnContext) -> None:
     connection, thread, turn = turn_context.connection, turn_context.thread, turn_context.turn
-    notify = thread.notify  # every subscriber of the thread sees the turn
+    # Every subscriber sees the turn; the one that started it sets the pace.
+    notify = functools.partial(thread.notify, pace_setter=connection)
     notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     user_item = turn_context.user_item
@@ -71,7 +73,8 @@ async def run_turn(turn_context: TurnContext) -> None:
         # turn/interrupt, or the starting connection closed: either way the
         # stored turn ends, and the thread's other subscribers are told.
         asyncio.current_task().uncancel()
-        status = INTERRUPTED
+        # Cancelled while the finished stream drained: the reply is whole.
+        status = COMPLETED if translator.completed else INTERRUPTED
     except UpstreamError as exc:
         logger.info("turn %s failed: %s", turn.id, exc.message)
         status, error = FAILED, exc.turn_error()
@@ -102,6 +105,22 @@ async def run_turn(turn_context: TurnContext) -> None:
     notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id, usage=usage)
+    thread_store.forget_if_unused(thread)
+
+
+def settle_turn(turn_context: TurnContext) -> None:
+    """When the turn's task is done, however: a task cancelled before its first
+    step (the client left at once) ran none of ``run_turn``, so its turn is
+    ended here, or the thread would stay busy for good."""
+    thread, turn = turn_context.thread, turn_context.turn
+    turn_context.connection.own_turns.discard(turn)
+    if turn.status != IN_PROGRESS:
+        return
+    if thread.active_turn is turn:
+        thread.active_turn = None
+    turn.finish(INTERRUPTED, None)
+    thread.notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
+    thread.notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     thread_store.forget_if_unused(thread)
 
 

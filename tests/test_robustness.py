@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -108,3 +109,83 @@ async def test_the_store_is_bounded_in_bytes_across_threads(connect, settings):
     assert (await client.request("thread/read", {"threadId": left}))["error"]["code"] == -32602
     assert len(thread_store.get(kept).turns) == 2
     assert thread_store.total_bytes <= 70_000
+
+
+async def test_a_turn_cancelled_before_it_ran_still_ends_and_frees_its_thread(connect, monkeypatch):
+    import realtime.handlers.turns as turns
+
+    async def never_gets_going(turn_context):
+        await asyncio.Event().wait()  # cancelled before doing anything of run_turn
+
+    monkeypatch.setattr(turns, "run_turn", never_gets_going)
+    leaver, other = await connect(), await connect()
+    await leaver.initialize("codex_ios", "1.4.0")
+    await other.initialize("codex_vscode", "1.0.0")
+    thread = await leaver.start_thread()
+    await other.call("thread/resume", {"threadId": thread})
+    await leaver.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "hi"}]})
+    await leaver.communicator.disconnect()
+    completed = await other.notification("turn/completed", threadId=thread)
+    assert completed["turn"]["status"] == "interrupted"
+    monkeypatch.undo()
+    assert (await other.run_turn(thread))["turn"]["status"] == "completed"  # not "Turn already in progress"
+
+
+async def test_unsubscribing_does_not_free_a_running_turn_slot(connect, settings):
+    settings.CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = 1
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    first, second = await client.start_thread(), await client.start_thread()
+    await client.call("turn/start", {"threadId": first, "input": [{"type": "text", "text": "slow:50"}]})
+    await client.call("thread/unsubscribe", {"threadId": first})
+    refused = await client.request("turn/start", {"threadId": second, "input": [{"type": "text", "text": "hi"}]})
+    assert refused["error"]["code"] == -32001
+
+
+async def test_text_elements_are_checked_before_they_are_echoed(connect):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    bad = await client.request("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "hi", "text_elements": [1]}]})
+    assert bad["error"]["code"] == -32602 and "text_elements" in bad["error"]["message"]
+    element = {"byteRange": {"start": 0, "end": 2}, "placeholder": None}
+    await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "hi", "text_elements": [element]}]})
+    item = await client.notification("item/started", threadId=thread)
+    assert item["item"]["content"][0]["text_elements"] == [element]
+
+
+def test_store_byte_accounting_never_counts_a_forgotten_thread_twice():
+    from realtime.threads import Thread, ThreadStore, Turn
+
+    store = ThreadStore()
+    subscriber = _Subscriber()  # held: the subscriber set is weak
+
+    def thread_with(size: int, loaded: bool) -> Thread:
+        thread = Thread(id=f"t{size}", model="m", model_provider="openai", cwd="/", originator="o")
+        turn = Turn(f"turn{size}", originator="o", connection_id="c", status="completed")
+        turn.input_bytes = size
+        thread.turns.append(turn)
+        if loaded:
+            thread.subscribers.add(subscriber)
+        store.add(thread, 100)
+        store.resized(thread, size, 10**9)
+        return thread
+
+    thread_with(100, loaded=False)
+    kept = thread_with(1000, loaded=True)
+    store.resized(kept, 0, 500)
+    # The unsubscribed thread went, then the oldest turns of the one in use.
+    assert store.get("t100") is None and store.get("t1000") is kept
+    assert store.total_bytes == kept.stored_bytes == 0
+
+
+class _Subscriber:
+    """Stands for a connection in the store's subscriber set."""
+
+
+def test_in_stream_codes_win_over_the_websocket_status():
+    from realtime.services.upstream_errors import failed_response
+
+    assert failed_response({"status": 400, "code": "context_length_exceeded"}).codex_error_info == "contextWindowExceeded"
+    assert failed_response({"status": 429, "code": "rate_limit_exceeded"}).codex_error_info == "rateLimitExceeded"
+    assert failed_response({"status": 401, "code": "whatever"}).codex_error_info == "unauthorized"

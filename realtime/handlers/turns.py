@@ -10,7 +10,7 @@ from ..params import optional_str, params_object, required_list, required_str
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services.config import UpstreamConfig
 from ..threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
-from ..turn_runner import TurnContext, run_turn, user_message
+from ..turn_runner import TurnContext, run_turn, settle_turn, user_message
 
 
 def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -26,8 +26,7 @@ def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, 
             if not isinstance(item.get("text"), str):
                 raise JsonRpcError.invalid_params(f"input[{index}].text must be a string")
             parts.append({"type": "input_text", "text": item["text"]})
-            elements = item.get("text_elements")
-            user_inputs.append({"type": "text", "text": item["text"], "text_elements": elements if isinstance(elements, list) else []})
+            user_inputs.append({"type": "text", "text": item["text"], "text_elements": _text_elements(item, index)})
         elif kind == "image" and isinstance(item.get("url"), str):
             parts.append({"type": "input_image", "image_url": item["url"]})
             user_inputs.append({"type": "image", "url": item["url"]})
@@ -36,6 +35,26 @@ def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, 
             # (A localImage path names a file on the client's machine, not ours.)
             raise JsonRpcError.invalid_params(f"input[{index}].type {kind!r} is not supported")
     return parts, user_inputs
+
+
+def _text_elements(item: dict[str, Any], index: int) -> list[dict[str, Any]]:
+    """The UI spans of a text input (schema TextElement), kept for the client's
+    own rendering; they are echoed to every subscriber, so their shape is checked."""
+    elements = item.get("text_elements")
+    if elements is None:
+        return []
+    if not isinstance(elements, list):
+        raise JsonRpcError.invalid_params(f"input[{index}].text_elements must be an array")
+    for element in elements:
+        span = element.get("byteRange") if isinstance(element, dict) else None
+        placeholder = element.get("placeholder") if isinstance(element, dict) else None
+        if not (
+            isinstance(span, dict)
+            and all(isinstance(span.get(end), int) and not isinstance(span.get(end), bool) and span[end] >= 0 for end in ("start", "end"))
+            and (placeholder is None or isinstance(placeholder, str))
+        ):
+            raise JsonRpcError.invalid_params(f"input[{index}].text_elements: each needs byteRange {{start, end}}")
+    return elements
 
 
 def _preview(user_inputs: list[dict[str, Any]]) -> str:
@@ -78,8 +97,12 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         output_schema=output_schema,
     )
 
+    connection = context.connection
+    connection.own_turns.add(turn)
+
     def start() -> None:
-        turn.task = context.connection.spawn(run_turn(turn_context), name=f"turn {turn.id}")
+        turn.task = connection.spawn(run_turn(turn_context), name=f"turn {turn.id}")
+        turn.task.add_done_callback(lambda task: settle_turn(turn_context))
 
     context.after_reply(start)
     return {"turn": turn.to_json(include_items=False)}

@@ -128,15 +128,16 @@ def failed_response(error: Any) -> UpstreamError:
     """The error of a ``response.failed`` or an ``error`` event. A server
     error (by code, or by type when the code is null) may be retried."""
     error = error if isinstance(error, dict) else {}
-    status = error.get("status") if isinstance(error.get("status"), int) else None
-    if status is not None and status >= 400:
-        return error_for_status(status, json.dumps({"error": error}))
     code = error.get("code") if isinstance(error.get("code"), str) else ""
     if not code and error.get("type") == "server_error":
         code = "server_error"
+    status = error.get("status") if isinstance(error.get("status"), int) else None
+    if code not in _FAILED_RESPONSE_CODES and status is not None and status >= 400:
+        # No code we know: the WebSocket error's HTTP-like status says it (§6).
+        return error_for_status(status, json.dumps({"error": error}))
     message = error.get("message") if isinstance(error.get("message"), str) else "response failed"
     info = _FAILED_RESPONSE_CODES.get(code, "other")
-    return UpstreamError(message, info, retryable=info == "internalServerError")
+    return UpstreamError(message, info, http_status=status, retryable=info == "internalServerError")
 
 
 def incomplete_response(response: Any) -> UpstreamError:
