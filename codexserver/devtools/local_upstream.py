@@ -297,7 +297,10 @@ class UpstreamServer:
                 self._record_close(record)
                 return response
             await response.write_eof()
-        except (ConnectionError, asyncio.CancelledError):  # the client left mid-stream
+        except ConnectionError:  # the client left mid-stream: expected, recorded, not logged
+            self._record_close(record)
+            return response
+        except asyncio.CancelledError:
             self._record_close(record)
             raise
         return response
