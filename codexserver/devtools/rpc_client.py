@@ -118,7 +118,7 @@ class RpcClient:
 
     async def run_turn(self, thread_id: str, text: str = "hi", timeout: float = 10.0) -> dict:
         """Start a turn and return its turn/completed params."""
-        result = await self.call("turn/start", {"threadId": thread_id, "input": [{"type": "text", "text": text}]})
+        result = await self.call("turn/start", {"threadId": thread_id, "input": [{"type": "text", "text": text}]}, timeout)
         turn_id = result["turn"]["id"]
 
         def completed(message: dict) -> bool:
