@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 import weakref
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,10 +71,8 @@ class Turn:
     model_input: list[dict[str, Any]] = field(default_factory=list)
     input_bytes: int = 0
     task: asyncio.Task | None = None
-    interrupt_requested: bool = False
 
     def interrupt(self) -> None:
-        self.interrupt_requested = True
         if self.task is not None:
             self.task.cancel()
 
@@ -146,11 +144,18 @@ class Thread:
     def stored_bytes(self) -> int:
         return sum(turn.input_bytes for turn in self.turns)
 
-    def trim(self, max_bytes: int) -> None:
-        """Drop the oldest finished turns past ``max_bytes`` of stored input."""
-        total = self.stored_bytes
+    def trim(self, max_bytes: int) -> int:
+        """Drop the oldest finished turns past ``max_bytes`` of stored input;
+        returns the bytes dropped."""
+        total = before = self.stored_bytes
         while total > max_bytes and self.turns and self.turns[0] is not self.active_turn:
             total -= self.turns.pop(0).input_bytes
+        return before - total
+
+    @property
+    def unused(self) -> bool:
+        """Nobody subscribed and no turn running: the store may let it go."""
+        return not self.loaded and self.active_turn is None
 
     def add_usage(self, usage: dict[str, int]) -> None:
         for name, value in usage.items():
@@ -158,9 +163,6 @@ class Thread:
 
     def touch(self) -> None:
         self.updated_at = time.time()
-
-    def turn(self, turn_id: str) -> Turn | None:
-        return next((turn for turn in self.turns if turn.id == turn_id), None)
 
     # --- subscribers --------------------------------------------------------
 
@@ -219,30 +221,24 @@ class ThreadStore:
     ones). Per thread, ``Thread.trim`` keeps ``CODEX_MAX_HISTORY_BYTES``."""
 
     def __init__(self) -> None:
-        self._threads: OrderedDict[str, Thread] = OrderedDict()
+        self._threads: dict[str, Thread] = {}
         self.total_bytes = 0
 
     def add(self, thread: Thread, max_threads: int) -> None:
         self._threads[thread.id] = thread
-        self._evict(max_threads)
+        self._forget_unused_oldest(lambda: len(self._threads) > max_threads)
 
     def resized(self, thread: Thread, change: int, max_total_bytes: int) -> None:
         """A thread's stored turns grew or shrank by ``change`` bytes."""
         if thread.id in self._threads:
             self.total_bytes += change
         if self.total_bytes <= max_total_bytes:
-            return
-        by_age = sorted(self._threads.values(), key=lambda t: t.updated_at)
-        for old in by_age:
+            return  # the usual case: no sorting on a turn's way out
+        self._forget_unused_oldest(lambda: self.total_bytes > max_total_bytes)
+        for old in self._oldest_first():  # still over: the oldest turns of threads in use
             if self.total_bytes <= max_total_bytes:
                 return
-            if not old.loaded and old.active_turn is None:
-                self._forget(old)
-        for old in by_age:
-            if old.id not in self._threads:
-                continue  # forgotten above: its bytes are already off the total
-            while self.total_bytes > max_total_bytes and old.turns and old.turns[0] is not old.active_turn:
-                self.total_bytes -= old.turns.pop(0).input_bytes
+            self.total_bytes -= old.trim(old.stored_bytes - (self.total_bytes - max_total_bytes))
 
     def _forget(self, thread: Thread) -> None:
         if self._threads.pop(thread.id, None) is not None:
@@ -258,19 +254,23 @@ class ThreadStore:
 
     def forget_if_unused(self, thread: Thread) -> None:
         """An ephemeral thread goes once nobody is subscribed and no turn runs."""
-        if thread.ephemeral and not thread.loaded and thread.active_turn is None:
+        if thread.ephemeral and thread.unused:
             self._forget(thread)
 
     def loaded(self) -> list[Thread]:
         return [thread for thread in self._threads.values() if thread.loaded]
 
-    def _evict(self, max_threads: int) -> None:
-        if len(self._threads) <= max_threads:
+    def _oldest_first(self) -> list[Thread]:
+        return sorted(self._threads.values(), key=lambda t: t.updated_at)
+
+    def _forget_unused_oldest(self, over_bound: Callable[[], bool]) -> None:
+        """Forget unused threads, least recently updated first, while ``over_bound()``."""
+        if not over_bound():
             return
-        for thread in sorted(self._threads.values(), key=lambda t: t.updated_at):
-            if len(self._threads) <= max_threads:
-                break
-            if not thread.loaded and thread.active_turn is None:
+        for thread in self._oldest_first():
+            if not over_bound():
+                return
+            if thread.unused:
                 self._forget(thread)
 
 

@@ -112,6 +112,11 @@ class TurnEventTranslator:
             response = _object(event.get("response"))
             self.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
 
+    def announce(self, record: ItemRecord) -> None:
+        """Tell of an item that is whole before the model says anything (the user's message)."""
+        self._item_notification("item/started", item=record.item, startedAtMs=record.started_at_ms)
+        self._item_notification("item/completed", item=record.item, completedAtMs=record.completed_at_ms)
+
     def finish(self) -> None:
         """At the end of the turn, however it ended: close every open item."""
         for item in self._items.values():

@@ -46,10 +46,8 @@ async def run_turn(turn_context: TurnContext) -> None:
     notify = functools.partial(thread.notify, pace_setter=connection)
     notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
-    user_item = turn_context.user_item
-    notify("item/started", {"threadId": thread.id, "turnId": turn.id, "item": user_item.item, "startedAtMs": user_item.started_at_ms})
-    notify("item/completed", {"threadId": thread.id, "turnId": turn.id, "item": user_item.item, "completedAtMs": user_item.completed_at_ms})
     translator = TurnEventTranslator(thread.id, turn, notify)
+    translator.announce(turn_context.user_item)
     request = ModelRequest(
         thread_id=thread.id,
         model=thread.model,
@@ -77,11 +75,11 @@ async def run_turn(turn_context: TurnContext) -> None:
         status = COMPLETED if translator.completed else INTERRUPTED
     except UpstreamError as exc:
         logger.info("turn %s failed: %s", turn.id, exc.message)
-        status, error = FAILED, exc.turn_error()
+        status, error = FAILED, _error(exc.turn_error())
     except Exception:
         # Whatever went wrong, the client is owed a turn/completed.
         logger.exception("turn %s failed unexpectedly", turn.id)
-        status, error = FAILED, {"message": "internal error while streaming the turn", "codexErrorInfo": "other"}
+        status, error = FAILED, _error({"message": "internal error while streaming the turn", "codexErrorInfo": "other"})
     finally:
         thread.active_turn = None
 
@@ -100,12 +98,9 @@ async def run_turn(turn_context: TurnContext) -> None:
         token_usage_params = {"last": usage, "total": dict(thread.total_usage), "modelContextWindow": None}
         notify("thread/tokenUsage/updated", {"threadId": thread.id, "turnId": turn.id, "tokenUsage": token_usage_params})
     if error is not None:
-        turn.error = error = _error(error)
         notify("error", {"threadId": thread.id, "turnId": turn.id, "error": error, "willRetry": False})
-    notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
-    notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
+    _announce_end(thread, turn, notify)
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id, usage=usage)
-    thread_store.forget_if_unused(thread)
 
 
 def settle_turn(turn_context: TurnContext) -> None:
@@ -119,8 +114,14 @@ def settle_turn(turn_context: TurnContext) -> None:
     if thread.active_turn is turn:
         thread.active_turn = None
     turn.finish(INTERRUPTED, None)
-    thread.notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
-    thread.notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
+    _announce_end(thread, turn, thread.notify)
+
+
+def _announce_end(thread: Thread, turn: Turn, notify) -> None:
+    """Tell every subscriber the turn ended and the thread is idle; an
+    ephemeral thread nobody holds any more goes."""
+    notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
+    notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     thread_store.forget_if_unused(thread)
 
 
