@@ -13,7 +13,6 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 
-from codexserver.channel_layers import redis_host
 from codexserver.log_format import LOG_FORMAT
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -104,6 +103,8 @@ TEMPLATES = [
     },
 ]
 
+# Threads writing ConnectionIdentity rows (PostgreSQL; SQLite uses one).
+CODEX_DB_WRITE_THREADS = _env_number("CODEX_DB_WRITE_THREADS", "8", int)
 DATABASES = {
     "default": dj_database_url.config(
         default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=0
@@ -115,7 +116,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         # every row-writer thread keeps one, plus the request and admin threads
-        "max_size": _env_number("CODEX_DB_WRITE_THREADS", "8", int) + 4,
+        "max_size": CODEX_DB_WRITE_THREADS + 4,
         "timeout": 30,
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
@@ -127,6 +128,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 REDIS_URL = os.environ.get("REDIS_URL")
 if REDIS_URL:
+    from codexserver.channel_layers import redis_host  # imports channels_redis: only for a Redis layer
+
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "codexserver.channel_layers.ResilientRedisChannelLayer",
@@ -161,8 +164,6 @@ CODEX_SERVER_INSTANCE = os.environ.get(
 # The server's Codex home, reported by `initialize` (`codexHome`); the server
 # keeps nothing there itself.
 CODEX_HOME = os.path.abspath(os.path.expanduser(os.environ.get("CODEX_HOME") or "~/.codex"))
-# Threads writing ConnectionIdentity rows (PostgreSQL; SQLite uses one).
-CODEX_DB_WRITE_THREADS = _env_number("CODEX_DB_WRITE_THREADS", "8", int)
 # Each process beats in the database this often; one silent for the timeout
 # is dead, and its open rows are closed by whichever live process notices.
 CODEX_HEARTBEAT_INTERVAL = _env_number("CODEX_HEARTBEAT_INTERVAL", "15", float)

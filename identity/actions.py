@@ -18,13 +18,12 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache
 from datetime import datetime, timedelta
+from functools import cache
 
 from channels.db import DatabaseSyncToAsync
 from django.conf import settings
-from django.db import connection, connections
-from django.db import transaction
+from django.db import connection, connections, transaction
 from django.db.models import DateTimeField, ExpressionWrapper, Value
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -145,20 +144,24 @@ def record_heartbeat(boot_id: uuid.UUID, live_connection_ids: frozenset[uuid.UUI
         changed = 0
         if not beating:
             ServerBoot.objects.filter(boot_id=boot_id).update(heartbeat_at=Now(), stopped_at=None)
-            reopen = [str(i) for i in live_connection_ids]
-            for start in range(0, len(reopen), 500):
-                changed += ConnectionIdentity.objects.filter(
-                    boot_id=boot_id, connection_id__in=reopen[start : start + 500]
-                ).update(disconnected_at=None)
+            changed += _set_disconnected_at(boot_id, live_connection_ids, None)
         open_rows = ConnectionIdentity.objects.filter(
             boot_id=boot_id, disconnected_at__isnull=True, connected_at__lt=timezone.now() - orphan_age
         ).values_list("connection_id", flat=True)
-        orphans = [str(i) for i in open_rows if i not in live_connection_ids]
-        for start in range(0, len(orphans), 500):
-            changed += ConnectionIdentity.objects.filter(connection_id__in=orphans[start : start + 500]).update(
-                disconnected_at=timezone.now()
-            )
+        orphans = [connection_id for connection_id in open_rows if connection_id not in live_connection_ids]
+        changed += _set_disconnected_at(boot_id, orphans, timezone.now())
     return changed
+
+
+def _set_disconnected_at(boot_id: uuid.UUID, connection_ids, value: datetime | None) -> int:
+    """One UPDATE per 500 ids: a long ``IN`` list stays under every backend's parameter limit."""
+    ids = [str(connection_id) for connection_id in connection_ids]
+    return sum(
+        ConnectionIdentity.objects.filter(boot_id=boot_id, connection_id__in=ids[start : start + 500]).update(
+            disconnected_at=value
+        )
+        for start in range(0, len(ids), 500)
+    )
 
 
 @database_sync_to_async

@@ -213,11 +213,11 @@ class UpstreamServer:
 
     # --- behaviour --------------------------------------------------------------
 
-    def _count(self, text: str) -> int:
-        """How many times a scripted text has been asked for, this one included."""
+    def _count(self, script: str, text: str) -> int:
+        """How many times ``text`` has asked for ``script``, this time included."""
         with self._lock:
-            self._failures["instream:" + text] += 1
-            return self._failures["instream:" + text]
+            self._failures[f"{script}:{text}"] += 1
+            return self._failures[f"{script}:{text}"]
 
     def _fixture_events(self, name: str) -> list[dict]:
         """A recorded stream; each event keeps its recorded line (``RAW``) to send as is."""
@@ -231,9 +231,7 @@ class UpstreamServer:
         if not match:
             return None
         status, times = int(match.group(1)), match.group(2)
-        with self._lock:
-            self._failures[text] += 1
-            seen = self._failures[text]
+        seen = self._count("fail", text)
         if times is not None and seen > int(times):
             return None
         return status
@@ -260,7 +258,7 @@ class UpstreamServer:
             events.append({"type": "response.incomplete", "response": {"status": "incomplete", "incomplete_details": {"reason": reason}}})
             return events, 0.0, False
         instream = re.search(r"instream:(\w+?)(?:x(\d+))?\b", text)
-        if instream and self._count(text) <= int(instream.group(2) or 10**9):
+        if instream and self._count("instream", text) <= int(instream.group(2) or 10**9):
             error = {"type": "error", "code": instream.group(1), "message": f"scripted {instream.group(1)}"}
             return [{"type": "response.created", "response": {}}, {"type": "response.in_progress", "response": {}}, error], 0.0, False
         if re.search(r"\bhang\b", text):
