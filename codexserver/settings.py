@@ -133,7 +133,9 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "codexserver.channel_layers.ResilientRedisChannelLayer",
-            "CONFIG": {"hosts": [redis_host(REDIS_URL)]},
+            # capacity: messages a channel holds before sends to it are
+            # dropped; a process channel takes every thread's batches.
+            "CONFIG": {"hosts": [redis_host(REDIS_URL)], "capacity": 1000},
         }
     }
 else:
@@ -224,11 +226,11 @@ CODEX_TELEMETRY_MAX_BUFFERED = _env_number("CODEX_TELEMETRY_MAX_BUFFERED", "1000
 # of the shared upstream pool or the event loop.
 CODEX_MAX_THREADS_PER_CONNECTION = _env_number("CODEX_MAX_THREADS_PER_CONNECTION", "256", int)
 CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = _env_number("CODEX_MAX_RUNNING_TURNS_PER_CONNECTION", "16", int)
-# Bytes of earlier turns replayed as model input per thread (oldest dropped
-# first), and how many threads this process keeps (unloaded ones evicted).
+# Bytes of earlier turns replayed as model input per thread (oldest dropped first).
 CODEX_MAX_HISTORY_BYTES = _env_number("CODEX_MAX_HISTORY_BYTES", str(4 * 1024 * 1024), int)
-CODEX_MAX_STORED_THREADS = _env_number("CODEX_MAX_STORED_THREADS", "1000", int)
-CODEX_MAX_STORED_BYTES = _env_number("CODEX_MAX_STORED_BYTES", str(512 * 1024 * 1024), int)
+# A thread's turn lock lapses this long after its process last extended it
+# (every third of it): a process killed mid-turn frees its threads within it.
+CODEX_TURN_LOCK_SECONDS = _env_number("CODEX_TURN_LOCK_SECONDS", "30", float)
 CODEX_MODELS = _env_list("CODEX_MODELS")
 CODEX_MAX_REQUESTS_IN_FLIGHT = _env_number("CODEX_MAX_REQUESTS_IN_FLIGHT", "64", int)
 # Seconds a client may read nothing while a turn waits for it to drain its

@@ -61,12 +61,26 @@ class OriginatorFilter(admin.SimpleListFilter):
         return queryset.filter(originator=self.value()) if self.value() else queryset
 
 
-def _time(value) -> str:
+def admin_time(value) -> str:
+    """A time with seconds and zone, or "—"."""
     return timezone.localtime(value).strftime("%Y-%m-%d %H:%M:%S %Z") if value else NOT_YET
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows are written by the server alone; the admin only shows them."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(ConnectionIdentity)
-class ConnectionIdentityAdmin(admin.ModelAdmin):
+class ConnectionIdentityAdmin(ReadOnlyAdmin):
     list_display = (
         "connection",
         "client_name",
@@ -101,21 +115,12 @@ class ConnectionIdentityAdmin(admin.ModelAdmin):
 
     @admin.display(description="connected", ordering="connected_at")
     def connected(self, row: ConnectionIdentity) -> str:
-        return _time(row.connected_at)
+        return admin_time(row.connected_at)
 
     @admin.display(description="initialized", ordering="initialized_at")
     def initialized(self, row: ConnectionIdentity) -> str:
-        return _time(row.initialized_at)
+        return admin_time(row.initialized_at)
 
     @admin.display(description="disconnected", ordering="disconnected_at")
     def disconnected(self, row: ConnectionIdentity) -> str:
-        return _time(row.disconnected_at) if row.disconnected_at else "open"
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+        return admin_time(row.disconnected_at) if row.disconnected_at else "open"

@@ -27,7 +27,8 @@ from .handlers import HANDLERS, INITIALIZE, INTERRUPT
 from .outbox import Outbox
 from .protocol import ClientResponse, JsonRpcError, Notification, Request
 from .services.upstream_errors import UpstreamError
-from .threads import Thread, thread_store
+from .thread_hub import thread_hub
+from .threads import Thread
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,15 @@ class AppServerConnection:
 
     # --- threads ------------------------------------------------------------
 
-    def subscribe(self, thread: Thread) -> None:
+    async def subscribe(self, thread: Thread) -> Thread:
+        """Follow ``thread``'s notifications; returns this process's object for it."""
+        thread = await thread_hub().subscribe(thread, self)
         self.threads[thread.id] = thread
-        thread.subscribers.add(self)
+        return thread
 
-    def unsubscribe(self, thread: Thread) -> None:
+    async def unsubscribe(self, thread: Thread) -> None:
         self.threads.pop(thread.id, None)
-        thread.subscribers.discard(self)
-        thread_store.forget_if_unused(thread)
+        await thread_hub().unsubscribe(thread, self)
 
     # --- frames in ----------------------------------------------------------
 
@@ -175,8 +177,6 @@ class AppServerConnection:
         """Called at disconnect: cancel every task; their upstream streams close with them."""
         self._closed = True
         live_connections.discard(self)
-        for thread in list(self.threads.values()):
-            self.unsubscribe(thread)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -184,3 +184,9 @@ class AppServerConnection:
             _, pending = await asyncio.wait(tasks, timeout=CLOSE_GRACE_SECONDS)
             if pending:
                 logger.warning("%d task(s) did not stop within %ss", len(pending), CLOSE_GRACE_SECONDS)
+        # After the tasks: a turn that ended on the way out was still told to its subscribers.
+        for thread in list(self.threads.values()):
+            try:
+                await self.unsubscribe(thread)
+            except Exception as exc:  # the layer is down: its group forgets us when it expires
+                logger.warning("could not leave thread %s: %s", thread.id, exc)

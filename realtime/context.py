@@ -9,12 +9,16 @@ from typing import TYPE_CHECKING, Any
 from identity.client_identity import ClientIdentity
 
 from .protocol import JsonRpcError, Request
-from .threads import Thread, thread_store
+from .thread_hub import thread_hub
+from .thread_store import DatabaseThreads
+from .threads import Thread
 
 if TYPE_CHECKING:
     from .connection import AppServerConnection
 
 logger = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 64  # thread ids are UUIDs; StoredThread.thread_id holds 64
 
 
 class RequestContext:
@@ -50,9 +54,20 @@ class RequestContext:
             raise JsonRpcError.invalid_params("unknown threadId")
         return thread
 
-    def stored_thread(self, thread_id: str) -> Thread:
-        """Any thread of the store, for reading and resuming (one server is one tenant)."""
-        thread = thread_store.get(thread_id)
-        if thread is None:
+    async def stored_thread(self, thread_id: str) -> tuple[Thread, bool]:
+        """Any thread, for reading and resuming (one server is one tenant), and
+        whether a turn of it runs on another process. A thread loaded here is
+        this process's object, brought up to date from the store."""
+        local = thread_hub().get(thread_id)
+        if local is not None and local.ephemeral:
+            return local, False
+        if len(thread_id) > MAX_ID_CHARS or "\x00" in thread_id:  # no such id was ever made
             raise JsonRpcError.invalid_params("unknown threadId")
-        return thread
+        stored = await DatabaseThreads.load(thread_id)
+        if stored is None:
+            raise JsonRpcError.invalid_params("unknown threadId")
+        fresh, running = stored
+        if local is None:
+            return fresh, running
+        local.refresh_from(fresh)
+        return local, running and local.active_turn is None

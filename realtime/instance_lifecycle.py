@@ -30,6 +30,8 @@ from identity.http_clients import client_factory
 
 from .connection import live_connections
 from .services.telemetry import flush_at_shutdown
+from .thread_hub import thread_hub
+from .thread_store import end_abandoned_turns
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,9 @@ class ProcessLifecycle:
                 if changed:
                     logger.info("set %d of this process's connection rows straight", changed)
                 await self._close_dead_rows()
+                ended = await end_abandoned_turns()
+                if ended:
+                    logger.info("marked %d turn(s) of stopped processes interrupted", ended)
             except Exception as exc:  # the database is down: beat again later
                 logger.warning("heartbeat failed: %s", exc)
 
@@ -102,6 +107,7 @@ class ProcessLifecycle:
             self._heartbeat.cancel()
         try:
             await asyncio.gather(*(connection.close() for connection in list(live_connections)))
+            await thread_hub().stop()
             closed = await record_boot_stopped(self.boot_id)
             logger.info("shutting down: closed %d open connection row(s)", closed)
         finally:

@@ -1,11 +1,11 @@
 """Threads, turns and items: the conversation state, in the Codex app-server's shapes.
 
-Threads live in one process-wide store, not in a connection: a client that
-quits can resume its thread later on the same process (PROTOCOL §8-9; the
-database store is a later step). A connection *subscribes* to the threads it
-starts or resumes, and every notification of a thread's turn reaches every
-subscriber. Identity is the request's, never the thread's: each turn records
-the originator and connection that started it.
+These are the in-process objects: a ``Thread`` here is one this process has
+loaded (``thread_hub``) or read from the store (``thread_store``, the
+database). A connection *subscribes* to the threads it starts or resumes, and
+every notification of a thread's turn reaches every subscriber, on every
+process. Identity is the request's, never the thread's: each turn records the
+originator and connection that started it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 # The wire values of a turn's status (schema TurnStatus).
 IN_PROGRESS, COMPLETED, INTERRUPTED, FAILED = "inProgress", "completed", "interrupted", "failed"
 PREVIEW_CHARS = 200
-DELTA_SUFFIXES = ("/delta", "Delta")  # item/agentMessage/delta, item/reasoning/summaryTextDelta, …
 
 
 def new_id() -> str:
@@ -36,6 +35,20 @@ def new_id() -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def newest_within(earlier: Iterable[tuple[list[dict[str, Any]], int]], max_bytes: int) -> list[dict[str, Any]]:
+    """The model input to replay: ``earlier`` is (input items, their size) of
+    earlier turns, newest first; the newest that fit in ``max_bytes`` are
+    kept, whole turns only, and returned oldest first."""
+    kept: list[list[dict[str, Any]]] = []
+    budget = max_bytes
+    for items, size in earlier:
+        if size > budget:
+            break
+        budget -= size
+        kept.append(items)
+    return [item for items in reversed(kept) for item in items]
 
 
 @dataclass(eq=False)
@@ -114,11 +127,11 @@ class Thread:
     cwd: str
     originator: str  # of the connection that started it; turns carry their own
     base_instructions: str | None = None
-    ephemeral: bool = False  # not listed, and forgotten when its last subscriber leaves
+    ephemeral: bool = False  # never stored: not listed, and gone when unloaded
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)  # sub-second: list order needs it
     preview: str = ""
-    turns: list[Turn] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)  # an ephemeral thread's; stored threads' are in the database
     active_turn: Turn | None = None
     realtime: RealtimeSession | None = None
     read_revision: int = 0
@@ -129,33 +142,23 @@ class Thread:
 
     def history(self, max_bytes: int) -> list[dict[str, Any]]:
         """Model input of the earlier turns, newest kept first within ``max_bytes``."""
-        kept: list[list[dict[str, Any]]] = []
-        budget = max_bytes
-        for turn in reversed(self.turns):
-            if turn is self.active_turn or not turn.model_input:
-                continue
-            if turn.input_bytes > budget:
-                break
-            budget -= turn.input_bytes
-            kept.append(turn.model_input)
-        return [item for items in reversed(kept) for item in items]
+        earlier = (
+            (turn.model_input, turn.input_bytes)
+            for turn in reversed(self.turns)
+            if turn is not self.active_turn and turn.model_input
+        )
+        return newest_within(earlier, max_bytes)
 
-    @property
-    def stored_bytes(self) -> int:
-        return sum(turn.input_bytes for turn in self.turns)
-
-    def trim(self, max_bytes: int) -> int:
-        """Drop the oldest finished turns past ``max_bytes`` of stored input;
-        returns the bytes dropped."""
-        total = before = self.stored_bytes
+    def trim(self, max_bytes: int) -> None:
+        """Drop the oldest finished turns past ``max_bytes`` of stored input."""
+        total = sum(turn.input_bytes for turn in self.turns)
         while total > max_bytes and self.turns and self.turns[0] is not self.active_turn:
             total -= self.turns.pop(0).input_bytes
-        return before - total
 
-    @property
-    def unused(self) -> bool:
-        """Nobody subscribed and no turn running: the store may let it go."""
-        return not self.loaded and self.active_turn is None
+    def refresh_from(self, stored: Thread) -> None:
+        """Take what other processes may have changed since this one loaded it."""
+        self.model, self.preview = stored.model, stored.preview
+        self.updated_at, self.read_revision = stored.updated_at, stored.read_revision
 
     def add_usage(self, usage: dict[str, int]) -> None:
         for name, value in usage.items():
@@ -167,31 +170,25 @@ class Thread:
     # --- subscribers --------------------------------------------------------
 
     def notify(self, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None = None) -> None:
-        """Send a notification to every connection subscribed to this thread.
+        """Send a notification to every connection subscribed to this thread,
+        on this process and on the others (``thread_hub``)."""
+        from .thread_hub import thread_hub
 
-        The turn waits for ``pace_setter`` (its own client) only. Another
-        subscriber that falls behind misses deltas rather than its
-        connection: ``item/completed`` still brings it the whole text.
-        """
-        droppable = method.endswith(DELTA_SUFFIXES)
-        for connection in list(self.subscribers):
-            if droppable and connection is not pace_setter and connection.outbox.overloaded:
-                continue
-            connection.notify(method, params)
+        thread_hub().publish(self, method, params, pace_setter)
 
     @property
     def loaded(self) -> bool:
         return len(self.subscribers) > 0
 
-    def status_json(self) -> dict[str, Any]:
-        if self.active_turn is not None:
+    def status_json(self, running_elsewhere: bool = False) -> dict[str, Any]:
+        if self.active_turn is not None or running_elsewhere:
             return {"type": "active", "activeFlags": []}
         return {"type": "idle"} if self.loaded else {"type": "notLoaded"}
 
     # --- wire shape ---------------------------------------------------------
 
-    def to_json(self, include_turns: bool = False) -> dict[str, Any]:
-        """The schema's ``Thread``."""
+    def to_json(self, turns: list[Turn] | None = None, running_elsewhere: bool = False) -> dict[str, Any]:
+        """The schema's ``Thread``, with ``turns`` if given."""
         return {
             "id": self.id,
             "sessionId": self.id,
@@ -208,72 +205,6 @@ class Thread:
             "projectId": None,
             "name": None,
             "path": None,
-            "status": self.status_json(),
-            "turns": [turn.to_json() for turn in self.turns] if include_turns else [],
+            "status": self.status_json(running_elsewhere),
+            "turns": [turn.to_json() for turn in turns or ()],
         }
-
-
-class ThreadStore:
-    """Every thread of this process, within two bounds: a number of threads
-    (the least recently updated one without a subscriber goes first) and a
-    number of bytes of stored turns across all threads (threads without a
-    subscriber go first, then the oldest turns of the least recently updated
-    ones). Per thread, ``Thread.trim`` keeps ``CODEX_MAX_HISTORY_BYTES``."""
-
-    def __init__(self) -> None:
-        self._threads: dict[str, Thread] = {}
-        self.total_bytes = 0
-
-    def add(self, thread: Thread, max_threads: int) -> None:
-        self._threads[thread.id] = thread
-        self._forget_unused_oldest(lambda: len(self._threads) > max_threads)
-
-    def resized(self, thread: Thread, change: int, max_total_bytes: int) -> None:
-        """A thread's stored turns grew or shrank by ``change`` bytes."""
-        if thread.id in self._threads:
-            self.total_bytes += change
-        if self.total_bytes <= max_total_bytes:
-            return  # the usual case: no sorting on a turn's way out
-        self._forget_unused_oldest(lambda: self.total_bytes > max_total_bytes)
-        for old in self._oldest_first():  # still over: the oldest turns of threads in use
-            if self.total_bytes <= max_total_bytes:
-                return
-            self.total_bytes -= old.trim(old.stored_bytes - (self.total_bytes - max_total_bytes))
-
-    def _forget(self, thread: Thread) -> None:
-        if self._threads.pop(thread.id, None) is not None:
-            self.total_bytes -= thread.stored_bytes
-
-    def get(self, thread_id: str) -> Thread | None:
-        return self._threads.get(thread_id)
-
-    def newest_first(self) -> list[Thread]:
-        """The listed threads (not ephemeral ones), most recently updated first."""
-        listed = (thread for thread in self._threads.values() if not thread.ephemeral)
-        return sorted(listed, key=lambda t: (t.updated_at, t.created_at), reverse=True)
-
-    def forget_if_unused(self, thread: Thread) -> None:
-        """An ephemeral thread goes once nobody is subscribed and no turn runs."""
-        if thread.ephemeral and thread.unused:
-            self._forget(thread)
-
-    def loaded(self) -> list[Thread]:
-        return [thread for thread in self._threads.values() if thread.loaded]
-
-    def _oldest_first(self) -> list[Thread]:
-        return sorted(self._threads.values(), key=lambda t: t.updated_at)
-
-    def _forget_unused_oldest(self, over_bound: Callable[[], bool]) -> None:
-        """Forget unused threads, least recently updated first, while ``over_bound()``."""
-        if not over_bound():
-            return
-        for thread in self._oldest_first():
-            if not over_bound():
-                return
-            if thread.unused:
-                self._forget(thread)
-
-
-# The process's threads. Conversation data, not identity: nothing here is
-# read to decide how an outbound call is labelled.
-thread_store = ThreadStore()

@@ -15,7 +15,9 @@ from .services import telemetry
 from .services.config import UpstreamConfig
 from .services.responses import ModelRequest, stream_model_response
 from .services.upstream_errors import UpstreamError
-from .threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, thread_store
+from .thread_hub import thread_hub
+from .thread_store import DatabaseThreads, MemoryThreads
+from .threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
 from .turn_events import TurnEventTranslator
 
 if TYPE_CHECKING:
@@ -32,11 +34,13 @@ class TurnContext:
     connection: AppServerConnection
     thread: Thread
     turn: Turn
+    store: type[DatabaseThreads] | type[MemoryThreads]
+    history: list[dict[str, Any]]  # model input of the earlier turns, as the store read it
     user_message: dict[str, Any]  # Responses API input item
     user_item: ItemRecord  # the same message as a ThreadItem
     config: UpstreamConfig
     max_history_bytes: int
-    max_stored_bytes: int
+    lock_seconds: float
     output_schema: dict[str, Any] | None = None
 
 
@@ -51,7 +55,7 @@ async def run_turn(turn_context: TurnContext) -> None:
     request = ModelRequest(
         thread_id=thread.id,
         model=thread.model,
-        input=[*thread.history(turn_context.max_history_bytes), turn_context.user_message],
+        input=[*turn_context.history, turn_context.user_message],
         instructions=thread.base_instructions,
         output_schema=turn_context.output_schema,
     )
@@ -60,6 +64,7 @@ async def run_turn(turn_context: TurnContext) -> None:
     def will_retry(failure: UpstreamError) -> None:
         notify("error", {"threadId": thread.id, "turnId": turn.id, "error": _error(failure.turn_error()), "willRetry": True})
 
+    lock_keeper = asyncio.create_task(_keep_lock(turn_context), name=f"lock of turn {turn.id}")
     try:
         async with aclosing(
             stream_model_response(turn_context.identity, request, turn_context.config, on_retry=will_retry)
@@ -81,26 +86,58 @@ async def run_turn(turn_context: TurnContext) -> None:
         logger.exception("turn %s failed unexpectedly", turn.id)
         status, error = FAILED, _error({"message": "internal error while streaming the turn", "codexErrorInfo": "other"})
     finally:
-        thread.active_turn = None
+        lock_keeper.cancel()
 
     translator.finish()
-    model_input = [turn_context.user_message, *translator.model_input()]
-    stored_before = thread.stored_bytes
-    turn.remember_input(model_input)
+    turn.remember_input([turn_context.user_message, *translator.model_input()])
     turn.finish(status, error)
-    thread.trim(turn_context.max_history_bytes)
-    thread_store.resized(thread, thread.stored_bytes - stored_before, turn_context.max_stored_bytes)
-    thread.touch()
     usage = token_usage(translator.usage)
+    turn.usage = usage
+    # Stored before anyone hears the turn ended: a client that reads the
+    # thread on turn/completed finds it there, from any process.
+    total = await _store_end(turn_context)
     if usage is not None:
-        turn.usage = usage
-        thread.add_usage(usage)
-        token_usage_params = {"last": usage, "total": dict(thread.total_usage), "modelContextWindow": None}
+        token_usage_params = {"last": usage, "total": total, "modelContextWindow": None}
         notify("thread/tokenUsage/updated", {"threadId": thread.id, "turnId": turn.id, "tokenUsage": token_usage_params})
     if error is not None:
         notify("error", {"threadId": thread.id, "turnId": turn.id, "error": error, "willRetry": False})
     _announce_end(thread, turn, notify)
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id, usage=usage)
+
+
+async def _store_end(turn_context: TurnContext) -> dict[str, int]:
+    """Write the turn's end and free the thread, even if cancelled meanwhile
+    (the connection closing); returns the thread's running usage total."""
+    thread, turn = turn_context.thread, turn_context.turn
+    thread.active_turn = None
+    thread.trim(turn_context.max_history_bytes)
+    thread.touch()
+    write = asyncio.ensure_future(turn_context.store.finish_turn(thread, turn, first_new_item=1))
+    while not write.done():
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # the turn is ending anyway: finish telling it
+        except Exception:
+            break
+    try:
+        return write.result()
+    except Exception:
+        # The turn ran; only its record is lost. Its lock lapses on its own.
+        logger.exception("could not store the end of turn %s", turn.id)
+        return dict(turn.usage or {})
+
+
+async def _keep_lock(turn_context: TurnContext) -> None:
+    """Extend the thread's turn lock while the turn runs, well before it lapses."""
+    while True:
+        await asyncio.sleep(turn_context.lock_seconds / 3)
+        try:
+            if not await turn_context.store.keep_lock(turn_context.thread, turn_context.turn, turn_context.lock_seconds):
+                logger.warning("turn %s lost its thread's lock", turn_context.turn.id)
+                return
+        except Exception as exc:  # the database is down: try again before the lock lapses
+            logger.warning("could not extend the lock of turn %s: %s", turn_context.turn.id, exc)
 
 
 def settle_turn(turn_context: TurnContext) -> None:
@@ -111,18 +148,26 @@ def settle_turn(turn_context: TurnContext) -> None:
     turn_context.connection.own_turns.discard(turn)
     if turn.status != IN_PROGRESS:
         return
-    if thread.active_turn is turn:
-        thread.active_turn = None
     turn.finish(INTERRUPTED, None)
-    _announce_end(thread, turn, thread.notify)
+    ending = asyncio.ensure_future(_end_unstarted(turn_context))
+    _endings.add(ending)
+    ending.add_done_callback(_endings.discard)
+
+
+_endings: set[asyncio.Future] = set()  # the loop keeps only weak references to tasks
+
+
+async def _end_unstarted(turn_context: TurnContext) -> None:
+    await _store_end(turn_context)
+    _announce_end(turn_context.thread, turn_context.turn, turn_context.thread.notify)
 
 
 def _announce_end(thread: Thread, turn: Turn, notify) -> None:
-    """Tell every subscriber the turn ended and the thread is idle; an
-    ephemeral thread nobody holds any more goes."""
+    """Tell every subscriber the turn ended and the thread is idle; a thread
+    nobody here follows any more is unloaded."""
     notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
-    thread_store.forget_if_unused(thread)
+    thread_hub().release_if_unused(thread)
 
 
 def user_message(text_parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 from identity.models import ConnectionIdentity
 from realtime.outbox import Outbox
 from realtime.services import telemetry
-from realtime.threads import thread_store
+from realtime.thread_hub import thread_hub
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -78,8 +78,8 @@ async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, setting
     assert max(sizes) <= 50_000 + 21_000
     last_input = str(upstream.model_requests()[-1].body["input"])
     assert "turn 5" in last_input and "turn 4" in last_input and "turn 0" not in last_input
-    stored = thread_store.get(thread)
-    assert sum(turn.input_bytes for turn in stored.turns) <= 50_000
+    # The process holds none of it: a stored thread's turns live in the database.
+    assert thread_hub().get(thread).turns == []
 
 
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
@@ -92,23 +92,6 @@ async def test_a_connect_failure_says_which_upstream_was_tried(connect, settings
     error = completed["turn"]["error"]
     assert error["codexErrorInfo"] == {"responseStreamConnectionFailed": {"httpStatusCode": None}}
     assert "127.0.0.1:1/v1/responses" in error["message"]
-
-
-async def test_the_store_is_bounded_in_bytes_across_threads(connect, settings):
-    settings.CODEX_MAX_STORED_BYTES = 70_000
-    client = await connect()
-    await client.initialize("codex_ios", "1.4.0")
-    big = "y" * 30_000
-    left = await client.start_thread()
-    await client.run_turn(left, big)
-    assert await client.call("thread/unsubscribe", {"threadId": left}) == {"status": "unsubscribed"}
-    kept = await client.start_thread()
-    await client.run_turn(kept, big)
-    await client.run_turn(kept, big)
-    # The thread nobody holds went first; the one in use kept its turns.
-    assert (await client.request("thread/read", {"threadId": left}))["error"]["code"] == -32602
-    assert len(thread_store.get(kept).turns) == 2
-    assert thread_store.total_bytes <= 70_000
 
 
 async def test_a_turn_cancelled_before_it_ran_still_ends_and_frees_its_thread(connect, monkeypatch):
@@ -152,35 +135,6 @@ async def test_text_elements_are_checked_before_they_are_echoed(connect):
     await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "hi", "text_elements": [element]}]})
     item = await client.notification("item/started", threadId=thread)
     assert item["item"]["content"][0]["text_elements"] == [element]
-
-
-def test_store_byte_accounting_never_counts_a_forgotten_thread_twice():
-    from realtime.threads import Thread, ThreadStore, Turn
-
-    store = ThreadStore()
-    subscriber = _Subscriber()  # held: the subscriber set is weak
-
-    def thread_with(size: int, loaded: bool) -> Thread:
-        thread = Thread(id=f"t{size}", model="m", model_provider="openai", cwd="/", originator="o")
-        turn = Turn(f"turn{size}", originator="o", connection_id="c", status="completed")
-        turn.input_bytes = size
-        thread.turns.append(turn)
-        if loaded:
-            thread.subscribers.add(subscriber)
-        store.add(thread, 100)
-        store.resized(thread, size, 10**9)
-        return thread
-
-    thread_with(100, loaded=False)
-    kept = thread_with(1000, loaded=True)
-    store.resized(kept, 0, 500)
-    # The unsubscribed thread went, then the oldest turns of the one in use.
-    assert store.get("t100") is None and store.get("t1000") is kept
-    assert store.total_bytes == kept.stored_bytes == 0
-
-
-class _Subscriber:
-    """Stands for a connection in the store's subscriber set."""
 
 
 def test_in_stream_codes_win_over_the_websocket_status():

@@ -11,21 +11,23 @@ from ..params import optional_bool, optional_int, optional_str, optional_str_lis
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services import telemetry
 from ..services.config import UpstreamConfig
-from ..threads import Thread, new_id, thread_store
+from ..thread_hub import thread_hub
+from ..thread_store import DatabaseThreads, store_for
+from ..threads import Thread, Turn, new_id
 
 MODEL_PROVIDER = "openai"
 DEFAULT_PAGE = 25
 MAX_PAGE = 100
 
 
-def _session_json(thread: Thread, include_turns: bool) -> dict[str, Any]:
+def _session_json(thread: Thread, turns: list[Turn] | None, running_elsewhere: bool = False) -> dict[str, Any]:
     """What ``thread/start`` and ``thread/resume`` answer: the thread and its settings.
 
     The server runs no tools (PROTOCOL §8), so nothing ever needs approval and
     nothing can write: ``never`` and a read-only sandbox say exactly that.
     """
     return {
-        "thread": thread.to_json(include_turns=include_turns),
+        "thread": thread.to_json(turns, running_elsewhere),
         "model": thread.model,
         "modelProvider": thread.model_provider,
         "cwd": thread.cwd,
@@ -44,11 +46,10 @@ def _cwd(params: dict[str, Any]) -> str:
     return cwd if cwd and os.path.isabs(cwd) else os.getcwd()
 
 
-def _subscribe(context, thread: Thread) -> None:
+def _check_thread_limit(context, thread_id: str) -> None:
     connection = context.connection
-    if thread.id not in connection.threads and len(connection.threads) >= settings.CODEX_MAX_THREADS_PER_CONNECTION:
+    if thread_id not in connection.threads and len(connection.threads) >= settings.CODEX_MAX_THREADS_PER_CONNECTION:
         raise JsonRpcError(INVALID_REQUEST, f"Thread limit reached ({settings.CODEX_MAX_THREADS_PER_CONNECTION} per connection)")
-    connection.subscribe(thread)
 
 
 async def start_thread(context, params: Any) -> dict[str, Any]:
@@ -63,8 +64,9 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
         base_instructions=optional_str(params, "baseInstructions"),
         ephemeral=bool(optional_bool(params, "ephemeral")),
     )
-    _subscribe(context, thread)
-    thread_store.add(thread, settings.CODEX_MAX_STORED_THREADS)
+    _check_thread_limit(context, thread.id)
+    await store_for(thread).create(thread)
+    thread = await context.connection.subscribe(thread)
     identity = context.identity
 
     def announce() -> None:
@@ -72,62 +74,81 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
         telemetry.record_event(identity, telemetry.THREAD_STARTED, thread.id)
 
     context.after_reply(announce)
-    return _session_json(thread, include_turns=False)
+    return _session_json(thread, turns=None)
 
 
 async def resume_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.stored_thread(required_str(params, "threadId"))
-    _subscribe(context, thread)
+    thread_id = required_str(params, "threadId")
+    _check_thread_limit(context, thread_id)
+    found, running_elsewhere = await context.stored_thread(thread_id)
+    # Subscribed before the turns are read: nothing that ends after the read is missed.
+    thread = await context.connection.subscribe(found)
+    store = store_for(thread)
     model = optional_str(params, "model")
     if model:
         thread.model = model
-    return _session_json(thread, include_turns=not optional_bool(params, "excludeTurns"))
+        await store.set_model(thread, model)
+    turns = None if optional_bool(params, "excludeTurns") else await store.turns(thread)
+    return _session_json(thread, turns, running_elsewhere)
 
 
 async def unsubscribe_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = thread_store.get(required_str(params, "threadId"))
+    thread = thread_hub().get(required_str(params, "threadId"))
     if thread is None:
         return {"status": "notLoaded"}
     if thread.id not in context.connection.threads:
         return {"status": "notSubscribed"}
-    context.connection.unsubscribe(thread)
+    await context.connection.unsubscribe(thread)
     return {"status": "unsubscribed"}
 
 
-def _page(params: dict[str, Any], items: list[Any]) -> tuple[list[Any], str | None]:
-    """One page of ``items`` after the opaque ``cursor`` (an offset), and the next cursor."""
+def _window(params: dict[str, Any]) -> tuple[int, int]:
+    """(offset, limit) of the page asked for; the cursor is an opaque offset."""
     limit = min(optional_int(params, "limit") or DEFAULT_PAGE, MAX_PAGE)
     cursor = params.get("cursor")
-    start = int(cursor) if isinstance(cursor, str) and cursor.isdigit() else 0
-    page = items[start : start + limit]
-    following = start + len(page)
-    return page, (str(following) if following < len(items) else None)
+    return (int(cursor) if isinstance(cursor, str) and cursor.isdigit() else 0), limit
+
+
+def _next_cursor(offset: int, page_length: int, more: bool) -> str | None:
+    return str(offset + page_length) if more else None
+
+
+def _page(params: dict[str, Any], items: list[Any]) -> tuple[list[Any], str | None]:
+    """One page of ``items`` after the cursor, and the next cursor."""
+    offset, limit = _window(params)
+    page = items[offset : offset + limit]
+    return page, _next_cursor(offset, len(page), offset + len(page) < len(items))
 
 
 async def list_threads(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    threads = thread_store.newest_first()
-    originators = optional_str_list(params, "originators")
-    if originators:
-        threads = [thread for thread in threads if thread.originator in originators]
-    if params.get("sortDirection") == "asc":
-        threads.reverse()
-    page, next_cursor = _page(params, threads)
-    return {"data": [thread.to_json() for thread in page], "nextCursor": next_cursor, "backwardsCursor": None}
+    offset, limit = _window(params)
+    ascending = params.get("sortDirection") == "asc"
+    found, more = await DatabaseThreads.page(optional_str_list(params, "originators"), ascending, offset, limit)
+    hub = thread_hub()
+    data = []
+    for stored, running in found:
+        local = hub.get(stored.id)
+        if local is not None:  # loaded here: its status says so
+            local.refresh_from(stored)
+            stored, running = local, running and local.active_turn is None
+        data.append(stored.to_json(running_elsewhere=running))
+    return {"data": data, "nextCursor": _next_cursor(offset, len(data), more), "backwardsCursor": None}
 
 
 async def read_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.stored_thread(required_str(params, "threadId"))
-    return {"thread": thread.to_json(include_turns=bool(optional_bool(params, "includeTurns")))}
+    thread, running = await context.stored_thread(required_str(params, "threadId"))
+    turns = await store_for(thread).turns(thread) if optional_bool(params, "includeTurns") else None
+    return {"thread": thread.to_json(turns, running)}
 
 
 async def list_thread_turns(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.stored_thread(required_str(params, "threadId"))
-    turns = list(thread.turns)
+    thread, _ = await context.stored_thread(required_str(params, "threadId"))
+    turns = await store_for(thread).turns(thread)
     if params.get("sortDirection") != "asc":
         turns.reverse()  # newest first, as Codex pages a long history
     page, next_cursor = _page(params, turns)
@@ -137,11 +158,11 @@ async def list_thread_turns(context, params: Any) -> dict[str, Any]:
 
 async def list_thread_items(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.stored_thread(required_str(params, "threadId"))
+    thread, _ = await context.stored_thread(required_str(params, "threadId"))
     turn_id = optional_str(params, "turnId")
     entries = [
         record.entry_json(turn.id)
-        for turn in thread.turns
+        for turn in await store_for(thread).turns(thread)
         if turn_id is None or turn.id == turn_id
         for record in turn.items
     ]
@@ -153,22 +174,22 @@ async def list_thread_items(context, params: Any) -> dict[str, Any]:
 
 async def list_loaded_threads(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    page, next_cursor = _page(params, [thread.id for thread in thread_store.loaded()])
+    page, next_cursor = _page(params, [thread.id for thread in thread_hub().subscribed()])
     return {"data": page, "nextCursor": next_cursor}
 
 
 async def update_read_state(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    thread = context.stored_thread(required_str(params, "threadId"))
-    thread.read_revision += 1
-    return {"readState": {"revision": str(thread.read_revision), "firstUnread": None}}
+    thread, _ = await context.stored_thread(required_str(params, "threadId"))
+    revision = await store_for(thread).next_read_revision(thread)
+    return {"readState": {"revision": str(revision), "firstUnread": None}}
 
 
 async def get_thread_goal(context, params: Any) -> dict[str, Any]:
-    context.stored_thread(required_str(params_object(params), "threadId"))
+    await context.stored_thread(required_str(params_object(params), "threadId"))
     return {"goal": None}  # no goals: the server runs no agents of its own
 
 
 async def list_background_terminals(context, params: Any) -> dict[str, Any]:
-    context.stored_thread(required_str(params_object(params), "threadId"))
+    await context.stored_thread(required_str(params_object(params), "threadId"))
     return {"data": [], "nextCursor": None}  # no terminals: the server runs no tools

@@ -9,6 +9,8 @@ from django.conf import settings
 from ..params import optional_str, params_object, required_list, required_str
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services.config import UpstreamConfig
+from ..thread_hub import thread_hub
+from ..thread_store import store_for
 from ..threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
 from ..turn_runner import TurnContext, run_turn, settle_turn, user_message
 
@@ -80,20 +82,30 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     started = now_ms()
     user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
     turn.items.append(user_item)
-    thread.turns.append(turn)
-    thread.active_turn = turn
     thread.preview = thread.preview or _preview(user_inputs)
+    # The lock is the store's, deployment-wide: a turn of this thread running
+    # on any process refuses this one.
+    store = store_for(thread)
+    hub = thread_hub()
+    await hub.ensure_started()  # its channel is where turn/interrupt from elsewhere arrives
+    history = await store.begin_turn(thread, turn, hub.channel, settings.CODEX_TURN_LOCK_SECONDS, settings.CODEX_MAX_HISTORY_BYTES)
+    if history is None:
+        raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
+    thread.active_turn = turn
+    hub.hold(thread)
     thread.touch()
     turn_context = TurnContext(
         identity=context.identity,
         connection=context.connection,
         thread=thread,
         turn=turn,
+        store=store,
+        history=history,
         user_message=user_message(parts),
         user_item=user_item,
         config=UpstreamConfig.from_settings(),
         max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
-        max_stored_bytes=settings.CODEX_MAX_STORED_BYTES,
+        lock_seconds=settings.CODEX_TURN_LOCK_SECONDS,
         output_schema=output_schema,
     )
 
@@ -109,11 +121,17 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
 
 
 async def interrupt_turn(context, params: Any) -> dict[str, Any]:
+    """From any subscriber on any process: a turn running elsewhere is
+    stopped by the process running it, and every subscriber hears it end."""
     params = params_object(params)
     thread = context.subscribed_thread(required_str(params, "threadId"))
     turn_id = required_str(params, "turnId")
     turn = thread.active_turn
-    if turn is None or turn.id != turn_id:
+    if turn is not None and turn.id == turn_id:
+        turn.interrupt()
+        return {}
+    running = await store_for(thread).running_turn(thread)
+    if running is None or running[0] != turn_id or running[1] is None:
         raise JsonRpcError.invalid_params("turnId is not the thread's running turn")
-    turn.interrupt()
+    await thread_hub().interrupt_elsewhere(running[1], thread, turn_id)
     return {}

@@ -1,0 +1,121 @@
+"""Read-only admin for stored threads and turns (PROTOCOL §9).
+
+The turn list answers the question attribution exists for: which client used
+how many tokens. Above the list, usage totals per originator (over the turns
+the filters select); each turn shows who started it (originator, connection),
+its status, timing and token counts.
+"""
+
+from datetime import datetime
+from datetime import timezone as dt_timezone
+
+from django.contrib import admin
+from django.db.models import Count, Sum
+
+from identity.admin import NOT_YET, OriginatorFilter, ReadOnlyAdmin, admin_time
+
+from .models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
+
+ORIGINATORS_SHOWN = 50
+
+
+def _time_ms(value: int | None) -> str:
+    return admin_time(datetime.fromtimestamp(value / 1000, dt_timezone.utc)) if value else NOT_YET
+
+
+@admin.register(StoredThread)
+class StoredThreadAdmin(ReadOnlyAdmin):
+    list_display = ("thread", "preview", "originator", "model", "turn_count", "created", "updated", "running_turn_id")
+    list_display_links = ("thread",)
+    search_fields = ("=thread_id", "=originator", "preview")
+    show_full_result_count = False
+    list_per_page = 100
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(turn_count=Count("turns"))
+
+    @admin.display(description="thread")
+    def thread(self, row: StoredThread) -> str:
+        return row.thread_id[:8]
+
+    @admin.display(description="turns", ordering="turn_count")
+    def turn_count(self, row: StoredThread) -> int:
+        return row.turn_count
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, row: StoredThread) -> str:
+        return admin_time(row.created_at)
+
+    @admin.display(description="updated", ordering="updated_at")
+    def updated(self, row: StoredThread) -> str:
+        return admin_time(row.updated_at)
+
+
+class StoredItemInline(admin.TabularInline):
+    model = StoredItem
+    fields = ("position", "item_type", "item")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(StoredTurn)
+class StoredTurnAdmin(ReadOnlyAdmin):
+    list_display = (
+        "turn",
+        "thread_link",
+        "originator",
+        "connection",
+        "status",
+        "started",
+        "duration",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+    )
+    list_display_links = ("turn",)
+    list_filter = ("status", OriginatorFilter)
+    search_fields = ("=turn_id", "=thread__thread_id", "=originator", "=connection_id")
+    list_select_related = ("thread",)
+    ordering = ("-started_at_ms",)
+    exclude = ("model_input",)  # encrypted reasoning: large, and of no use to read
+    inlines = (StoredItemInline,)
+    show_full_result_count = False
+    list_per_page = 100
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        changelist = getattr(response, "context_data", {}).get("cl")
+        if changelist is not None:
+            response.context_data["usage_by_originator"] = (
+                changelist.queryset.order_by()
+                .values("originator")
+                .annotate(turns=Count("id"), **{name: Sum(column) for name, column in USAGE_FIELDS.items()})
+                .order_by("-totalTokens", "originator")[:ORIGINATORS_SHOWN]
+            )
+        return response
+
+    @admin.display(description="turn")
+    def turn(self, row: StoredTurn) -> str:
+        return row.turn_id[:8]
+
+    @admin.display(description="thread", ordering="thread__thread_id")
+    def thread_link(self, row: StoredTurn) -> str:
+        return row.thread.thread_id[:8]
+
+    @admin.display(description="connection")
+    def connection(self, row: StoredTurn) -> str:
+        return str(row.connection_id)[:8]
+
+    @admin.display(description="started", ordering="started_at_ms")
+    def started(self, row: StoredTurn) -> str:
+        return _time_ms(row.started_at_ms)
+
+    @admin.display(description="duration")
+    def duration(self, row: StoredTurn) -> str:
+        if row.completed_at_ms is None:
+            return NOT_YET
+        return f"{(row.completed_at_ms - row.started_at_ms) / 1000:.1f} s"

@@ -1,0 +1,92 @@
+"""Threads, turns and items in the database (PROTOCOL §9).
+
+Rows are data only; every read and write goes through ``realtime.thread_store``.
+Ephemeral threads are never stored: the schema says they are not materialized.
+"""
+
+from django.db import models
+
+# Token counts of a turn, by the schema's TokenUsageBreakdown names.
+USAGE_FIELDS = {
+    "inputTokens": "input_tokens",
+    "cachedInputTokens": "cached_input_tokens",
+    "outputTokens": "output_tokens",
+    "reasoningOutputTokens": "reasoning_output_tokens",
+    "totalTokens": "total_tokens",
+}
+
+
+class StoredThread(models.Model):
+    thread_id = models.CharField(max_length=64, unique=True, editable=False)
+    model = models.CharField(max_length=256)
+    model_provider = models.CharField(max_length=64)
+    cwd = models.TextField()
+    originator = models.CharField(max_length=256, db_index=True, help_text="of the connection that started it")
+    base_instructions = models.TextField(null=True, blank=True)
+    preview = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField(db_index=True)
+    read_revision = models.PositiveIntegerField(default=0)
+    # The deployment-wide turn lock: the running turn, the channel of the
+    # process running it (turn/interrupt from elsewhere goes there) and when
+    # the lock lapses unless that process keeps extending it.
+    running_turn_id = models.CharField(max_length=64, null=True, blank=True)
+    running_channel = models.CharField(max_length=200, null=True, blank=True)
+    lock_expires_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "thread"
+        ordering = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return self.preview[:60] or self.thread_id
+
+
+class StoredTurn(models.Model):
+    turn_id = models.CharField(max_length=64, unique=True, editable=False)
+    thread = models.ForeignKey(StoredThread, on_delete=models.CASCADE, related_name="turns")
+    # Identity is the request's: the connection that sent turn/start.
+    originator = models.CharField(max_length=256, db_index=True)
+    connection_id = models.UUIDField()
+    status = models.CharField(max_length=16)
+    error = models.JSONField(null=True, blank=True)
+    started_at_ms = models.BigIntegerField()
+    completed_at_ms = models.BigIntegerField(null=True, blank=True)
+    # Responses API input items of this turn (user message, reply, reasoning
+    # with its encrypted content), replayed by later turns.
+    model_input = models.JSONField(default=list)
+    input_bytes = models.PositiveIntegerField(default=0)
+    has_usage = models.BooleanField(default=False)
+    input_tokens = models.PositiveBigIntegerField(default=0)
+    cached_input_tokens = models.PositiveBigIntegerField(default=0)
+    output_tokens = models.PositiveBigIntegerField(default=0)
+    reasoning_output_tokens = models.PositiveBigIntegerField(default=0)
+    total_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        verbose_name = "turn"
+        indexes = [models.Index(fields=["thread", "started_at_ms"], name="turns_of_thread")]
+
+    def __str__(self) -> str:
+        return self.turn_id
+
+    def usage(self) -> dict[str, int] | None:
+        if not self.has_usage:
+            return None
+        return {name: getattr(self, column) for name, column in USAGE_FIELDS.items()}
+
+
+class StoredItem(models.Model):
+    """One ThreadItem (schema shape) of a turn: user message, reply, reasoning."""
+
+    turn = models.ForeignKey(StoredTurn, on_delete=models.CASCADE, related_name="items")
+    position = models.PositiveIntegerField()
+    item_type = models.CharField(max_length=64)
+    item = models.JSONField()
+    started_at_ms = models.BigIntegerField()
+    completed_at_ms = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "item"
+        ordering = ["turn_id", "position"]
+        constraints = [models.UniqueConstraint(fields=["turn", "position"], name="one_item_per_position")]

@@ -1,0 +1,199 @@
+"""This process's loaded threads, their subscribers, and the bridge to other processes.
+
+A thread is *loaded* here while a connection of this process is subscribed
+to it or a turn of it runs here. A notification of a thread reaches:
+- the subscribers on this process directly, through their outboxes;
+- the subscribers on other processes through the channel layer: each thread
+  is a group (``thread.<id>``) whose members are the *process channels* of
+  the processes with a subscriber, so a delta costs one group send however
+  many connections follow the thread. Sends are batched by a publisher task,
+  in order; a process ignores the batches it published itself.
+
+With the in-memory layer there is no other process, so nothing goes through
+the layer. ``turn/interrupt`` for a turn running elsewhere goes straight to
+the channel of the process running it (recorded with the turn's lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from typing import TYPE_CHECKING, Any
+
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+
+from codexserver.loop_local import LoopLocal
+
+if TYPE_CHECKING:
+    from .connection import AppServerConnection
+    from .threads import Thread
+
+logger = logging.getLogger(__name__)
+
+DELTA_SUFFIXES = ("/delta", "Delta")  # item/agentMessage/delta, item/reasoning/summaryTextDelta, …
+EVENTS, INTERRUPT = "thread.events", "turn.interrupt"
+MAX_BATCH = 200  # notifications per group send
+# channels_redis forgets group members after a day: a member refreshes well before.
+GROUP_REFRESH_SECONDS = 3600
+
+
+def group_name(thread_id: str) -> str:
+    return f"thread.{thread_id}"
+
+
+class ThreadHub:
+    def __init__(self) -> None:
+        self.loaded: dict[str, Thread] = {}
+        self.layer = get_channel_layer()
+        self.cross_process = self.layer is not None and not isinstance(self.layer, InMemoryChannelLayer)
+        self.channel: str | None = None
+        self._start: asyncio.Future | None = None
+        self._outgoing: list[tuple[str, str, dict[str, Any]]] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def ensure_started(self) -> None:
+        """Open this process's channel and start its receiver and publisher; once."""
+        if not self.cross_process:
+            return
+        if self._start is None or (self._start.done() and (self._start.cancelled() or self._start.exception())):
+            self._start = asyncio.ensure_future(self._begin())
+        await asyncio.shield(self._start)
+
+    async def _begin(self) -> None:
+        self.channel = await self.layer.new_channel("threads.")
+        empty = contextvars.Context()  # no connection's identity scope rides along
+        for work, name in ((self._receive, "thread receiver"), (self._publish, "thread publisher"), (self._refresh, "group refresh")):
+            self._tasks.append(asyncio.create_task(work(), name=name, context=empty))
+
+    # --- loaded threads and subscribers -------------------------------------
+
+    def get(self, thread_id: str) -> Thread | None:
+        return self.loaded.get(thread_id)
+
+    async def subscribe(self, thread: Thread, connection: AppServerConnection) -> Thread:
+        """Subscribe ``connection``; returns this process's one object for the thread."""
+        thread = self.loaded.setdefault(thread.id, thread)
+        first = not thread.subscribers
+        thread.subscribers.add(connection)
+        if first and self.cross_process:
+            await self.ensure_started()
+            await self.layer.group_add(group_name(thread.id), self.channel)
+        return thread
+
+    async def unsubscribe(self, thread: Thread, connection: AppServerConnection) -> None:
+        thread.subscribers.discard(connection)
+        if thread.subscribers:
+            return
+        self.release_if_unused(thread)
+        if self.cross_process and self.channel is not None:
+            await self.layer.group_discard(group_name(thread.id), self.channel)
+
+    def hold(self, thread: Thread) -> Thread:
+        """Keep ``thread`` loaded while a turn of it runs here."""
+        return self.loaded.setdefault(thread.id, thread)
+
+    def release_if_unused(self, thread: Thread) -> None:
+        """Nobody here subscribed and no turn running here: unload it. An
+        ephemeral thread lives nowhere else, so it is gone."""
+        if not thread.subscribers and thread.active_turn is None and self.loaded.get(thread.id) is thread:
+            del self.loaded[thread.id]
+
+    def subscribed(self) -> list[Thread]:
+        return [thread for thread in self.loaded.values() if thread.subscribers]
+
+    # --- notifications ------------------------------------------------------
+
+    def publish(self, thread: Thread, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None) -> None:
+        """Send a notification to every subscriber of the thread, here and elsewhere."""
+        deliver(thread, method, params, pace_setter)
+        if self.cross_process and not thread.ephemeral:
+            self._outgoing.append((thread.id, method, params))
+            self._wake.set()
+
+    async def _publish(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outgoing:
+                batch, self._outgoing = self._outgoing, []
+                for thread_id, events in _runs_by_thread(batch):
+                    try:
+                        await self.layer.group_send(
+                            group_name(thread_id), {"type": EVENTS, "origin": self.channel, "thread": thread_id, "events": events}
+                        )
+                    except Exception as exc:  # Redis down: those subscribers miss these events
+                        logger.warning("could not publish %d event(s) of thread %s: %s", len(events), thread_id, exc)
+
+    async def _receive(self) -> None:
+        while True:
+            message = await self.layer.receive(self.channel)
+            try:
+                self._dispatch(message)
+            except Exception:
+                logger.exception("could not dispatch a %s message", message.get("type"))
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        thread = self.loaded.get(message.get("thread", ""))
+        if thread is None:
+            return
+        if message["type"] == EVENTS and message.get("origin") != self.channel:
+            for method, params in message["events"]:
+                deliver(thread, method, params, pace_setter=None)
+        elif message["type"] == INTERRUPT:
+            turn = thread.active_turn
+            if turn is not None and turn.id == message.get("turn"):
+                turn.interrupt()
+
+    async def interrupt_elsewhere(self, channel: str, thread: Thread, turn_id: str) -> None:
+        await self.layer.send(channel, {"type": INTERRUPT, "thread": thread.id, "turn": turn_id})
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(GROUP_REFRESH_SECONDS)
+            for thread in self.subscribed():
+                try:
+                    await self.layer.group_add(group_name(thread.id), self.channel)
+                except Exception as exc:
+                    logger.warning("could not refresh the group of thread %s: %s", thread.id, exc)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def deliver(thread: Thread, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None) -> None:
+    """Hand a notification to this process's subscribers of ``thread``.
+
+    The turn waits for ``pace_setter`` (its own client) only. Another
+    subscriber that falls behind misses deltas rather than its connection:
+    ``item/completed`` still brings it the whole text.
+    """
+    droppable = method.endswith(DELTA_SUFFIXES)
+    for connection in list(thread.subscribers):
+        if droppable and connection is not pace_setter and connection.outbox.overloaded:
+            continue
+        connection.notify(method, params)
+
+
+def _runs_by_thread(batch: list[tuple[str, str, dict[str, Any]]]):
+    """Consecutive events of one thread, in order, at most MAX_BATCH at a time."""
+    run_thread, run = None, []
+    for thread_id, method, params in batch:
+        if thread_id != run_thread or len(run) >= MAX_BATCH:
+            if run:
+                yield run_thread, run
+            run_thread, run = thread_id, []
+        run.append([method, params])
+    if run:
+        yield run_thread, run
+
+
+_hubs: LoopLocal[ThreadHub] = LoopLocal(ThreadHub)
+
+
+def thread_hub() -> ThreadHub:
+    """This process's (this event loop's) hub."""
+    return _hubs.get()

@@ -1,0 +1,321 @@
+"""Where threads are kept: the database for every thread, memory for ephemeral ones.
+
+Two stores with one interface. ``DatabaseThreads`` is the deployment's shared
+state (PROTOCOL §9): any process lists, reads and resumes any thread, and the
+one-running-turn rule is a conditional UPDATE with an expiry on the
+database's clock, so a process killed mid-turn frees its thread once its lock
+lapses. ``MemoryThreads`` keeps an ephemeral thread's turns on the thread
+object itself: the schema says those are never materialized.
+
+The ORM calls run on the row writers' threads (``identity.actions``), never
+on asgiref's one thread-sensitive thread; a turn costs two of them, at its
+start and at its end.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import Any
+
+from django.db import transaction
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Q, Sum, Value
+from django.db.models.functions import Now
+
+from identity.actions import database_sync_to_async
+
+from .models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
+from .threads import IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, newest_within, now_ms
+
+# Past this many turns a thread's history is read in pages, not at once.
+HISTORY_CHUNK = 50
+
+
+def _lock_until(seconds: float) -> ExpressionWrapper:
+    """``now() + seconds`` on the database's clock (hosts' clocks may disagree)."""
+    return ExpressionWrapper(Now() + Value(timedelta(seconds=seconds)), output_field=DateTimeField())
+
+
+def _lapsed() -> Q:
+    return Q(running_turn_id__isnull=True) | Q(lock_expires_at__lt=Now())
+
+
+def _seconds(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def _thread_from_row(row: StoredThread) -> Thread:
+    return Thread(
+        id=row.thread_id,
+        model=row.model,
+        model_provider=row.model_provider,
+        cwd=row.cwd,
+        originator=row.originator,
+        base_instructions=row.base_instructions,
+        created_at=_seconds(row.created_at),
+        updated_at=_seconds(row.updated_at),
+        preview=row.preview,
+        read_revision=row.read_revision,
+    )
+
+
+def _turn_from_row(row: StoredTurn, items: list[StoredItem]) -> Turn:
+    return Turn(
+        row.turn_id,
+        originator=row.originator,
+        connection_id=str(row.connection_id),
+        status=row.status,
+        items=[ItemRecord(item.item, item.started_at_ms, item.completed_at_ms) for item in items],
+        started_at_ms=row.started_at_ms,
+        completed_at_ms=row.completed_at_ms,
+        error=row.error,
+        usage=row.usage(),
+    )
+
+
+def _item_rows(turn_row: StoredTurn, records: list[ItemRecord], first_position: int) -> list[StoredItem]:
+    return [
+        StoredItem(
+            turn=turn_row,
+            position=first_position + offset,
+            item_type=str(record.item.get("type", "")),
+            item=record.item,
+            started_at_ms=record.started_at_ms,
+            completed_at_ms=record.completed_at_ms,
+        )
+        for offset, record in enumerate(records)
+    ]
+
+
+def _with_lock_state(rows):
+    """Rows annotated ``lock_held``: a turn runs and its lock has not lapsed."""
+    held = ExpressionWrapper(Q(running_turn_id__isnull=False, lock_expires_at__gte=Now()), output_field=BooleanField())
+    return rows.annotate(lock_held=held)
+
+
+def _running(row: StoredThread) -> bool:
+    return bool(row.lock_held)
+
+
+class DatabaseThreads:
+    """Every non-ephemeral thread, in the database."""
+
+    @staticmethod
+    @database_sync_to_async
+    def create(thread: Thread) -> None:
+        moment = datetime.fromtimestamp(thread.created_at, dt_timezone.utc)
+        StoredThread.objects.create(
+            thread_id=thread.id,
+            model=thread.model,
+            model_provider=thread.model_provider,
+            cwd=thread.cwd,
+            originator=thread.originator,
+            base_instructions=thread.base_instructions,
+            created_at=moment,
+            updated_at=moment,
+        )
+
+    @staticmethod
+    @database_sync_to_async
+    def load(thread_id: str) -> tuple[Thread, bool] | None:
+        """The thread, and whether a turn runs on it anywhere."""
+        row = _with_lock_state(StoredThread.objects.filter(thread_id=thread_id)).first()
+        return None if row is None else (_thread_from_row(row), _running(row))
+
+    @staticmethod
+    @database_sync_to_async
+    def page(originators: list[str] | None, ascending: bool, offset: int, limit: int) -> tuple[list[tuple[Thread, bool]], bool]:
+        """One page of threads, most recently updated first; and whether more follow."""
+        rows = _with_lock_state(StoredThread.objects.all())
+        if originators:
+            rows = rows.filter(originator__in=originators)
+        order = ("updated_at", "id") if ascending else ("-updated_at", "-id")
+        found = list(rows.order_by(*order)[offset : offset + limit + 1])
+        return [(_thread_from_row(row), _running(row)) for row in found[:limit]], len(found) > limit
+
+    @staticmethod
+    @database_sync_to_async
+    def turns(thread: Thread) -> list[Turn]:
+        """Every turn of the thread, oldest first, with its items."""
+        rows = list(StoredTurn.objects.filter(thread__thread_id=thread.id).order_by("started_at_ms", "id"))
+        items: dict[int, list[StoredItem]] = {row.pk: [] for row in rows}
+        for item in StoredItem.objects.filter(turn__in=[row.pk for row in rows]).order_by("turn_id", "position"):
+            items[item.turn_id].append(item)
+        return [_turn_from_row(row, items[row.pk]) for row in rows]
+
+    @staticmethod
+    @database_sync_to_async
+    def begin_turn(
+        thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int
+    ) -> list[dict[str, Any]] | None:
+        """Take the thread's turn lock and store the turn with its user message.
+
+        Returns the history to replay before it, or None when another turn
+        holds the lock. A lock that lapsed (its process died) is taken over,
+        and the turn it held is marked interrupted.
+        """
+        with transaction.atomic():
+            locked = StoredThread.objects.filter(Q(thread_id=thread.id), _lapsed())
+            previous = locked.values_list("running_turn_id", flat=True).first()
+            taken = locked.update(
+                running_turn_id=turn.id,
+                running_channel=channel,
+                lock_expires_at=_lock_until(lock_seconds),
+                model=thread.model,
+                updated_at=Now(),
+            )
+            if not taken:
+                return None
+            thread_row = StoredThread.objects.get(thread_id=thread.id)
+            if previous:
+                StoredTurn.objects.filter(turn_id=previous, status=IN_PROGRESS).update(
+                    status=INTERRUPTED, completed_at_ms=now_ms()
+                )
+            if not thread_row.preview and thread.preview:
+                StoredThread.objects.filter(pk=thread_row.pk).update(preview=thread.preview)
+            turn_row = StoredTurn.objects.create(
+                turn_id=turn.id,
+                thread=thread_row,
+                originator=turn.originator,
+                connection_id=turn.connection_id,
+                status=turn.status,
+                started_at_ms=turn.started_at_ms,
+            )
+            StoredItem.objects.bulk_create(_item_rows(turn_row, turn.items, 0))
+        return _history(thread_row, turn.id, max_history_bytes)
+
+    @staticmethod
+    @database_sync_to_async
+    def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> bool:
+        """Extend a running turn's lock; False if it was lost."""
+        return bool(
+            StoredThread.objects.filter(thread_id=thread.id, running_turn_id=turn.id).update(
+                lock_expires_at=_lock_until(lock_seconds)
+            )
+        )
+
+    @staticmethod
+    @database_sync_to_async
+    def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> dict[str, int]:
+        """Store how the turn ended and free the thread; returns the thread's
+        usage summed over its turns."""
+        usage = turn.usage or {}
+        with transaction.atomic():
+            turn_row = StoredTurn.objects.select_related("thread").get(turn_id=turn.id)
+            StoredTurn.objects.filter(pk=turn_row.pk).update(
+                status=turn.status,
+                error=turn.error,
+                completed_at_ms=turn.completed_at_ms,
+                model_input=turn.model_input,
+                input_bytes=turn.input_bytes,
+                has_usage=turn.usage is not None,
+                **{column: usage.get(name, 0) for name, column in USAGE_FIELDS.items()},
+            )
+            StoredItem.objects.bulk_create(_item_rows(turn_row, turn.items[first_new_item:], first_new_item))
+            StoredThread.objects.filter(pk=turn_row.thread.pk, running_turn_id=turn.id).update(
+                running_turn_id=None, running_channel=None, lock_expires_at=None
+            )
+            StoredThread.objects.filter(pk=turn_row.thread.pk).update(updated_at=Now())
+            totals = StoredTurn.objects.filter(thread=turn_row.thread, has_usage=True).aggregate(
+                **{name: Sum(column) for name, column in USAGE_FIELDS.items()}
+            )
+        return {name: value or 0 for name, value in totals.items()}
+
+    @staticmethod
+    @database_sync_to_async
+    def running_turn(thread: Thread) -> tuple[str, str | None] | None:
+        """(turn id, channel of its process) of the turn running on the thread, if any."""
+        row = _with_lock_state(StoredThread.objects.filter(thread_id=thread.id)).first()
+        if row is None or not _running(row):
+            return None
+        return row.running_turn_id, row.running_channel
+
+    @staticmethod
+    @database_sync_to_async
+    def set_model(thread: Thread, model: str) -> None:
+        StoredThread.objects.filter(thread_id=thread.id).update(model=model)
+
+    @staticmethod
+    @database_sync_to_async
+    def next_read_revision(thread: Thread) -> int:
+        with transaction.atomic():
+            StoredThread.objects.filter(thread_id=thread.id).update(read_revision=F("read_revision") + 1)
+            return StoredThread.objects.values_list("read_revision", flat=True).get(thread_id=thread.id)
+
+
+def _history(thread_row: StoredThread, current_turn_id: str, max_bytes: int) -> list[dict[str, Any]]:
+    """Model input of the earlier turns, newest kept first within ``max_bytes``."""
+    earlier = (
+        StoredTurn.objects.filter(thread=thread_row, input_bytes__gt=0)
+        .exclude(turn_id=current_turn_id)
+        .order_by("-started_at_ms", "-id")
+        .values_list("model_input", "input_bytes")
+    )
+    return newest_within(earlier.iterator(chunk_size=HISTORY_CHUNK), max_bytes)
+
+
+@database_sync_to_async
+def end_abandoned_turns() -> int:
+    """Turns left running by a process that died: their lock lapsed. Each is
+    marked interrupted and its thread freed; returns how many."""
+    with transaction.atomic():
+        lapsed = StoredThread.objects.filter(running_turn_id__isnull=False, lock_expires_at__lt=Now())
+        turn_ids = list(lapsed.values_list("running_turn_id", flat=True))
+        if not turn_ids:
+            return 0
+        ended = StoredTurn.objects.filter(turn_id__in=turn_ids, status=IN_PROGRESS).update(
+            status=INTERRUPTED, completed_at_ms=now_ms()
+        )
+        StoredThread.objects.filter(running_turn_id__in=turn_ids, lock_expires_at__lt=Now()).update(
+            running_turn_id=None, running_channel=None, lock_expires_at=None
+        )
+    return ended
+
+
+class MemoryThreads:
+    """Ephemeral threads: their turns live on the thread object, and go with it."""
+
+    @staticmethod
+    async def create(thread: Thread) -> None:
+        pass
+
+    @staticmethod
+    async def turns(thread: Thread) -> list[Turn]:
+        return list(thread.turns)
+
+    @staticmethod
+    async def begin_turn(
+        thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int
+    ) -> list[dict[str, Any]] | None:
+        if thread.active_turn is not None:
+            return None
+        history = thread.history(max_history_bytes)
+        thread.turns.append(turn)
+        return history
+
+    @staticmethod
+    async def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> bool:
+        return True
+
+    @staticmethod
+    async def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> dict[str, int]:
+        if turn.usage is not None:
+            thread.add_usage(turn.usage)
+        return dict(thread.total_usage)
+
+    @staticmethod
+    async def running_turn(thread: Thread) -> tuple[str, str | None] | None:
+        return None  # an ephemeral thread lives on one process: its turn is local
+
+    @staticmethod
+    async def set_model(thread: Thread, model: str) -> None:
+        pass
+
+    @staticmethod
+    async def next_read_revision(thread: Thread) -> int:
+        thread.read_revision += 1
+        return thread.read_revision
+
+
+def store_for(thread: Thread) -> type[DatabaseThreads] | type[MemoryThreads]:
+    return MemoryThreads if thread.ephemeral else DatabaseThreads
