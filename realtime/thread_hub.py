@@ -62,7 +62,10 @@ class ThreadHub:
         await asyncio.shield(self._start)
 
     async def _begin(self) -> None:
-        self.channel = await self.layer.new_channel("threads.")
+        # The default prefix: channels_redis serves every process-specific
+        # channel from one Redis list per prefix, one blocking pop at a time;
+        # a second prefix would wait behind the consumers' pops.
+        self.channel = await self.layer.new_channel()
         empty = contextvars.Context()  # no connection's identity scope rides along
         for work, name in ((self._receive, "thread receiver"), (self._publish, "thread publisher"), (self._refresh, "group refresh")):
             self._tasks.append(asyncio.create_task(work(), name=name, context=empty))

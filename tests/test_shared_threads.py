@@ -1,0 +1,138 @@
+"""Threads that outlive a connection (PROTOCOL §9), across real ``manage.py
+serve`` processes sharing this machine's PostgreSQL and Redis."""
+
+import asyncio
+import contextlib
+import signal
+
+import psycopg
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+
+from tests.rpc_client import SocketClient
+from tests.test_scale_out import REDIS_URL, postgres_database  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.e2e
+
+
+@contextlib.asynccontextmanager
+async def client_of(server, name: str):
+    async with ws_connect(server.ws_url) as websocket:
+        client = SocketClient(websocket)
+        await client.initialize(name, "1.0.0")
+        yield client
+        await client.close()
+
+
+def stored_turns(database_url: str) -> list[tuple[str, str]]:
+    with psycopg.connect(database_url) as db:
+        return db.execute("select originator, status from realtime_storedturn order by started_at_ms").fetchall()
+
+
+async def turn_ended(client, turn_id: str, timeout: float = 5.0) -> dict:
+    """The turn/completed of one turn (earlier turns' may still be queued)."""
+    message = await client.wait_for(
+        lambda m: m.get("method") == "turn/completed" and m["params"]["turn"]["id"] == turn_id, timeout
+    )
+    return message["params"]["turn"]
+
+
+def inputs_of(request) -> str:
+    return str(request.body["input"])
+
+
+async def test_a_conversation_moves_between_processes_and_clients_under_each_ones_identity(
+    postgres_database, daphne_server, upstream  # noqa: F811
+):
+    one = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="one")
+    two = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="two")
+
+    # A starts a conversation on process one, then leaves.
+    async with client_of(one, "codex_vscode") as desktop:
+        thread = await desktop.start_thread()
+        assert (await desktop.run_turn(thread, "desktop says hello"))["turn"]["status"] == "completed"
+
+    # B, another client on process two, finds it, resumes it and goes on.
+    async with client_of(two, "codex_ios") as phone:
+        listed = await phone.call("thread/list", {})
+        assert [t["id"] for t in listed["data"]] == [thread]
+        resumed = await phone.call("thread/resume", {"threadId": thread})
+        assert [t["status"] for t in resumed["thread"]["turns"]] == ["completed"]
+        assert (await phone.run_turn(thread, "phone follows up"))["turn"]["status"] == "completed"
+        follow_up = upstream.model_requests()[-1]
+        assert follow_up.originator == "codex_ios" and "(codex_ios; 1.0.0)" in follow_up.user_agent
+        assert "desktop says hello" in inputs_of(follow_up)  # A's earlier messages, replayed from the store
+
+        # A comes back to process one and watches B's next turn live, delta by delta.
+        async with client_of(one, "codex_vscode") as desktop:
+            await desktop.call("thread/resume", {"threadId": thread})
+            turn = (await phone.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:5"}]}))["turn"]
+            deltas = [(await desktop.notification("item/agentMessage/delta", threadId=thread))["delta"] for _ in range(5)]
+            assert deltas == [f"d{i} " for i in range(5)]
+            assert (await turn_ended(desktop, turn["id"]))["status"] == "completed"
+
+            # turn/interrupt from process one stops a turn running on process two.
+            turn = (await phone.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:100"}]}))["turn"]
+            await desktop.notification("item/agentMessage/delta", threadId=thread)
+            assert await desktop.call("turn/interrupt", {"threadId": thread, "turnId": turn["id"]}) == {}
+            for client in (desktop, phone):
+                assert (await turn_ended(client, turn["id"]))["status"] == "interrupted"
+
+    assert stored_turns(postgres_database) == [
+        ("codex_vscode", "completed"),
+        ("codex_ios", "completed"),
+        ("codex_ios", "completed"),
+        ("codex_ios", "interrupted"),
+    ]
+
+    # Both processes restart: every thread and turn is still there.
+    one.stop()
+    two.stop()
+    three = daphne_server(postgres_database, REDIS_URL=REDIS_URL, CODEX_SERVER_INSTANCE="three")
+    async with client_of(three, "codex_cli_rs") as later:
+        read = await later.call("thread/read", {"threadId": thread, "includeTurns": True})
+        assert [t["status"] for t in read["thread"]["turns"]] == ["completed", "completed", "completed", "interrupted"]
+        assert read["thread"]["preview"] == "desktop says hello"
+        items = await later.call("thread/items/list", {"threadId": thread, "limit": 100})
+        assert [entry["item"]["type"] for entry in items["data"][:2]] == ["userMessage", "agentMessage"]
+
+
+async def test_two_turns_started_at_once_on_two_processes_run_one(postgres_database, daphne_server):  # noqa: F811
+    one = daphne_server(postgres_database, REDIS_URL=REDIS_URL)
+    two = daphne_server(postgres_database, REDIS_URL=REDIS_URL)
+    async with client_of(one, "codex_vscode") as left, client_of(two, "codex_ios") as right:
+        thread = await left.start_thread()
+        await right.call("thread/resume", {"threadId": thread})
+        start = {"threadId": thread, "input": [{"type": "text", "text": "slow:10"}]}
+        answers = await asyncio.gather(left.request("turn/start", start), right.request("turn/start", start))
+        refused = [answer["error"] for answer in answers if "error" in answer]
+        assert len(refused) == 1 and refused[0] == {"code": -32600, "message": "Turn already in progress"}
+        [started] = [answer["result"]["turn"] for answer in answers if "result" in answer]
+        for client in (left, right):
+            assert (await turn_ended(client, started["id"]))["status"] == "completed"
+    assert [status for _, status in stored_turns(postgres_database)] == ["completed"]
+
+
+async def test_a_process_killed_mid_turn_frees_its_thread_when_the_lock_lapses(postgres_database, daphne_server):  # noqa: F811
+    fast = {"REDIS_URL": REDIS_URL, "CODEX_TURN_LOCK_SECONDS": "3", "CODEX_HEARTBEAT_INTERVAL": "1", "CODEX_HEARTBEAT_TIMEOUT": "3"}
+    doomed, survivor = daphne_server(postgres_database, **fast), daphne_server(postgres_database, **fast)
+    async with client_of(survivor, "codex_ios") as phone:
+        async with client_of(doomed, "codex_vscode") as desktop:
+            thread = await desktop.start_thread()
+            await phone.call("thread/resume", {"threadId": thread})
+            await desktop.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:100"}]})
+            await phone.notification("item/agentMessage/delta", threadId=thread)
+            doomed.process.send_signal(signal.SIGKILL)
+            doomed.process.wait()
+
+        start = {"threadId": thread, "input": [{"type": "text", "text": "after the crash"}]}
+        assert (await phone.request("turn/start", start))["error"]["message"] == "Turn already in progress"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3 + 2  # the lock's expiry, and a margin
+        while "error" in (answer := await phone.request("turn/start", start)):
+            assert loop.time() < deadline, "the dead process's lock never lapsed"
+            await asyncio.sleep(0.2)
+        assert (await turn_ended(phone, answer["result"]["turn"]["id"]))["status"] == "completed"
+        read = await phone.call("thread/read", {"threadId": thread, "includeTurns": True})
+        assert [t["status"] for t in read["thread"]["turns"]] == ["interrupted", "completed"]
+        assert answer["result"]["turn"]["id"] == read["thread"]["turns"][1]["id"]
