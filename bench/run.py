@@ -18,7 +18,12 @@ is a ratio of two things measured together (these machines are noisy):
 5. the peer: the real Codex app-server (npm @openai/codex 0.169.0) on the
    same upstream: latency ratio and misattributed model requests;
 6. isolation: a healthy client's turn latency while other clients stop
-   reading in the middle of a flood (goal: within 1.5x).
+   reading in the middle of a flood (goal: within 1.5x);
+7. the thread store: turn latency at 50 connections on stored threads vs
+   ephemeral (memory-only) threads on the same server (goal: <= 1.10), on
+   the embedded default and on PostgreSQL + Redis;
+8. fan-out: when a subscriber on a second process receives each delta,
+   after the subscriber on the turn's own process (goal: <= 5 ms p50).
 """
 
 from __future__ import annotations
@@ -102,13 +107,13 @@ def daphne_command(app: str) -> list[str]:
 # --- 1. scoping overhead -----------------------------------------------------
 
 
-async def turn_round(ws_url: str, concurrency: int, turns_each: int) -> tuple[float, float]:
+async def turn_round(ws_url: str, concurrency: int, turns_each: int, ephemeral: bool = False) -> tuple[float, float]:
     """(median turn latency in ms, turns per second) with ``concurrency`` clients."""
     clients = await open_clients(ws_url, concurrency)
     latencies: list[float] = []
 
     async def worker(client) -> None:
-        thread = await client.start_thread()
+        thread = await client.start_thread(**({"ephemeral": True} if ephemeral else {}))
         for _ in range(turns_each):
             started = time.perf_counter()
             completed = await client.run_turn(thread, TURN_TEXT, timeout=300)
@@ -324,6 +329,102 @@ def stalled_client_isolation(bench: Bench) -> dict:
     }
 
 
+# --- 7. the thread store -----------------------------------------------------------
+
+
+def fresh_postgres_database() -> str:
+    import uuid
+
+    import psycopg
+
+    admin_url = os.environ.get("CODEX_BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/test")
+    name = f"codexserver_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def deployment_env() -> dict[str, str]:
+    return {
+        "DATABASE_URL": fresh_postgres_database(),
+        "REDIS_URL": os.environ.get("CODEX_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    }
+
+
+def thread_store_cost(bench: Bench) -> dict:
+    """Stored threads (a lock, the turn and its items written, history read)
+    vs ephemeral ones (memory only), alternating on one server."""
+    turns_each, rounds = (3, 3) if bench.quick else (8, 5)
+    results = {}
+    for setup, env in (("embedded", {}), ("postgres+redis", deployment_env())):
+        server = bench.start(f"ours_store_{setup.replace('+', '_')}", **env)
+        samples = {"stored": [], "memory": []}
+        for _ in range(rounds):
+            for name, ephemeral in (("stored", False), ("memory", True)):
+                samples[name].append(asyncio.run(turn_round(server.ws_url, 50, turns_each, ephemeral=ephemeral))[0])
+        bench.stop(server)
+        stored_ms, memory_ms = statistics.median(samples["stored"]), statistics.median(samples["memory"])
+        results[setup] = {"stored_median_ms": stored_ms, "memory_median_ms": memory_ms, "ratio": stored_ms / memory_ms}
+    return results
+
+
+# --- 8. fan-out between processes ------------------------------------------------------
+
+
+async def _delta_times(socket, thread: str, arrivals: list[float], until_turns: int) -> None:
+    ended = 0
+    while ended < until_turns:
+        message = json.loads(await socket.recv())
+        method = message.get("method")
+        if method == "item/agentMessage/delta" and message["params"]["threadId"] == thread:
+            arrivals.append(time.perf_counter())
+        elif method == "turn/completed":
+            ended += 1
+
+
+async def fan_out_round(near_url: str, far_url: str, turns: int, deltas: int) -> list[float]:
+    """Per delta: when the far subscriber got it minus when the near one did (ms)."""
+    async with connect(near_url) as starter_socket, connect(near_url) as near_socket, connect(far_url) as far_socket:
+        starter, near, far = SocketClient(starter_socket), SocketClient(near_socket), SocketClient(far_socket)
+        await starter.initialize("codex_vscode", "1.0.0")
+        await near.initialize("codex_ios", "1.0.0")
+        await far.initialize("codex_android", "1.0.0")
+        thread = await starter.start_thread()
+        await near.call("thread/resume", {"threadId": thread, "excludeTurns": True})
+        await far.call("thread/resume", {"threadId": thread, "excludeTurns": True})
+        # From here on the two subscribers' sockets are read raw, for the arrival times.
+        await near.close()
+        await far.close()
+        near_times: list[float] = []
+        far_times: list[float] = []
+        readers = [
+            asyncio.create_task(_delta_times(near_socket, thread, near_times, turns)),
+            asyncio.create_task(_delta_times(far_socket, thread, far_times, turns)),
+        ]
+        for _ in range(turns):
+            await starter.run_turn(thread, f"slow:{deltas}", timeout=60)
+        await asyncio.wait_for(asyncio.gather(*readers), 30)
+    assert len(near_times) == len(far_times) == turns * deltas, (len(near_times), len(far_times))
+    return [(far - near) * 1000 for near, far in zip(near_times, far_times)]
+
+
+def fan_out(bench: Bench) -> dict:
+    env = deployment_env()
+    near = bench.start("ours_fanout_near", **env)
+    far = bench.start("ours_fanout_far", **env)
+    turns = 2 if bench.quick else 5
+    lags = asyncio.run(fan_out_round(near.ws_url, far.ws_url, turns, deltas=30))
+    bench.stop(near)
+    bench.stop(far)
+    lags.sort()
+    return {
+        "deltas": len(lags),
+        "p50_ms": statistics.median(lags),
+        "p90_ms": lags[int(len(lags) * 0.9)],
+        "max_ms": lags[-1],
+    }
+
+
 # --- report -------------------------------------------------------------------------
 
 
@@ -366,8 +467,21 @@ def print_report(results: dict) -> None:
         f" while {iso['stalled_clients']} clients stop reading mid-flood = {iso['ratio']:.2f}"
         f" ({iso['stalled_dropped']} stalled clients dropped)"
     )
+    print_store_report(results)
     print()
     print(json.dumps(summary(results), indent=2))
+
+
+def print_store_report(results: dict) -> None:
+    print("\n7. thread store: turn latency at 50 connections, stored threads vs memory-only (ephemeral) threads")
+    for setup, row in results["thread_store"].items():
+        print(f"   {setup:>15}: {row['stored_median_ms']:.1f} ms vs {row['memory_median_ms']:.1f} ms = {row['ratio']:.2f}")
+    f = results["fan_out"]
+    print(
+        f"\n8. fan-out: a subscriber on another process gets each delta {f['p50_ms']:.2f} ms p50"
+        f" ({f['p90_ms']:.2f} ms p90, {f['max_ms']:.2f} ms max) after the subscriber on the turn's own process"
+        f" ({f['deltas']} deltas, PostgreSQL + Redis)"
+    )
 
 
 def summary(results: dict) -> dict:
@@ -385,6 +499,9 @@ def summary(results: dict) -> dict:
         "stalled_client_latency_ratio": results["stalled_isolation"]["ratio"],
         "peer_latency_ratio": peer_result.get("latency_ratio"),
         "peer_misattributed": peer_result.get("peer_misattributed"),
+        "thread_store_ratio": results["thread_store"]["embedded"]["ratio"],
+        "thread_store_ratio_postgres_redis": results["thread_store"]["postgres+redis"]["ratio"],
+        "fan_out_p50_ms": results["fan_out"]["p50_ms"],
     }
 
 
@@ -430,6 +547,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the scale run here")
     parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
+    parser.add_argument("--only", choices=("store",), help="run only the thread-store and fan-out benchmarks (7, 8)")
     args = parser.parse_args()  # --help prints and exits before anything is installed
     ensure_bench_requirements()
 
@@ -441,11 +559,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="codexserver-bench-") as workdir:
         bench = Bench(args.quick, Path(workdir))
         try:
+            if args.only == "store":
+                results["thread_store"] = thread_store_cost(bench)
+                results["fan_out"] = fan_out(bench)
+                print_store_report(results)
+                return 0
             results["client_construction"] = client_construction()
             results["scope_overhead"] = scoping_overhead(bench)
             results["relay"] = relay_throughput(bench)
             results["scale"] = connection_scale(bench)
             results["stalled_isolation"] = stalled_client_isolation(bench)
+            results["thread_store"] = thread_store_cost(bench)
+            results["fan_out"] = fan_out(bench)
             results["peer"] = {"skipped": "--skip-peer"} if args.skip_peer else peer.compare(bench, Path(workdir))
         finally:
             bench.close()

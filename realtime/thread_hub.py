@@ -128,10 +128,12 @@ class ThreadHub:
                         )
                     except Exception as exc:  # Redis down: those subscribers miss these events
                         logger.warning("could not publish %d event(s) of thread %s: %s", len(events), thread_id, exc)
+                    _stop_if_cancelled()
 
     async def _receive(self) -> None:
         while True:
             message = await self.layer.receive(self.channel)
+            _stop_if_cancelled()
             try:
                 self._dispatch(message)
             except Exception:
@@ -165,6 +167,13 @@ class ThreadHub:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _stop_if_cancelled() -> None:
+    """redis-py can swallow a cancellation that lands mid-command; a loop
+    that then waited again would never stop."""
+    if asyncio.current_task().cancelling():
+        raise asyncio.CancelledError
 
 
 def deliver(thread: Thread, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None) -> None:

@@ -23,6 +23,8 @@ from codexserver.devtools.server_process import PROJECT_DIR
 pytestmark = pytest.mark.e2e
 
 SCREENSHOT = PROJECT_DIR / "docs" / "admin-connection-identities.png"
+TURNS_SCREENSHOT = PROJECT_DIR / "docs" / "admin-turns.png"
+RECORDED = "fixture:openai-phase.1"  # a real recorded stream, with its usage
 PASSWORD = "operator-password-for-tests"
 
 
@@ -117,3 +119,49 @@ def browse_the_changelist(server, browser, tmp_path):
     assert overflow <= 0, f"the table is {overflow}px wider than the window"
     if os.environ.get("CODEX_UPDATE_SCREENSHOTS"):  # refresh the README's picture
         browser.save_screenshot(str(SCREENSHOT))
+
+
+async def _share_a_thread(server) -> None:
+    """codex_vscode starts a thread and runs a turn; codex_ios resumes it and runs two."""
+    async with ws_connect(server.ws_url) as desktop_socket, ws_connect(server.ws_url) as phone_socket:
+        desktop, phone = SocketClient(desktop_socket), SocketClient(phone_socket)
+        await desktop.initialize("codex_vscode", "1.0.0")
+        await phone.initialize("codex_ios", "1.4.0")
+        thread = await desktop.start_thread()
+        await desktop.run_turn(thread, RECORDED)
+        await phone.call("thread/resume", {"threadId": thread})
+        for _ in range(2):
+            await phone.run_turn(thread, RECORDED)
+
+
+def test_operator_sees_who_ran_each_turn_and_token_usage_per_originator(daphne_server, browser, tmp_path):
+    server = daphne_server()
+    subprocess.run(
+        [sys.executable, "manage.py", "createsuperuser", "--noinput", "--username", "operator", "--email", "op@example.com"],
+        cwd=PROJECT_DIR, env={**server.env, "DJANGO_SUPERUSER_PASSWORD": PASSWORD}, check=True,
+    )
+    asyncio.run(_share_a_thread(server))
+    browser.get(server.http_url + "/admin/login/?next=/admin/realtime/storedturn/")
+    browser.find_element(By.NAME, "username").send_keys("operator")
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    WebDriverWait(browser, 10).until(expected_conditions.title_contains("Select turn to view"))
+
+    usage = {
+        cells[0]: cells[1:]
+        for row in browser.find_elements(By.CSS_SELECTOR, "#usage-by-originator tbody tr")
+        if (cells := [cell.text for cell in row.find_elements(By.TAG_NAME, "td")])
+    }
+    assert set(usage) == {"codex_ios", "codex_vscode"}
+    ios_turns, ios_total = int(usage["codex_ios"][0]), int(usage["codex_ios"][-1])
+    vscode_turns, vscode_total = int(usage["codex_vscode"][0]), int(usage["codex_vscode"][-1])
+    assert (ios_turns, vscode_turns) == (2, 1) and ios_total == 2 * vscode_total > 0
+    turns = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
+    assert len(turns) == 3 and all("completed" in row.text for row in turns)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#content a.addlink")
+    if os.environ.get("CODEX_UPDATE_SCREENSHOTS"):
+        browser.save_screenshot(str(TURNS_SCREENSHOT))
+
+    browser.get(server.http_url + "/admin/realtime/storedthread/")
+    threads = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
+    assert len(threads) == 1 and "codex_vscode" in threads[0].text  # the thread's starter; turns carry their own
