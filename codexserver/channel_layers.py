@@ -42,6 +42,10 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
             try:
                 return await super().receive(channel)
             except (RedisError, OSError) as exc:  # OSError covers TimeoutError and socket errors
+                if asyncio.current_task().cancelling():
+                    # redis-py turns a cancellation that lands mid-read into a
+                    # connection error; retrying would never let the task stop.
+                    raise asyncio.CancelledError from exc
                 if delay == RETRY_FIRST_DELAY:
                     logger.warning("channel layer receive failed (%s: %s); retrying", type(exc).__name__, exc)
                 await asyncio.sleep(delay)

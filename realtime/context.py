@@ -61,7 +61,7 @@ class RequestContext:
         local = thread_hub().get(thread_id)
         if local is not None and local.ephemeral:
             return local, False
-        if len(thread_id) > MAX_ID_CHARS or "\x00" in thread_id:  # no such id was ever made
+        if len(thread_id) > MAX_ID_CHARS or not thread_id.isascii() or "\x00" in thread_id:  # never one of ours
             raise JsonRpcError.invalid_params("unknown threadId")
         stored = await DatabaseThreads.load(thread_id)
         if stored is None:

@@ -30,7 +30,7 @@ from identity.http_clients import client_factory
 
 from .connection import live_connections
 from .services.telemetry import flush_at_shutdown
-from .thread_hub import thread_hub
+from .thread_hub import stop_thread_hub
 from .thread_store import end_abandoned_turns
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class ProcessLifecycle:
             self._heartbeat.cancel()
         try:
             await asyncio.gather(*(connection.close() for connection in list(live_connections)))
-            await thread_hub().stop()
+            await stop_thread_hub()
             closed = await record_boot_stopped(self.boot_id)
             logger.info("shutting down: closed %d open connection row(s)", closed)
         finally:

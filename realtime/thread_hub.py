@@ -21,7 +21,8 @@ import contextvars
 import logging
 from typing import TYPE_CHECKING, Any
 
-from channels.layers import InMemoryChannelLayer, get_channel_layer
+from channels import DEFAULT_CHANNEL_LAYER
+from channels.layers import InMemoryChannelLayer, channel_layers, get_channel_layer
 
 from codexserver.loop_local import LoopLocal
 
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 DELTA_SUFFIXES = ("/delta", "Delta")  # item/agentMessage/delta, item/reasoning/summaryTextDelta, …
 EVENTS, INTERRUPT = "thread.events", "turn.interrupt"
 MAX_BATCH = 200  # notifications per group send
+# Notifications waiting for the layer (Redis slow or down) past which deltas
+# are dropped for the other processes; item/completed still carries the text.
+MAX_PENDING = 10_000
 # channels_redis forgets group members after a day: a member refreshes well before.
 GROUP_REFRESH_SECONDS = 3600
 
@@ -45,13 +49,19 @@ def group_name(thread_id: str) -> str:
 class ThreadHub:
     def __init__(self) -> None:
         self.loaded: dict[str, Thread] = {}
-        self.layer = get_channel_layer()
-        self.cross_process = self.layer is not None and not isinstance(self.layer, InMemoryChannelLayer)
+        shared = get_channel_layer()
+        self.cross_process = shared is not None and not isinstance(shared, InMemoryChannelLayer)
+        # A layer object of its own: channels_redis serves all of one object's
+        # process channels with one blocking pop at a time, bound to one
+        # event loop. The hub's receive must neither queue behind the
+        # consumers' pops nor outlive its loop in theirs.
+        self.layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER) if self.cross_process else None
         self.channel: str | None = None
         self._start: asyncio.Future | None = None
         self._outgoing: list[tuple[str, str, dict[str, Any]]] = []
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
+        self.tasks: list[asyncio.Task] = []
+        self.dropped_deltas = 0
 
     async def ensure_started(self) -> None:
         """Open this process's channel and start its receiver and publisher; once."""
@@ -62,13 +72,10 @@ class ThreadHub:
         await asyncio.shield(self._start)
 
     async def _begin(self) -> None:
-        # The default prefix: channels_redis serves every process-specific
-        # channel from one Redis list per prefix, one blocking pop at a time;
-        # a second prefix would wait behind the consumers' pops.
-        self.channel = await self.layer.new_channel()
+        self.channel = await self.layer.new_channel("threads")
         empty = contextvars.Context()  # no connection's identity scope rides along
         for work, name in ((self._receive, "thread receiver"), (self._publish, "thread publisher"), (self._refresh, "group refresh")):
-            self._tasks.append(asyncio.create_task(work(), name=name, context=empty))
+            self.tasks.append(asyncio.create_task(work(), name=name, context=empty))
 
     # --- loaded threads and subscribers -------------------------------------
 
@@ -80,7 +87,7 @@ class ThreadHub:
         thread = self.loaded.setdefault(thread.id, thread)
         first = not thread.subscribers
         thread.subscribers.add(connection)
-        if first and self.cross_process:
+        if first and self.cross_process and not thread.ephemeral:
             await self.ensure_started()
             await self.layer.group_add(group_name(thread.id), self.channel)
         return thread
@@ -90,7 +97,7 @@ class ThreadHub:
         if thread.subscribers:
             return
         self.release_if_unused(thread)
-        if self.cross_process and self.channel is not None:
+        if self.cross_process and self.channel is not None and not thread.ephemeral:
             await self.layer.group_discard(group_name(thread.id), self.channel)
 
     def hold(self, thread: Thread) -> Thread:
@@ -112,6 +119,9 @@ class ThreadHub:
         """Send a notification to every subscriber of the thread, here and elsewhere."""
         deliver(thread, method, params, pace_setter)
         if self.cross_process and not thread.ephemeral:
+            if len(self._outgoing) >= MAX_PENDING and method.endswith(DELTA_SUFFIXES):
+                self.dropped_deltas += 1
+                return
             self._outgoing.append((thread.id, method, params))
             self._wake.set()
 
@@ -164,9 +174,25 @@ class ThreadHub:
                     logger.warning("could not refresh the group of thread %s: %s", thread.id, exc)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        """Stop the receiver, publisher and refresher, and close the layer's
+        connections: that also ends a Redis read that swallowed its task's
+        cancellation (redis-py can), which would otherwise never return."""
+        for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.layer is not None:
+            await self.layer.close_pools()
+        if self.tasks:
+            _, stuck = await asyncio.wait(self.tasks, timeout=5)
+            if stuck:
+                logger.warning("%d thread hub task(s) did not stop", len(stuck))
+        self.tasks.clear()
+
+
+async def stop_thread_hub() -> None:
+    """At shutdown (and at the end of each test's event loop): stop this loop's hub, if it started."""
+    hub = _hubs.peek()
+    if hub is not None:
+        await hub.stop()
 
 
 def _stop_if_cancelled() -> None:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from codexserver import __version__ as SERVER_VERSION
 
+from .thread_hub import thread_hub
+
 if TYPE_CHECKING:
     from .connection import AppServerConnection
 
@@ -172,8 +174,6 @@ class Thread:
     def notify(self, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None = None) -> None:
         """Send a notification to every connection subscribed to this thread,
         on this process and on the others (``thread_hub``)."""
-        from .thread_hub import thread_hub
-
         thread_hub().publish(self, method, params, pace_setter)
 
     @property

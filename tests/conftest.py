@@ -13,6 +13,7 @@ from codexserver.devtools.local_upstream import UpstreamServer
 from codexserver.devtools.server_process import PROJECT_DIR, ServerProcess, migrate
 from codexserver.devtools.rpc_client import RpcClient
 from identity.actions import close_row_writer_connections
+from realtime.thread_hub import stop_thread_hub
 from tests.rpc_client import CommunicatorClient
 from tests.wire_schema import schema_errors
 
@@ -101,6 +102,7 @@ async def connect(application):
         await client.close()
         with contextlib.suppress(Exception):
             await client.communicator.disconnect()
+    await stop_thread_hub()  # as the server's shutdown does: this test's event loop ends here
 
 
 def server_env(upstream: UpstreamServer, database_url: str, **extra: str) -> dict[str, str]:

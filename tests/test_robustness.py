@@ -143,3 +143,30 @@ def test_in_stream_codes_win_over_the_websocket_status():
     assert failed_response({"status": 400, "code": "context_length_exceeded"}).codex_error_info == "contextWindowExceeded"
     assert failed_response({"status": 429, "code": "rate_limit_exceeded"}).codex_error_info == "rateLimitExceeded"
     assert failed_response({"status": 401, "code": "whatever"}).codex_error_info == "unauthorized"
+
+
+async def test_thread_ids_no_thread_could_have_are_unknown_not_internal_errors(connect):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    for thread_id in ("x" * 10_000, "a\x00b", "\ud800"):
+        for method in ("thread/read", "thread/resume", "thread/turns/list"):
+            answer = await client.request(method, {"threadId": thread_id})
+            assert answer["error"] == {"code": -32602, "message": "Invalid params: unknown threadId"}, (method, thread_id[:10])
+
+
+async def test_a_turn_on_another_clients_thread_is_sent_and_stored_under_its_own_identity(connect, upstream):
+    from realtime.models import StoredTurn
+
+    desktop, phone = await connect(), await connect()
+    await desktop.initialize("codex_vscode", "1.0.0")
+    await phone.initialize("codex_ios", "1.4.0")
+    thread = await desktop.start_thread()
+    await desktop.run_turn(thread, "from the desktop")
+    await phone.call("thread/resume", {"threadId": thread})
+    await phone.run_turn(thread, "from the phone")
+    request = upstream.model_requests()[-1]
+    assert request.originator == "codex_ios" and "from the desktop" in str(request.body["input"])
+    stored = await database_sync_to_async(
+        lambda: list(StoredTurn.objects.filter(thread__thread_id=thread).order_by("started_at_ms").values_list("originator", flat=True))
+    )()
+    assert stored == ["codex_vscode", "codex_ios"]
