@@ -356,7 +356,10 @@ def thread_store_cost(bench: Bench) -> dict:
     vs ephemeral ones (memory only), alternating on one server."""
     turns_each, rounds = (3, 3) if bench.quick else (8, 5)
     results = {}
-    for setup, env in (("embedded", {}), ("postgres+redis", deployment_env())):
+    setups = {"embedded": {}}
+    if not os.environ.get("CODEX_BENCH_EMBEDDED_ONLY"):
+        setups["postgres+redis"] = deployment_env()
+    for setup, env in setups.items():
         server = bench.start(f"ours_store_{setup.replace('+', '_')}", **env)
         samples = {"stored": [], "memory": []}
         for _ in range(rounds):

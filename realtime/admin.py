@@ -86,6 +86,9 @@ class StoredTurnAdmin(ReadOnlyAdmin):
     show_full_result_count = False
     list_per_page = 100
 
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("model_input")
+
     def changelist_view(self, request, extra_context=None):
         response = super().changelist_view(request, extra_context)
         changelist = getattr(response, "context_data", {}).get("cl")

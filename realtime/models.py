@@ -37,6 +37,12 @@ class StoredThread(models.Model):
     class Meta:
         verbose_name = "thread"
         ordering = ["-updated_at"]
+        indexes = [
+            # The heartbeat's sweep for turns of processes that died: held locks only.
+            models.Index(
+                fields=["lock_expires_at"], name="held_turn_locks", condition=models.Q(running_turn_id__isnull=False)
+            ),
+        ]
 
     def __str__(self) -> str:
         return self.preview[:60] or self.thread_id

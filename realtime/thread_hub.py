@@ -88,8 +88,15 @@ class ThreadHub:
         first = not thread.subscribers
         thread.subscribers.add(connection)
         if first and self.cross_process and not thread.ephemeral:
-            await self.ensure_started()
-            await self.layer.group_add(group_name(thread.id), self.channel)
+            try:
+                await self.ensure_started()
+                await self.layer.group_add(group_name(thread.id), self.channel)
+            except BaseException:
+                # Not in the group: not subscribed either, so the next
+                # subscriber tries the group again.
+                thread.subscribers.discard(connection)
+                self.release_if_unused(thread)
+                raise
         return thread
 
     async def unsubscribe(self, thread: Thread, connection: AppServerConnection) -> None:

@@ -137,7 +137,9 @@ class DatabaseThreads:
     @database_sync_to_async
     def turns(thread: Thread) -> list[Turn]:
         """Every turn of the thread, oldest first, with its items."""
-        rows = list(StoredTurn.objects.filter(thread__thread_id=thread.id).order_by("started_at_ms", "id"))
+        rows = list(
+            StoredTurn.objects.filter(thread__thread_id=thread.id).defer("model_input").order_by("started_at_ms", "id")
+        )
         items: dict[int, list[StoredItem]] = {row.pk: [] for row in rows}
         for item in StoredItem.objects.filter(turn__in=[row.pk for row in rows]).order_by("turn_id", "position"):
             items[item.turn_id].append(item)
@@ -146,13 +148,15 @@ class DatabaseThreads:
     @staticmethod
     @database_sync_to_async
     def begin_turn(
-        thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int
+        thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
     ) -> list[dict[str, Any]] | None:
-        """Take the thread's turn lock and store the turn with its user message.
+        """Take the thread's turn lock and store the turn with its user message;
+        ``model`` (the request's override) sticks for later turns.
 
         Returns the history to replay before it, or None when another turn
         holds the lock. A lock that lapsed (its process died) is taken over,
-        and the turn it held is marked interrupted.
+        and the turn it held is marked interrupted. ``thread`` takes the
+        stored model: another process may have changed it.
         """
         with transaction.atomic():
             locked = StoredThread.objects.filter(Q(thread_id=thread.id), _lapsed())
@@ -161,12 +165,13 @@ class DatabaseThreads:
                 running_turn_id=turn.id,
                 running_channel=channel,
                 lock_expires_at=_lock_until(lock_seconds),
-                model=thread.model,
                 updated_at=Now(),
+                **({"model": model} if model else {}),
             )
             if not taken:
                 return None
             thread_row = StoredThread.objects.get(thread_id=thread.id)
+            thread.model = thread_row.model
             if previous:
                 StoredTurn.objects.filter(turn_id=previous, status=IN_PROGRESS).update(
                     status=INTERRUPTED, completed_at_ms=now_ms()
@@ -285,10 +290,11 @@ class MemoryThreads:
 
     @staticmethod
     async def begin_turn(
-        thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int
+        thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
     ) -> list[dict[str, Any]] | None:
         if thread.active_turn is not None:
             return None
+        thread.model = model or thread.model
         history = thread.history(max_history_bytes)
         thread.turns.append(turn)
         return history

@@ -134,7 +134,9 @@ async def _keep_lock(turn_context: TurnContext) -> None:
         await asyncio.sleep(turn_context.lock_seconds / 3)
         try:
             if not await turn_context.store.keep_lock(turn_context.thread, turn_context.turn, turn_context.lock_seconds):
-                logger.warning("turn %s lost its thread's lock", turn_context.turn.id)
+                # Another process may already run a turn of this thread: one at a time.
+                logger.warning("turn %s lost its thread's lock; interrupting it", turn_context.turn.id)
+                turn_context.turn.interrupt()
                 return
         except Exception as exc:  # the database is down: try again before the lock lapses
             logger.warning("could not extend the lock of turn %s: %s", turn_context.turn.id, exc)
@@ -149,12 +151,23 @@ def settle_turn(turn_context: TurnContext) -> None:
     if turn.status != IN_PROGRESS:
         return
     turn.finish(INTERRUPTED, None)
-    ending = asyncio.ensure_future(_end_unstarted(turn_context))
+    end_in_background(_end_unstarted(turn_context))
+
+
+_endings: set[asyncio.Future] = set()  # the loop keeps only weak references to tasks
+
+
+def end_in_background(coro) -> None:
+    ending = asyncio.ensure_future(coro)
     _endings.add(ending)
     ending.add_done_callback(_endings.discard)
 
 
-_endings: set[asyncio.Future] = set()  # the loop keeps only weak references to tasks
+def release_abandoned(thread: Thread, turn: Turn, store) -> None:
+    """The request that took the lock was cancelled (its client left) before
+    the turn could start: store it interrupted and free the thread."""
+    turn.finish(INTERRUPTED, None)
+    end_in_background(store.finish_turn(thread, turn, first_new_item=1))
 
 
 async def _end_unstarted(turn_context: TurnContext) -> None:

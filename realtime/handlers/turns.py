@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from django.conf import settings
@@ -12,7 +13,7 @@ from ..services.config import UpstreamConfig
 from ..thread_hub import thread_hub
 from ..thread_store import store_for
 from ..threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
-from ..turn_runner import TurnContext, run_turn, settle_turn, user_message
+from ..turn_runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
 
 
 def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -76,8 +77,6 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
     if context.connection.running_turns >= settings.CODEX_MAX_RUNNING_TURNS_PER_CONNECTION:
         raise JsonRpcError.overloaded()
-    if model:
-        thread.model = model  # like Codex: the override sticks for later turns
     turn = Turn(new_id(), originator=context.identity.originator, connection_id=str(context.connection.connection_id))
     started = now_ms()
     user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
@@ -88,7 +87,16 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     store = store_for(thread)
     hub = thread_hub()
     await hub.ensure_started()  # its channel is where turn/interrupt from elsewhere arrives
-    history = await store.begin_turn(thread, turn, hub.channel, settings.CODEX_TURN_LOCK_SECONDS, settings.CODEX_MAX_HISTORY_BYTES)
+    begin = asyncio.ensure_future(
+        # like Codex: a model override sticks for later turns
+        store.begin_turn(thread, turn, hub.channel, settings.CODEX_TURN_LOCK_SECONDS, settings.CODEX_MAX_HISTORY_BYTES, model)
+    )
+    try:
+        history = await asyncio.shield(begin)
+    except asyncio.CancelledError:
+        # The client left while the lock was being taken: never leave it held.
+        begin.add_done_callback(lambda done: _release_if_taken(done, thread, turn, store))
+        raise
     if history is None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
     thread.active_turn = turn
@@ -118,6 +126,11 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
 
     context.after_reply(start)
     return {"turn": turn.to_json(include_items=False)}
+
+
+def _release_if_taken(begin: asyncio.Future, thread, turn: Turn, store) -> None:
+    if not begin.cancelled() and begin.exception() is None and begin.result() is not None:
+        release_abandoned(thread, turn, store)
 
 
 async def interrupt_turn(context, params: Any) -> dict[str, Any]:
