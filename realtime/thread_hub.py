@@ -40,6 +40,7 @@ MAX_BATCH = 200  # notifications per group send
 MAX_PENDING = 10_000
 # channels_redis forgets group members after a day: a member refreshes well before.
 GROUP_REFRESH_SECONDS = 3600
+DRAIN_SECONDS = 2.0  # at stop, for batches still waiting to be published
 
 
 def group_name(thread_id: str) -> str:
@@ -62,6 +63,9 @@ class ThreadHub:
         self._wake = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.dropped_deltas = 0
+        self._joined: set[str] = set()  # threads whose group this process is in
+        self._membership_locks: dict[str, asyncio.Lock] = {}
+        self._publishing = False
 
     async def ensure_started(self) -> None:
         """Open this process's channel and start its receiver and publisher; once."""
@@ -83,17 +87,16 @@ class ThreadHub:
         return self.loaded.get(thread_id)
 
     async def subscribe(self, thread: Thread, connection: AppServerConnection) -> Thread:
-        """Subscribe ``connection``; returns this process's one object for the thread."""
+        """Subscribe ``connection``; returns this process's one object for the
+        thread. Returns once this process is in the thread's group, so nothing
+        published after the reply is missed."""
         thread = self.loaded.setdefault(thread.id, thread)
-        first = not thread.subscribers
         thread.subscribers.add(connection)
-        if first and self.cross_process and not thread.ephemeral:
+        if self.cross_process and not thread.ephemeral:
             try:
-                await self.ensure_started()
-                await self.layer.group_add(group_name(thread.id), self.channel)
+                await self._set_membership(thread.id)
             except BaseException:
-                # Not in the group: not subscribed either, so the next
-                # subscriber tries the group again.
+                # Not in the group: not subscribed either.
                 thread.subscribers.discard(connection)
                 self.release_if_unused(thread)
                 raise
@@ -104,8 +107,25 @@ class ThreadHub:
         if thread.subscribers:
             return
         self.release_if_unused(thread)
-        if self.cross_process and self.channel is not None and not thread.ephemeral:
-            await self.layer.group_discard(group_name(thread.id), self.channel)
+        if self.cross_process and not thread.ephemeral:
+            await self._set_membership(thread.id)
+
+    async def _set_membership(self, thread_id: str) -> None:
+        """Join or leave the thread's group as its subscribers here now say,
+        one change at a time per thread: a join and a leave never cross."""
+        lock = self._membership_locks.setdefault(thread_id, asyncio.Lock())
+        async with lock:
+            loaded = self.loaded.get(thread_id)
+            wanted = loaded is not None and bool(loaded.subscribers)
+            if wanted and thread_id not in self._joined:
+                await self.ensure_started()
+                await self.layer.group_add(group_name(thread_id), self.channel)
+                self._joined.add(thread_id)
+            elif not wanted and thread_id in self._joined:
+                self._joined.discard(thread_id)
+                await self.layer.group_discard(group_name(thread_id), self.channel)
+        if not lock.locked() and thread_id not in self._joined:
+            self._membership_locks.pop(thread_id, None)
 
     def hold(self, thread: Thread) -> Thread:
         """Keep ``thread`` loaded while a turn of it runs here."""
@@ -137,6 +157,7 @@ class ThreadHub:
             await self._wake.wait()
             self._wake.clear()
             while self._outgoing:
+                self._publishing = True
                 batch, self._outgoing = self._outgoing, []
                 for thread_id, events in _runs_by_thread(batch):
                     try:
@@ -146,6 +167,7 @@ class ThreadHub:
                     except Exception as exc:  # Redis down: those subscribers miss these events
                         logger.warning("could not publish %d event(s) of thread %s: %s", len(events), thread_id, exc)
                     _stop_if_cancelled()
+            self._publishing = False
 
     async def _receive(self) -> None:
         while True:
@@ -174,16 +196,21 @@ class ThreadHub:
     async def _refresh(self) -> None:
         while True:
             await asyncio.sleep(GROUP_REFRESH_SECONDS)
-            for thread in self.subscribed():
+            for thread_id in list(self._joined):
                 try:
-                    await self.layer.group_add(group_name(thread.id), self.channel)
+                    await self.layer.group_add(group_name(thread_id), self.channel)
                 except Exception as exc:
-                    logger.warning("could not refresh the group of thread %s: %s", thread.id, exc)
+                    logger.warning("could not refresh the group of thread %s: %s", thread_id, exc)
 
     async def stop(self) -> None:
         """Stop the receiver, publisher and refresher, and close the layer's
         connections: that also ends a Redis read that swallowed its task's
         cancellation (redis-py can), which would otherwise never return."""
+        # What shutdown's interrupted turns announced still goes out, briefly.
+        for _ in range(int(DRAIN_SECONDS / 0.05)):
+            if not (self.tasks and (self._outgoing or self._publishing)):
+                break
+            await asyncio.sleep(0.05)
         for task in self.tasks:
             task.cancel()
         if self.layer is not None:
