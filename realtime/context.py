@@ -66,8 +66,4 @@ class RequestContext:
         stored = await DatabaseThreads.load(thread_id)
         if stored is None:
             raise JsonRpcError.invalid_params("unknown threadId")
-        fresh, running = stored
-        if local is None:
-            return fresh, running
-        local.refresh_from(fresh)
-        return local, running and local.active_turn is None
+        return thread_hub().as_seen_here(*stored)

@@ -137,6 +137,16 @@ class ThreadHub:
         if not thread.subscribers and thread.active_turn is None and self.loaded.get(thread.id) is thread:
             del self.loaded[thread.id]
 
+    def as_seen_here(self, stored: Thread, running: bool) -> tuple[Thread, bool]:
+        """A thread read from the store, and whether a turn of it runs on
+        another process, as this process shows it: a thread loaded here is
+        this process's object (its status says so), brought up to date."""
+        local = self.loaded.get(stored.id)
+        if local is None:
+            return stored, running
+        local.refresh_from(stored)
+        return local, running and local.active_turn is None
+
     def subscribed(self) -> list[Thread]:
         return [thread for thread in self.loaded.values() if thread.subscribers]
 

@@ -173,9 +173,7 @@ class DatabaseThreads:
             thread_row = StoredThread.objects.get(thread_id=thread.id)
             thread.model = thread_row.model
             if previous:
-                StoredTurn.objects.filter(turn_id=previous, status=IN_PROGRESS).update(
-                    status=INTERRUPTED, completed_at_ms=now_ms()
-                )
+                _mark_interrupted([previous])
             if not thread_row.preview and thread.preview:
                 StoredThread.objects.filter(pk=thread_row.pk).update(preview=thread.preview)
             turn_row = StoredTurn.objects.create(
@@ -259,6 +257,13 @@ def _history(thread_row: StoredThread, current_turn_id: str, max_bytes: int) -> 
     return newest_within(earlier.iterator(chunk_size=HISTORY_CHUNK), max_bytes)
 
 
+def _mark_interrupted(turn_ids: list[str]) -> int:
+    """Turns whose process died mid-turn (their lock lapsed) end interrupted."""
+    return StoredTurn.objects.filter(turn_id__in=turn_ids, status=IN_PROGRESS).update(
+        status=INTERRUPTED, completed_at_ms=now_ms()
+    )
+
+
 @database_sync_to_async
 def end_abandoned_turns() -> int:
     """Turns left running by a process that died: their lock lapsed. Each is
@@ -268,9 +273,7 @@ def end_abandoned_turns() -> int:
         turn_ids = list(lapsed.values_list("running_turn_id", flat=True))
         if not turn_ids:
             return 0
-        ended = StoredTurn.objects.filter(turn_id__in=turn_ids, status=IN_PROGRESS).update(
-            status=INTERRUPTED, completed_at_ms=now_ms()
-        )
+        ended = _mark_interrupted(turn_ids)
         StoredThread.objects.filter(running_turn_id__in=turn_ids, lock_expires_at__lt=Now()).update(
             running_turn_id=None, running_channel=None, lock_expires_at=None
         )

@@ -146,7 +146,7 @@ def settle_turn(turn_context: TurnContext) -> None:
     """When the turn's task is done, however: a task cancelled before its first
     step (the client left at once) ran none of ``run_turn``, so its turn is
     ended here, or the thread would stay busy for good."""
-    thread, turn = turn_context.thread, turn_context.turn
+    turn = turn_context.turn
     turn_context.connection.own_turns.discard(turn)
     if turn.status != IN_PROGRESS:
         return

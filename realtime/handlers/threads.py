@@ -130,11 +130,8 @@ async def list_threads(context, params: Any) -> dict[str, Any]:
     hub = thread_hub()
     data = []
     for stored, running in found:
-        local = hub.get(stored.id)
-        if local is not None:  # loaded here: its status says so
-            local.refresh_from(stored)
-            stored, running = local, running and local.active_turn is None
-        data.append(stored.to_json(running_elsewhere=running))
+        thread, running_elsewhere = hub.as_seen_here(stored, running)
+        data.append(thread.to_json(running_elsewhere=running_elsewhere))
     return {"data": data, "nextCursor": _next_cursor(offset, len(data), more), "backwardsCursor": None}
 
 
