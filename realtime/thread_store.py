@@ -8,36 +8,26 @@ lapses. ``MemoryThreads`` keeps an ephemeral thread's turns on the thread
 object itself: the schema says those are never materialized.
 
 The ORM calls run on the row writers' threads (``identity.actions``), never
-on asgiref's one thread-sensitive thread; a turn costs two of them, at its
-start and at its end.
+on asgiref's one thread-sensitive thread. A turn's two writes, at its start
+and at its end, are batched with other turns' (``realtime.turn_writes``).
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.db import transaction
-from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Q, Sum, Value
+from django.db.models import F
 from django.db.models.functions import Now
 
 from identity.actions import database_sync_to_async
 
-from .models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
-from .threads import IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, newest_within, now_ms
-
-# Past this many turns a thread's history is read in pages, not at once.
-HISTORY_CHUNK = 50
-
-
-def _lock_until(seconds: float) -> ExpressionWrapper:
-    """``now() + seconds`` on the database's clock (hosts' clocks may disagree)."""
-    return ExpressionWrapper(Now() + Value(timedelta(seconds=seconds)), output_field=DateTimeField())
-
-
-def _lapsed() -> Q:
-    return Q(running_turn_id__isnull=True) | Q(lock_expires_at__lt=Now())
+from . import turn_writes
+from .models import StoredItem, StoredThread, StoredTurn
+from .threads import ItemRecord, Thread, Turn
+from .turn_writes import BeginTurn, FinishTurn, lock_until, mark_interrupted, with_lock_state
 
 
 def _seconds(moment: datetime) -> float:
@@ -73,26 +63,6 @@ def _turn_from_row(row: StoredTurn, items: list[StoredItem]) -> Turn:
     )
 
 
-def _item_rows(turn_row: StoredTurn, records: list[ItemRecord], first_position: int) -> list[StoredItem]:
-    return [
-        StoredItem(
-            turn=turn_row,
-            position=first_position + offset,
-            item_type=str(record.item.get("type", "")),
-            item=record.item,
-            started_at_ms=record.started_at_ms,
-            completed_at_ms=record.completed_at_ms,
-        )
-        for offset, record in enumerate(records)
-    ]
-
-
-def _with_lock_state(rows):
-    """Rows annotated ``lock_held``: a turn runs and its lock has not lapsed."""
-    held = ExpressionWrapper(Q(running_turn_id__isnull=False, lock_expires_at__gte=Now()), output_field=BooleanField())
-    return rows.annotate(lock_held=held)
-
-
 def _running(row: StoredThread) -> bool:
     return bool(row.lock_held)
 
@@ -119,14 +89,14 @@ class DatabaseThreads:
     @database_sync_to_async
     def load(thread_id: str) -> tuple[Thread, bool] | None:
         """The thread, and whether a turn runs on it anywhere."""
-        row = _with_lock_state(StoredThread.objects.filter(thread_id=thread_id)).first()
+        row = with_lock_state(StoredThread.objects.filter(thread_id=thread_id)).first()
         return None if row is None else (_thread_from_row(row), _running(row))
 
     @staticmethod
     @database_sync_to_async
     def page(originators: list[str] | None, ascending: bool, offset: int, limit: int) -> tuple[list[tuple[Thread, bool]], bool]:
         """One page of threads, most recently updated first; and whether more follow."""
-        rows = _with_lock_state(StoredThread.objects.all())
+        rows = with_lock_state(StoredThread.objects.all())
         if originators:
             rows = rows.filter(originator__in=originators)
         order = ("updated_at", "id") if ascending else ("-updated_at", "-id")
@@ -146,8 +116,7 @@ class DatabaseThreads:
         return [_turn_from_row(row, items[row.pk]) for row in rows]
 
     @staticmethod
-    @database_sync_to_async
-    def begin_turn(
+    async def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
     ) -> list[dict[str, Any]] | None:
         """Take the thread's turn lock and store the turn with its user message;
@@ -158,34 +127,11 @@ class DatabaseThreads:
         and the turn it held is marked interrupted. ``thread`` takes the
         stored model: another process may have changed it.
         """
-        with transaction.atomic():
-            locked = StoredThread.objects.filter(Q(thread_id=thread.id), _lapsed())
-            previous = locked.values_list("running_turn_id", flat=True).first()
-            taken = locked.update(
-                running_turn_id=turn.id,
-                running_channel=channel,
-                lock_expires_at=_lock_until(lock_seconds),
-                updated_at=Now(),
-                **({"model": model} if model else {}),
-            )
-            if not taken:
-                return None
-            thread_row = StoredThread.objects.get(thread_id=thread.id)
-            thread.model = thread_row.model
-            if previous:
-                _mark_interrupted([previous])
-            if not thread_row.preview and thread.preview:
-                StoredThread.objects.filter(pk=thread_row.pk).update(preview=thread.preview)
-            turn_row = StoredTurn.objects.create(
-                turn_id=turn.id,
-                thread=thread_row,
-                originator=turn.originator,
-                connection_id=turn.connection_id,
-                status=turn.status,
-                started_at_ms=turn.started_at_ms,
-            )
-            StoredItem.objects.bulk_create(_item_rows(turn_row, turn.items, 0))
-        return _history(thread_row, turn.id, max_history_bytes)
+        begun = await turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model))
+        if begun is None:
+            return None
+        history, thread.model = begun
+        return history
 
     @staticmethod
     @database_sync_to_async
@@ -193,42 +139,21 @@ class DatabaseThreads:
         """Extend a running turn's lock; False if it was lost."""
         return bool(
             StoredThread.objects.filter(thread_id=thread.id, running_turn_id=turn.id).update(
-                lock_expires_at=_lock_until(lock_seconds)
+                lock_expires_at=lock_until(lock_seconds)
             )
         )
 
     @staticmethod
-    @database_sync_to_async
-    def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> dict[str, int]:
+    async def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> dict[str, int]:
         """Store how the turn ended and free the thread; returns the thread's
         usage summed over its turns."""
-        usage = turn.usage or {}
-        with transaction.atomic():
-            turn_row = StoredTurn.objects.select_related("thread").get(turn_id=turn.id)
-            StoredTurn.objects.filter(pk=turn_row.pk).update(
-                status=turn.status,
-                error=turn.error,
-                completed_at_ms=turn.completed_at_ms,
-                model_input=turn.model_input,
-                input_bytes=turn.input_bytes,
-                has_usage=turn.usage is not None,
-                **{column: usage.get(name, 0) for name, column in USAGE_FIELDS.items()},
-            )
-            StoredItem.objects.bulk_create(_item_rows(turn_row, turn.items[first_new_item:], first_new_item))
-            StoredThread.objects.filter(pk=turn_row.thread.pk, running_turn_id=turn.id).update(
-                running_turn_id=None, running_channel=None, lock_expires_at=None
-            )
-            StoredThread.objects.filter(pk=turn_row.thread.pk).update(updated_at=Now())
-            totals = StoredTurn.objects.filter(thread=turn_row.thread, has_usage=True).aggregate(
-                **{name: Sum(column) for name, column in USAGE_FIELDS.items()}
-            )
-        return {name: value or 0 for name, value in totals.items()}
+        return await turn_writes.submit(FinishTurn(thread, turn, first_new_item))
 
     @staticmethod
     @database_sync_to_async
     def running_turn(thread: Thread) -> tuple[str, str | None] | None:
         """(turn id, channel of its process) of the turn running on the thread, if any."""
-        row = _with_lock_state(StoredThread.objects.filter(thread_id=thread.id)).first()
+        row = with_lock_state(StoredThread.objects.filter(thread_id=thread.id)).first()
         if row is None or not _running(row):
             return None
         return row.running_turn_id, row.running_channel
@@ -246,24 +171,6 @@ class DatabaseThreads:
             return StoredThread.objects.values_list("read_revision", flat=True).get(thread_id=thread.id)
 
 
-def _history(thread_row: StoredThread, current_turn_id: str, max_bytes: int) -> list[dict[str, Any]]:
-    """Model input of the earlier turns, newest kept first within ``max_bytes``."""
-    earlier = (
-        StoredTurn.objects.filter(thread=thread_row, input_bytes__gt=0)
-        .exclude(turn_id=current_turn_id)
-        .order_by("-started_at_ms", "-id")
-        .values_list("model_input", "input_bytes")
-    )
-    return newest_within(earlier.iterator(chunk_size=HISTORY_CHUNK), max_bytes)
-
-
-def _mark_interrupted(turn_ids: list[str]) -> int:
-    """Turns whose process died mid-turn (their lock lapsed) end interrupted."""
-    return StoredTurn.objects.filter(turn_id__in=turn_ids, status=IN_PROGRESS).update(
-        status=INTERRUPTED, completed_at_ms=now_ms()
-    )
-
-
 @database_sync_to_async
 def end_abandoned_turns() -> int:
     """Turns left running by a process that died: their lock lapsed. Each is
@@ -273,7 +180,7 @@ def end_abandoned_turns() -> int:
         turn_ids = list(lapsed.values_list("running_turn_id", flat=True))
         if not turn_ids:
             return 0
-        ended = _mark_interrupted(turn_ids)
+        ended = mark_interrupted(turn_ids)
         StoredThread.objects.filter(running_turn_id__in=turn_ids, lock_expires_at__lt=Now()).update(
             running_turn_id=None, running_channel=None, lock_expires_at=None
         )
