@@ -25,9 +25,10 @@ WriteBatch = Callable[[list[W]], Awaitable[list[Any]]]
 class GroupCommit(Generic[W]):
     """One event loop's queue of writes of one kind, and its writer task."""
 
-    def __init__(self, write_batch: WriteBatch, name: str):
+    def __init__(self, write_batch: WriteBatch, name: str, max_batch: int):
         self._write_batch = write_batch
         self._name = name
+        self._max_batch = max_batch
         self._waiting: list[tuple[W, asyncio.Future]] = []
         self._writer: asyncio.Task | None = None
 
@@ -43,7 +44,7 @@ class GroupCommit(Generic[W]):
 
     async def _write_all(self) -> None:
         while self._waiting:
-            batch, self._waiting = self._waiting, []
+            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
             try:
                 outcomes = await self._write_batch([write for write, _ in batch])
             except BaseException as exc:

@@ -18,12 +18,14 @@ retried one write at a time, so a bad write fails alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from datetime import timedelta
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, F, Q, Sum, Value, Window
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, Q, Value
 from django.db.models.functions import Now
+from django.db.models.sql import Query
 
 from codexserver.group_commit import GroupCommit
 from codexserver.loop_local import LoopLocal
@@ -71,36 +73,99 @@ def mark_interrupted(turn_ids: list[str]) -> int:
     )
 
 
-def _item_rows(turn_pk: int, records: list[ItemRecord], first_position: int) -> list[StoredItem]:
+# Table names; the columns are the models' (realtime/migrations/0001).
+THREADS, TURNS, ITEMS = (model._meta.db_table for model in (StoredThread, StoredTurn, StoredItem))
+TURN_COLUMNS = [
+    "turn_id",
+    "thread_id",
+    "originator",
+    "connection_id",
+    "status",
+    "error",
+    "started_at_ms",
+    "completed_at_ms",
+    "model_input",
+    "input_bytes",
+    "has_usage",
+    *USAGE_FIELDS.values(),
+]
+ITEM_COLUMNS = ["turn_id", "position", "item_type", "item", "started_at_ms", "completed_at_ms"]
+# At most this many writes in one batch (it bounds the statements' parameters).
+MAX_BATCH = 500
+
+
+@dataclass(eq=False)
+class _ThreadRow:
+    pk: int
+    model: str
+    preview: str
+    running_turn_id: str | None
+    held: bool  # a turn runs and its lock has not lapsed
+
+
+def _marks(count: int) -> str:
+    return ", ".join(["%s"] * count)
+
+
+def _prepared(model, columns: list[str], values: list[Any]) -> list[Any]:
+    """Values as the model's fields store them (JSON, UUIDs, booleans per vendor)."""
+    fields = _fields_by_column(model)
+    return [fields[column].get_db_prep_save(value, connection) for column, value in zip(columns, values, strict=True)]
+
+
+@cache
+def _fields_by_column(model) -> dict[str, Any]:
+    return {field.column: field for field in model._meta.concrete_fields}
+
+
+def _sql_of(expression) -> tuple[str, list[Any]]:
+    """An ORM expression as this database writes it (its clock, its interval
+    arithmetic), to put into the statements below."""
+    query = Query(StoredThread)
+    sql, params = query.get_compiler(connection=connection).compile(expression.resolve_expression(query))
+    return sql, list(params)
+
+
+def _execute(sql: str, params: list[Any]) -> list[tuple]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+def update_each(table: str, columns: list[str], rows: list[tuple[int, list[Any]]]) -> None:
+    """``UPDATE … WHERE id = %s`` for each (pk, prepared values), as one executemany."""
+    if rows:
+        assignments = ", ".join(f"{column} = %s" for column in columns)
+        with connection.cursor() as cursor:
+            cursor.executemany(
+                f"UPDATE {table} SET {assignments} WHERE id = %s", [[*values, pk] for pk, values in rows]
+            )
+
+
+def _insert_items(rows: list[list[Any]]) -> None:
+    if rows:
+        with connection.cursor() as cursor:
+            cursor.executemany(
+                f"INSERT INTO {ITEMS} ({', '.join(ITEM_COLUMNS)}) VALUES ({_marks(len(ITEM_COLUMNS))})", rows
+            )
+
+
+def _item_rows(turn_pk: int, records: list[ItemRecord], first_position: int) -> list[list[Any]]:
     return [
-        StoredItem(
-            turn_id=turn_pk,
-            position=first_position + offset,
-            item_type=str(record.item.get("type", "")),
-            item=record.item,
-            started_at_ms=record.started_at_ms,
-            completed_at_ms=record.completed_at_ms,
+        _prepared(
+            StoredItem,
+            ITEM_COLUMNS,
+            [
+                turn_pk,
+                first_position + offset,
+                str(record.item.get("type", "")),
+                record.item,
+                record.started_at_ms,
+                record.completed_at_ms,
+            ],
         )
         for offset, record in enumerate(records)
     ]
-
-
-def update_each(model, fields: list[str], rows: list[tuple[int, list[Any]]]) -> None:
-    """``UPDATE … WHERE pk = %s`` of (pk, values) rows, as one executemany.
-    (Django's bulk_update builds a CASE per field per row: at fifty rows that
-    cost more than the writes.)"""
-    if not rows:
-        return
-    opts, quote = model._meta, connection.ops.quote_name
-    columns = [opts.get_field(name) for name in fields]
-    assignments = ", ".join(f"{quote(column.column)} = %s" for column in columns)
-    sql = f"UPDATE {quote(opts.db_table)} SET {assignments} WHERE {quote(opts.pk.column)} = %s"
-    params = [
-        [column.get_db_prep_save(value, connection) for column, value in zip(columns, values, strict=True)] + [pk]
-        for pk, values in rows
-    ]
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, params)
 
 
 @database_sync_to_async
@@ -124,131 +189,179 @@ def _write(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
     ends = [write for write in writes if isinstance(write, FinishTurn)]
     starts = [write for write in writes if isinstance(write, BeginTurn)]
     with transaction.atomic():
-        rows = _lock_threads({write.thread.id for write in writes})
-        outcomes = dict(zip(map(id, ends), finish(ends, rows))) if ends else {}
+        now = _sql_of(Now())
+        rows = _lock_threads({write.thread.id for write in writes}, now)
+        outcomes = dict(zip(map(id, ends), finish(ends, rows, now))) if ends else {}
         if starts:
-            outcomes.update(zip(map(id, starts), begin(starts, rows)))
+            outcomes.update(zip(map(id, starts), begin(starts, rows, now)))
     return [outcomes[id(write)] for write in writes]
 
 
-def _lock_threads(thread_ids: set[str]) -> dict[str, StoredThread]:
-    rows = with_lock_state(StoredThread.objects.filter(thread_id__in=thread_ids)).order_by("pk").select_for_update()
-    return {row.thread_id: row for row in rows}
+def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str, _ThreadRow]:
+    """The batch's threads, locked in primary-key order until it commits."""
+    now_sql, now_params = now
+    ids = sorted(thread_ids)
+    found = _execute(
+        f"SELECT id, thread_id, model, preview, running_turn_id, "
+        f"running_turn_id IS NOT NULL AND lock_expires_at >= {now_sql} "
+        f"FROM {THREADS} WHERE thread_id IN ({_marks(len(ids))}) ORDER BY id"
+        + (" FOR UPDATE" if connection.features.has_select_for_update else ""),
+        [*now_params, *ids],
+    )
+    return {
+        thread_id: _ThreadRow(pk, model, preview, running, bool(held))
+        for pk, thread_id, model, preview, running, held in found
+    }
 
 
-def finish(ends: list[FinishTurn], rows: dict[str, StoredThread]) -> list[dict[str, int]]:
+def finish(ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]) -> list[dict[str, int]]:
     """Store each turn's end and free its thread; each thread's usage summed
     over its turns."""
-    turn_pks = dict(StoredTurn.objects.filter(turn_id__in=[end.turn.id for end in ends]).values_list("turn_id", "pk"))
+    now_sql, now_params = now
+    turn_ids = [end.turn.id for end in ends]
+    turn_pks = dict(_execute(f"SELECT turn_id, id FROM {TURNS} WHERE turn_id IN ({_marks(len(turn_ids))})", turn_ids))
     turn_rows, item_rows, freed = [], [], []
     for end in ends:
         turn, pk = end.turn, turn_pks[end.turn.id]
         usage = turn.usage or {}
-        ended = [turn.status, turn.error, turn.completed_at_ms, turn.model_input, turn.input_bytes, turn.usage is not None]
-        turn_rows.append((pk, ended + [usage.get(name, 0) for name in USAGE_FIELDS]))
+        ended = [
+            turn.status,
+            turn.error,
+            turn.completed_at_ms,
+            turn.model_input,
+            turn.input_bytes,
+            turn.usage is not None,
+        ]
+        turn_rows.append((pk, _prepared(StoredTurn, END_FIELDS, ended + [usage.get(name, 0) for name in USAGE_FIELDS])))
         item_rows += _item_rows(pk, turn.items[end.first_new_item :], end.first_new_item)
         row = rows[end.thread.id]
         if row.running_turn_id == turn.id:
-            row.running_turn_id, row.lock_held = None, False
+            row.running_turn_id, row.held = None, False
             freed.append(row.pk)
-    update_each(StoredTurn, END_FIELDS, turn_rows)
-    StoredItem.objects.bulk_create(item_rows)
-    touched = {rows[end.thread.id].pk for end in ends}
-    StoredThread.objects.filter(pk__in=freed).update(
-        running_turn_id=None, running_channel=None, lock_expires_at=None, updated_at=Now()
-    )
-    if touched - set(freed):  # turns that lost their lock still touch their thread
-        StoredThread.objects.filter(pk__in=touched - set(freed)).update(updated_at=Now())
+    update_each(TURNS, END_FIELDS, turn_rows)
+    _insert_items(item_rows)
+    touched = sorted({rows[end.thread.id].pk for end in ends})
+    if freed:
+        _execute(
+            f"UPDATE {THREADS} SET running_turn_id = NULL, running_channel = NULL, lock_expires_at = NULL, "
+            f"updated_at = {now_sql} WHERE id IN ({_marks(len(freed))})",
+            [*now_params, *freed],
+        )
+    kept = [pk for pk in touched if pk not in freed]  # turns that lost their lock still touch their thread
+    if kept:
+        _execute(f"UPDATE {THREADS} SET updated_at = {now_sql} WHERE id IN ({_marks(len(kept))})", [*now_params, *kept])
+    sums = ", ".join(f"SUM({column})" for column in USAGE_FIELDS.values())
     totals = {
-        summed.pop("thread_id"): summed
-        for summed in StoredTurn.objects.filter(thread_id__in=touched, has_usage=True)
-        .values("thread_id")
-        .annotate(**{name: Sum(column) for name, column in USAGE_FIELDS.items()})
+        thread_pk: dict(zip(USAGE_FIELDS, summed, strict=True))
+        for thread_pk, *summed in _execute(
+            f"SELECT thread_id, {sums} FROM {TURNS} WHERE has_usage AND thread_id IN ({_marks(len(touched))}) "
+            "GROUP BY thread_id",
+            touched,
+        )
     }
-    return [
-        {name: totals.get(rows[end.thread.id].pk, {}).get(name) or 0 for name in USAGE_FIELDS} for end in ends
-    ]
+    return [{name: int(totals.get(rows[end.thread.id].pk, {}).get(name) or 0) for name in USAGE_FIELDS} for end in ends]
 
 
-def begin(starts: list[BeginTurn], rows: dict[str, StoredThread]) -> list[tuple[list[dict[str, Any]], str] | None]:
+def begin(
+    starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
+) -> list[tuple[list[dict[str, Any]], str] | None]:
     """Take each thread's lock and store its turn: (history to replay, the
     thread's model), or None where another turn holds the lock."""
-    taken: list[tuple[BeginTurn, StoredThread]] = []
+    now_sql, now_params = now
+    taken: list[tuple[BeginTurn, _ThreadRow]] = []
     lapsed_turns: list[str] = []
     for start in starts:
         row = rows.get(start.thread.id)
-        if row is None or row.lock_held:
+        if row is None or row.held:
             continue
         if row.running_turn_id:
             lapsed_turns.append(row.running_turn_id)
-        row.running_turn_id, row.lock_held = start.turn.id, True
+        row.running_turn_id, row.held = start.turn.id, True
         row.model = start.model or row.model
         row.preview = row.preview or start.thread.preview
         taken.append((start, row))
     if not taken:
         return [None] * len(starts)
-    # What every lock of the batch shares, on the database's clock; then each
+    # What the locks of the batch share, on the database's clock; then each
     # thread's own turn, model and preview.
-    for (channel, seconds), group in _grouped(taken, lambda start: (start.channel, start.lock_seconds)).items():
-        StoredThread.objects.filter(pk__in=[row.pk for row in group]).update(
-            running_channel=channel, lock_expires_at=lock_until(seconds), updated_at=Now()
+    shared: dict[tuple[str | None, float], list[int]] = {}
+    for start, row in taken:
+        shared.setdefault((start.channel, start.lock_seconds), []).append(row.pk)
+    for (channel, seconds), pks in shared.items():
+        expiry_sql, expiry_params = _sql_of(lock_until(seconds))
+        _execute(
+            f"UPDATE {THREADS} SET running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql} "
+            f"WHERE id IN ({_marks(len(pks))})",
+            [channel, *expiry_params, *now_params, *pks],
         )
     update_each(
-        StoredThread,
+        THREADS,
         ["running_turn_id", "model", "preview"],
         [(row.pk, [row.running_turn_id, row.model, row.preview]) for _, row in taken],
     )
     if lapsed_turns:
         mark_interrupted(lapsed_turns)
-    turn_rows = StoredTurn.objects.bulk_create(
-        [
-            StoredTurn(
-                turn_id=start.turn.id,
-                thread_id=row.pk,
-                originator=start.turn.originator,
-                connection_id=start.turn.connection_id,
-                status=start.turn.status,
-                started_at_ms=start.turn.started_at_ms,
-            )
-            for start, row in taken
-        ]
-    )
-    StoredItem.objects.bulk_create(
-        [item for (start, _), turn_row in zip(taken, turn_rows) for item in _item_rows(turn_row.pk, start.turn.items, 0)]
-    )
-    histories = _histories(taken, {turn_row.pk for turn_row in turn_rows})
+    turn_pks = _insert_turns(taken)
+    _insert_items([item for start, _ in taken for item in _item_rows(turn_pks[start.turn.id], start.turn.items, 0)])
+    histories = _histories(taken, list(turn_pks.values()))
     begun = {id(start): (histories[row.pk], row.model) for start, row in taken}
     return [begun.get(id(start)) for start in starts]
 
 
-def _histories(taken: list[tuple[BeginTurn, StoredThread]], new_turns: set[int]) -> dict[int, list[dict[str, Any]]]:
-    """Each thread's model input of its earlier turns, newest kept first
-    within its bound; one query for every thread of the batch, bounded in
-    the database by a running total."""
-    most = max(start.max_history_bytes for start, _ in taken)
-    newest_first = [F("started_at_ms").desc(), F("id").desc()]
-    earlier = (
-        StoredTurn.objects.filter(thread_id__in=[row.pk for _, row in taken], input_bytes__gt=0)
-        .exclude(pk__in=new_turns)
-        .annotate(bytes_so_far=Window(Sum("input_bytes"), partition_by=[F("thread_id")], order_by=newest_first))
-        .filter(bytes_so_far__lte=most)
-        .order_by("thread_id", *newest_first)
-        .values_list("thread_id", "model_input", "input_bytes")
+def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> dict[str, int]:
+    """The new turns' rows; their primary keys by turn id."""
+    values = [
+        _prepared(
+            StoredTurn,
+            TURN_COLUMNS,
+            [
+                start.turn.id,
+                row.pk,
+                start.turn.originator,
+                start.turn.connection_id,
+                start.turn.status,
+                None,
+                start.turn.started_at_ms,
+                None,
+                [],
+                0,
+                False,
+                *[0] * len(USAGE_FIELDS),
+            ],
+        )
+        for start, row in taken
+    ]
+    row_marks = ", ".join([f"({_marks(len(TURN_COLUMNS))})"] * len(values))
+    inserted = _execute(
+        f"INSERT INTO {TURNS} ({', '.join(TURN_COLUMNS)}) VALUES {row_marks} RETURNING turn_id, id",
+        [value for row in values for value in row],
     )
-    by_thread: dict[int, list[tuple[list[dict[str, Any]], int]]] = {row.pk: [] for _, row in taken}
-    for thread_pk, model_input, size in earlier:
-        by_thread[thread_pk].append((model_input, size))
+    return dict(inserted)
+
+
+def _histories(taken: list[tuple[BeginTurn, _ThreadRow]], new_turns: list[int]) -> dict[int, list[dict[str, Any]]]:
+    """Each thread's model input of its earlier turns, newest kept first
+    within its bound: one query for every thread of the batch, bounded in the
+    database by a running total of their sizes."""
+    most = max(start.max_history_bytes for start, _ in taken)
+    thread_pks = [row.pk for _, row in taken]
+    earlier = _execute(
+        f"SELECT thread_id, model_input, input_bytes FROM ("
+        f"  SELECT thread_id, model_input, input_bytes, started_at_ms, id, SUM(input_bytes) OVER ("
+        f"    PARTITION BY thread_id ORDER BY started_at_ms DESC, id DESC) AS bytes_so_far"
+        f"  FROM {TURNS} WHERE input_bytes > 0 AND thread_id IN ({_marks(len(thread_pks))})"
+        f"  AND id NOT IN ({_marks(len(new_turns))})"
+        f") AS earlier WHERE bytes_so_far <= %s ORDER BY thread_id, started_at_ms DESC, id DESC",
+        [*thread_pks, *new_turns, most],
+    )
+    model_input = StoredTurn._meta.get_field("model_input")
+    by_thread: dict[int, list[tuple[list[dict[str, Any]], int]]] = {pk: [] for pk in thread_pks}
+    for thread_pk, stored_input, size in earlier:
+        by_thread[thread_pk].append((model_input.from_db_value(stored_input, None, connection), size))
     return {row.pk: newest_within(by_thread[row.pk], start.max_history_bytes) for start, row in taken}
 
 
-def _grouped(taken: list[tuple[BeginTurn, StoredThread]], key) -> dict[Any, list[StoredThread]]:
-    groups: dict[Any, list[StoredThread]] = {}
-    for start, row in taken:
-        groups.setdefault(key(start), []).append(row)
-    return groups
-
-
-_batches: LoopLocal[GroupCommit] = LoopLocal(lambda: GroupCommit(write_turns, name="turn writes"))
+_batches: LoopLocal[GroupCommit] = LoopLocal(lambda: GroupCommit(write_turns, name="turn writes", max_batch=MAX_BATCH))
 
 
 async def submit(write: BeginTurn | FinishTurn) -> Any:
