@@ -1,0 +1,123 @@
+"""Turn writes in batches (realtime/turn_writes.py): what one batch decides
+must be what the writes one at a time would have decided."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from channels.db import database_sync_to_async
+
+from realtime import turn_writes
+from realtime.models import StoredThread, StoredTurn
+from realtime.thread_store import DatabaseThreads
+from realtime.threads import COMPLETED, INTERRUPTED, ItemRecord, Thread, Turn, new_id, now_ms
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+TEXT = [{"type": "text", "text": "hi"}]
+
+
+def new_thread() -> Thread:
+    return Thread(id=new_id(), model="gpt-test", model_provider="openai", cwd="/tmp", originator="codex_ios")
+
+
+def new_turn(text: str = "hi") -> Turn:
+    turn = Turn(new_id(), originator="codex_ios", connection_id="00000000-0000-0000-0000-000000000001")
+    started = now_ms()
+    turn.items.append(ItemRecord({"id": new_id(), "type": "userMessage", "content": TEXT}, started, started))
+    return turn
+
+
+def ended(turn: Turn, words: str) -> Turn:
+    turn.model_input = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": words}]}]
+    turn.input_bytes = len(words) + 60
+    turn.usage = {"inputTokens": 10, "cachedInputTokens": 0, "outputTokens": 5, "reasoningOutputTokens": 0, "totalTokens": 15}
+    turn.finish(COMPLETED, None)
+    return turn
+
+
+def begin(thread: Thread, turn: Turn) -> turn_writes.BeginTurn:
+    return turn_writes.BeginTurn(thread, turn, "channel", 30, 1 << 20, None)
+
+
+async def test_two_starts_of_one_thread_in_one_batch_take_the_lock_once():
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    first, second = new_turn(), new_turn()
+    outcomes = await turn_writes.write_turns([begin(thread, first), begin(thread, second)])
+    assert outcomes[0] == ([], "gpt-test") and outcomes[1] is None
+    assert await DatabaseThreads.running_turn(thread) == (first.id, "channel")
+
+
+async def test_an_end_and_the_next_start_in_one_batch_find_the_thread_free_and_the_history_written():
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    first = new_turn()
+    await DatabaseThreads.begin_turn(thread, first, "channel", 30, 1 << 20, None)
+    second = new_turn()
+    begun, totals = await turn_writes.write_turns(
+        [begin(thread, second), turn_writes.FinishTurn(thread, ended(first, "earlier words"), 1)]
+    )
+    assert totals["totalTokens"] == 15
+    history, _ = begun
+    assert history == first.model_input  # the end, written first in the batch, is replayed
+
+
+async def test_a_write_that_fails_fails_alone_and_its_batch_is_written():
+    good_thread, thread_gone = new_thread(), new_thread()  # the second was never stored
+    await DatabaseThreads.create(good_thread)
+    turn = new_turn()
+    never_begun = ended(new_turn(), "lost")
+    outcomes = await turn_writes.write_turns(
+        [begin(good_thread, turn), turn_writes.FinishTurn(thread_gone, never_begun, 1), begin(thread_gone, new_turn())]
+    )
+    assert outcomes[0] == ([], "gpt-test")
+    assert isinstance(outcomes[1], KeyError)
+    assert outcomes[2] is None  # no such thread: nothing to lock
+    assert await DatabaseThreads.running_turn(good_thread) == (turn.id, "channel")
+
+
+async def test_a_lapsed_lock_is_taken_over_in_a_batch_and_its_turn_ends_interrupted():
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    dead = new_turn()
+    await turn_writes.write_turns([turn_writes.BeginTurn(thread, dead, "gone", -1, 1 << 20, None)])  # lapsed at once
+    taker = new_turn()
+    assert (await turn_writes.write_turns([begin(thread, taker)]))[0] is not None
+    statuses = dict(
+        await database_sync_to_async(
+            lambda: list(StoredTurn.objects.filter(thread__thread_id=thread.id).values_list("turn_id", "status"))
+        )()
+    )
+    assert statuses == {dead.id: INTERRUPTED, taker.id: "inProgress"}
+
+
+async def test_history_is_bounded_newest_first_across_threads_of_one_batch():
+    short, long = new_thread(), new_thread()
+    for thread in (short, long):
+        await DatabaseThreads.create(thread)
+    for thread, words in ((short, ["a"]), (long, ["one", "two", "three"])):
+        for word in words:
+            turn = new_turn()
+            await DatabaseThreads.begin_turn(thread, turn, "channel", 30, 1 << 20, None)
+            await DatabaseThreads.finish_turn(thread, ended(turn, word), 1)
+    bound = 2 * (len("three") + 60)  # the two newest of the long thread fit, not the third
+    outcomes = await turn_writes.write_turns(
+        [turn_writes.BeginTurn(thread, new_turn(), "channel", 30, bound, None) for thread in (short, long)]
+    )
+    texts = [[item["content"][0]["text"] for item in history] for history, _ in outcomes]
+    assert texts == [["a"], ["two", "three"]]
+    assert await database_sync_to_async(lambda: StoredThread.objects.filter(running_turn_id__isnull=False).count())() == 2
+
+
+async def test_two_clients_starting_a_turn_of_one_thread_at_once_run_one(connect):
+    first, second = await connect(), await connect()
+    await first.initialize("codex_ios", "1.4.0")
+    await second.initialize("codex_vscode", "1.0.0")
+    thread = await first.start_thread()
+    await second.call("thread/resume", {"threadId": thread})
+    start = {"threadId": thread, "input": [{"type": "text", "text": "slow:20"}]}
+    answers = await asyncio.gather(first.request("turn/start", start), second.request("turn/start", start))
+    refused = [answer["error"] for answer in answers if "error" in answer]
+    assert refused == [{"code": -32600, "message": "Turn already in progress"}]
