@@ -22,8 +22,8 @@ from functools import cache
 from datetime import timedelta
 from typing import Any
 
-from django.db import connection, transaction
-from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, Q, Value
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, JSONField, Q, UUIDField, Value
 from django.db.models.functions import Now
 from django.db.models.sql import Query
 
@@ -108,14 +108,25 @@ def _marks(count: int) -> str:
 
 
 def _prepared(model, columns: list[str], values: list[Any]) -> list[Any]:
-    """Values as the model's fields store them (JSON, UUIDs, booleans per vendor)."""
-    fields = _fields_by_column(model)
-    return [fields[column].get_db_prep_save(value, connection) for column, value in zip(columns, values, strict=True)]
+    """Values as the model's fields store them. Only JSON and UUID columns
+    need the field's conversion (it differs per vendor); numbers, strings and
+    booleans go as they are, which saves the field's per-value lookups of the
+    connection, most of a batch's time."""
+    converters = _converters(model, tuple(columns))
+    db = connections[DEFAULT_DB_ALIAS]
+    return [
+        value if convert is None or value is None else convert(value, db)
+        for convert, value in zip(converters, values, strict=True)
+    ]
 
 
 @cache
-def _fields_by_column(model) -> dict[str, Any]:
-    return {field.column: field for field in model._meta.concrete_fields}
+def _converters(model, columns: tuple[str, ...]) -> list[Any]:
+    fields = {field.column: field for field in model._meta.concrete_fields}
+    return [
+        fields[column].get_db_prep_save if isinstance(fields[column], (JSONField, UUIDField)) else None
+        for column in columns
+    ]
 
 
 def _sql_of(expression) -> tuple[str, list[Any]]:
