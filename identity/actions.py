@@ -33,7 +33,7 @@ from .models import ConnectionIdentity, ServerBoot
 
 
 @cache
-def _row_writers() -> ThreadPoolExecutor:
+def row_writers() -> ThreadPoolExecutor:
     threads = 1 if connection.vendor == "sqlite" else settings.CODEX_DB_WRITE_THREADS
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="row-writer")
 
@@ -41,7 +41,7 @@ def _row_writers() -> ThreadPoolExecutor:
 def close_row_writer_connections() -> None:
     """Close the connection each row-writer thread holds (tests drop the
     database after this; a stopping process lets its sessions go)."""
-    pool = _row_writers()
+    pool = row_writers()
     threads = pool._max_workers
     barrier = threading.Barrier(threads)
 
@@ -58,7 +58,7 @@ def database_sync_to_async(func):
     the row writers' threads."""
 
     def call(*args, **kwargs):
-        return DatabaseSyncToAsync(func, thread_sensitive=False, executor=_row_writers())(*args, **kwargs)
+        return DatabaseSyncToAsync(func, thread_sensitive=False, executor=row_writers())(*args, **kwargs)
 
     return call
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from datetime import timezone as dt_timezone
+from collections.abc import Awaitable
 from typing import Any
 
 from django.db import transaction
@@ -116,22 +117,18 @@ class DatabaseThreads:
         return [_turn_from_row(row, items[row.pk]) for row in rows]
 
     @staticmethod
-    async def begin_turn(
+    def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> list[dict[str, Any]] | None:
+    ) -> Awaitable[tuple[list[dict[str, Any]], str] | None]:
         """Take the thread's turn lock and store the turn with its user message;
         ``model`` (the request's override) sticks for later turns.
 
-        Returns the history to replay before it, or None when another turn
-        holds the lock. A lock that lapsed (its process died) is taken over,
-        and the turn it held is marked interrupted. ``thread`` takes the
-        stored model: another process may have changed it.
+        Gives the history to replay before it and the thread's model as
+        stored (another process may have changed it), or None when another
+        turn holds the lock. A lock that lapsed (its process died) is taken
+        over, and the turn it held is marked interrupted.
         """
-        begun = await turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model))
-        if begun is None:
-            return None
-        history, thread.model = begun
-        return history
+        return turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model))
 
     @staticmethod
     @database_sync_to_async
@@ -144,10 +141,10 @@ class DatabaseThreads:
         )
 
     @staticmethod
-    async def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> dict[str, int]:
-        """Store how the turn ended and free the thread; returns the thread's
+    def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> Awaitable[dict[str, int]]:
+        """Store how the turn ended and free the thread; gives the thread's
         usage summed over its turns."""
-        return await turn_writes.submit(FinishTurn(thread, turn, first_new_item))
+        return turn_writes.submit(FinishTurn(thread, turn, first_new_item))
 
     @staticmethod
     @database_sync_to_async
@@ -201,13 +198,12 @@ class MemoryThreads:
     @staticmethod
     async def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> list[dict[str, Any]] | None:
+    ) -> tuple[list[dict[str, Any]], str] | None:
         if thread.active_turn is not None:
             return None
-        thread.model = model or thread.model
         history = thread.history(max_history_bytes)
         thread.turns.append(turn)
-        return history
+        return history, model or thread.model
 
     @staticmethod
     async def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> bool:

@@ -17,19 +17,20 @@ retried one write at a time, so a bad write fails alone.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from functools import cache
 from datetime import timedelta
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections, transaction
 from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, JSONField, Q, UUIDField, Value
 from django.db.models.functions import Now
 from django.db.models.sql import Query
 
 from codexserver.group_commit import GroupCommit
 from codexserver.loop_local import LoopLocal
-from identity.actions import database_sync_to_async
+from identity.actions import row_writers
 
 from .models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
 from .threads import IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, newest_within, now_ms
@@ -179,9 +180,18 @@ def _item_rows(turn_pk: int, records: list[ItemRecord], first_position: int) -> 
     ]
 
 
-@database_sync_to_async
 def write_turns(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
-    """Each write's outcome (see ``begin`` and ``finish``), or its exception."""
+    """Each write's outcome (see ``begin`` and ``finish``), or its exception.
+    Runs on a row writer's thread, which it leaves as a request would: stale
+    or broken connections are retired before and after."""
+    close_old_connections()
+    try:
+        return _write_each_alone_if_need_be(writes)
+    finally:
+        close_old_connections()
+
+
+def _write_each_alone_if_need_be(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
     try:
         return _write(writes)
     except Exception as exc:
@@ -372,9 +382,9 @@ def _histories(taken: list[tuple[BeginTurn, _ThreadRow]], new_turns: list[int]) 
     return {row.pk: newest_within(by_thread[row.pk], start.max_history_bytes) for start, row in taken}
 
 
-_batches: LoopLocal[GroupCommit] = LoopLocal(lambda: GroupCommit(write_turns, name="turn writes", max_batch=MAX_BATCH))
+_batches: LoopLocal[GroupCommit] = LoopLocal(lambda: GroupCommit(write_turns, row_writers, max_batch=MAX_BATCH))
 
 
-async def submit(write: BeginTurn | FinishTurn) -> Any:
-    """The write's outcome once its batch is committed."""
-    return await _batches.get().submit(write)
+def submit(write: BeginTurn | FinishTurn) -> asyncio.Future:
+    """The future of the write's outcome, once its batch is committed."""
+    return _batches.get().submit(write)

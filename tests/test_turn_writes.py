@@ -37,6 +37,10 @@ def ended(turn: Turn, words: str) -> Turn:
     return turn
 
 
+async def write_in_one_batch(writes: list) -> list:
+    return await database_sync_to_async(turn_writes.write_turns)(writes)
+
+
 def begin(thread: Thread, turn: Turn) -> turn_writes.BeginTurn:
     return turn_writes.BeginTurn(thread, turn, "channel", 30, 1 << 20, None)
 
@@ -45,7 +49,7 @@ async def test_two_starts_of_one_thread_in_one_batch_take_the_lock_once():
     thread = new_thread()
     await DatabaseThreads.create(thread)
     first, second = new_turn(), new_turn()
-    outcomes = await turn_writes.write_turns([begin(thread, first), begin(thread, second)])
+    outcomes = await write_in_one_batch([begin(thread, first), begin(thread, second)])
     assert outcomes[0] == ([], "gpt-test") and outcomes[1] is None
     assert await DatabaseThreads.running_turn(thread) == (first.id, "channel")
 
@@ -56,7 +60,7 @@ async def test_an_end_and_the_next_start_in_one_batch_find_the_thread_free_and_t
     first = new_turn()
     await DatabaseThreads.begin_turn(thread, first, "channel", 30, 1 << 20, None)
     second = new_turn()
-    begun, totals = await turn_writes.write_turns(
+    begun, totals = await write_in_one_batch(
         [begin(thread, second), turn_writes.FinishTurn(thread, ended(first, "earlier words"), 1)]
     )
     assert totals["totalTokens"] == 15
@@ -69,7 +73,7 @@ async def test_a_write_that_fails_fails_alone_and_its_batch_is_written():
     await DatabaseThreads.create(good_thread)
     turn = new_turn()
     never_begun = ended(new_turn(), "lost")
-    outcomes = await turn_writes.write_turns(
+    outcomes = await write_in_one_batch(
         [begin(good_thread, turn), turn_writes.FinishTurn(thread_gone, never_begun, 1), begin(thread_gone, new_turn())]
     )
     assert outcomes[0] == ([], "gpt-test")
@@ -82,9 +86,9 @@ async def test_a_lapsed_lock_is_taken_over_in_a_batch_and_its_turn_ends_interrup
     thread = new_thread()
     await DatabaseThreads.create(thread)
     dead = new_turn()
-    await turn_writes.write_turns([turn_writes.BeginTurn(thread, dead, "gone", -1, 1 << 20, None)])  # lapsed at once
+    await write_in_one_batch([turn_writes.BeginTurn(thread, dead, "gone", -1, 1 << 20, None)])  # lapsed at once
     taker = new_turn()
-    assert (await turn_writes.write_turns([begin(thread, taker)]))[0] is not None
+    assert (await write_in_one_batch([begin(thread, taker)]))[0] is not None
     statuses = dict(
         await database_sync_to_async(
             lambda: list(StoredTurn.objects.filter(thread__thread_id=thread.id).values_list("turn_id", "status"))
@@ -103,7 +107,7 @@ async def test_history_is_bounded_newest_first_across_threads_of_one_batch():
             await DatabaseThreads.begin_turn(thread, turn, "channel", 30, 1 << 20, None)
             await DatabaseThreads.finish_turn(thread, ended(turn, word), 1)
     bound = 2 * (len("three") + 60)  # the two newest of the long thread fit, not the third
-    outcomes = await turn_writes.write_turns(
+    outcomes = await write_in_one_batch(
         [turn_writes.BeginTurn(thread, new_turn(), "channel", 30, bound, None) for thread in (short, long)]
     )
     texts = [[item["content"][0]["text"] for item in history] for history, _ in outcomes]

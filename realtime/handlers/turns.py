@@ -92,13 +92,14 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         store.begin_turn(thread, turn, hub.channel, settings.CODEX_TURN_LOCK_SECONDS, settings.CODEX_MAX_HISTORY_BYTES, model)
     )
     try:
-        history = await asyncio.shield(begin)
+        begun = await asyncio.shield(begin)
     except asyncio.CancelledError:
         # The client left while the lock was being taken: never leave it held.
         begin.add_done_callback(lambda done: _release_if_taken(done, thread, turn, store))
         raise
-    if history is None:
+    if begun is None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
+    history, thread.model = begun
     thread.active_turn = turn
     hub.hold(thread)
     thread.touch()
