@@ -35,38 +35,63 @@ class GroupCommit(Generic[W]):
         self._executor = executor
         self._max_batch = max_batch
         self._waiting: list[tuple[W, asyncio.Future]] = []
-        self._in_flight = False
+        self._in_flight: asyncio.Future | None = None
 
     def submit(self, write: W) -> asyncio.Future:
         """Queue ``write``; the future of its result once its batch is committed.
         Cancelling the future only stops waiting: the write still happens."""
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((write, future))
-        if not self._in_flight:
+        if self._in_flight is None:
             self._write_next()
         return future
 
+    async def flushed(self) -> None:
+        """Once every write queued so far is settled (the server's shutdown
+        waits for this: a turn's end must not be lost)."""
+        while self._in_flight is not None:  # one is in flight whenever writes wait
+            await asyncio.wait([self._in_flight])  # its settling (added first) runs first
+
     def _write_next(self) -> None:
         batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
-        self._in_flight = True
-        loop = asyncio.get_running_loop()
-        written = loop.run_in_executor(self._executor(), self._write_batch, [write for write, _ in batch])
+        try:
+            # No context is copied to the executor: the batch serves many connections.
+            written = asyncio.get_running_loop().run_in_executor(
+                self._executor(), self._write_batch, [write for write, _ in batch]
+            )
+        except Exception as exc:  # the executor is shut down: the process is stopping
+            batch, self._waiting = batch + self._waiting, []
+            _settle_each(batch, [exc] * len(batch))
+            self._in_flight = None
+            return
+        self._in_flight = written
         written.add_done_callback(lambda done: self._settle(batch, done))
 
     def _settle(self, batch: list[tuple[W, asyncio.Future]], written: asyncio.Future) -> None:
-        self._in_flight = False
-        if written.cancelled():
-            outcomes: list[Any] = [RuntimeError("the write was abandoned")] * len(batch)
-        elif written.exception() is not None:
-            outcomes = [written.exception()] * len(batch)
+        try:
+            _settle_each(batch, _outcomes(written, len(batch)))
+        finally:
+            self._in_flight = None
+            if self._waiting:
+                self._write_next()
+
+
+def _outcomes(written: asyncio.Future, count: int) -> list[Any]:
+    if written.cancelled():
+        return [RuntimeError("the write was abandoned")] * count
+    if written.exception() is not None:
+        return [written.exception()] * count
+    outcomes = written.result()
+    if not isinstance(outcomes, list) or len(outcomes) != count:
+        return [RuntimeError(f"a batch of {count} writes gave {outcomes!r:.80}")] * count
+    return outcomes
+
+
+def _settle_each(batch: list[tuple[Any, asyncio.Future]], outcomes: list[Any]) -> None:
+    for (_, future), outcome in zip(batch, outcomes, strict=True):
+        if future.done():  # its caller stopped waiting
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
         else:
-            outcomes = written.result()
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if future.done():  # its caller stopped waiting
-                continue
-            if isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
-        if self._waiting:
-            self._write_next()
+            future.set_result(outcome)

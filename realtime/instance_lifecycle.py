@@ -28,10 +28,12 @@ from identity.actions import (
 )
 from identity.http_clients import client_factory
 
+from . import turn_writes
 from .connection import live_connections
 from .services.telemetry import flush_at_shutdown
 from .thread_hub import stop_thread_hub
 from .thread_store import end_abandoned_turns
+from .turn_runner import background_endings_finished
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +109,8 @@ class ProcessLifecycle:
             self._heartbeat.cancel()
         try:
             await asyncio.gather(*(connection.close() for connection in list(live_connections)))
+            await background_endings_finished()
+            await turn_writes.flushed()  # every turn's end is stored before the row writers stop
             await stop_thread_hub()
             closed = await record_boot_stopped(self.boot_id)
             logger.info("shutting down: closed %d open connection row(s)", closed)

@@ -14,9 +14,9 @@ and at its end, are batched with other turns' (``realtime.turn_writes``).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import datetime
 from datetime import timezone as dt_timezone
-from collections.abc import Awaitable
 from typing import Any
 
 from django.db import transaction
@@ -173,12 +173,18 @@ def end_abandoned_turns() -> int:
     """Turns left running by a process that died: their lock lapsed. Each is
     marked interrupted and its thread freed; returns how many."""
     with transaction.atomic():
-        lapsed = StoredThread.objects.filter(running_turn_id__isnull=False, lock_expires_at__lt=Now())
-        turn_ids = list(lapsed.values_list("running_turn_id", flat=True))
-        if not turn_ids:
+        # Thread rows locked first, in primary-key order, as a batch of turn
+        # writes locks them (realtime.turn_writes): the two never deadlock.
+        lapsed = list(
+            StoredThread.objects.select_for_update()
+            .filter(running_turn_id__isnull=False, lock_expires_at__lt=Now())
+            .order_by("pk")
+            .values_list("pk", "running_turn_id")
+        )
+        if not lapsed:
             return 0
-        ended = mark_interrupted(turn_ids)
-        StoredThread.objects.filter(running_turn_id__in=turn_ids, lock_expires_at__lt=Now()).update(
+        ended = mark_interrupted([turn_id for _, turn_id in lapsed])
+        StoredThread.objects.filter(pk__in=[pk for pk, _ in lapsed]).update(
             running_turn_id=None, running_channel=None, lock_expires_at=None
         )
     return ended

@@ -157,6 +157,13 @@ def settle_turn(turn_context: TurnContext) -> None:
 _endings: set[asyncio.Future] = set()  # the loop keeps only weak references to tasks
 
 
+async def background_endings_finished() -> None:
+    """Once the ends started in the background (turns that never ran, locks
+    taken for a client that left) are written: the server's shutdown waits."""
+    while _endings:
+        await asyncio.wait(list(_endings))
+
+
 def end_in_background(coro) -> None:
     ending = asyncio.ensure_future(coro)
     _endings.add(ending)

@@ -19,11 +19,19 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from functools import cache
 from datetime import timedelta
+from functools import cache
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DataError,
+    IntegrityError,
+    close_old_connections,
+    connection,
+    connections,
+    transaction,
+)
 from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, JSONField, Q, UUIDField, Value
 from django.db.models.functions import Now
 from django.db.models.sql import Query
@@ -91,8 +99,16 @@ TURN_COLUMNS = [
     *USAGE_FIELDS.values(),
 ]
 ITEM_COLUMNS = ["turn_id", "position", "item_type", "item", "started_at_ms", "completed_at_ms"]
-# At most this many writes in one batch (it bounds the statements' parameters).
-MAX_BATCH = 500
+# At most this many writes in one batch: a history query names each thread
+# and each new turn once, within SQLite's oldest parameter limit (999).
+MAX_BATCH = 400
+# What one write can get wrong on its own (a row it names is not stored, a
+# value the database refuses): the rest of its batch is written without it.
+ONE_WRITES_FAULT = (IntegrityError, DataError, LookupError, ValueError, TypeError)
+
+
+class NotStored(LookupError):
+    """The write names a thread or turn that is not in the database."""
 
 
 @dataclass(eq=False)
@@ -194,16 +210,29 @@ def write_turns(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
 def _write_each_alone_if_need_be(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
     try:
         return _write(writes)
-    except Exception as exc:
+    except ONE_WRITES_FAULT as exc:
         if len(writes) == 1:
             return [exc]
-    outcomes: list[Any] = []
-    for write in writes:
+    except Exception as exc:
+        # The database's fault (locked, down, connection lost): a write alone
+        # would wait and fail the same way, once per write, while every turn
+        # of the process waits behind it.
+        return [exc] * len(writes)
+    outcomes = {}
+    for write in _in_batch_order(writes):
         try:
-            outcomes.extend(_write([write]))
+            outcomes[id(write)] = _write([write])[0]
         except Exception as exc:
-            outcomes.append(exc)
-    return outcomes
+            outcomes[id(write)] = exc
+    return [outcomes[id(write)] for write in writes]
+
+
+def _in_batch_order(writes: list[BeginTurn | FinishTurn]) -> list[BeginTurn | FinishTurn]:
+    """Ends before starts: a start whose thread's end is in the same batch
+    finds the thread free."""
+    return [write for write in writes if isinstance(write, FinishTurn)] + [
+        write for write in writes if isinstance(write, BeginTurn)
+    ]
 
 
 def _write(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
@@ -224,7 +253,7 @@ def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str,
     ids = sorted(thread_ids)
     found = _execute(
         f"SELECT id, thread_id, model, preview, running_turn_id, "
-        f"running_turn_id IS NOT NULL AND lock_expires_at >= {now_sql} "
+        f"running_turn_id IS NOT NULL AND (lock_expires_at IS NULL OR lock_expires_at >= {now_sql}) "
         f"FROM {THREADS} WHERE thread_id IN ({_marks(len(ids))}) ORDER BY id"
         + (" FOR UPDATE" if connection.features.has_select_for_update else ""),
         [*now_params, *ids],
@@ -240,10 +269,12 @@ def finish(ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, 
     over its turns."""
     now_sql, now_params = now
     turn_ids = [end.turn.id for end in ends]
-    turn_pks = dict(_execute(f"SELECT turn_id, id FROM {TURNS} WHERE turn_id IN ({_marks(len(turn_ids))})", turn_ids))
+    turn_pks = _turn_pks(turn_ids)
     turn_rows, item_rows, freed = [], [], []
     for end in ends:
-        turn, pk = end.turn, turn_pks[end.turn.id]
+        turn, pk = end.turn, turn_pks.get(end.turn.id)
+        if pk is None or end.thread.id not in rows:
+            raise NotStored(f"turn {turn.id} of thread {end.thread.id} is not stored")
         usage = turn.usage or {}
         ended = [
             turn.status,
@@ -352,12 +383,26 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> dict[str, int]:
         )
         for start, row in taken
     ]
-    row_marks = ", ".join([f"({_marks(len(TURN_COLUMNS))})"] * len(values))
-    inserted = _execute(
-        f"INSERT INTO {TURNS} ({', '.join(TURN_COLUMNS)}) VALUES {row_marks} RETURNING turn_id, id",
-        [value for row in values for value in row],
-    )
-    return dict(inserted)
+    # Several rows a statement, within the database's parameter limit;
+    # their keys come back with them where it can return rows (SQLite 3.35+,
+    # PostgreSQL), else from one query after.
+    per_statement = (connection.features.max_query_params or 65535) // len(TURN_COLUMNS)
+    returning = connection.features.can_return_rows_from_bulk_insert
+    turn_pks: dict[str, int] = {}
+    for first in range(0, len(values), per_statement):
+        chunk = values[first : first + per_statement]
+        row_marks = ", ".join([f"({_marks(len(TURN_COLUMNS))})"] * len(chunk))
+        inserted = _execute(
+            f"INSERT INTO {TURNS} ({', '.join(TURN_COLUMNS)}) VALUES {row_marks}"
+            + (" RETURNING turn_id, id" if returning else ""),
+            [value for row in chunk for value in row],
+        )
+        turn_pks.update(inserted)
+    return turn_pks if returning else _turn_pks([start.turn.id for start, _ in taken])
+
+
+def _turn_pks(turn_ids: list[str]) -> dict[str, int]:
+    return dict(_execute(f"SELECT turn_id, id FROM {TURNS} WHERE turn_id IN ({_marks(len(turn_ids))})", turn_ids))
 
 
 def _histories(taken: list[tuple[BeginTurn, _ThreadRow]], new_turns: list[int]) -> dict[int, list[dict[str, Any]]]:
@@ -388,3 +433,10 @@ _batches: LoopLocal[GroupCommit] = LoopLocal(lambda: GroupCommit(write_turns, ro
 def submit(write: BeginTurn | FinishTurn) -> asyncio.Future:
     """The future of the write's outcome, once its batch is committed."""
     return _batches.get().submit(write)
+
+
+async def flushed() -> None:
+    """Once every turn write queued so far on this loop is settled."""
+    batches = _batches.peek()
+    if batches is not None:
+        await batches.flushed()

@@ -77,7 +77,7 @@ async def test_a_write_that_fails_fails_alone_and_its_batch_is_written():
         [begin(good_thread, turn), turn_writes.FinishTurn(thread_gone, never_begun, 1), begin(thread_gone, new_turn())]
     )
     assert outcomes[0] == ([], "gpt-test")
-    assert isinstance(outcomes[1], KeyError)
+    assert isinstance(outcomes[1], turn_writes.NotStored)
     assert outcomes[2] is None  # no such thread: nothing to lock
     assert await DatabaseThreads.running_turn(good_thread) == (turn.id, "channel")
 
@@ -125,3 +125,31 @@ async def test_two_clients_starting_a_turn_of_one_thread_at_once_run_one(connect
     answers = await asyncio.gather(first.request("turn/start", start), second.request("turn/start", start))
     refused = [answer["error"] for answer in answers if "error" in answer]
     assert refused == [{"code": -32600, "message": "Turn already in progress"}]
+
+
+async def test_when_a_batch_is_retried_write_by_write_ends_still_go_before_starts():
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    first = new_turn()
+    await DatabaseThreads.begin_turn(thread, first, "channel", 30, 1 << 20, None)
+    second, stray = new_turn(), ended(new_turn(), "never begun")
+    begun, totals, refused = await write_in_one_batch(
+        [begin(thread, second), turn_writes.FinishTurn(thread, ended(first, "words"), 1), turn_writes.FinishTurn(thread, stray, 1)]
+    )
+    assert begun is not None and totals["totalTokens"] == 15
+    assert isinstance(refused, turn_writes.NotStored)
+
+
+def test_a_database_fault_fails_the_batch_once_instead_of_retrying_each_write(monkeypatch):
+    from django.db import OperationalError
+
+    calls = []
+
+    def database_locked(writes):
+        calls.append(len(writes))
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(turn_writes, "_write", database_locked)
+    outcomes = turn_writes.write_turns([begin(new_thread(), new_turn()) for _ in range(3)])
+    assert calls == [3]  # each alone would wait for the same lock again, and the process behind them
+    assert all(isinstance(outcome, OperationalError) for outcome in outcomes)
