@@ -177,16 +177,21 @@ class AppServerConnection:
         """Called at disconnect: cancel every task; their upstream streams close with them."""
         self._closed = True
         live_connections.discard(self)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=CLOSE_GRACE_SECONDS)
-            if pending:
-                logger.warning("%d task(s) did not stop within %ss", len(pending), CLOSE_GRACE_SECONDS)
-        # After the tasks: a turn that ended on the way out was still told to its subscribers.
-        for thread in list(self.threads.values()):
-            try:
-                await self.unsubscribe(thread)
-            except Exception as exc:  # the layer is down: its group forgets us when it expires
-                logger.warning("could not leave thread %s: %s", thread.id, exc)
+        try:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=CLOSE_GRACE_SECONDS)
+                if pending:
+                    logger.warning("%d task(s) did not stop within %ss", len(pending), CLOSE_GRACE_SECONDS)
+            # After the tasks: a turn that ended on the way out was still told to its subscribers.
+            for thread in list(self.threads.values()):
+                try:
+                    await self.unsubscribe(thread)
+                except Exception as exc:  # the layer is down: its group forgets us when it expires
+                    logger.warning("could not leave thread %s: %s", thread.id, exc)
+        finally:
+            # Also when daphne cancels a consumer still closing at shutdown:
+            # the writer must not outlive its connection.
+            self.outbox.stop()

@@ -71,7 +71,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         )
         self.connection = AppServerConnection(connection_id, outbox, self.scope)
         await self.accept()
-        self._writer = asyncio.create_task(outbox.run(), name="outbox writer")
+        self._writer = outbox.start()
         self._writer.add_done_callback(self._writer_stopped)
 
     async def _open_row(self, connection_id: uuid.UUID) -> bool:
@@ -111,9 +111,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         # The row first, and shielded: daphne cancels a consumer that is slow
         # to finish, and the close must not be lost with it.
         self._row_closed = asyncio.ensure_future(record_connection_closed(self.connection.connection_id))
-        await self.connection.close()
-        if self._writer is not None:
-            self._writer.cancel()
+        await self.connection.close()  # it stops the outbox's writer too
         await asyncio.shield(self._row_closed)
 
     async def _refuse(self, status: int) -> None:

@@ -44,6 +44,7 @@ class Outbox:
         self._sent = 0
         self._stalled_at = -1
         self._room = asyncio.Event()
+        self._writer: asyncio.Task | None = None
 
     @property
     def overloaded(self) -> bool:
@@ -74,6 +75,17 @@ class Outbox:
                 if self._sent == progress:
                     self._stalled_at = progress  # stop waiting until the client moves again
                     return
+
+    def start(self) -> asyncio.Task:
+        """Start the writer task; ``stop`` ends it."""
+        self._writer = asyncio.create_task(self.run(), name="outbox writer")
+        return self._writer
+
+    def stop(self) -> None:
+        """End the writer: the connection is closed (at disconnect, or at the
+        server's shutdown, where daphne cancels its consumers without one)."""
+        if self._writer is not None:
+            self._writer.cancel()
 
     async def run(self) -> None:
         """The writer task: sends queued frames in order until cancelled."""

@@ -40,6 +40,11 @@ MAX_BATCH = 200  # notifications per group send
 MAX_PENDING = 10_000
 # channels_redis forgets group members after a day: a member refreshes well before.
 GROUP_REFRESH_SECONDS = 3600
+# Group joins and leaves in flight at once. Each holds one of the layer's
+# pooled Redis connections, and redis-py refuses the 101st outright
+# ("Too many connections"): 2,000 clients starting threads at once failed
+# all but a hundred of their thread/starts before this bound.
+MAX_MEMBERSHIP_CALLS = 32
 DRAIN_SECONDS = 2.0  # at stop, for batches still waiting to be published
 
 
@@ -65,6 +70,7 @@ class ThreadHub:
         self.dropped_deltas = 0
         self._joined: set[str] = set()  # threads whose group this process is in
         self._membership_locks: dict[str, asyncio.Lock] = {}
+        self._membership_calls = asyncio.Semaphore(MAX_MEMBERSHIP_CALLS)
         self._publishing = False
 
     async def ensure_started(self) -> None:
@@ -119,11 +125,13 @@ class ThreadHub:
             wanted = loaded is not None and bool(loaded.subscribers)
             if wanted and thread_id not in self._joined:
                 await self.ensure_started()
-                await self.layer.group_add(group_name(thread_id), self.channel)
+                async with self._membership_calls:
+                    await self.layer.group_add(group_name(thread_id), self.channel)
                 self._joined.add(thread_id)
             elif not wanted and thread_id in self._joined:
                 self._joined.discard(thread_id)
-                await self.layer.group_discard(group_name(thread_id), self.channel)
+                async with self._membership_calls:
+                    await self.layer.group_discard(group_name(thread_id), self.channel)
         if not lock.locked() and thread_id not in self._joined:
             self._membership_locks.pop(thread_id, None)
 
@@ -201,7 +209,8 @@ class ThreadHub:
                 turn.interrupt()
 
     async def interrupt_elsewhere(self, channel: str, thread: Thread, turn_id: str) -> None:
-        await self.layer.send(channel, {"type": INTERRUPT, "thread": thread.id, "turn": turn_id})
+        async with self._membership_calls:  # many clients may press stop at once
+            await self.layer.send(channel, {"type": INTERRUPT, "thread": thread.id, "turn": turn_id})
 
     async def _refresh(self) -> None:
         while True:

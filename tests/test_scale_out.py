@@ -216,3 +216,23 @@ async def test_a_thousand_clients_connecting_and_dropping_at_once_lose_no_row_an
         postgres_database, lambda s: len(s) == CHURN_CLIENTS and all(r["disconnected_at"] for r in s), timeout=60
     )
     assert len({r["connection_id"] for r in stored}) == CHURN_CLIENTS
+
+
+async def test_three_hundred_clients_starting_threads_at_once_on_redis_all_get_their_thread(
+    daphne_server, postgres_database
+):
+    # Each new thread joins its channel-layer group: without a bound on those
+    # calls in flight, redis-py's pool (100) refused the rest with -32603.
+    server = daphne_server(postgres_database, REDIS_URL=REDIS_URL)
+
+    async def start_a_thread(index: int) -> dict:
+        async with ws_connect(server.ws_url, open_timeout=30) as websocket:
+            client = SocketClient(websocket)
+            await client.initialize(f"burst_{index}", "1.0.0")
+            return await client.request("thread/start", {}, timeout=30)
+
+    answers = await asyncio.gather(*(start_a_thread(index) for index in range(300)))
+    failed = [answer for answer in answers if "error" in answer]
+    assert failed == [], f"{len(failed)} of 300 thread/starts failed, e.g. {failed[0]}"
+    server.stop()  # right after 300 disconnects: nothing of theirs may outlive the loop
+    assert "Task was destroyed" not in server.log()
