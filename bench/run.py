@@ -24,6 +24,10 @@ is a ratio of two things measured together (these machines are noisy):
    the embedded default and on PostgreSQL + Redis;
 8. fan-out: when a subscriber on a second process receives each delta,
    after the subscriber on the turn's own process (goal: <= 5 ms p50).
+
+1, 3, 6 and 7 run on the embedded default and again on PostgreSQL + Redis
+(the deployment's configuration; CODEX_BENCH_EMBEDDED_ONLY=1 skips it).
+`--only scale` runs 3 alone, `--only store` 7 and 8.
 """
 
 from __future__ import annotations
@@ -128,8 +132,8 @@ async def turn_round(ws_url: str, concurrency: int, turns_each: int, ephemeral: 
     return statistics.median(latencies) * 1000, len(latencies) / wall
 
 
-def scoping_overhead(bench: Bench) -> dict:
-    ours = bench.start("ours_overhead")
+def scoping_overhead(bench: Bench, setup: str = "embedded") -> dict:
+    ours = bench.start(f"ours_overhead_{slug(setup)}", **setup_env(setup))
     baseline = bench.start("baseline", daphne_command("bench.reference_apps:baseline_relay"))
     levels = {1: 20 if bench.quick else 60, 50: 3 if bench.quick else 8, 500: 1 if bench.quick else 2}
     rounds = 2 if bench.quick else 5
@@ -183,9 +187,9 @@ def client_construction() -> dict:
 # --- 3. connection scale -------------------------------------------------------
 
 
-def connection_scale(bench: Bench) -> list[dict]:
+def connection_scale(bench: Bench, setup: str = "embedded") -> list[dict]:
     levels = [250, 500] if bench.quick else [250, 500, 1000, 2000]
-    server = bench.start("ours_scale")
+    server = bench.start(f"ours_scale_{slug(setup)}", **setup_env(setup))
     rows = []
 
     async def run() -> None:
@@ -311,8 +315,8 @@ async def with_stalled_clients(ws_url: str, turns: int, stalled: int) -> tuple[f
     return latency, len(sockets)
 
 
-def stalled_client_isolation(bench: Bench) -> dict:
-    server = bench.start("ours_stalled", CODEX_CLIENT_STALL_TIMEOUT="2")
+def stalled_client_isolation(bench: Bench, setup: str = "embedded") -> dict:
+    server = bench.start(f"ours_stalled_{slug(setup)}", CODEX_CLIENT_STALL_TIMEOUT="2", **setup_env(setup))
     turns = 20 if bench.quick else 40
     alone = asyncio.run(healthy_latency(server.ws_url, turns))
     stalled_latency, _ = asyncio.run(with_stalled_clients(server.ws_url, turns, stalled=4))
@@ -351,16 +355,31 @@ def deployment_env() -> dict[str, str]:
     }
 
 
+# The configurations every figure is measured on: the embedded default
+# (SQLite, in-memory layer) and the deployment's (PostgreSQL + Redis, each
+# server on a database of its own).
+DEPLOYMENT = "postgres+redis"
+
+
+def setups() -> list[str]:
+    return ["embedded"] if os.environ.get("CODEX_BENCH_EMBEDDED_ONLY") else ["embedded", DEPLOYMENT]
+
+
+def setup_env(setup: str) -> dict[str, str]:
+    return deployment_env() if setup == DEPLOYMENT else {}
+
+
+def slug(setup: str) -> str:
+    return setup.replace("+", "_")
+
+
 def thread_store_cost(bench: Bench) -> dict:
     """Stored threads (a lock, the turn and its items written, history read)
     vs ephemeral ones (memory only), alternating on one server."""
     turns_each, rounds = (3, 3) if bench.quick else (8, 5)
     results = {}
-    setups = {"embedded": {}}
-    if not os.environ.get("CODEX_BENCH_EMBEDDED_ONLY"):
-        setups["postgres+redis"] = deployment_env()
-    for setup, env in setups.items():
-        server = bench.start(f"ours_store_{setup.replace('+', '_')}", **env)
+    for setup in setups():
+        server = bench.start(f"ours_store_{slug(setup)}", **setup_env(setup))
         samples = {"stored": [], "memory": []}
         for _ in range(rounds):
             for name, ephemeral in (("stored", False), ("memory", True)):
@@ -433,22 +452,17 @@ def fan_out(bench: Bench) -> dict:
 
 def print_report(results: dict) -> None:
     print(f"\ncodexserver benchmarks  ({results['date']}, {results['machine']})\n")
-    print("1. scoping overhead (ours vs baseline relay with a global client, same upstream)")
-    print(f"   {'conns':>5} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'ours t/s':>9} {'base t/s':>9} {'ratio':>6}")
-    for level, row in results["scope_overhead"].items():
-        print(
-            f"   {level:>5} {row['ours_median_ms']:9.1f} {row['baseline_median_ms']:9.1f} {row['latency_ratio']:6.2f}"
-            f" {row['ours_turns_per_s']:9.1f} {row['baseline_turns_per_s']:9.1f} {row['throughput_ratio']:6.2f}"
-        )
+    for setup, levels in results["scope_overhead"].items():
+        print(f"1. scoping overhead (ours vs baseline relay with a global client, same upstream), ours on {setup}")
+        print(f"   {'conns':>5} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'ours t/s':>9} {'base t/s':>9} {'ratio':>6}")
+        for level, row in levels.items():
+            print(
+                f"   {level:>5} {row['ours_median_ms']:9.1f} {row['baseline_median_ms']:9.1f} {row['latency_ratio']:6.2f}"
+                f" {row['ours_turns_per_s']:9.1f} {row['baseline_turns_per_s']:9.1f} {row['throughput_ratio']:6.2f}"
+            )
     c = results["client_construction"]
     print(f"\n2. identity client: factory {c['factory_us']:.1f} µs vs new AsyncClient {c['new_async_client_us']:.0f} µs = {c['speedup']:.0f}x cheaper")
-    print("\n3. connection scale on one daphne process")
-    print(f"   {'conns':>5} {'RSS MiB':>8} {'KiB/conn':>9} {'p50 ms':>8} {'p99 ms':>8} {'done':>6} {'misattr':>8}")
-    for row in results["scale"]:
-        print(
-            f"   {row['connections']:>5} {row['rss_mib']:8.1f} {row['rss_per_connection_kib']:9.1f} {row['p50_ms']:8.1f}"
-            f" {row['p99_ms']:8.1f} {row['completed']:>6} {row['misattributed']:>8}"
-        )
+    print_scale_report(results)
     r = results["relay"]
     print(
         f"\n4. relay {r['relay_deltas_per_s']:.0f} deltas/s vs daphne echo {r['daphne_echo_per_s']:.0f} msg/s"
@@ -464,15 +478,26 @@ def print_report(results: dict) -> None:
             f" ours {p['ours_misattributed']}, peer {p['peer_misattributed']} of {p['peer_requests']}"
             f" (peer originators seen: {p['peer_originators_seen']})"
         )
-    iso = results["stalled_isolation"]
-    print(
-        f"\n6. a healthy client's turn: {iso['healthy_alone_ms']:.1f} ms alone, {iso['healthy_with_stalled_ms']:.1f} ms"
-        f" while {iso['stalled_clients']} clients stop reading mid-flood = {iso['ratio']:.2f}"
-        f" ({iso['stalled_dropped']} stalled clients dropped)"
-    )
+    for setup, iso in results["stalled_isolation"].items():
+        print(
+            f"\n6. a healthy client's turn ({setup}): {iso['healthy_alone_ms']:.1f} ms alone,"
+            f" {iso['healthy_with_stalled_ms']:.1f} ms while {iso['stalled_clients']} clients stop reading mid-flood"
+            f" = {iso['ratio']:.2f} ({iso['stalled_dropped']} stalled clients dropped)"
+        )
     print_store_report(results)
     print()
     print(json.dumps(summary(results), indent=2))
+
+
+def print_scale_report(results: dict) -> None:
+    for setup, rows in results["scale"].items():
+        print(f"\n3. connection scale on one daphne process ({setup})")
+        print(f"   {'conns':>5} {'RSS MiB':>8} {'KiB/conn':>9} {'p50 ms':>8} {'p99 ms':>8} {'done':>6} {'misattr':>8}")
+        for row in rows:
+            print(
+                f"   {row['connections']:>5} {row['rss_mib']:8.1f} {row['rss_per_connection_kib']:9.1f} {row['p50_ms']:8.1f}"
+                f" {row['p99_ms']:8.1f} {row['completed']:>6} {row['misattributed']:>8}"
+            )
 
 
 def print_store_report(results: dict) -> None:
@@ -488,22 +513,28 @@ def print_store_report(results: dict) -> None:
 
 
 def summary(results: dict) -> dict:
-    held = [row for row in results["scale"] if row["misattributed"] == 0 and row["completed"] == row["connections"]]
-    best = max(held, key=lambda row: row["connections"]) if held else None
+    figures = {"client_construction_speedup": results["client_construction"]["speedup"]}
+    for setup in results["scale"]:
+        suffix = "" if setup == "embedded" else f"_{slug(setup)}"
+        scale = results["scale"][setup]
+        held = [row for row in scale if row["misattributed"] == 0 and row["completed"] == row["connections"]]
+        best = max(held, key=lambda row: row["connections"]) if held else None
+        figures |= {
+            f"scope_overhead_ratio_1{suffix}": results["scope_overhead"][setup][1]["latency_ratio"],
+            f"scope_overhead_ratio_50{suffix}": results["scope_overhead"][setup][50]["latency_ratio"],
+            f"scope_throughput_ratio_50{suffix}": results["scope_overhead"][setup][50]["throughput_ratio"],
+            f"max_connections{suffix}": best["connections"] if best else 0,
+            f"burst_p99_ms{suffix}": best["p99_ms"] if best else None,
+            f"rss_per_connection_kib{suffix}": best["rss_per_connection_kib"] if best else None,
+            f"misattributed{suffix}": sum(row["misattributed"] for row in scale),
+            f"stalled_client_latency_ratio{suffix}": results["stalled_isolation"][setup]["ratio"],
+            f"thread_store_ratio{suffix}": results["thread_store"][setup]["ratio"],
+        }
     peer_result = results["peer"]
-    return {
-        "scope_overhead_ratio": results["scope_overhead"][50]["latency_ratio"],
-        "scope_throughput_ratio": results["scope_overhead"][50]["throughput_ratio"],
-        "client_construction_speedup": results["client_construction"]["speedup"],
-        "max_connections": best["connections"] if best else 0,
-        "rss_per_connection_kib": best["rss_per_connection_kib"] if best else None,
-        "misattributed": sum(row["misattributed"] for row in results["scale"]),
+    return figures | {
         "relay_vs_echo_ratio": results["relay"]["relay_vs_echo_ratio"],
-        "stalled_client_latency_ratio": results["stalled_isolation"]["ratio"],
         "peer_latency_ratio": peer_result.get("latency_ratio"),
         "peer_misattributed": peer_result.get("peer_misattributed"),
-        "thread_store_ratio": results["thread_store"]["embedded"]["ratio"],
-        "thread_store_ratio_postgres_redis": results["thread_store"]["postgres+redis"]["ratio"],
         "fan_out_p50_ms": results["fan_out"]["p50_ms"],
     }
 
@@ -514,14 +545,15 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["scale"]
-    counts = [row["connections"] for row in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(counts, [row["p50_ms"] for row in rows], "o-", label="p50")
-    left.plot(counts, [row["p99_ms"] for row in rows], "s--", label="p99")
+    for setup, rows in results["scale"].items():
+        counts = [row["connections"] for row in rows]
+        left.plot(counts, [row["p50_ms"] for row in rows], "o-", label=f"p50, {setup}")
+        left.plot(counts, [row["p99_ms"] for row in rows], "s--", label=f"p99, {setup}")
+        right.plot(counts, [row["rss_per_connection_kib"] for row in rows], "o-", label=setup)
+    left.axhline(4000, color="grey", linestyle=":", label="goal: p99 4 s")
     left.set(xlabel="concurrent connections (each runs one turn)", ylabel="turn latency (ms)", title="Turn latency")
     left.legend()
-    right.plot(counts, [row["rss_per_connection_kib"] for row in rows], "o-", color="tab:green")
     right.axhline(100, color="grey", linestyle=":", label="goal: 100 KiB")
     right.set_ylim(0, 120)
     left.set_ylim(bottom=0)
@@ -550,7 +582,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the scale run here")
     parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
-    parser.add_argument("--only", choices=("store",), help="run only the thread-store and fan-out benchmarks (7, 8)")
+    parser.add_argument(
+        "--only", choices=("store", "scale"), help="run only the thread-store and fan-out benchmarks (7, 8), or the scale run (3)"
+    )
     args = parser.parse_args()  # --help prints and exits before anything is installed
     ensure_bench_requirements()
 
@@ -567,11 +601,15 @@ def main() -> int:
                 results["fan_out"] = fan_out(bench)
                 print_store_report(results)
                 return 0
+            if args.only == "scale":
+                results["scale"] = {setup: connection_scale(bench, setup) for setup in setups()}
+                print_scale_report(results)
+                return 0
             results["client_construction"] = client_construction()
-            results["scope_overhead"] = scoping_overhead(bench)
+            results["scope_overhead"] = {setup: scoping_overhead(bench, setup) for setup in setups()}
             results["relay"] = relay_throughput(bench)
-            results["scale"] = connection_scale(bench)
-            results["stalled_isolation"] = stalled_client_isolation(bench)
+            results["scale"] = {setup: connection_scale(bench, setup) for setup in setups()}
+            results["stalled_isolation"] = {setup: stalled_client_isolation(bench, setup) for setup in setups()}
             results["thread_store"] = thread_store_cost(bench)
             results["fan_out"] = fan_out(bench)
             results["peer"] = {"skipped": "--skip-peer"} if args.skip_peer else peer.compare(bench, Path(workdir))
