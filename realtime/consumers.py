@@ -9,6 +9,7 @@ import uuid
 from http import HTTPStatus
 
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.consumer import get_handler_name
 from django.conf import settings
 
 from codexserver.health import channel_layer_available
@@ -50,10 +51,25 @@ def _peer_address(scope: dict) -> str | None:
 
 
 class AppServerConsumer(AsyncWebsocketConsumer):
+    # No channel of its own on the layer: other processes reach a connection
+    # through this process's thread hub (one layer channel per process), so
+    # a channel per consumer would only cost a pending receive per connection.
+    channel_layer_alias = None
+
     connection: AppServerConnection | None = None
     _writer: asyncio.Task | None = None
     _closing: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
     _row_closed: asyncio.Future | None = None
+
+    async def dispatch(self, message):
+        # channels retires the database connections of asgiref's shared thread
+        # before every message: a thread round trip per frame, spent on a
+        # connection this consumer never uses (rows are written on
+        # identity.actions' own threads, which retire theirs around each call).
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self):
         """Called at the upgrade: refuse it, or open the row and accept."""
