@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from datetime import datetime
-from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.db import transaction
@@ -28,7 +27,7 @@ from identity.actions import database_sync_to_async
 from . import turn_writes
 from .models import StoredItem, StoredThread, StoredTurn
 from .threads import ItemRecord, Thread, Turn
-from .turn_writes import BeginTurn, FinishTurn, lock_until, mark_interrupted, with_lock_state
+from .turn_writes import BeginTurn, CreateThread, FinishTurn, lock_until, mark_interrupted, with_lock_state
 
 
 def _seconds(moment: datetime) -> float:
@@ -72,19 +71,8 @@ class DatabaseThreads:
     """Every non-ephemeral thread, in the database."""
 
     @staticmethod
-    @database_sync_to_async
-    def create(thread: Thread) -> None:
-        moment = datetime.fromtimestamp(thread.created_at, dt_timezone.utc)
-        StoredThread.objects.create(
-            thread_id=thread.id,
-            model=thread.model,
-            model_provider=thread.model_provider,
-            cwd=thread.cwd,
-            originator=thread.originator,
-            base_instructions=thread.base_instructions,
-            created_at=moment,
-            updated_at=moment,
-        )
+    def create(thread: Thread) -> Awaitable[None]:
+        return turn_writes.submit(CreateThread(thread))
 
     @staticmethod
     @database_sync_to_async

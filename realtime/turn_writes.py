@@ -12,14 +12,16 @@ In a batch, the thread rows are locked first, in primary-key order (other
 processes' batches take them in the same order, so batches never deadlock),
 then the ends are applied before the starts: a ``turn/start`` that follows
 its thread's ``turn/completed`` finds the thread free. A batch that fails is
-retried one write at a time, so a bad write fails alone.
+retried one write at a time, so a bad write fails alone. A new thread's row
+(``thread/start``) joins the batches too, written before the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from functools import cache
 from typing import Any
 
@@ -58,6 +60,14 @@ class BeginTurn:
 
 
 @dataclass(eq=False)
+class CreateThread:
+    """A new thread's row (``thread/start``: two thousand at once must not
+    queue two thousand transactions either)."""
+
+    thread: Thread
+
+
+@dataclass(eq=False)
 class FinishTurn:
     thread: Thread
     turn: Turn
@@ -82,6 +92,8 @@ def mark_interrupted(turn_ids: list[str]) -> int:
     )
 
 
+Write = CreateThread | BeginTurn | FinishTurn
+
 # Table names; the columns are the models' (realtime/migrations/0001).
 THREADS, TURNS, ITEMS = (model._meta.db_table for model in (StoredThread, StoredTurn, StoredItem))
 TURN_COLUMNS = [
@@ -99,6 +111,10 @@ TURN_COLUMNS = [
     *USAGE_FIELDS.values(),
 ]
 ITEM_COLUMNS = ["turn_id", "position", "item_type", "item", "started_at_ms", "completed_at_ms"]
+THREAD_COLUMNS = [
+    "thread_id", "model", "model_provider", "cwd", "originator", "base_instructions", "preview", "created_at",
+    "updated_at", "read_revision",
+]  # fmt: skip
 # At most this many writes in one batch: a history query names each thread
 # and each new turn once, within SQLite's oldest parameter limit (999).
 MAX_BATCH = 400
@@ -125,8 +141,8 @@ def _marks(count: int) -> str:
 
 
 def _prepared(model, columns: list[str], values: list[Any]) -> list[Any]:
-    """Values as the model's fields store them. Only JSON and UUID columns
-    need the field's conversion (it differs per vendor); numbers, strings and
+    """Values as the model's fields store them. Only JSON, UUID and datetime
+    columns need the field's conversion (it differs per vendor); numbers, strings and
     booleans go as they are, which saves the field's per-value lookups of the
     connection, most of a batch's time."""
     converters = _converters(model, tuple(columns))
@@ -141,7 +157,7 @@ def _prepared(model, columns: list[str], values: list[Any]) -> list[Any]:
 def _converters(model, columns: tuple[str, ...]) -> list[Any]:
     fields = {field.column: field for field in model._meta.concrete_fields}
     return [
-        fields[column].get_db_prep_save if isinstance(fields[column], (JSONField, UUIDField)) else None
+        fields[column].get_db_prep_save if isinstance(fields[column], (JSONField, UUIDField, DateTimeField)) else None
         for column in columns
     ]
 
@@ -196,7 +212,7 @@ def _item_rows(turn_pk: int, records: list[ItemRecord], first_position: int) -> 
     ]
 
 
-def write_turns(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
+def write_turns(writes: list[Write]) -> list[Any]:
     """Each write's outcome (see ``begin`` and ``finish``), or its exception.
     Runs on a row writer's thread, which it leaves as a request would: stale
     or broken connections are retired before and after."""
@@ -207,7 +223,7 @@ def write_turns(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
         close_old_connections()
 
 
-def _write_each_alone_if_need_be(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
+def _write_each_alone_if_need_be(writes: list[Write]) -> list[Any]:
     try:
         return _write(writes)
     except ONE_WRITES_FAULT as exc:
@@ -227,24 +243,47 @@ def _write_each_alone_if_need_be(writes: list[BeginTurn | FinishTurn]) -> list[A
     return [outcomes[id(write)] for write in writes]
 
 
-def _in_batch_order(writes: list[BeginTurn | FinishTurn]) -> list[BeginTurn | FinishTurn]:
-    """Ends before starts: a start whose thread's end is in the same batch
-    finds the thread free."""
-    return [write for write in writes if isinstance(write, FinishTurn)] + [
-        write for write in writes if isinstance(write, BeginTurn)
-    ]
+def _in_batch_order(writes: list[Write]) -> list[Write]:
+    """New threads first, then ends, then starts: a start whose thread's end
+    is in the same batch finds the thread free."""
+    return [write for kind in (CreateThread, FinishTurn, BeginTurn) for write in writes if isinstance(write, kind)]
 
 
-def _write(writes: list[BeginTurn | FinishTurn]) -> list[Any]:
-    ends = [write for write in writes if isinstance(write, FinishTurn)]
-    starts = [write for write in writes if isinstance(write, BeginTurn)]
+def _write(writes: list[Write]) -> list[Any]:
+    creates, ends, starts = (
+        [write for write in writes if isinstance(write, kind)] for kind in (CreateThread, FinishTurn, BeginTurn)
+    )
     with transaction.atomic():
-        now = _sql_of(Now())
-        rows = _lock_threads({write.thread.id for write in writes}, now)
-        outcomes = dict(zip(map(id, ends), finish(ends, rows, now))) if ends else {}
-        if starts:
-            outcomes.update(zip(map(id, starts), begin(starts, rows, now)))
+        outcomes: dict[int, Any] = {}
+        if creates:
+            _insert_threads([create.thread for create in creates])
+            outcomes.update((id(create), None) for create in creates)
+        if ends or starts:
+            now = _sql_of(Now())
+            rows = _lock_threads({write.thread.id for write in (*ends, *starts)}, now)
+            if ends:
+                outcomes.update(zip(map(id, ends), finish(ends, rows, now)))
+            if starts:
+                outcomes.update(zip(map(id, starts), begin(starts, rows, now)))
     return [outcomes[id(write)] for write in writes]
+
+
+def _insert_threads(threads: list[Thread]) -> None:
+    rows = []
+    for thread in threads:
+        created = datetime.fromtimestamp(thread.created_at, dt_timezone.utc)
+        rows.append(
+            _prepared(
+                StoredThread,
+                THREAD_COLUMNS,
+                [thread.id, thread.model, thread.model_provider, thread.cwd, thread.originator,
+                 thread.base_instructions, thread.preview, created, created, thread.read_revision],
+            )  # fmt: skip
+        )
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"INSERT INTO {THREADS} ({', '.join(THREAD_COLUMNS)}) VALUES ({_marks(len(THREAD_COLUMNS))})", rows
+        )
 
 
 def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str, _ThreadRow]:
@@ -430,7 +469,7 @@ def _histories(taken: list[tuple[BeginTurn, _ThreadRow]], new_turns: list[int]) 
 _batches: LoopLocal[GroupCommit] = LoopLocal(lambda: GroupCommit(write_turns, row_writers, max_batch=MAX_BATCH))
 
 
-def submit(write: BeginTurn | FinishTurn) -> asyncio.Future:
+def submit(write: Write) -> asyncio.Future:
     """The future of the write's outcome, once its batch is committed."""
     return _batches.get().submit(write)
 

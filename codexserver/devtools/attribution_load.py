@@ -56,7 +56,7 @@ async def run_turns(clients, text: str, report: LoadReport, timeout: float = 120
     """Every client starts a thread and runs one turn at once; returns thread id → client name."""
 
     async def one(name: str, client: SocketClient) -> tuple[str, str]:
-        thread = await client.start_thread()
+        thread = await client.start_thread(timeout=timeout)  # 2,000 at once queue on one process
         started = time.perf_counter()
         completed = await client.run_turn(thread, text, timeout=timeout)
         report.latencies.append(time.perf_counter() - started)

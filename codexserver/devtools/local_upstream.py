@@ -111,6 +111,7 @@ class UpstreamServer:
         self.fixtures_dir = fixtures_dir
         self.records: list[Recorded] = []
         self._lock = threading.Lock()
+        self.abandoned_requests = 0  # model requests whose client left before sending them whole
         self._failures: Counter[str] = Counter()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="upstream")
@@ -266,7 +267,11 @@ class UpstreamServer:
         return response_events(text, self.canned_reply), 0.0, re.search(r"\bcut\b", text) is not None
 
     async def _responses_sse(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ConnectionError:  # the client left before its request was whole: counted, not logged
+            self.abandoned_requests += 1
+            return web.Response(status=499)
         record = self._record(request, "http", body)
         text = _last_user_text(body)
         status = self._scripted_failure(text)

@@ -113,8 +113,8 @@ class RpcClient:
         await self.send({"method": "initialized"})
         return result
 
-    async def start_thread(self, **params: Any) -> str:
-        return (await self.call("thread/start", params))["thread"]["id"]
+    async def start_thread(self, timeout: float = 5.0, **params: Any) -> str:
+        return (await self.call("thread/start", params, timeout))["thread"]["id"]
 
     async def run_turn(self, thread_id: str, text: str = "hi", timeout: float = 10.0) -> dict:
         """Start a turn and return its turn/completed params."""
