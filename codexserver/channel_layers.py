@@ -3,10 +3,12 @@
 channels_redis blocks in ``BZPOPMIN`` for ``brpop_timeout`` (5 s) at a time,
 while redis-py may give its sockets a read timeout of the same length or
 shorter (redis-py 8 does: 5 s). A read timeout, or any other Redis fault,
-raised from ``receive`` lands in channels' ``await_many_dispatch`` and kills
-the consumer of a perfectly healthy WebSocket. Here no Redis fault ever
-reaches a consumer: ``receive`` waits for Redis to come back instead, and the
-socket read timeout is set explicitly, well above the blocking pop.
+raised from ``receive`` would end the thread hub's receiver (realtime/
+thread_hub.py, the one reader of the layer per process; consumers have no
+channel of their own) while its WebSockets are perfectly healthy. Here no
+Redis fault ever escapes ``receive``: it waits for Redis to come back
+instead, and the socket read timeout is set explicitly, well above the
+blocking pop.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ import logging
 import uuid
 from http import HTTPStatus
 
-from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.consumer import get_handler_name
+from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from codexserver.health import channel_layer_available

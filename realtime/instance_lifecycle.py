@@ -38,6 +38,9 @@ from .turn_runner import background_endings_finished
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 10.0
+# Of those, for writing the ends of the turns the shutdown interrupted: the
+# rest (the hub's stop, the boot row) must still fit when the database is slow.
+ENDINGS_SECONDS = 3.0
 # A row of ours older than this with no live connection behind it is closed
 # (younger ones may belong to an upgrade still in progress).
 ORPHAN_ROW_AGE = timedelta(seconds=60)
@@ -109,14 +112,21 @@ class ProcessLifecycle:
             self._heartbeat.cancel()
         try:
             await asyncio.gather(*(connection.close() for connection in list(live_connections)))
-            await background_endings_finished()
-            await turn_writes.flushed()  # every turn's end is stored before the row writers stop
+            try:  # every turn's end is stored before the row writers stop, if the database lets us
+                await asyncio.wait_for(_turn_ends_written(), ENDINGS_SECONDS)
+            except TimeoutError:
+                logger.error("turn ends still unwritten after %ss; their locks will lapse", ENDINGS_SECONDS)
             await stop_thread_hub()
             closed = await record_boot_stopped(self.boot_id)
             logger.info("shutting down: closed %d open connection row(s)", closed)
         finally:
             await flush_at_shutdown()
             await client_factory().aclose()
+
+
+async def _turn_ends_written() -> None:
+    await background_endings_finished()
+    await turn_writes.flushed()
 
 
 _lifecycles: LoopLocal[ProcessLifecycle] = LoopLocal(ProcessLifecycle)

@@ -45,6 +45,7 @@ class Outbox:
         self._stalled_at = -1
         self._room = asyncio.Event()
         self._writer: asyncio.Task | None = None
+        self._stopped = False
 
     @property
     def overloaded(self) -> bool:
@@ -77,13 +78,17 @@ class Outbox:
                     return
 
     def start(self) -> asyncio.Task:
-        """Start the writer task; ``stop`` ends it."""
+        """Start the writer task (at once cancelled if ``stop`` came first);
+        ``stop`` ends it."""
         self._writer = asyncio.create_task(self.run(), name="outbox writer")
+        if self._stopped:
+            self._writer.cancel()
         return self._writer
 
     def stop(self) -> None:
         """End the writer: the connection is closed (at disconnect, or at the
         server's shutdown, where daphne cancels its consumers without one)."""
+        self._stopped = True
         if self._writer is not None:
             self._writer.cancel()
 

@@ -59,8 +59,8 @@ class ThreadHub:
         self.cross_process = shared is not None and not isinstance(shared, InMemoryChannelLayer)
         # A layer object of its own: channels_redis serves all of one object's
         # process channels with one blocking pop at a time, bound to one
-        # event loop. The hub's receive must neither queue behind the
-        # consumers' pops nor outlive its loop in theirs.
+        # event loop. The hub's receive must neither queue behind another
+        # user's pops (the readiness probe's) nor outlive its loop in theirs.
         self.layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER) if self.cross_process else None
         self.channel: str | None = None
         self._start: asyncio.Future | None = None
@@ -70,6 +70,7 @@ class ThreadHub:
         self.dropped_deltas = 0
         self._joined: set[str] = set()  # threads whose group this process is in
         self._membership_locks: dict[str, asyncio.Lock] = {}
+        self._membership_users: dict[str, int] = {}  # tasks holding or awaiting each lock
         self._membership_calls = asyncio.Semaphore(MAX_MEMBERSHIP_CALLS)
         self._publishing = False
 
@@ -120,6 +121,18 @@ class ThreadHub:
         """Join or leave the thread's group as its subscribers here now say,
         one change at a time per thread: a join and a leave never cross."""
         lock = self._membership_locks.setdefault(thread_id, asyncio.Lock())
+        self._membership_users[thread_id] = self._membership_users.get(thread_id, 0) + 1
+        try:
+            await self._change_membership(thread_id, lock)
+        finally:
+            # Dropped only once nobody holds or awaits it: a released lock is
+            # not yet taken by the waiter it woke.
+            self._membership_users[thread_id] -= 1
+            if not self._membership_users[thread_id]:
+                del self._membership_users[thread_id]
+                self._membership_locks.pop(thread_id, None)
+
+    async def _change_membership(self, thread_id: str, lock: asyncio.Lock) -> None:
         async with lock:
             loaded = self.loaded.get(thread_id)
             wanted = loaded is not None and bool(loaded.subscribers)
@@ -132,8 +145,6 @@ class ThreadHub:
                 self._joined.discard(thread_id)
                 async with self._membership_calls:
                     await self.layer.group_discard(group_name(thread_id), self.channel)
-        if not lock.locked() and thread_id not in self._joined:
-            self._membership_locks.pop(thread_id, None)
 
     def hold(self, thread: Thread) -> Thread:
         """Keep ``thread`` loaded while a turn of it runs here."""

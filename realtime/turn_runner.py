@@ -160,8 +160,9 @@ _endings: set[asyncio.Future] = set()  # the loop keeps only weak references to 
 async def background_endings_finished() -> None:
     """Once the ends started in the background (turns that never ran, locks
     taken for a client that left) are written: the server's shutdown waits."""
-    while _endings:
-        await asyncio.wait(list(_endings))
+    loop = asyncio.get_running_loop()
+    while pending := [ending for ending in _endings if ending.get_loop() is loop]:  # tests run many loops
+        await asyncio.wait(pending)
 
 
 def end_in_background(coro) -> None:

@@ -76,7 +76,8 @@ class FinishTurn:
 
 def with_lock_state(rows):
     """Rows annotated ``lock_held``: a turn runs and its lock has not lapsed."""
-    held = ExpressionWrapper(Q(running_turn_id__isnull=False, lock_expires_at__gte=Now()), output_field=BooleanField())
+    unexpired = Q(lock_expires_at__isnull=True) | Q(lock_expires_at__gte=Now())  # as the batches decide it
+    held = ExpressionWrapper(Q(running_turn_id__isnull=False) & unexpired, output_field=BooleanField())
     return rows.annotate(lock_held=held)
 
 

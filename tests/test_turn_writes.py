@@ -153,3 +153,15 @@ def test_a_database_fault_fails_the_batch_once_instead_of_retrying_each_write(mo
     outcomes = turn_writes.write_turns([begin(new_thread(), new_turn()) for _ in range(3)])
     assert calls == [3]  # each alone would wait for the same lock again, and the process behind them
     assert all(isinstance(outcome, OperationalError) for outcome in outcomes)
+
+
+async def test_new_threads_are_created_in_a_batch_and_a_duplicate_fails_alone():
+    from django.db import IntegrityError
+
+    existing, fresh = new_thread(), new_thread()
+    await DatabaseThreads.create(existing)
+    outcomes = await write_in_one_batch([turn_writes.CreateThread(existing), turn_writes.CreateThread(fresh)])
+    assert isinstance(outcomes[0], IntegrityError) and outcomes[1] is None
+    stored, running = await DatabaseThreads.load(fresh.id)
+    assert not running and stored.model == "gpt-test" and stored.preview == ""
+    assert abs(stored.created_at - fresh.created_at) < 0.001 and stored.updated_at == stored.created_at

@@ -129,7 +129,7 @@ class UpstreamServer:
         return self
 
     async def _start(self) -> None:
-        app = web.Application(client_max_size=16 * 1024 * 1024)
+        app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[self._count_abandoned])
         app.router.add_post("/v1/responses", self._responses_sse)
         app.router.add_get("/v1/responses", self._responses_ws)
         app.router.add_post("/v1/realtime/calls", self._realtime_call)
@@ -266,12 +266,18 @@ class UpstreamServer:
             return [{"type": "response.created", "response": {}}], 0.0, False
         return response_events(text, self.canned_reply), 0.0, re.search(r"\bcut\b", text) is not None
 
-    async def _responses_sse(self, request: web.Request) -> web.StreamResponse:
+    @web.middleware
+    async def _count_abandoned(self, request: web.Request, handler) -> web.StreamResponse:
+        """A client that leaves before its request is whole (a server stopped
+        mid-flush, say) is expected: counted, not logged as a traceback."""
         try:
-            body = await request.json()
-        except ConnectionError:  # the client left before its request was whole: counted, not logged
+            return await handler(request)
+        except ConnectionError:
             self.abandoned_requests += 1
             return web.Response(status=499)
+
+    async def _responses_sse(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
         record = self._record(request, "http", body)
         text = _last_user_text(body)
         status = self._scripted_failure(text)

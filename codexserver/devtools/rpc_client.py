@@ -8,8 +8,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-
-
 MessageCheck = Callable[[dict, "str | None"], None]
 
 
