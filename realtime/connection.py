@@ -76,6 +76,8 @@ class AppServerConnection:
     # --- frames in ----------------------------------------------------------
 
     async def handle_frame(self, text: str) -> None:
+        if self._closed:  # closing (the server's shutdown): nothing new may start
+            return
         try:
             message = protocol.parse_message(text)
         except JsonRpcError as error:

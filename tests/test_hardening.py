@@ -194,3 +194,19 @@ async def test_the_api_key_and_auth_token_appear_nowhere(daphne_server, tmp_path
     for text in seen:
         assert TEST_API_KEY not in text
         assert token not in text
+
+
+def test_frames_that_arrive_after_the_connection_closed_start_nothing():
+    async def run():
+        transport = _RecordingConsumer()
+        outbox = Outbox(transport.send_text, on_overflow=lambda: None)
+        connection = AppServerConnection(__import__("uuid").uuid4(), outbox, {})
+        connection.adopt_identity(ClientIdentity.from_client_info("codex_ios", "1.4.0"), frozenset())
+        await connection.close()  # as the server's shutdown closes it while its socket is still open
+        await connection.handle_frame(json.dumps({"id": 2, "method": "thread/start", "params": {}}))
+        started = list(connection._tasks)
+        for task in started:
+            task.cancel()
+        return started
+
+    assert asyncio.run(run()) == []  # nothing that a later close would have to cancel
