@@ -107,12 +107,12 @@ class DatabaseThreads:
     @staticmethod
     def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> Awaitable[tuple[list[dict[str, Any]], str] | None]:
+    ) -> Awaitable[tuple[list[dict[str, Any]], str, int] | None]:
         """Take the thread's turn lock and store the turn with its user message;
         ``model`` (the request's override) sticks for later turns.
 
-        Gives the history to replay before it and the thread's model as
-        stored (another process may have changed it), or None when another
+        Gives the history to replay before it, the thread's model as stored
+        (another process may have changed it) and the turn's row key, or None when another
         turn holds the lock. A lock that lapsed (its process died) is taken
         over, and the turn it held is marked interrupted.
         """
@@ -192,12 +192,12 @@ class MemoryThreads:
     @staticmethod
     async def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> tuple[list[dict[str, Any]], str] | None:
+    ) -> tuple[list[dict[str, Any]], str, None] | None:
         if thread.active_turn is not None:
             return None
         history = thread.history(max_history_bytes)
         thread.turns.append(turn)
-        return history, model or thread.model
+        return history, model or thread.model, None
 
     @staticmethod
     async def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> bool:

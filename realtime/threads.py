@@ -86,6 +86,7 @@ class Turn:
     model_input: list[dict[str, Any]] = field(default_factory=list)
     input_bytes: int = 0
     task: asyncio.Task | None = None
+    row_id: int | None = None  # its StoredTurn's key once stored: its end then needs no lookup
 
     def interrupt(self) -> None:
         if self.task is not None:

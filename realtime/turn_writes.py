@@ -308,8 +308,9 @@ def finish(ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, 
     """Store each turn's end and free its thread; each thread's usage summed
     over its turns."""
     now_sql, now_params = now
-    turn_ids = [end.turn.id for end in ends]
-    turn_pks = _turn_pks(turn_ids)
+    turn_pks = {end.turn.id: end.turn.row_id for end in ends if end.turn.row_id is not None}
+    if unknown := [end.turn.id for end in ends if end.turn.row_id is None]:  # a client left mid-start
+        turn_pks |= _turn_pks(unknown)
     turn_rows, item_rows, freed = [], [], []
     for end in ends:
         turn, pk = end.turn, turn_pks.get(end.turn.id)
@@ -356,9 +357,9 @@ def finish(ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, 
 
 def begin(
     starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> list[tuple[list[dict[str, Any]], str] | None]:
+) -> list[tuple[list[dict[str, Any]], str, int] | None]:
     """Take each thread's lock and store its turn: (history to replay, the
-    thread's model), or None where another turn holds the lock."""
+    thread's model, the turn's row key), or None where another turn holds the lock."""
     now_sql, now_params = now
     taken: list[tuple[BeginTurn, _ThreadRow]] = []
     lapsed_turns: list[str] = []
@@ -374,29 +375,28 @@ def begin(
         taken.append((start, row))
     if not taken:
         return [None] * len(starts)
-    # What the locks of the batch share, on the database's clock; then each
-    # thread's own turn, model and preview.
-    shared: dict[tuple[str | None, float], list[int]] = {}
-    for start, row in taken:
-        shared.setdefault((start.channel, start.lock_seconds), []).append(row.pk)
-    for (channel, seconds), pks in shared.items():
-        expiry_sql, expiry_params = _sql_of(lock_until(seconds))
-        _execute(
-            f"UPDATE {THREADS} SET running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql} "
-            f"WHERE id IN ({_marks(len(pks))})",
-            [channel, *expiry_params, *now_params, *pks],
-        )
-    update_each(
-        THREADS,
-        ["running_turn_id", "model", "preview"],
-        [(row.pk, [row.running_turn_id, row.model, row.preview]) for _, row in taken],
+    # One statement for every lock of the batch; the expiry on the database's
+    # clock (its SQL is the same for any length, only the parameters differ).
+    expiry_sql, _ = _sql_of(lock_until(taken[0][0].lock_seconds))
+    expiry_params = {seconds: _sql_of(lock_until(seconds))[1] for seconds in {start.lock_seconds for start, _ in taken}}
+    assignments = f"running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql}, " + ", ".join(
+        f"{column} = %s" for column in ("running_turn_id", "model", "preview")
     )
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            f"UPDATE {THREADS} SET {assignments} WHERE id = %s",
+            [
+                [start.channel, *expiry_params[start.lock_seconds], *now_params]
+                + [row.running_turn_id, row.model, row.preview, row.pk]
+                for start, row in taken
+            ],
+        )
     if lapsed_turns:
         mark_interrupted(lapsed_turns)
     turn_pks = _insert_turns(taken)
     _insert_items([item for start, _ in taken for item in _item_rows(turn_pks[start.turn.id], start.turn.items, 0)])
     histories = _histories(taken, list(turn_pks.values()))
-    begun = {id(start): (histories[row.pk], row.model) for start, row in taken}
+    begun = {id(start): (histories[row.pk], row.model, turn_pks[start.turn.id]) for start, row in taken}
     return [begun.get(id(start)) for start in starts]
 
 

@@ -50,7 +50,7 @@ async def test_two_starts_of_one_thread_in_one_batch_take_the_lock_once():
     await DatabaseThreads.create(thread)
     first, second = new_turn(), new_turn()
     outcomes = await write_in_one_batch([begin(thread, first), begin(thread, second)])
-    assert outcomes[0] == ([], "gpt-test") and outcomes[1] is None
+    assert outcomes[0][:2] == ([], "gpt-test") and outcomes[1] is None
     assert await DatabaseThreads.running_turn(thread) == (first.id, "channel")
 
 
@@ -64,7 +64,7 @@ async def test_an_end_and_the_next_start_in_one_batch_find_the_thread_free_and_t
         [begin(thread, second), turn_writes.FinishTurn(thread, ended(first, "earlier words"), 1)]
     )
     assert totals["totalTokens"] == 15
-    history, _ = begun
+    history, _, _ = begun
     assert history == first.model_input  # the end, written first in the batch, is replayed
 
 
@@ -76,7 +76,7 @@ async def test_a_write_that_fails_fails_alone_and_its_batch_is_written():
     outcomes = await write_in_one_batch(
         [begin(good_thread, turn), turn_writes.FinishTurn(thread_gone, never_begun, 1), begin(thread_gone, new_turn())]
     )
-    assert outcomes[0] == ([], "gpt-test")
+    assert outcomes[0][:2] == ([], "gpt-test")
     assert isinstance(outcomes[1], turn_writes.NotStored)
     assert outcomes[2] is None  # no such thread: nothing to lock
     assert await DatabaseThreads.running_turn(good_thread) == (turn.id, "channel")
@@ -110,7 +110,7 @@ async def test_history_is_bounded_newest_first_across_threads_of_one_batch():
     outcomes = await write_in_one_batch(
         [turn_writes.BeginTurn(thread, new_turn(), "channel", 30, bound, None) for thread in (short, long)]
     )
-    texts = [[item["content"][0]["text"] for item in history] for history, _ in outcomes]
+    texts = [[item["content"][0]["text"] for item in history] for history, _, _ in outcomes]
     assert texts == [["a"], ["two", "three"]]
     assert await database_sync_to_async(lambda: StoredThread.objects.filter(running_turn_id__isnull=False).count())() == 2
 

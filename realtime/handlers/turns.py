@@ -99,7 +99,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         raise
     if begun is None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
-    history, thread.model = begun
+    history, thread.model, turn.row_id = begun
     thread.active_turn = turn
     hub.hold(thread)
     thread.touch()
