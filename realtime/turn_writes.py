@@ -94,6 +94,7 @@ def mark_interrupted(turn_ids: list[str]) -> int:
 
 
 Write = CreateThread | BeginTurn | FinishTurn
+BATCH_ORDER = (CreateThread, FinishTurn, BeginTurn)
 
 # Table names; the columns are the models' (realtime/migrations/0001).
 THREADS, TURNS, ITEMS = (model._meta.db_table for model in (StoredThread, StoredTurn, StoredItem))
@@ -187,12 +188,11 @@ def update_each(table: str, columns: list[str], rows: list[tuple[int, list[Any]]
             )
 
 
-def _insert_items(rows: list[list[Any]]) -> None:
+def insert_each(table: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """``INSERT`` of each row of prepared values, as one executemany."""
     if rows:
         with connection.cursor() as cursor:
-            cursor.executemany(
-                f"INSERT INTO {ITEMS} ({', '.join(ITEM_COLUMNS)}) VALUES ({_marks(len(ITEM_COLUMNS))})", rows
-            )
+            cursor.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(len(columns))})", rows)
 
 
 def _item_rows(turn_pk: int, records: list[ItemRecord], first_position: int) -> list[list[Any]]:
@@ -244,16 +244,19 @@ def _write_each_alone_if_need_be(writes: list[Write]) -> list[Any]:
     return [outcomes[id(write)] for write in writes]
 
 
+def _by_kind(writes: list[Write]) -> tuple[list[CreateThread], list[FinishTurn], list[BeginTurn]]:
+    """In the order a batch applies them: new threads first, then ends, then
+    starts (a start whose thread's end is in the same batch finds it free)."""
+    creates, ends, starts = ([write for write in writes if isinstance(write, kind)] for kind in BATCH_ORDER)
+    return creates, ends, starts
+
+
 def _in_batch_order(writes: list[Write]) -> list[Write]:
-    """New threads first, then ends, then starts: a start whose thread's end
-    is in the same batch finds the thread free."""
-    return [write for kind in (CreateThread, FinishTurn, BeginTurn) for write in writes if isinstance(write, kind)]
+    return [write for kind in _by_kind(writes) for write in kind]
 
 
 def _write(writes: list[Write]) -> list[Any]:
-    creates, ends, starts = (
-        [write for write in writes if isinstance(write, kind)] for kind in (CreateThread, FinishTurn, BeginTurn)
-    )
+    creates, ends, starts = _by_kind(writes)
     with transaction.atomic():
         outcomes: dict[int, Any] = {}
         if creates:
@@ -281,10 +284,7 @@ def _insert_threads(threads: list[Thread]) -> None:
                  thread.base_instructions, thread.preview, created, created, thread.read_revision],
             )  # fmt: skip
         )
-    with connection.cursor() as cursor:
-        cursor.executemany(
-            f"INSERT INTO {THREADS} ({', '.join(THREAD_COLUMNS)}) VALUES ({_marks(len(THREAD_COLUMNS))})", rows
-        )
+    insert_each(THREADS, THREAD_COLUMNS, rows)
 
 
 def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str, _ThreadRow]:
@@ -332,7 +332,7 @@ def finish(ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, 
             row.running_turn_id, row.held = None, False
             freed.append(row.pk)
     update_each(TURNS, END_FIELDS, turn_rows)
-    _insert_items(item_rows)
+    insert_each(ITEMS, ITEM_COLUMNS, item_rows)
     touched = sorted({rows[end.thread.id].pk for end in ends})
     if freed:
         _execute(
@@ -377,8 +377,8 @@ def begin(
         return [None] * len(starts)
     # One statement for every lock of the batch; the expiry on the database's
     # clock (its SQL is the same for any length, only the parameters differ).
-    expiry_sql, _ = _sql_of(lock_until(taken[0][0].lock_seconds))
-    expiry_params = {seconds: _sql_of(lock_until(seconds))[1] for seconds in {start.lock_seconds for start, _ in taken}}
+    expiries = {seconds: _sql_of(lock_until(seconds)) for seconds in {start.lock_seconds for start, _ in taken}}
+    expiry_sql, _ = next(iter(expiries.values()))
     assignments = f"running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql}, " + ", ".join(
         f"{column} = %s" for column in ("running_turn_id", "model", "preview")
     )
@@ -386,7 +386,7 @@ def begin(
         cursor.executemany(
             f"UPDATE {THREADS} SET {assignments} WHERE id = %s",
             [
-                [start.channel, *expiry_params[start.lock_seconds], *now_params]
+                [start.channel, *expiries[start.lock_seconds][1], *now_params]
                 + [row.running_turn_id, row.model, row.preview, row.pk]
                 for start, row in taken
             ],
@@ -394,7 +394,9 @@ def begin(
     if lapsed_turns:
         mark_interrupted(lapsed_turns)
     turn_pks = _insert_turns(taken)
-    _insert_items([item for start, _ in taken for item in _item_rows(turn_pks[start.turn.id], start.turn.items, 0)])
+    insert_each(
+        ITEMS, ITEM_COLUMNS, [item for start, _ in taken for item in _item_rows(turn_pks[start.turn.id], start.turn.items, 0)]
+    )
     histories = _histories(taken, list(turn_pks.values()))
     begun = {id(start): (histories[row.pk], row.model, turn_pks[start.turn.id]) for start, row in taken}
     return [begun.get(id(start)) for start in starts]
