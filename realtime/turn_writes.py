@@ -6,7 +6,8 @@ replay) and before ``turn/completed`` (store how it ended, free the lock,
 sum the thread's usage). One at a time, fifty turns starting together queued
 fifty transactions of seven ORM statements each on the row writers; in a
 batch they cost about five statements and one commit together
-(``codexserver.group_commit``).
+(``codexserver.group_commit``), and on PostgreSQL two round trips: the
+statements go out as one pipeline (``_one_transaction``).
 
 In a batch, the thread rows are locked first, in primary-key order (other
 processes' batches take them in the same order, so batches never deadlock),
@@ -19,6 +20,8 @@ retried one write at a time, so a bad write fails alone. A new thread's row
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
@@ -87,9 +90,11 @@ def lock_until(seconds: float) -> ExpressionWrapper:
 
 
 def mark_interrupted(turn_ids: list[str]) -> int:
-    """Turns whose process died mid-turn (their lock lapsed) end interrupted."""
-    return StoredTurn.objects.filter(turn_id__in=turn_ids, status=IN_PROGRESS).update(
-        status=INTERRUPTED, completed_at_ms=now_ms()
+    """Turns whose process died mid-turn (their lock lapsed) end interrupted;
+    how many (not known yet inside a batch's pipeline, where it is not needed)."""
+    return _run(
+        f"UPDATE {TURNS} SET status = %s, completed_at_ms = %s WHERE status = %s AND turn_id IN ({_marks(len(turn_ids))})",
+        [INTERRUPTED, now_ms(), IN_PROGRESS, *turn_ids],
     )
 
 
@@ -172,10 +177,71 @@ def _sql_of(expression) -> tuple[str, list[Any]]:
     return sql, list(params)
 
 
-def _execute(sql: str, params: list[Any]) -> list[tuple]:
+@contextmanager
+def _one_transaction() -> Iterator[None]:
+    """The batch's transaction. On PostgreSQL its statements go out as
+    psycopg's pipeline, between an explicit BEGIN and COMMIT: the batch waits
+    for the database twice, to read the thread rows it locks and at the end
+    for everything else with the commit, not once per statement (nine round
+    trips a batch before). Each wait also hands the GIL back and forth with
+    the event loop, which on a busy loop costs more than the round trip.
+    Read what the statements return after this block (``_rows_later``)."""
+    if connection.vendor != "postgresql" or not _pipelines_supported():
+        with transaction.atomic():
+            yield
+        return
+    connection.ensure_connection()  # autocommit, as Django keeps it outside atomic()
+    raw = connection.connection
+    with connection.wrap_database_errors:  # an error raised by the pipeline's end, as Django's
+        try:
+            with raw.pipeline():
+                _run("BEGIN", [])
+                yield
+                _run("COMMIT", [])
+        except BaseException:
+            raw.rollback()  # the failed or abandoned transaction; nothing if none is open
+            raise
+
+
+@cache
+def _pipelines_supported() -> bool:
+    import psycopg  # PostgreSQL's driver: not loaded where SQLite serves
+
+    return psycopg.Pipeline.is_supported()  # libpq 14 and newer
+
+
+def _rows(sql: str, params: list[Any]) -> list[tuple]:
+    """The statement's rows, read now."""
+    return _rows_later(sql, params)()
+
+
+def _rows_later(sql: str, params: list[Any]) -> Callable[[], list[tuple]]:
+    """The statement's rows, to read once the batch has sent what it can
+    (inside a pipeline, reading them is a round trip: read them last)."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute(sql, params)
+    except BaseException:
+        cursor.close()
+        raise
+    if connection.vendor == "postgresql":
+        return lambda: _fetched(cursor)
+    rows = _fetched(cursor)  # elsewhere a statement's rows are not left waiting
+    return lambda: rows
+
+
+def _fetched(cursor) -> list[tuple]:
+    try:
+        return cursor.fetchall()
+    finally:
+        cursor.close()
+
+
+def _run(sql: str, params: list[Any]) -> int:
+    """A statement without rows; how many rows it changed (-1 inside a pipeline)."""
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return cursor.fetchall() if cursor.description else []
+        return cursor.rowcount
 
 
 def update_each(table: str, columns: list[str], rows: list[tuple[int, list[Any]]]) -> None:
@@ -257,19 +323,20 @@ def _in_batch_order(writes: list[Write]) -> list[Write]:
 
 def _write(writes: list[Write]) -> list[Any]:
     creates, ends, starts = _by_kind(writes)
-    with transaction.atomic():
-        outcomes: dict[int, Any] = {}
+    outcomes: list[tuple[list[Write], Callable[[], list[Any]]]] = []  # read once committed
+    with _one_transaction():
         if creates:
             _insert_threads([create.thread for create in creates])
-            outcomes.update((id(create), None) for create in creates)
+            outcomes.append((creates, lambda: [None] * len(creates)))
         if ends or starts:
             now = _sql_of(Now())
             rows = _lock_threads({write.thread.id for write in (*ends, *starts)}, now)
             if ends:
-                outcomes.update(zip(map(id, ends), finish(ends, rows, now)))
+                outcomes.append((ends, finish(ends, rows, now)))
             if starts:
-                outcomes.update(zip(map(id, starts), begin(starts, rows, now)))
-    return [outcomes[id(write)] for write in writes]
+                outcomes.append((starts, begin(starts, rows, now)))
+    by_write = {id(write): outcome for kind, read in outcomes for write, outcome in zip(kind, read(), strict=True)}
+    return [by_write[id(write)] for write in writes]
 
 
 def _insert_threads(threads: list[Thread]) -> None:
@@ -291,7 +358,7 @@ def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str,
     """The batch's threads, locked in primary-key order until it commits."""
     now_sql, now_params = now
     ids = sorted(thread_ids)
-    found = _execute(
+    found = _rows(
         f"SELECT id, thread_id, model, preview, running_turn_id, "
         f"running_turn_id IS NOT NULL AND (lock_expires_at IS NULL OR lock_expires_at >= {now_sql}) "
         f"FROM {THREADS} WHERE thread_id IN ({_marks(len(ids))}) ORDER BY id"
@@ -304,9 +371,11 @@ def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str,
     }
 
 
-def finish(ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]) -> list[dict[str, int]]:
+def finish(
+    ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
+) -> Callable[[], list[dict[str, int]]]:
     """Store each turn's end and free its thread; each thread's usage summed
-    over its turns."""
+    over its turns, to read once committed."""
     now_sql, now_params = now
     turn_pks = {end.turn.id: end.turn.row_id for end in ends if end.turn.row_id is not None}
     if unknown := [end.turn.id for end in ends if end.turn.row_id is None]:  # a client left mid-start
@@ -335,31 +404,36 @@ def finish(ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, 
     insert_each(ITEMS, ITEM_COLUMNS, item_rows)
     touched = sorted({rows[end.thread.id].pk for end in ends})
     if freed:
-        _execute(
+        _run(
             f"UPDATE {THREADS} SET running_turn_id = NULL, running_channel = NULL, lock_expires_at = NULL, "
             f"updated_at = {now_sql} WHERE id IN ({_marks(len(freed))})",
             [*now_params, *freed],
         )
     kept = [pk for pk in touched if pk not in freed]  # turns that lost their lock still touch their thread
     if kept:
-        _execute(f"UPDATE {THREADS} SET updated_at = {now_sql} WHERE id IN ({_marks(len(kept))})", [*now_params, *kept])
+        _run(f"UPDATE {THREADS} SET updated_at = {now_sql} WHERE id IN ({_marks(len(kept))})", [*now_params, *kept])
     sums = ", ".join(f"SUM({column})" for column in USAGE_FIELDS.values())
-    totals = {
-        thread_pk: dict(zip(USAGE_FIELDS, summed, strict=True))
-        for thread_pk, *summed in _execute(
-            f"SELECT thread_id, {sums} FROM {TURNS} WHERE has_usage AND thread_id IN ({_marks(len(touched))}) "
-            "GROUP BY thread_id",
-            touched,
-        )
-    }
-    return [{name: int(totals.get(rows[end.thread.id].pk, {}).get(name) or 0) for name in USAGE_FIELDS} for end in ends]
+    summed = _rows_later(
+        f"SELECT thread_id, {sums} FROM {TURNS} WHERE has_usage AND thread_id IN ({_marks(len(touched))}) "
+        "GROUP BY thread_id",
+        touched,
+    )
+
+    def totals() -> list[dict[str, int]]:
+        by_thread = {thread_pk: dict(zip(USAGE_FIELDS, sums, strict=True)) for thread_pk, *sums in summed()}
+        return [
+            {name: int(by_thread.get(rows[end.thread.id].pk, {}).get(name) or 0) for name in USAGE_FIELDS} for end in ends
+        ]
+
+    return totals
 
 
 def begin(
     starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> list[tuple[list[dict[str, Any]], str, int] | None]:
+) -> Callable[[], list[tuple[list[dict[str, Any]], str, int] | None]]:
     """Take each thread's lock and store its turn: (history to replay, the
-    thread's model, the turn's row key), or None where another turn holds the lock."""
+    thread's model, the turn's row key), or None where another turn holds the
+    lock; to read once committed."""
     now_sql, now_params = now
     taken: list[tuple[BeginTurn, _ThreadRow]] = []
     lapsed_turns: list[str] = []
@@ -374,7 +448,7 @@ def begin(
         row.preview = row.preview or start.thread.preview
         taken.append((start, row))
     if not taken:
-        return [None] * len(starts)
+        return lambda: [None] * len(starts)
     # One statement for every lock of the batch; the expiry on the database's
     # clock (its SQL is the same for any length, only the parameters differ).
     expiries = {seconds: _sql_of(lock_until(seconds)) for seconds in {start.lock_seconds for start, _ in taken}}
@@ -394,16 +468,19 @@ def begin(
     if lapsed_turns:
         mark_interrupted(lapsed_turns)
     turn_pks = _insert_turns(taken)
-    insert_each(
-        ITEMS, ITEM_COLUMNS, [item for start, _ in taken for item in _item_rows(turn_pks[start.turn.id], start.turn.items, 0)]
-    )
-    histories = _histories(taken, list(turn_pks.values()))
-    begun = {id(start): (histories[row.pk], row.model, turn_pks[start.turn.id]) for start, row in taken}
-    return [begun.get(id(start)) for start in starts]
+    _insert_first_items(taken)
+    histories = _histories_later(taken)
+
+    def begun() -> list[tuple[list[dict[str, Any]], str, int] | None]:
+        pks, earlier = turn_pks(), histories()
+        by_start = {id(start): (earlier[row.pk], row.model, pks[start.turn.id]) for start, row in taken}
+        return [by_start.get(id(start)) for start in starts]
+
+    return begun
 
 
-def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> dict[str, int]:
-    """The new turns' rows; their primary keys by turn id."""
+def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[str, int]]:
+    """The new turns' rows; their primary keys by turn id, to read later."""
     values = [
         _prepared(
             StoredTurn,
@@ -430,43 +507,70 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> dict[str, int]:
     # PostgreSQL), else from one query after.
     per_statement = (connection.features.max_query_params or 65535) // len(TURN_COLUMNS)
     returning = connection.features.can_return_rows_from_bulk_insert
-    turn_pks: dict[str, int] = {}
+    chunks = []
     for first in range(0, len(values), per_statement):
         chunk = values[first : first + per_statement]
         row_marks = ", ".join([f"({_marks(len(TURN_COLUMNS))})"] * len(chunk))
-        inserted = _execute(
-            f"INSERT INTO {TURNS} ({', '.join(TURN_COLUMNS)}) VALUES {row_marks}"
-            + (" RETURNING turn_id, id" if returning else ""),
-            [value for row in chunk for value in row],
-        )
-        turn_pks.update(inserted)
-    return turn_pks if returning else _turn_pks([start.turn.id for start, _ in taken])
+        sql = f"INSERT INTO {TURNS} ({', '.join(TURN_COLUMNS)}) VALUES {row_marks}"
+        params = [value for row in chunk for value in row]
+        if returning:
+            chunks.append(_rows_later(sql + " RETURNING turn_id, id", params))
+        else:
+            _run(sql, params)
+    if not returning:
+        chunks.append(_turn_pks_later([start.turn.id for start, _ in taken]))
+    return lambda: {turn_id: pk for rows in chunks for turn_id, pk in rows()}
+
+
+def _turn_pks_later(turn_ids: list[str]) -> Callable[[], list[tuple]]:
+    return _rows_later(f"SELECT turn_id, id FROM {TURNS} WHERE turn_id IN ({_marks(len(turn_ids))})", turn_ids)
 
 
 def _turn_pks(turn_ids: list[str]) -> dict[str, int]:
-    return dict(_execute(f"SELECT turn_id, id FROM {TURNS} WHERE turn_id IN ({_marks(len(turn_ids))})", turn_ids))
+    return dict(_turn_pks_later(turn_ids)())
 
 
-def _histories(taken: list[tuple[BeginTurn, _ThreadRow]], new_turns: list[int]) -> dict[int, list[dict[str, Any]]]:
+def _insert_first_items(taken: list[tuple[BeginTurn, _ThreadRow]]) -> None:
+    """The new turns' first items (the user's message). Each names its turn
+    by its id, as the row keys of the turns just inserted are not read yet."""
+    columns = ", ".join(ITEM_COLUMNS)
+    rows = [
+        [*values, start.turn.id]
+        for start, _ in taken
+        for _, *values in _item_rows(0, start.turn.items, 0)  # 0: a stand-in for the key, left out
+    ]
+    if rows:
+        with connection.cursor() as cursor:
+            cursor.executemany(
+                f"INSERT INTO {ITEMS} ({columns}) SELECT id, {_marks(len(ITEM_COLUMNS) - 1)} FROM {TURNS} WHERE turn_id = %s",
+                rows,
+            )
+
+
+def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[int, list[dict[str, Any]]]]:
     """Each thread's model input of its earlier turns, newest kept first
-    within its bound: one query for every thread of the batch, bounded in the
-    database by a running total of their sizes."""
+    within its bound, to read later: one query for every thread of the batch,
+    bounded in the database by a running total of their sizes. The batch's
+    new turns have no input yet (``input_bytes`` 0): none is replayed."""
     most = max(start.max_history_bytes for start, _ in taken)
     thread_pks = [row.pk for _, row in taken]
-    earlier = _execute(
+    earlier = _rows_later(
         f"SELECT thread_id, model_input, input_bytes FROM ("
         f"  SELECT thread_id, model_input, input_bytes, started_at_ms, id, SUM(input_bytes) OVER ("
         f"    PARTITION BY thread_id ORDER BY started_at_ms DESC, id DESC) AS bytes_so_far"
         f"  FROM {TURNS} WHERE input_bytes > 0 AND thread_id IN ({_marks(len(thread_pks))})"
-        f"  AND id NOT IN ({_marks(len(new_turns))})"
         f") AS earlier WHERE bytes_so_far <= %s ORDER BY thread_id, started_at_ms DESC, id DESC",
-        [*thread_pks, *new_turns, most],
+        [*thread_pks, most],
     )
-    model_input = StoredTurn._meta.get_field("model_input")
-    by_thread: dict[int, list[tuple[list[dict[str, Any]], int]]] = {pk: [] for pk in thread_pks}
-    for thread_pk, stored_input, size in earlier:
-        by_thread[thread_pk].append((model_input.from_db_value(stored_input, None, connection), size))
-    return {row.pk: newest_within(by_thread[row.pk], start.max_history_bytes) for start, row in taken}
+
+    def histories() -> dict[int, list[dict[str, Any]]]:
+        model_input = StoredTurn._meta.get_field("model_input")
+        by_thread: dict[int, list[tuple[list[dict[str, Any]], int]]] = {pk: [] for pk in thread_pks}
+        for thread_pk, stored_input, size in earlier():
+            by_thread[thread_pk].append((model_input.from_db_value(stored_input, None, connection), size))
+        return {row.pk: newest_within(by_thread[row.pk], start.max_history_bytes) for start, row in taken}
+
+    return histories
 
 
 _batches: LoopLocal[GroupCommit] = LoopLocal(lambda: GroupCommit(write_turns, row_writers, max_batch=MAX_BATCH))
