@@ -404,8 +404,27 @@ async def _delta_times(socket, thread: str, arrivals: list[float], until_turns: 
             ended += 1
 
 
-async def fan_out_round(near_url: str, far_url: str, turns: int, deltas: int) -> list[float]:
-    """Per delta: when the far subscriber got it minus when the near one did (ms)."""
+async def _keep_busy(ws_url: str, clients: int, done: asyncio.Event) -> None:
+    """``clients`` other connections streaming turns until ``done``."""
+    while not done.is_set():
+        await turn_round(ws_url, clients, 2)
+
+
+async def fan_out_round(near_url: str, far_url: str, turns: int, deltas: int, busy_clients: int = 0) -> list[float]:
+    """Per delta: when the far subscriber got it minus when the near one did
+    (ms); with ``busy_clients`` other connections streaming turns on the near
+    process meanwhile."""
+    done = asyncio.Event()
+    load = asyncio.create_task(_keep_busy(near_url, busy_clients, done)) if busy_clients else None
+    try:
+        return await _fan_out_lags(near_url, far_url, turns, deltas)
+    finally:
+        done.set()
+        if load is not None:
+            await load
+
+
+async def _fan_out_lags(near_url: str, far_url: str, turns: int, deltas: int) -> list[float]:
     async with connect(near_url) as starter_socket, connect(near_url) as near_socket, connect(far_url) as far_socket:
         starter, near, far = SocketClient(starter_socket), SocketClient(near_socket), SocketClient(far_socket)
         await starter.initialize("codex_vscode", "1.0.0")
@@ -435,16 +454,22 @@ def fan_out(bench: Bench) -> dict:
     near = bench.start("ours_fanout_near", **env)
     far = bench.start("ours_fanout_far", **env)
     turns = 2 if bench.quick else 5
-    lags = asyncio.run(fan_out_round(near.ws_url, far.ws_url, turns, deltas=30))
+    results = {}
+    for busy in (0, FAN_OUT_BUSY_CLIENTS):
+        lags = sorted(asyncio.run(fan_out_round(near.ws_url, far.ws_url, turns, deltas=30, busy_clients=busy)))
+        results[busy] = {
+            "deltas": len(lags),
+            "p50_ms": statistics.median(lags),
+            "p90_ms": lags[int(len(lags) * 0.9)],
+            "max_ms": lags[-1],
+        }
     bench.stop(near)
     bench.stop(far)
-    lags.sort()
-    return {
-        "deltas": len(lags),
-        "p50_ms": statistics.median(lags),
-        "p90_ms": lags[int(len(lags) * 0.9)],
-        "max_ms": lags[-1],
-    }
+    return {**results[0], "busy": {"clients": FAN_OUT_BUSY_CLIENTS, **results[FAN_OUT_BUSY_CLIENTS]}}
+
+
+# Other connections streaming on the turn's process while fan-out is timed a second time.
+FAN_OUT_BUSY_CLIENTS = 50
 
 
 # --- report -------------------------------------------------------------------------
@@ -510,6 +535,11 @@ def print_store_report(results: dict) -> None:
         f" ({f['p90_ms']:.2f} ms p90, {f['max_ms']:.2f} ms max) after the subscriber on the turn's own process"
         f" ({f['deltas']} deltas, PostgreSQL + Redis)"
     )
+    busy = f["busy"]
+    print(
+        f"   with {busy['clients']} other connections streaming on the turn's process: {busy['p50_ms']:.2f} ms p50"
+        f" ({busy['p90_ms']:.2f} ms p90, {busy['max_ms']:.2f} ms max)"
+    )
 
 
 def summary(results: dict) -> dict:
@@ -536,6 +566,7 @@ def summary(results: dict) -> dict:
         "peer_latency_ratio": peer_result.get("latency_ratio"),
         "peer_misattributed": peer_result.get("peer_misattributed"),
         "fan_out_p50_ms": results["fan_out"]["p50_ms"],
+        "fan_out_busy_p50_ms": results["fan_out"]["busy"]["p50_ms"],
     }
 
 
