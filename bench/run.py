@@ -381,12 +381,23 @@ def thread_store_cost(bench: Bench) -> dict:
     for setup in setups():
         server = bench.start(f"ours_store_{slug(setup)}", **setup_env(setup))
         samples = {"stored": [], "memory": []}
+        cpu = {"stored": [], "memory": []}  # the server's CPU ms per turn: steadier than latency here
         for _ in range(rounds):
             for name, ephemeral in (("stored", False), ("memory", True)):
+                used = server.cpu_seconds()
                 samples[name].append(asyncio.run(turn_round(server.ws_url, 50, turns_each, ephemeral=ephemeral))[0])
+                cpu[name].append((server.cpu_seconds() - used) * 1000 / (50 * turns_each))
         bench.stop(server)
         stored_ms, memory_ms = statistics.median(samples["stored"]), statistics.median(samples["memory"])
-        results[setup] = {"stored_median_ms": stored_ms, "memory_median_ms": memory_ms, "ratio": stored_ms / memory_ms}
+        stored_cpu, memory_cpu = statistics.median(cpu["stored"]), statistics.median(cpu["memory"])
+        results[setup] = {
+            "stored_median_ms": stored_ms,
+            "memory_median_ms": memory_ms,
+            "ratio": stored_ms / memory_ms,
+            "stored_cpu_ms_per_turn": stored_cpu,
+            "memory_cpu_ms_per_turn": memory_cpu,
+            "cpu_ratio": stored_cpu / memory_cpu,
+        }
     return results
 
 
@@ -528,7 +539,11 @@ def print_scale_report(results: dict) -> None:
 def print_store_report(results: dict) -> None:
     print("\n7. thread store: turn latency at 50 connections, stored threads vs memory-only (ephemeral) threads")
     for setup, row in results["thread_store"].items():
-        print(f"   {setup:>15}: {row['stored_median_ms']:.1f} ms vs {row['memory_median_ms']:.1f} ms = {row['ratio']:.2f}")
+        print(
+            f"   {setup:>15}: {row['stored_median_ms']:.1f} ms vs {row['memory_median_ms']:.1f} ms = {row['ratio']:.2f};"
+            f" server CPU per turn {row['stored_cpu_ms_per_turn']:.2f} ms vs {row['memory_cpu_ms_per_turn']:.2f} ms"
+            f" = {row['cpu_ratio']:.2f}"
+        )
     f = results["fan_out"]
     print(
         f"\n8. fan-out: a subscriber on another process gets each delta {f['p50_ms']:.2f} ms p50"
@@ -559,6 +574,7 @@ def summary(results: dict) -> dict:
             f"misattributed{suffix}": sum(row["misattributed"] for row in scale),
             f"stalled_client_latency_ratio{suffix}": results["stalled_isolation"][setup]["ratio"],
             f"thread_store_ratio{suffix}": results["thread_store"][setup]["ratio"],
+            f"thread_store_cpu_ratio{suffix}": results["thread_store"][setup]["cpu_ratio"],
         }
     peer_result = results["peer"]
     return figures | {
