@@ -165,3 +165,26 @@ async def test_new_threads_are_created_in_a_batch_and_a_duplicate_fails_alone():
     stored, running = await DatabaseThreads.load(fresh.id)
     assert not running and stored.model == "gpt-test" and stored.preview == ""
     assert abs(stored.created_at - fresh.created_at) < 0.001 and stored.updated_at == stored.created_at
+
+
+async def test_a_write_refused_at_its_batchs_commit_takes_back_all_it_wrote_and_nothing_of_the_others():
+    """On PostgreSQL a batch is one pipeline: the refusal surfaces only at the
+    end, after every statement went out. Nothing of the failed attempt stays."""
+    from django.db import IntegrityError
+
+    good, other = new_thread(), new_thread()
+    for thread in (good, other):
+        await DatabaseThreads.create(thread)
+    earlier = new_turn()
+    await DatabaseThreads.begin_turn(other, earlier, "channel", 30, 1 << 20, None)
+    await DatabaseThreads.finish_turn(other, ended(earlier, "done"), 1)
+    reused = Turn(earlier.id, originator="codex_ios", connection_id=earlier.connection_id)  # its row exists
+    turn = new_turn()
+    outcomes = await write_in_one_batch([begin(good, turn), begin(other, reused)])
+    assert outcomes[0] is not None and isinstance(outcomes[1], IntegrityError)
+    assert await DatabaseThreads.running_turn(good) == (turn.id, "channel")
+    assert await DatabaseThreads.running_turn(other) is None  # the lock went back with the refused row
+    turns = await database_sync_to_async(
+        lambda: sorted(StoredTurn.objects.filter(thread__thread_id__in=[good.id, other.id]).values_list("turn_id", flat=True))
+    )()
+    assert turns == sorted([turn.id, earlier.id])
