@@ -38,6 +38,22 @@ def redis_host(url: str) -> dict[str, Any]:
 
 
 class ResilientRedisChannelLayer(RedisChannelLayer):
+    async def group_send_to_others(self, group: str, message: dict, sender: str) -> bool:
+        """``group_send``, unless ``sender`` (a channel) is the group's only
+        member; whether it sent.
+
+        A group send is four Redis round trips and brings the message back to
+        the sender's own channel too, to be read and dropped. A thread that
+        no other process follows (most of them) now costs one round trip: the
+        same membership read the group send starts with, so whoever joined
+        before it gets the message either way.
+        """
+        members = await self.connection(self.consistent_hash(group)).zrange(self._group_key(group), 0, -1)
+        if all(member.decode() == sender for member in members):
+            return False
+        await self.group_send(group, message)
+        return True
+
     async def receive(self, channel: str) -> dict:
         delay = RETRY_FIRST_DELAY
         while True:

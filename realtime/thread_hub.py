@@ -7,8 +7,9 @@ to it or a turn of it runs here. A notification of a thread reaches:
   is a group (``thread.<id>``) whose members are the *process channels* of
   the processes with a subscriber, so a delta costs one group send however
   many connections follow the thread. Sends are batched by a publisher task,
-  each thread's in order and the threads' side by side; a process ignores
-  the batches it published itself.
+  each thread's in order and the threads' side by side, and only where
+  another process is in the group; a process ignores the batches it
+  published itself.
 
 With the in-memory layer there is no other process, so nothing goes through
 the layer. ``turn/interrupt`` for a turn running elsewhere goes straight to
@@ -208,8 +209,10 @@ class ThreadHub:
             for first in range(0, len(events), MAX_BATCH):
                 run = events[first : first + MAX_BATCH]
                 try:
-                    await self.layer.group_send(
-                        group_name(thread_id), {"type": EVENTS, "origin": self.channel, "thread": thread_id, "events": run}
+                    await self.layer.group_send_to_others(
+                        group_name(thread_id),
+                        {"type": EVENTS, "origin": self.channel, "thread": thread_id, "events": run},
+                        sender=self.channel,
                     )
                 except Exception as exc:  # Redis down: those subscribers miss these events
                     logger.warning("could not publish %d event(s) of thread %s: %s", len(run), thread_id, exc)

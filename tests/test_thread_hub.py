@@ -1,14 +1,14 @@
 """The hub's publisher on this machine's real Redis (realtime/thread_hub.py):
-each thread's events reach the other processes in order, and the threads'
-group sends go out side by side, not one thread after another."""
+each thread's events reach the other processes in order, the threads' group
+sends go out side by side, not one thread after another, and a thread no
+other process follows costs no group send."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 
-from channels_redis.core import RedisChannelLayer
-
+from codexserver.channel_layers import ResilientRedisChannelLayer, redis_host
 from realtime.thread_hub import ThreadHub, group_name
 from realtime.threads import Thread, new_id
 
@@ -19,28 +19,42 @@ def stored_thread() -> Thread:
     return Thread(id=new_id(), model="gpt-test", model_provider="openai", cwd="/tmp", originator="codex_ios")
 
 
-async def test_a_hub_sends_its_threads_events_side_by_side_and_each_threads_in_order():
+def redis_layer() -> ResilientRedisChannelLayer:
+    return ResilientRedisChannelLayer(hosts=[redis_host(REDIS_URL)])
+
+
+def hub_on_redis() -> ThreadHub:
     hub = ThreadHub()
-    hub.cross_process, hub.layer = True, RedisChannelLayer(hosts=[REDIS_URL])  # whatever this run's layer is
-    elsewhere = RedisChannelLayer(hosts=[REDIS_URL])  # another process, following every thread
+    hub.cross_process, hub.layer = True, redis_layer()  # whatever this run's layer is
+    return hub
+
+
+def count_group_sends(layer) -> dict[str, int]:
+    """Wraps the layer's group_send: how many calls, and the most at once."""
+    counts = {"calls": 0, "in_flight": 0, "most_in_flight": 0}
+    group_send = layer.group_send
+
+    async def counted(group, message):
+        counts["calls"] += 1
+        counts["in_flight"] += 1
+        counts["most_in_flight"] = max(counts["most_in_flight"], counts["in_flight"])
+        try:
+            await group_send(group, message)
+        finally:
+            counts["in_flight"] -= 1
+
+    layer.group_send = counted
+    return counts
+
+
+async def test_a_hub_sends_its_threads_events_side_by_side_and_each_threads_in_order():
+    hub = hub_on_redis()
+    elsewhere = redis_layer()  # another process, following every thread
     far = await elsewhere.new_channel("threads")
     threads = [stored_thread() for _ in range(3)]
     for thread in threads:
         await elsewhere.group_add(group_name(thread.id), far)
-
-    in_flight = most_in_flight = 0
-    group_send = hub.layer.group_send
-
-    async def counted_group_send(group, message):
-        nonlocal in_flight, most_in_flight
-        in_flight += 1
-        most_in_flight = max(most_in_flight, in_flight)
-        try:
-            await group_send(group, message)
-        finally:
-            in_flight -= 1
-
-    hub.layer.group_send = counted_group_send
+    sends = count_group_sends(hub.layer)
     await hub.ensure_started()
     try:
         for delta in "abcde":  # the threads' events interleaved, as fifty streaming turns make them
@@ -51,9 +65,44 @@ async def test_a_hub_sends_its_threads_events_side_by_side_and_each_threads_in_o
             message = await asyncio.wait_for(elsewhere.receive(far), 10)
             received[message["thread"]] += [params["delta"] for _, params in message["events"]]
         assert received == {thread.id: list("abcde") for thread in threads}
-        assert most_in_flight == len(threads)  # one thread after another, a busy loop sent ten a second
+        assert sends["most_in_flight"] == len(threads)  # one thread after another, a busy loop sent ten a second
     finally:
         for thread in threads:
             await elsewhere.group_discard(group_name(thread.id), far)
         await hub.stop()
         await elsewhere.close_pools()
+
+
+async def test_a_thread_no_other_process_follows_costs_no_group_send_until_one_joins():
+    hub = hub_on_redis()
+    await hub.ensure_started()
+    elsewhere = redis_layer()
+    far = await elsewhere.new_channel("threads")
+    thread = stored_thread()
+    group = group_name(thread.id)
+    await hub.layer.group_add(group, hub.channel)  # a subscriber here
+    sends = count_group_sends(hub.layer)
+    try:
+        hub.publish(thread, "turn/started", {"threadId": thread.id}, pace_setter=None)
+        await _published(hub)
+        assert sends["calls"] == 0
+
+        await elsewhere.group_add(group, far)  # a subscriber on another process
+        hub.publish(thread, "item/agentMessage/delta", {"threadId": thread.id, "delta": "hi"}, pace_setter=None)
+        message = await asyncio.wait_for(elsewhere.receive(far), 10)
+        assert message["events"] == [["item/agentMessage/delta", {"threadId": thread.id, "delta": "hi"}]]
+        assert sends["calls"] == 1
+    finally:
+        await elsewhere.group_discard(group, far)
+        await hub.layer.group_discard(group, hub.channel)
+        await hub.stop()
+        await elsewhere.close_pools()
+
+
+async def _published(hub: ThreadHub) -> None:
+    """Once the publisher has taken and settled everything queued."""
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if not hub._outgoing and not hub._publishing:
+            return
+    raise AssertionError("the publisher never caught up")
