@@ -203,7 +203,9 @@ def connection_scale(bench: Bench, setup: str = "embedded") -> list[dict]:
             await asyncio.sleep(1)
             rss = server.rss_bytes()
             report = LoadReport(connections=level)
+            used = server.cpu_seconds()
             owners = await run_turns(clients, "flood:5:16", report, timeout=600)
+            cpu_ms_per_turn = (server.cpu_seconds() - used) * 1000 / level
             for _, client, _ in clients:
                 client.inbox.clear()
             assert len({name for name, _, _ in clients}) == level
@@ -214,6 +216,8 @@ def connection_scale(bench: Bench, setup: str = "embedded") -> list[dict]:
                     "rss_per_connection_kib": (rss - idle_rss) / level / 1024,
                     "p50_ms": report.percentile(0.5) * 1000,
                     "p99_ms": report.percentile(0.99) * 1000,
+                    # the server's CPU (all its threads) per turn of the burst
+                    "server_cpu_ms_per_turn": cpu_ms_per_turn,
                     "completed": report.completed,
                     "misattributed": count_misattributed(bench.upstream, owners),
                     "server_errors": report.server_errors,
@@ -528,11 +532,14 @@ def print_report(results: dict) -> None:
 def print_scale_report(results: dict) -> None:
     for setup, rows in results["scale"].items():
         print(f"\n3. connection scale on one daphne process ({setup})")
-        print(f"   {'conns':>5} {'RSS MiB':>8} {'KiB/conn':>9} {'p50 ms':>8} {'p99 ms':>8} {'done':>6} {'misattr':>8}")
+        print(
+            f"   {'conns':>5} {'RSS MiB':>8} {'KiB/conn':>9} {'p50 ms':>8} {'p99 ms':>8} {'done':>6} {'misattr':>8}"
+            f" {'CPU ms/turn':>12}"
+        )
         for row in rows:
             print(
                 f"   {row['connections']:>5} {row['rss_mib']:8.1f} {row['rss_per_connection_kib']:9.1f} {row['p50_ms']:8.1f}"
-                f" {row['p99_ms']:8.1f} {row['completed']:>6} {row['misattributed']:>8}"
+                f" {row['p99_ms']:8.1f} {row['completed']:>6} {row['misattributed']:>8} {row['server_cpu_ms_per_turn']:12.2f}"
             )
 
 
