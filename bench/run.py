@@ -117,7 +117,8 @@ async def turn_round(ws_url: str, concurrency: int, turns_each: int, ephemeral: 
     latencies: list[float] = []
 
     async def worker(client) -> None:
-        thread = await client.start_thread(**({"ephemeral": True} if ephemeral else {}))
+        # as long as a turn may take: 500 clients streaming slow every other request too
+        thread = await client.start_thread(timeout=300, **({"ephemeral": True} if ephemeral else {}))
         for _ in range(turns_each):
             started = time.perf_counter()
             completed = await client.run_turn(thread, TURN_TEXT, timeout=300)

@@ -43,10 +43,11 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         member; whether it sent.
 
         A group send is four Redis round trips and brings the message back to
-        the sender's own channel too, to be read and dropped. A thread that
-        no other process follows (most of them) now costs one round trip: the
-        same membership read the group send starts with, so whoever joined
-        before it gets the message either way.
+        the sender's own channel too, to be read and dropped. A group with no
+        other member (a thread no other process follows, most of them) now
+        costs one round trip, a read of its members; one with others costs
+        that read plus the group send (five). Whoever is a member by the time
+        of the read, as by the group send's own, gets the message.
         """
         members = await self.connection(self.consistent_hash(group)).zrange(self._group_key(group), 0, -1)
         if all(member.decode() == sender for member in members):

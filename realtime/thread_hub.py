@@ -48,8 +48,9 @@ GROUP_REFRESH_SECONDS = 3600
 # ("Too many connections"): 2,000 clients starting threads at once failed
 # all but a hundred of their thread/starts before this bound.
 MAX_MEMBERSHIP_CALLS = 32
-# Group sends in flight at once, one per thread (the pool's other connections
-# serve the joins and leaves above, the receiver and the readiness probe).
+# Group sends in flight at once, one per thread: with the joins and leaves
+# above, the receiver and the refresher, 66 of the hub's layer's pooled
+# connections at most.
 MAX_PUBLISH_CALLS = 32
 DRAIN_SECONDS = 2.0  # at stop, for batches still waiting to be published
 

@@ -122,8 +122,8 @@ THREAD_COLUMNS = [
     "thread_id", "model", "model_provider", "cwd", "originator", "base_instructions", "preview", "created_at",
     "updated_at", "read_revision",
 ]  # fmt: skip
-# At most this many writes in one batch: a history query names each thread
-# and each new turn once, within SQLite's oldest parameter limit (999).
+# At most this many writes in one batch: a statement names each write's
+# thread or turn at most once, within SQLite's oldest parameter limit (999).
 MAX_BATCH = 400
 # What one write can get wrong on its own (a row it names is not stored, a
 # value the database refuses): the rest of its batch is written without it.
@@ -132,6 +132,12 @@ ONE_WRITES_FAULT = (IntegrityError, DataError, LookupError, ValueError, TypeErro
 
 class NotStored(LookupError):
     """The write names a thread or turn that is not in the database."""
+
+
+class WrittenButUnread(Exception):
+    """The batch committed, then what it returned could not be read. Not one
+    write's fault: written again one at a time, its writes would be refused
+    (their rows exist) or find their own locks held."""
 
 
 @dataclass(eq=False)
@@ -182,15 +188,16 @@ def _one_transaction() -> Iterator[None]:
     """The batch's transaction. On PostgreSQL its statements go out as
     psycopg's pipeline, between an explicit BEGIN and COMMIT: the batch waits
     for the database twice, to read the thread rows it locks and at the end
-    for everything else with the commit, not once per statement (nine round
-    trips a batch before). Each wait also hands the GIL back and forth with
-    the event loop, which on a busy loop costs more than the round trip.
+    for everything else with the commit (a third time only for a turn end
+    whose start's row key never came back), not once per statement (nine
+    round trips a batch before). Each wait also hands the GIL back and forth
+    with the event loop, which on a busy loop costs more than the round trip.
     Read what the statements return after this block (``_rows_later``)."""
-    if connection.vendor != "postgresql" or not _pipelines_supported():
+    connection.ensure_connection()
+    if not _can_pipeline():
         with transaction.atomic():
             yield
         return
-    connection.ensure_connection()  # autocommit, as Django keeps it outside atomic()
     raw = connection.connection
     with connection.wrap_database_errors:  # an error raised by the pipeline's end, as Django's
         try:
@@ -201,6 +208,22 @@ def _one_transaction() -> Iterator[None]:
         except BaseException:
             raw.rollback()  # the failed or abandoned transaction; nothing if none is open
             raise
+
+
+def _can_pipeline() -> bool:
+    """PostgreSQL, in autocommit (a plain BEGIN inside a caller's transaction
+    would commit it), with no transaction settings that psycopg's own BEGIN
+    would carry and a plain one would drop."""
+    if connection.vendor != "postgresql" or not _pipelines_supported():
+        return False
+    raw = connection.connection
+    return (
+        connection.get_autocommit()
+        and not connection.in_atomic_block
+        and raw.isolation_level is None
+        and raw.read_only is None
+        and raw.deferrable is None
+    )
 
 
 @cache
@@ -335,8 +358,11 @@ def _write(writes: list[Write]) -> list[Any]:
                 outcomes.append((ends, finish(ends, rows, now)))
             if starts:
                 outcomes.append((starts, begin(starts, rows, now)))
-    by_write = {id(write): outcome for kind, read in outcomes for write, outcome in zip(kind, read(), strict=True)}
-    return [by_write[id(write)] for write in writes]
+    try:
+        by_write = {id(write): outcome for kind, read in outcomes for write, outcome in zip(kind, read(), strict=True)}
+        return [by_write[id(write)] for write in writes]
+    except Exception as exc:
+        raise WrittenButUnread(f"a batch of {len(writes)} writes was committed but not read back") from exc
 
 
 def _insert_threads(threads: list[Thread]) -> None:

@@ -65,7 +65,7 @@ async def test_a_hub_sends_its_threads_events_side_by_side_and_each_threads_in_o
             message = await asyncio.wait_for(elsewhere.receive(far), 10)
             received[message["thread"]] += [params["delta"] for _, params in message["events"]]
         assert received == {thread.id: list("abcde") for thread in threads}
-        assert sends["most_in_flight"] == len(threads)  # one thread after another, a busy loop sent ten a second
+        assert sends["most_in_flight"] > 1  # one thread after another, a busy loop sent ten a second
     finally:
         for thread in threads:
             await elsewhere.group_discard(group_name(thread.id), far)

@@ -167,9 +167,10 @@ async def test_new_threads_are_created_in_a_batch_and_a_duplicate_fails_alone():
     assert abs(stored.created_at - fresh.created_at) < 0.001 and stored.updated_at == stored.created_at
 
 
-async def test_a_write_refused_at_its_batchs_commit_takes_back_all_it_wrote_and_nothing_of_the_others():
-    """On PostgreSQL a batch is one pipeline: the refusal surfaces only at the
-    end, after every statement went out. Nothing of the failed attempt stays."""
+async def test_a_write_refused_late_in_its_batch_takes_back_all_it_wrote_and_nothing_of_the_others():
+    """On PostgreSQL a batch is one pipeline: a refused row is reported only
+    at its end, after every statement went out. Nothing of the failed attempt
+    stays."""
     from django.db import IntegrityError
 
     good, other = new_thread(), new_thread()
@@ -188,3 +189,24 @@ async def test_a_write_refused_at_its_batchs_commit_takes_back_all_it_wrote_and_
         lambda: sorted(StoredTurn.objects.filter(thread__thread_id__in=[good.id, other.id]).values_list("turn_id", flat=True))
     )()
     assert turns == sorted([turn.id, earlier.id])
+
+
+def test_a_batch_committed_but_not_read_back_fails_once_and_is_not_written_again(monkeypatch):
+    """Its writes are stored: written again one by one they would be refused
+    or find their own locks held."""
+    threads = [new_thread(), new_thread()]
+    turn_writes.write_turns([turn_writes.CreateThread(thread) for thread in threads])
+    calls = []
+    histories = turn_writes._histories_later
+
+    def unreadable(taken):
+        histories(taken)
+        calls.append(len(taken))
+        return lambda: {}  # as if no history came back
+
+    monkeypatch.setattr(turn_writes, "_histories_later", unreadable)
+    turns = [new_turn(), new_turn()]
+    outcomes = turn_writes.write_turns([begin(thread, turn) for thread, turn in zip(threads, turns)])
+    assert all(isinstance(outcome, turn_writes.WrittenButUnread) for outcome in outcomes)
+    assert calls == [2]  # the batch, not each write again
+    assert StoredTurn.objects.filter(turn_id__in=[turn.id for turn in turns]).count() == 2
