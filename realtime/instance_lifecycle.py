@@ -33,7 +33,7 @@ from .connection import live_connections
 from .services.telemetry import flush_at_shutdown
 from .thread_hub import stop_thread_hub
 from .thread_store import end_abandoned_turns
-from .turn_runner import background_endings_finished
+from .turn_runner import announce_lapsed_turn, background_endings_finished
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class ProcessLifecycle:
                 await self._close_dead_rows()
                 ended = await end_abandoned_turns()
                 if ended:
-                    logger.info("marked %d turn(s) of stopped processes interrupted", ended)
+                    logger.info("marked %d turn(s) of stopped processes interrupted", len(ended))
+                for thread_id, turn_id in ended:
+                    await announce_lapsed_turn(thread_id, turn_id, idle=True)
             except Exception as exc:  # the database is down: beat again later
                 logger.warning("heartbeat failed: %s", exc)
 

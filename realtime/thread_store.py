@@ -107,16 +107,26 @@ class DatabaseThreads:
     @staticmethod
     def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> Awaitable[tuple[list[dict[str, Any]], str, int] | None]:
+    ) -> Awaitable[tuple[list[dict[str, Any]], str, int, str | None] | None]:
         """Take the thread's turn lock and store the turn with its user message;
         ``model`` (the request's override) sticks for later turns.
 
         Gives the history to replay before it, the thread's model as stored
-        (another process may have changed it) and the turn's row key, or None when another
-        turn holds the lock. A lock that lapsed (its process died) is taken
-        over, and the turn it held is marked interrupted.
+        (another process may have changed it), the turn's row key and the
+        turn whose lapsed lock it took over, or None when another turn holds
+        the lock. A lock that lapsed (its process died) is taken over, and the
+        turn it held is marked interrupted.
         """
         return turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model))
+
+    @staticmethod
+    @database_sync_to_async
+    def turn(turn_id: str) -> Turn | None:
+        """One stored turn, with its items."""
+        row = StoredTurn.objects.filter(turn_id=turn_id).defer("model_input").first()
+        if row is None:
+            return None
+        return _turn_from_row(row, list(StoredItem.objects.filter(turn=row).order_by("position")))
 
     @staticmethod
     @database_sync_to_async
@@ -157,9 +167,9 @@ class DatabaseThreads:
 
 
 @database_sync_to_async
-def end_abandoned_turns() -> int:
+def end_abandoned_turns() -> list[tuple[str, str]]:
     """Turns left running by a process that died: their lock lapsed. Each is
-    marked interrupted and its thread freed; returns how many."""
+    marked interrupted and its thread freed; returns them, (thread id, turn id)."""
     with transaction.atomic():
         # Thread rows locked first, in primary-key order, as a batch of turn
         # writes locks them (realtime.turn_writes): the two never deadlock.
@@ -167,15 +177,15 @@ def end_abandoned_turns() -> int:
             StoredThread.objects.select_for_update()
             .filter(running_turn_id__isnull=False, lock_expires_at__lt=Now())
             .order_by("pk")
-            .values_list("pk", "running_turn_id")
+            .values_list("pk", "thread_id", "running_turn_id")
         )
         if not lapsed:
-            return 0
-        ended = mark_interrupted([turn_id for _, turn_id in lapsed])
-        StoredThread.objects.filter(pk__in=[pk for pk, _ in lapsed]).update(
+            return []
+        mark_interrupted([turn_id for _, _, turn_id in lapsed])
+        StoredThread.objects.filter(pk__in=[pk for pk, _, _ in lapsed]).update(
             running_turn_id=None, running_channel=None, lock_expires_at=None
         )
-    return ended
+    return [(thread_id, turn_id) for _, thread_id, turn_id in lapsed]
 
 
 class MemoryThreads:
@@ -192,12 +202,12 @@ class MemoryThreads:
     @staticmethod
     async def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> tuple[list[dict[str, Any]], str, None] | None:
+    ) -> tuple[list[dict[str, Any]], str, None, None] | None:
         if thread.active_turn is not None:
             return None
         history = thread.history(max_history_bytes)
         thread.turns.append(turn)
-        return history, model or thread.model, None
+        return history, model or thread.model, None, None
 
     @staticmethod
     async def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> bool:

@@ -42,10 +42,13 @@ class TurnContext:
     max_history_bytes: int
     lock_seconds: float
     output_schema: dict[str, Any] | None = None
+    taken_over: str | None = None  # the turn of a dead process whose lapsed lock this one took
 
 
 async def run_turn(turn_context: TurnContext) -> None:
     connection, thread, turn = turn_context.connection, turn_context.thread, turn_context.turn
+    if turn_context.taken_over is not None:  # its end is heard before this turn starts
+        await announce_lapsed_turn(thread.id, turn_context.taken_over, idle=False)
     # Every subscriber sees the turn; the one that started it sets the pace.
     notify = functools.partial(thread.notify, pace_setter=connection)
     notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
@@ -189,6 +192,28 @@ def _announce_end(thread: Thread, turn: Turn, notify) -> None:
     notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     thread_hub().release_if_unused(thread)
+
+
+async def announce_lapsed_turn(thread_id: str, turn_id: str, idle: bool) -> None:
+    """A turn whose process died was just stored interrupted (its lock
+    lapsed): every subscriber, on every process, hears it end, as it would
+    have from the turn's own process. ``idle``: no turn took the thread over
+    (its subscribers, the only ones who hear this, see it idle)."""
+    try:
+        turn = await DatabaseThreads.turn(turn_id)
+        thread = thread_hub().get(thread_id)
+        if thread is None:  # nobody here follows it: only the other processes' subscribers hear it
+            stored = await DatabaseThreads.load(thread_id)
+            thread = stored[0] if stored is not None else None
+        if turn is None or thread is None:
+            return
+        await thread_hub().ensure_started()
+    except Exception as exc:  # the database or the layer is down: they find it interrupted on reading
+        logger.warning("could not announce the end of turn %s of a stopped process: %s", turn_id, exc)
+        return
+    thread.notify("turn/completed", {"threadId": thread_id, "turn": turn.to_json()})
+    if idle:
+        thread.notify("thread/status/changed", {"threadId": thread_id, "status": {"type": "idle"}})
 
 
 def user_message(text_parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -456,19 +456,19 @@ def finish(
 
 def begin(
     starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> Callable[[], list[tuple[list[dict[str, Any]], str, int] | None]]:
+) -> Callable[[], list[tuple[list[dict[str, Any]], str, int, str | None] | None]]:
     """Take each thread's lock and store its turn: (history to replay, the
-    thread's model, the turn's row key), or None where another turn holds the
-    lock; to read once committed."""
+    thread's model, the turn's row key, the turn whose lapsed lock it took
+    over), or None where another turn holds the lock; to read once committed."""
     now_sql, now_params = now
     taken: list[tuple[BeginTurn, _ThreadRow]] = []
-    lapsed_turns: list[str] = []
+    lapsed_turns: dict[int, str] = {}  # by start: the turn whose lapsed lock it takes over
     for start in starts:
         row = rows.get(start.thread.id)
         if row is None or row.held:
             continue
         if row.running_turn_id:
-            lapsed_turns.append(row.running_turn_id)
+            lapsed_turns[id(start)] = row.running_turn_id
         row.running_turn_id, row.held = start.turn.id, True
         row.model = start.model or row.model
         row.preview = row.preview or start.thread.preview
@@ -492,14 +492,16 @@ def begin(
             ],
         )
     if lapsed_turns:
-        mark_interrupted(lapsed_turns)
+        mark_interrupted(list(lapsed_turns.values()))
     turn_pks = _insert_turns(taken)
     _insert_first_items(taken)
     histories = _histories_later(taken)
 
-    def begun() -> list[tuple[list[dict[str, Any]], str, int] | None]:
+    def begun() -> list[tuple[list[dict[str, Any]], str, int, str | None] | None]:
         pks, earlier = turn_pks(), histories()
-        by_start = {id(start): (earlier[row.pk], row.model, pks[start.turn.id]) for start, row in taken}
+        by_start = {
+            id(start): (earlier[row.pk], row.model, pks[start.turn.id], lapsed_turns.get(id(start))) for start, row in taken
+        }
         return [by_start.get(id(start)) for start in starts]
 
     return begun

@@ -120,7 +120,7 @@ async def test_a_process_killed_mid_turn_frees_its_thread_when_the_lock_lapses(p
         async with client_of(doomed, "codex_vscode") as desktop:
             thread = await desktop.start_thread()
             await phone.call("thread/resume", {"threadId": thread})
-            await desktop.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:100"}]})
+            dead = await desktop.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:100"}]})
             await phone.notification("item/agentMessage/delta", threadId=thread)
             doomed.process.send_signal(signal.SIGKILL)
             doomed.process.wait()
@@ -132,7 +132,33 @@ async def test_a_process_killed_mid_turn_frees_its_thread_when_the_lock_lapses(p
         while "error" in (answer := await phone.request("turn/start", start)):
             assert loop.time() < deadline, "the dead process's lock never lapsed"
             await asyncio.sleep(0.2)
+        # The dead turn's end is heard (whoever stored it), before the next turn starts.
+        ended_or_started = await phone.wait_for(
+            lambda m: (m.get("method") == "turn/completed" and m["params"]["turn"]["id"] == dead["turn"]["id"])
+            or (m.get("method") == "turn/started" and m["params"]["turn"]["id"] == answer["result"]["turn"]["id"])
+        )
+        assert ended_or_started["method"] == "turn/completed"
+        assert ended_or_started["params"]["turn"]["status"] == "interrupted"
         assert (await turn_ended(phone, answer["result"]["turn"]["id"]))["status"] == "completed"
         read = await phone.call("thread/read", {"threadId": thread, "includeTurns": True})
         assert [t["status"] for t in read["thread"]["turns"]] == ["interrupted", "completed"]
         assert answer["result"]["turn"]["id"] == read["thread"]["turns"][1]["id"]
+
+
+
+async def test_subscribers_elsewhere_hear_a_dead_processs_turn_end_once_its_lock_lapses(postgres_database, daphne_server):  # noqa: F811
+    """Nobody starts a turn: a live process's heartbeat stores the dead turn
+    interrupted and tells every subscriber, as the dead process would have."""
+    fast = {"REDIS_URL": REDIS_URL, "CODEX_TURN_LOCK_SECONDS": "3", "CODEX_HEARTBEAT_INTERVAL": "1", "CODEX_HEARTBEAT_TIMEOUT": "3"}
+    doomed, survivor = daphne_server(postgres_database, **fast), daphne_server(postgres_database, **fast)
+    async with client_of(survivor, "codex_ios") as phone:
+        async with client_of(doomed, "codex_vscode") as desktop:
+            thread = await desktop.start_thread()
+            await phone.call("thread/resume", {"threadId": thread})
+            dead = await desktop.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:100"}]})
+            await phone.notification("item/agentMessage/delta", threadId=thread)
+            doomed.process.send_signal(signal.SIGKILL)
+            doomed.process.wait()
+        ended = await turn_ended(phone, dead["turn"]["id"], timeout=3 + 1 + 3)  # the lock, a heartbeat, a margin
+        assert ended["status"] == "interrupted" and ended["items"][0]["type"] == "userMessage"
+        await phone.notification("thread/status/changed", threadId=thread, status={"type": "idle"})

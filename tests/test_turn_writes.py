@@ -64,7 +64,7 @@ async def test_an_end_and_the_next_start_in_one_batch_find_the_thread_free_and_t
         [begin(thread, second), turn_writes.FinishTurn(thread, ended(first, "earlier words"), 1)]
     )
     assert totals["totalTokens"] == 15
-    history, _, _ = begun
+    history, *_ = begun
     assert history == first.model_input  # the end, written first in the batch, is replayed
 
 
@@ -88,7 +88,8 @@ async def test_a_lapsed_lock_is_taken_over_in_a_batch_and_its_turn_ends_interrup
     dead = new_turn()
     await write_in_one_batch([turn_writes.BeginTurn(thread, dead, "gone", -1, 1 << 20, None)])  # lapsed at once
     taker = new_turn()
-    assert (await write_in_one_batch([begin(thread, taker)]))[0] is not None
+    (begun,) = await write_in_one_batch([begin(thread, taker)])
+    assert begun[3] == dead.id  # whose end the taker's subscribers are to hear
     statuses = dict(
         await database_sync_to_async(
             lambda: list(StoredTurn.objects.filter(thread__thread_id=thread.id).values_list("turn_id", "status"))
@@ -110,7 +111,7 @@ async def test_history_is_bounded_newest_first_across_threads_of_one_batch():
     outcomes = await write_in_one_batch(
         [turn_writes.BeginTurn(thread, new_turn(), "channel", 30, bound, None) for thread in (short, long)]
     )
-    texts = [[item["content"][0]["text"] for item in history] for history, _, _ in outcomes]
+    texts = [[item["content"][0]["text"] for item in history] for history, *_ in outcomes]
     assert texts == [["a"], ["two", "three"]]
     assert await database_sync_to_async(lambda: StoredThread.objects.filter(running_turn_id__isnull=False).count())() == 2
 

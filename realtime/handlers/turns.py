@@ -99,7 +99,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         raise
     if begun is None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
-    history, thread.model, turn.row_id = begun
+    history, thread.model, turn.row_id, taken_over = begun
     thread.active_turn = turn
     hub.hold(thread)
     thread.touch()
@@ -116,6 +116,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
         lock_seconds=settings.CODEX_TURN_LOCK_SECONDS,
         output_schema=output_schema,
+        taken_over=taken_over,
     )
 
     connection = context.connection
