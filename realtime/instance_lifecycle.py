@@ -31,9 +31,9 @@ from identity.http_clients import client_factory
 from . import turn_writes
 from .connection import live_connections
 from .services.telemetry import flush_at_shutdown
-from .thread_hub import stop_thread_hub
+from .thread_hub import stop_thread_hub, thread_hub
 from .thread_store import end_abandoned_turns
-from .turn_runner import announce_lapsed_turn, background_endings_finished
+from .turn_runner import announce_dead_processes_turn, background_endings_finished
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,23 @@ class ProcessLifecycle:
                 ended = await end_abandoned_turns()
                 if ended:
                     logger.info("marked %d turn(s) of stopped processes interrupted", len(ended))
-                for thread_id, turn_id in ended:
-                    await announce_lapsed_turn(thread_id, turn_id, idle=True)
+                    await self._announce(ended)
             except Exception as exc:  # the database is down: beat again later
                 logger.warning("heartbeat failed: %s", exc)
+
+    @staticmethod
+    async def _announce(ended) -> None:
+        """Each stored end told at once, before a new turn of its thread can
+        start here; a failure never stops the heartbeat."""
+        try:
+            await thread_hub().ensure_started()  # this process may have followed no thread yet
+        except Exception as exc:  # the layer is down: subscribers elsewhere find the ends on reading
+            logger.warning("could not announce %d turn(s) of stopped processes: %s", len(ended), exc)
+        for thread, turn in ended:
+            try:
+                announce_dead_processes_turn(thread, turn, idle=True)
+            except Exception:
+                logger.exception("could not announce the end of turn %s", turn.id)
 
     async def shut_down(self) -> None:
         """At server shutdown, within SHUTDOWN_SECONDS: stop every connection's

@@ -26,7 +26,7 @@ from identity.actions import database_sync_to_async
 
 from . import turn_writes
 from .models import StoredItem, StoredThread, StoredTurn
-from .threads import ItemRecord, Thread, Turn
+from .threads import IN_PROGRESS, ItemRecord, Thread, Turn
 from .turn_writes import BeginTurn, CreateThread, FinishTurn, lock_until, mark_interrupted, with_lock_state
 
 
@@ -167,9 +167,10 @@ class DatabaseThreads:
 
 
 @database_sync_to_async
-def end_abandoned_turns() -> list[tuple[str, str]]:
+def end_abandoned_turns() -> list[tuple[Thread, Turn]]:
     """Turns left running by a process that died: their lock lapsed. Each is
-    marked interrupted and its thread freed; returns them, (thread id, turn id)."""
+    marked interrupted and its thread freed; returns those it marked, as now
+    stored (read in the same transaction: they can be announced at once)."""
     with transaction.atomic():
         # Thread rows locked first, in primary-key order, as a batch of turn
         # writes locks them (realtime.turn_writes): the two never deadlock.
@@ -177,15 +178,21 @@ def end_abandoned_turns() -> list[tuple[str, str]]:
             StoredThread.objects.select_for_update()
             .filter(running_turn_id__isnull=False, lock_expires_at__lt=Now())
             .order_by("pk")
-            .values_list("pk", "thread_id", "running_turn_id")
         )
         if not lapsed:
             return []
-        mark_interrupted([turn_id for _, _, turn_id in lapsed])
-        StoredThread.objects.filter(pk__in=[pk for pk, _, _ in lapsed]).update(
+        running = StoredTurn.objects.filter(turn_id__in=[row.running_turn_id for row in lapsed], status=IN_PROGRESS)
+        marked = set(running.values_list("turn_id", flat=True))  # a turn whose end was stored is not announced again
+        mark_interrupted(list(marked))
+        StoredThread.objects.filter(pk__in=[row.pk for row in lapsed]).update(
             running_turn_id=None, running_channel=None, lock_expires_at=None
         )
-    return [(thread_id, turn_id) for _, thread_id, turn_id in lapsed]
+        turns = list(StoredTurn.objects.filter(turn_id__in=marked).defer("model_input"))
+        items: dict[int, list[StoredItem]] = {row.pk: [] for row in turns}
+        for item in StoredItem.objects.filter(turn__in=turns).order_by("turn_id", "position"):
+            items[item.turn_id].append(item)
+    threads = {row.pk: _thread_from_row(row) for row in lapsed}
+    return [(threads[row.thread_id], _turn_from_row(row, items[row.pk])) for row in turns]
 
 
 class MemoryThreads:

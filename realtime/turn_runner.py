@@ -48,7 +48,7 @@ class TurnContext:
 async def run_turn(turn_context: TurnContext) -> None:
     connection, thread, turn = turn_context.connection, turn_context.thread, turn_context.turn
     if turn_context.taken_over is not None:  # its end is heard before this turn starts
-        await announce_lapsed_turn(thread.id, turn_context.taken_over, idle=False)
+        await _announce_taken_over(thread, turn_context.taken_over)
     # Every subscriber sees the turn; the one that started it sets the pace.
     notify = functools.partial(thread.notify, pace_setter=connection)
     notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
@@ -175,8 +175,9 @@ def end_in_background(coro) -> None:
 
 
 def release_abandoned(thread: Thread, turn: Turn, store) -> None:
-    """The request that took the lock was cancelled (its client left) before
-    the turn could start: store it interrupted and free the thread."""
+    """The request that took the lock will not start the turn (its client
+    left, or what its batch returned was lost): store it interrupted and free
+    the thread."""
     turn.finish(INTERRUPTED, None)
     end_in_background(store.finish_turn(thread, turn, first_new_item=1))
 
@@ -194,26 +195,26 @@ def _announce_end(thread: Thread, turn: Turn, notify) -> None:
     thread_hub().release_if_unused(thread)
 
 
-async def announce_lapsed_turn(thread_id: str, turn_id: str, idle: bool) -> None:
+def announce_dead_processes_turn(thread: Thread, turn: Turn, idle: bool) -> None:
     """A turn whose process died was just stored interrupted (its lock
     lapsed): every subscriber, on every process, hears it end, as it would
     have from the turn's own process. ``idle``: no turn took the thread over
     (its subscribers, the only ones who hear this, see it idle)."""
+    local = thread_hub().get(thread.id)
+    thread = local or thread  # not followed here: only the other processes' subscribers hear it
+    thread.notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
+    if idle and thread.active_turn is None:
+        thread.notify("thread/status/changed", {"threadId": thread.id, "status": {"type": "idle"}})
+
+
+async def _announce_taken_over(thread: Thread, turn_id: str) -> None:
     try:
         turn = await DatabaseThreads.turn(turn_id)
-        thread = thread_hub().get(thread_id)
-        if thread is None:  # nobody here follows it: only the other processes' subscribers hear it
-            stored = await DatabaseThreads.load(thread_id)
-            thread = stored[0] if stored is not None else None
-        if turn is None or thread is None:
-            return
-        await thread_hub().ensure_started()
-    except Exception as exc:  # the database or the layer is down: they find it interrupted on reading
+    except Exception as exc:  # the database is down: they find it interrupted on reading
         logger.warning("could not announce the end of turn %s of a stopped process: %s", turn_id, exc)
         return
-    thread.notify("turn/completed", {"threadId": thread_id, "turn": turn.to_json()})
-    if idle:
-        thread.notify("thread/status/changed", {"threadId": thread_id, "status": {"type": "idle"}})
+    if turn is not None:
+        announce_dead_processes_turn(thread, turn, idle=False)
 
 
 def user_message(text_parts: list[dict[str, Any]]) -> dict[str, Any]:

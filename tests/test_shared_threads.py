@@ -113,9 +113,27 @@ async def test_two_turns_started_at_once_on_two_processes_run_one(postgres_datab
     assert [status for _, status in stored_turns(postgres_database)] == ["completed"]
 
 
-async def test_a_process_killed_mid_turn_frees_its_thread_when_the_lock_lapses(postgres_database, daphne_server):  # noqa: F811
-    fast = {"REDIS_URL": REDIS_URL, "CODEX_TURN_LOCK_SECONDS": "3", "CODEX_HEARTBEAT_INTERVAL": "1", "CODEX_HEARTBEAT_TIMEOUT": "3"}
-    doomed, survivor = daphne_server(postgres_database, **fast), daphne_server(postgres_database, **fast)
+LOCK_SECONDS = 3  # for the two tests below: a dead process's lock lapses soon
+
+
+@contextlib.asynccontextmanager
+async def a_turn_whose_process_dies(postgres_database, daphne_server, swept_elsewhere: bool = False):  # noqa: F811
+    """A thread followed by a phone on one process, its turn running on
+    another process, killed (-9) mid-turn: yields (phone, thread, dead turn id).
+    ``swept_elsewhere``: the phone's process never sweeps (a slow heartbeat);
+    a third process, followed by nobody, does."""
+    fast = {
+        "REDIS_URL": REDIS_URL,
+        "CODEX_TURN_LOCK_SECONDS": str(LOCK_SECONDS),
+        "CODEX_HEARTBEAT_INTERVAL": "1",
+        "CODEX_HEARTBEAT_TIMEOUT": "3",
+    }
+    doomed = daphne_server(postgres_database, **fast)
+    if swept_elsewhere:
+        daphne_server(postgres_database, **fast)
+        survivor = daphne_server(postgres_database, **fast | {"CODEX_HEARTBEAT_INTERVAL": "600", "CODEX_HEARTBEAT_TIMEOUT": "1800"})
+    else:
+        survivor = daphne_server(postgres_database, **fast)
     async with client_of(survivor, "codex_ios") as phone:
         async with client_of(doomed, "codex_vscode") as desktop:
             thread = await desktop.start_thread()
@@ -124,17 +142,21 @@ async def test_a_process_killed_mid_turn_frees_its_thread_when_the_lock_lapses(p
             await phone.notification("item/agentMessage/delta", threadId=thread)
             doomed.process.send_signal(signal.SIGKILL)
             doomed.process.wait()
+        yield phone, thread, dead["turn"]["id"]
 
+
+async def test_a_process_killed_mid_turn_frees_its_thread_when_the_lock_lapses(postgres_database, daphne_server):  # noqa: F811
+    async with a_turn_whose_process_dies(postgres_database, daphne_server) as (phone, thread, dead_turn):
         start = {"threadId": thread, "input": [{"type": "text", "text": "after the crash"}]}
         assert (await phone.request("turn/start", start))["error"]["message"] == "Turn already in progress"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 3 + 2  # the lock's expiry, and a margin
+        deadline = loop.time() + LOCK_SECONDS + 2  # the lock's expiry, and a margin
         while "error" in (answer := await phone.request("turn/start", start)):
             assert loop.time() < deadline, "the dead process's lock never lapsed"
             await asyncio.sleep(0.2)
         # The dead turn's end is heard (whoever stored it), before the next turn starts.
         ended_or_started = await phone.wait_for(
-            lambda m: (m.get("method") == "turn/completed" and m["params"]["turn"]["id"] == dead["turn"]["id"])
+            lambda m: (m.get("method") == "turn/completed" and m["params"]["turn"]["id"] == dead_turn)
             or (m.get("method") == "turn/started" and m["params"]["turn"]["id"] == answer["result"]["turn"]["id"])
         )
         assert ended_or_started["method"] == "turn/completed"
@@ -145,20 +167,12 @@ async def test_a_process_killed_mid_turn_frees_its_thread_when_the_lock_lapses(p
         assert answer["result"]["turn"]["id"] == read["thread"]["turns"][1]["id"]
 
 
-
 async def test_subscribers_elsewhere_hear_a_dead_processs_turn_end_once_its_lock_lapses(postgres_database, daphne_server):  # noqa: F811
-    """Nobody starts a turn: a live process's heartbeat stores the dead turn
-    interrupted and tells every subscriber, as the dead process would have."""
-    fast = {"REDIS_URL": REDIS_URL, "CODEX_TURN_LOCK_SECONDS": "3", "CODEX_HEARTBEAT_INTERVAL": "1", "CODEX_HEARTBEAT_TIMEOUT": "3"}
-    doomed, survivor = daphne_server(postgres_database, **fast), daphne_server(postgres_database, **fast)
-    async with client_of(survivor, "codex_ios") as phone:
-        async with client_of(doomed, "codex_vscode") as desktop:
-            thread = await desktop.start_thread()
-            await phone.call("thread/resume", {"threadId": thread})
-            dead = await desktop.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:100"}]})
-            await phone.notification("item/agentMessage/delta", threadId=thread)
-            doomed.process.send_signal(signal.SIGKILL)
-            doomed.process.wait()
-        ended = await turn_ended(phone, dead["turn"]["id"], timeout=3 + 1 + 3)  # the lock, a heartbeat, a margin
+    """Nobody starts a turn: another live process's heartbeat stores the dead
+    turn interrupted and tells every subscriber, on every process, as the
+    dead process would have."""
+    dying = a_turn_whose_process_dies(postgres_database, daphne_server, swept_elsewhere=True)
+    async with dying as (phone, thread, dead_turn):
+        ended = await turn_ended(phone, dead_turn, timeout=LOCK_SECONDS + 1 + 3)  # the lock, a heartbeat, a margin
         assert ended["status"] == "interrupted" and ended["items"][0]["type"] == "userMessage"
         await phone.notification("thread/status/changed", threadId=thread, status={"type": "idle"})

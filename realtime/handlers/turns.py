@@ -14,6 +14,7 @@ from ..thread_hub import thread_hub
 from ..thread_store import store_for
 from ..threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
 from ..turn_runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
+from ..turn_writes import WrittenButUnread
 
 
 def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -96,6 +97,9 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     except asyncio.CancelledError:
         # The client left while the lock was being taken: never leave it held.
         begin.add_done_callback(lambda done: _release_if_taken(done, thread, turn, store))
+        raise
+    except WrittenButUnread:
+        release_abandoned(thread, turn, store)  # the lock and the turn were written: free them
         raise
     if begun is None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
