@@ -213,7 +213,7 @@ async def _announce_taken_over(thread: Thread, turn_id: str) -> None:
     except Exception as exc:  # the database is down: they find it interrupted on reading
         logger.warning("could not announce the end of turn %s of a stopped process: %s", turn_id, exc)
         return
-    if turn is not None:
+    if turn is not None and turn.status == INTERRUPTED:  # not a turn whose end its process had stored
         announce_dead_processes_turn(thread, turn, idle=False)
 
 
