@@ -67,6 +67,16 @@ def _running(row: StoredThread) -> bool:
     return bool(row.lock_held)
 
 
+def _with_items(rows) -> list[Turn]:
+    """The turns of a query of stored turns, in its order, each with its items
+    (one query for all of them)."""
+    turns = list(rows.defer("model_input"))
+    items: dict[int, list[StoredItem]] = {row.pk: [] for row in turns}
+    for item in StoredItem.objects.filter(turn__in=turns).order_by("turn_id", "position"):
+        items[item.turn_id].append(item)
+    return [_turn_from_row(row, items[row.pk]) for row in turns]
+
+
 class DatabaseThreads:
     """Every non-ephemeral thread, in the database."""
 
@@ -96,13 +106,7 @@ class DatabaseThreads:
     @database_sync_to_async
     def turns(thread: Thread) -> list[Turn]:
         """Every turn of the thread, oldest first, with its items."""
-        rows = list(
-            StoredTurn.objects.filter(thread__thread_id=thread.id).defer("model_input").order_by("started_at_ms", "id")
-        )
-        items: dict[int, list[StoredItem]] = {row.pk: [] for row in rows}
-        for item in StoredItem.objects.filter(turn__in=[row.pk for row in rows]).order_by("turn_id", "position"):
-            items[item.turn_id].append(item)
-        return [_turn_from_row(row, items[row.pk]) for row in rows]
+        return _with_items(StoredTurn.objects.filter(thread__thread_id=thread.id).order_by("started_at_ms", "id"))
 
     @staticmethod
     def begin_turn(
@@ -123,10 +127,8 @@ class DatabaseThreads:
     @database_sync_to_async
     def turn(turn_id: str) -> Turn | None:
         """One stored turn, with its items."""
-        row = StoredTurn.objects.filter(turn_id=turn_id).defer("model_input").first()
-        if row is None:
-            return None
-        return _turn_from_row(row, list(StoredItem.objects.filter(turn=row).order_by("position")))
+        found = _with_items(StoredTurn.objects.filter(turn_id=turn_id))
+        return found[0] if found else None
 
     @staticmethod
     @database_sync_to_async
@@ -187,12 +189,9 @@ def end_abandoned_turns() -> list[tuple[Thread, Turn]]:
         StoredThread.objects.filter(pk__in=[row.pk for row in lapsed]).update(
             running_turn_id=None, running_channel=None, lock_expires_at=None
         )
-        turns = list(StoredTurn.objects.filter(turn_id__in=marked).defer("model_input"))
-        items: dict[int, list[StoredItem]] = {row.pk: [] for row in turns}
-        for item in StoredItem.objects.filter(turn__in=turns).order_by("turn_id", "position"):
-            items[item.turn_id].append(item)
-    threads = {row.pk: _thread_from_row(row) for row in lapsed}
-    return [(threads[row.thread_id], _turn_from_row(row, items[row.pk])) for row in turns]
+        turns = _with_items(StoredTurn.objects.filter(turn_id__in=marked))
+    threads = {row.running_turn_id: _thread_from_row(row) for row in lapsed}  # as read before they were freed
+    return [(threads[turn.id], turn) for turn in turns]
 
 
 class MemoryThreads:
