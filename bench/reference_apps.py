@@ -3,7 +3,9 @@
 - ``baseline_relay``: a minimal Channels consumer that relays the same
   upstream stream and sends the same notifications, with ONE process-global
   httpx client and no identity at all: no validation, no per-connection
-  headers, no scope, no database row, no telemetry.
+  headers, no scope, no database row, no telemetry. Its client has the
+  server's transport and pool limits (httpx-aiohttp), so the comparison
+  measures identity, not a transport.
 - ``echo``: a bare Channels consumer that sends every frame back.
 
 Served with ``daphne bench.reference_apps:baseline_relay`` (or ``:echo``);
@@ -22,7 +24,10 @@ django.setup()
 
 import httpx  # noqa: E402
 from channels.generic.websocket import AsyncWebsocketConsumer  # noqa: E402
+from httpx_aiohttp import AiohttpTransport  # noqa: E402
 from httpx_sse import aconnect_sse  # noqa: E402
+
+from identity.http_clients import DEFAULT_LIMITS  # noqa: E402
 
 _shared_client: httpx.AsyncClient | None = None  # the global the real server refuses to have
 
@@ -30,7 +35,9 @@ _shared_client: httpx.AsyncClient | None = None  # the global the real server re
 def shared_client() -> httpx.AsyncClient:
     global _shared_client
     if _shared_client is None:
-        _shared_client = httpx.AsyncClient(base_url=os.environ["CODEX_API_BASE_URL"], timeout=300)
+        _shared_client = httpx.AsyncClient(
+            base_url=os.environ["CODEX_API_BASE_URL"], timeout=300, transport=AiohttpTransport(limits=DEFAULT_LIMITS)
+        )
     return _shared_client
 
 

@@ -31,3 +31,7 @@ class LoopLocal(Generic[T]):
     def peek(self) -> T | None:
         """The running loop's value if it was ever made."""
         return self._values.get(asyncio.get_running_loop())
+
+    def pop(self) -> T | None:
+        """Forget the running loop's value (the next ``get`` makes a new one); returns it."""
+        return self._values.pop(asyncio.get_running_loop(), None)

@@ -4,8 +4,14 @@ httpx's own split: the client is policy (base URL, the identity's default
 headers, timeouts), the transport moves bytes and owns the pool. Every
 identity gets its own client, so headers can never come from another
 connection; all of them share one pool and one SSL context, so a new
-connection costs no TLS set-up. httpcore pools belong to one event loop, hence
-one transport per running loop.
+connection costs no TLS set-up.
+
+The transport is httpx-aiohttp's: aiohttp's connection pool and its C HTTP
+parser under httpx's API. httpcore's pool walks every pooled connection each
+time it places or frees a request (quadratic in concurrent streams) and h11
+parses each chunk in Python: with httpcore, half of a turn's CPU went there
+(docs/PERFORMANCE.md). A pool belongs to one event loop, hence one transport
+per running loop.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from functools import lru_cache
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from codexserver.loop_local import LoopLocal
 
@@ -25,10 +32,9 @@ from .headers import build_outbound_headers
 # A short pool timeout: a saturated pool fails a call quickly instead of
 # holding it for minutes behind other connections' streams.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=10.0)
-# httpcore scans every pooled connection each time it places a request, so
-# idle keep-alive connections cost CPU on every call: keep few of them
-# (measured: 256 idle made a turn twice as slow at 50 connections).
-DEFAULT_LIMITS = httpx.Limits(max_connections=2048, max_keepalive_connections=20)
+# Connections at once, streaming or idle; a call past it waits for one (at
+# most the pool timeout). Idle ones close after httpx's keep-alive expiry.
+DEFAULT_LIMITS = httpx.Limits(max_connections=2048)
 _CLIENT_CACHE_SIZE = 4096
 
 
@@ -55,9 +61,7 @@ class IdentityClientFactory:
     """Builds (and caches) one AsyncClient per identity and upstream."""
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None):
-        self._transport = transport or httpx.AsyncHTTPTransport(
-            verify=shared_ssl_context(), limits=DEFAULT_LIMITS
-        )
+        self._transport = transport or AiohttpTransport(verify=shared_ssl_context(), limits=DEFAULT_LIMITS)
         self._borrowed = _BorrowedTransport(self._transport)
         self._clients: OrderedDict[tuple, httpx.AsyncClient] = OrderedDict()
 
@@ -103,3 +107,12 @@ _factories: LoopLocal[IdentityClientFactory] = LoopLocal(IdentityClientFactory)
 def client_factory() -> IdentityClientFactory:
     """The factory of the running event loop (one pool per loop)."""
     return _factories.get()
+
+
+async def close_client_factory() -> None:
+    """At shutdown (and at the end of each test's event loop): close this
+    loop's pool if one was made. A pool left open is reported when collected
+    (aiohttp's "Unclosed client session"); a call after this gets a new one."""
+    factory = _factories.pop()
+    if factory is not None:
+        await factory.aclose()

@@ -26,7 +26,7 @@ from identity.actions import (
     record_boot_stopped,
     record_heartbeat,
 )
-from identity.http_clients import client_factory
+from identity.http_clients import close_client_factory
 
 from . import turn_writes
 from .connection import live_connections
@@ -136,7 +136,7 @@ class ProcessLifecycle:
             logger.info("shutting down: closed %d open connection row(s)", closed)
         finally:
             await flush_at_shutdown()
-            await client_factory().aclose()
+            await close_client_factory()
 
 
 async def _turn_ends_written() -> None:

@@ -10,9 +10,11 @@ from channels.testing import WebsocketCommunicator
 from django.db import connections
 
 from codexserver.devtools.local_upstream import UpstreamServer
-from codexserver.devtools.server_process import PROJECT_DIR, ServerProcess, migrate
 from codexserver.devtools.rpc_client import RpcClient
+from codexserver.devtools.server_process import PROJECT_DIR, ServerProcess, migrate
 from identity.actions import close_row_writer_connections
+from identity.http_clients import close_client_factory
+from realtime.services.telemetry import flush_at_shutdown
 from realtime.thread_hub import stop_thread_hub
 from tests.rpc_client import CommunicatorClient
 from tests.wire_schema import schema_errors
@@ -102,7 +104,10 @@ async def connect(application):
         await client.close()
         with contextlib.suppress(Exception):
             await client.communicator.disconnect()
-    await stop_thread_hub()  # as the server's shutdown does: this test's event loop ends here
+    # As the server's shutdown does: this test's event loop ends here.
+    await stop_thread_hub()
+    await flush_at_shutdown()
+    await close_client_factory()
 
 
 def server_env(upstream: UpstreamServer, database_url: str, **extra: str) -> dict[str, str]:

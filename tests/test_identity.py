@@ -151,8 +151,7 @@ async def test_clients_per_identity_share_one_transport_and_ssl_context():
     assert ios.headers["originator"] == "codex_ios" and backend.headers["originator"] == "codex_cli_rs"
     assert ios._transport._transport is backend._transport._transport
     assert factory is client_factory()
-    pool = ios._transport._transport._pool
-    assert pool._ssl_context is shared_ssl_context()
+    assert ios._transport._transport.ssl_context is shared_ssl_context()
 
 
 async def test_closing_an_identity_client_leaves_the_shared_pool_open():

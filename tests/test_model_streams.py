@@ -4,7 +4,6 @@ receives for each (PROTOCOL §10). Every notification also passes the schema."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest

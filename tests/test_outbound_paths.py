@@ -4,9 +4,10 @@ import asyncio
 
 import pytest
 
-from identity.client_identity import ClientIdentity
-from realtime.services.telemetry import TelemetrySender, analytics_event
 from codexserver.devtools.server_process import free_port
+from identity.client_identity import ClientIdentity
+from identity.http_clients import close_client_factory
+from realtime.services.telemetry import TelemetrySender, analytics_event
 from tests.conftest import TEST_API_KEY
 from tests.rpc_client import backend_then_ios
 from tests.test_upstream_faults import FAULTS
@@ -255,6 +256,7 @@ async def test_a_burst_from_ten_identities_never_mixes_a_batch(upstream, setting
         for identity in identities:
             sender.record(identity, analytics_event(identity, "codex_turn_completed", f"t-{round_}"))
     await sender.aclose()
+    await close_client_factory()
     records = upstream.requests("/events")
     assert sum(len(r.body["events"]) for r in records) == 200 == sender.sent
     for record in records:
@@ -272,6 +274,7 @@ async def test_a_full_telemetry_buffer_drops_the_oldest_and_counts(upstream):
         sender.record(identity, analytics_event(identity, "codex_turn_completed", f"t{i}"))
     assert sender.dropped == 3
     await sender.aclose()
+    await close_client_factory()
     [record] = upstream.requests("/events")
     assert [e["event_params"]["thread_id"] for e in record.body["events"]] == ["t3", "t4", "t5", "t6", "t7"]
 

@@ -14,6 +14,7 @@ FAULTS = {
     "fail:503": "serverOverloaded",
     "fail:500": {"responseTooManyFailedAttempts": {"httpStatusCode": 500}},
     "cut": {"responseStreamDisconnected": {"httpStatusCode": None}},
+    "hangup": {"responseStreamDisconnected": {"httpStatusCode": None}},
     "response-failed": "serverOverloaded",
 }
 

@@ -7,6 +7,7 @@ chosen by the user's text, so tests script faults without mocking anything:
 
     "fail:401"        answer 401 (any status; "fail:500x2" fails twice, then streams)
     "cut"             stream two deltas, then drop the connection
+    "hangup"          drop the connection before answering
     "slow:N"          stream N deltas 0.1 s apart (for interrupts and disconnects)
     "flood:N:SIZE"    stream N deltas of SIZE characters as fast as possible
     "response-failed" stream a response.failed event (server_is_overloaded)
@@ -287,6 +288,9 @@ class UpstreamServer:
             return web.json_response(
                 {"error": {"message": f"scripted {status} for {echoed}", "code": "scripted"}}, status=status
             )
+        if re.search(r"\bhangup\b", text):
+            request.transport.close()
+            return web.Response(status=499)  # never sent: the connection is gone
         events, delay, cut = self._plan(text)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -347,6 +351,9 @@ class UpstreamServer:
         status = self._scripted_failure(text)
         if status is not None:
             await ws.send_json({"type": "error", "status": status, "error": {"message": f"scripted {status}"}})
+            return
+        if re.search(r"\bhangup\b", text):
+            await ws.close()
             return
         events, delay, cut = self._plan(text)
         deltas = 0

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_sse import SSEError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -166,7 +167,21 @@ async def http_failures() -> AsyncIterator[None]:
     try:
         yield
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise connection_failed(exc, _request_url(exc)) from exc
+        if _never_connected(exc):
+            raise connection_failed(exc.__cause__ or exc, _request_url(exc)) from exc
+        raise stream_disconnected(type(exc.__cause__).__name__) from exc
     except (httpx.TransportError, SSEError) as exc:
         # Read timeouts, resets and truncated chunks: the stream was cut.
         raise stream_disconnected(type(exc).__name__) from exc
+
+
+
+def _never_connected(exc: httpx.TransportError) -> bool:
+    """httpx-aiohttp (identity/http_clients.py) reports every aiohttp
+    connection error as ConnectTimeout, a server hanging up or a reset after
+    connecting too: only aiohttp's failures to connect (refused, unresolved,
+    timed out) are."""
+    cause = exc.__cause__
+    if not isinstance(cause, aiohttp.ClientError):
+        return True
+    return isinstance(cause, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
