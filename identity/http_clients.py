@@ -21,6 +21,7 @@ from collections import OrderedDict
 from functools import lru_cache
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -44,6 +45,17 @@ def shared_ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def _shared_session() -> aiohttp.ClientSession:
+    """The pool under every identity's client (made on first use, in its loop)."""
+    connector = aiohttp.TCPConnector(
+        ssl=shared_ssl_context(), limit=DEFAULT_LIMITS.max_connections, keepalive_timeout=DEFAULT_LIMITS.keepalive_expiry
+    )
+    # No cookie jar: a session's jar is shared by everyone using it, so a
+    # cookie one identity's reply set (an API edge's __cf_bm, say) would ride
+    # on every other identity's requests.
+    return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+
 class _BorrowedTransport(httpx.AsyncBaseTransport):
     """Lends the shared transport to a client; closing the client leaves it open."""
 
@@ -61,7 +73,7 @@ class IdentityClientFactory:
     """Builds (and caches) one AsyncClient per identity and upstream."""
 
     def __init__(self, transport: httpx.AsyncBaseTransport | None = None):
-        self._transport = transport or AiohttpTransport(verify=shared_ssl_context(), limits=DEFAULT_LIMITS)
+        self._transport = transport or AiohttpTransport(verify=shared_ssl_context(), client=_shared_session)
         self._borrowed = _BorrowedTransport(self._transport)
         self._clients: OrderedDict[tuple, httpx.AsyncClient] = OrderedDict()
 
@@ -81,8 +93,10 @@ class IdentityClientFactory:
                 headers=build_outbound_headers(identity, bearer_token=bearer_token),
                 # Clients are shared by equal identities of different
                 # connections: a cookie one upstream reply sets must not ride
-                # on another connection's request.
-                cookies=httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))),
+                # on another connection's request. The jar itself, not wrapped
+                # in httpx.Cookies: httpx copies a Cookies into a new jar with
+                # the default policy, which accepted every cookie.
+                cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
                 timeout=timeout,
                 transport=self._borrowed,
                 # Environment proxies would make httpx build a transport (and

@@ -9,7 +9,7 @@ import pytest
 from identity import policy
 from identity.client_identity import ClientIdentity, InvalidClientInfo, process_default_identity
 from identity.headers import build_outbound_headers
-from identity.http_clients import IdentityClientFactory, client_factory, shared_ssl_context
+from identity.http_clients import IdentityClientFactory, client_factory, close_client_factory, shared_ssl_context
 from identity.scope import current_identity, current_scope, identity_scope
 
 BAD_VALUES = {
@@ -143,7 +143,7 @@ async def test_a_thousand_concurrent_scopes_each_see_only_their_own_identity():
     assert current_identity() == process_default_identity()
 
 
-async def test_clients_per_identity_share_one_transport_and_ssl_context():
+async def test_clients_per_identity_share_one_transport_and_ssl_context(upstream):
     factory = client_factory()
     ios = factory.client_for(ClientIdentity.from_client_info("codex_ios", "1"), "https://api.example/v1")
     backend = factory.client_for(ClientIdentity.from_client_info("codex-backend", "1"), "https://api.example/v1")
@@ -151,7 +151,10 @@ async def test_clients_per_identity_share_one_transport_and_ssl_context():
     assert ios.headers["originator"] == "codex_ios" and backend.headers["originator"] == "codex_cli_rs"
     assert ios._transport._transport is backend._transport._transport
     assert factory is client_factory()
-    assert ios._transport._transport.ssl_context is shared_ssl_context()
+    await ios.get(upstream.api_base_url + "/models")  # the pool is made on first use
+    session = ios._transport._transport.client
+    assert session is backend._transport._transport.client and session.connector._ssl is shared_ssl_context()
+    await close_client_factory()
 
 
 async def test_closing_an_identity_client_leaves_the_shared_pool_open():

@@ -323,3 +323,14 @@ async def test_twenty_clients_on_every_path_at_once_have_zero_misattributions(co
         agents = sorted(r.user_agent.rsplit(" (", 1)[1] for r in upstream.requests(path))
         assert agents == sorted(f"{name}; 9.9.9)" for name in callers)
     assert misattributed == 0
+
+
+async def test_a_cookie_the_upstream_sets_never_rides_on_a_later_request(connect, upstream, settings):
+    # By host name: cookie jars refuse cookies from bare IP addresses, which would hide a shared jar.
+    settings.CODEX_API_BASE_URL = upstream.api_base_url.replace("127.0.0.1", "localhost")
+    backend, ios = await backend_then_ios(connect)
+    for client in (ios, backend, ios):
+        assert (await client.run_turn(await client.start_thread()))["turn"]["status"] == "completed"
+    requests = upstream.model_requests()
+    assert len(requests) == 3
+    assert [r.headers.get("cookie") for r in requests] == [None, None, None]

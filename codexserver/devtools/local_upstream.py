@@ -293,6 +293,8 @@ class UpstreamServer:
             return web.Response(status=499)  # never sent: the connection is gone
         events, delay, cut = self._plan(text)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        # As the real API's edge does: a client must not send it on another identity's request.
+        response.set_cookie("__cf_bm", f"for-{record.originator}", path="/")
         await response.prepare(request)
         deltas = 0
         try:
