@@ -53,10 +53,13 @@ async def open_clients(
 
 
 async def run_turns(clients, text: str, report: LoadReport, timeout: float = 120.0) -> dict[str, str]:
-    """Every client starts a thread and runs one turn at once; returns thread id → client name."""
+    """Every client starts a thread; once all have one, every client starts a
+    turn at the same instant; returns thread id → client name."""
+    # 2,000 at once queue on one process: the turns' latencies would depend on
+    # how the thread starts spread out if each client went on at once.
+    threads = await asyncio.gather(*(client.start_thread(timeout=timeout) for _, client, _ in clients))
 
-    async def one(name: str, client: SocketClient) -> tuple[str, str]:
-        thread = await client.start_thread(timeout=timeout)  # 2,000 at once queue on one process
+    async def one(name: str, client: SocketClient, thread: str) -> tuple[str, str]:
         started = time.perf_counter()
         completed = await client.run_turn(thread, text, timeout=timeout)
         report.latencies.append(time.perf_counter() - started)
@@ -65,7 +68,7 @@ async def run_turns(clients, text: str, report: LoadReport, timeout: float = 120
         report.server_errors += sum("error" in m for m in client.inbox)
         return thread, name
 
-    return dict(await asyncio.gather(*(one(name, client) for name, client, _ in clients)))
+    return dict(await asyncio.gather(*(one(name, client, thread) for (name, client, _), thread in zip(clients, threads))))
 
 
 def count_misattributed(upstream: UpstreamServer, owners: dict[str, str]) -> int:
