@@ -493,14 +493,7 @@ FAN_OUT_BUSY_CLIENTS = 50
 
 def print_report(results: dict) -> None:
     print(f"\ncodexserver benchmarks  ({results['date']}, {results['machine']})\n")
-    for setup, levels in results["scope_overhead"].items():
-        print(f"1. scoping overhead (ours vs baseline relay with a global client, same upstream), ours on {setup}")
-        print(f"   {'conns':>5} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'ours t/s':>9} {'base t/s':>9} {'ratio':>6}")
-        for level, row in levels.items():
-            print(
-                f"   {level:>5} {row['ours_median_ms']:9.1f} {row['baseline_median_ms']:9.1f} {row['latency_ratio']:6.2f}"
-                f" {row['ours_turns_per_s']:9.1f} {row['baseline_turns_per_s']:9.1f} {row['throughput_ratio']:6.2f}"
-            )
+    print_overhead_report(results)
     c = results["client_construction"]
     print(f"\n2. identity client: factory {c['factory_us']:.1f} µs vs new AsyncClient {c['new_async_client_us']:.0f} µs = {c['speedup']:.0f}x cheaper")
     print_scale_report(results)
@@ -528,6 +521,17 @@ def print_report(results: dict) -> None:
     print_store_report(results)
     print()
     print(json.dumps(summary(results), indent=2))
+
+
+def print_overhead_report(results: dict) -> None:
+    for setup, levels in results["scope_overhead"].items():
+        print(f"1. scoping overhead (ours vs baseline relay with a global client, same upstream), ours on {setup}")
+        print(f"   {'conns':>5} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'ours t/s':>9} {'base t/s':>9} {'ratio':>6}")
+        for level, row in levels.items():
+            print(
+                f"   {level:>5} {row['ours_median_ms']:9.1f} {row['baseline_median_ms']:9.1f} {row['latency_ratio']:6.2f}"
+                f" {row['ours_turns_per_s']:9.1f} {row['baseline_turns_per_s']:9.1f} {row['throughput_ratio']:6.2f}"
+            )
 
 
 def print_scale_report(results: dict) -> None:
@@ -638,7 +642,9 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the scale run here")
     parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
     parser.add_argument(
-        "--only", choices=("store", "scale"), help="run only the thread-store and fan-out benchmarks (7, 8), or the scale run (3)"
+        "--only",
+        choices=("store", "scale", "overhead"),
+        help="run only the thread-store and fan-out benchmarks (7, 8), the scale run (3) or the scoping overhead (1)",
     )
     args = parser.parse_args()  # --help prints and exits before anything is installed
     ensure_bench_requirements()
@@ -655,6 +661,10 @@ def main() -> int:
                 results["thread_store"] = thread_store_cost(bench)
                 results["fan_out"] = fan_out(bench)
                 print_store_report(results)
+                return 0
+            if args.only == "overhead":
+                results["scope_overhead"] = {setup: scoping_overhead(bench, setup) for setup in setups()}
+                print_overhead_report(results)
                 return 0
             if args.only == "scale":
                 results["scale"] = {setup: connection_scale(bench, setup) for setup in setups()}
