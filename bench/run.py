@@ -140,11 +140,14 @@ def scoping_overhead(bench: Bench, setup: str = "embedded") -> dict:
     rounds = 2 if bench.quick else 5
     results = {}
     for concurrency, turns_each in levels.items():
-        samples = {"ours": [], "baseline": []}
-        for _ in range(rounds):  # alternate, so drift hits both alike
-            for name, server in (("ours", ours), ("baseline", baseline)):
-                samples[name].append(asyncio.run(turn_round(server.ws_url, concurrency, turns_each)))
+        # ours on ephemeral threads too: the same turn without the store's
+        # writes (bench 7 measures the store alone), to tell the two apart
+        samples = {"ours": [], "ours_ephemeral": [], "baseline": []}
+        for _ in range(rounds):  # alternate, so drift hits all alike
+            for name, server, ephemeral in (("ours", ours, False), ("ours_ephemeral", ours, True), ("baseline", baseline, False)):
+                samples[name].append(asyncio.run(turn_round(server.ws_url, concurrency, turns_each, ephemeral=ephemeral)))
         ours_ms = statistics.median(s[0] for s in samples["ours"])
+        ephemeral_ms = statistics.median(s[0] for s in samples["ours_ephemeral"])
         base_ms = statistics.median(s[0] for s in samples["baseline"])
         ours_tps = statistics.median(s[1] for s in samples["ours"])
         base_tps = statistics.median(s[1] for s in samples["baseline"])
@@ -152,6 +155,8 @@ def scoping_overhead(bench: Bench, setup: str = "embedded") -> dict:
             "ours_median_ms": ours_ms,
             "baseline_median_ms": base_ms,
             "latency_ratio": ours_ms / base_ms,
+            "ephemeral_median_ms": ephemeral_ms,
+            "ephemeral_latency_ratio": ephemeral_ms / base_ms,
             "ours_turns_per_s": ours_tps,
             "baseline_turns_per_s": base_tps,
             "throughput_ratio": base_tps / ours_tps,
@@ -526,11 +531,15 @@ def print_report(results: dict) -> None:
 def print_overhead_report(results: dict) -> None:
     for setup, levels in results["scope_overhead"].items():
         print(f"1. scoping overhead (ours vs baseline relay with a global client, same upstream), ours on {setup}")
-        print(f"   {'conns':>5} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'ours t/s':>9} {'base t/s':>9} {'ratio':>6}")
+        print(
+            f"   {'conns':>5} {'ours ms':>9} {'base ms':>9} {'ratio':>6} {'ours t/s':>9} {'base t/s':>9} {'ratio':>6}"
+            f" {'ephemeral ms':>13} {'ratio':>6}"
+        )
         for level, row in levels.items():
             print(
                 f"   {level:>5} {row['ours_median_ms']:9.1f} {row['baseline_median_ms']:9.1f} {row['latency_ratio']:6.2f}"
                 f" {row['ours_turns_per_s']:9.1f} {row['baseline_turns_per_s']:9.1f} {row['throughput_ratio']:6.2f}"
+                f" {row['ephemeral_median_ms']:13.1f} {row['ephemeral_latency_ratio']:6.2f}"
             )
 
 
@@ -579,6 +588,8 @@ def summary(results: dict) -> dict:
         figures |= {
             f"scope_overhead_ratio_1{suffix}": results["scope_overhead"][setup][1]["latency_ratio"],
             f"scope_overhead_ratio_50{suffix}": results["scope_overhead"][setup][50]["latency_ratio"],
+            f"scope_overhead_ephemeral_ratio_1{suffix}": results["scope_overhead"][setup][1]["ephemeral_latency_ratio"],
+            f"scope_overhead_ephemeral_ratio_50{suffix}": results["scope_overhead"][setup][50]["ephemeral_latency_ratio"],
             f"scope_throughput_ratio_50{suffix}": results["scope_overhead"][setup][50]["throughput_ratio"],
             f"max_connections{suffix}": best["connections"] if best else 0,
             f"burst_p99_ms{suffix}": best["p99_ms"] if best else None,
