@@ -609,13 +609,20 @@ def summary(results: dict) -> dict:
     }
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, before: dict | None = None) -> None:
+    """The scale run; ``before``, an earlier run's JSON (``--json``), in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for setup, rows in (before or {}).get("details", {}).get("scale", {}).items():
+        counts = [row["connections"] for row in rows]
+        marker = "x:" if setup == "embedded" else "+:"
+        label = f"p99, {setup}, before ({before['details'].get('date', '?')})"
+        left.plot(counts, [row["p99_ms"] for row in rows], marker, color="grey", label=label)
+        right.plot(counts, [row["rss_per_connection_kib"] for row in rows], marker, color="grey", label=f"{setup}, before")
     for setup, rows in results["scale"].items():
         counts = [row["connections"] for row in rows]
         left.plot(counts, [row["p50_ms"] for row in rows], "o-", label=f"p50, {setup}")
@@ -651,6 +658,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller runs, under 5 minutes")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--plot", type=Path, help="write a PNG plot of the scale run here")
+    parser.add_argument("--before", type=Path, help="an earlier run's --json, drawn in grey on the plot")
     parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
     parser.add_argument(
         "--only",
@@ -695,7 +703,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({**summary(results), "details": results}, indent=2, default=str))
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, json.loads(args.before.read_text()) if args.before else None)
     return 0
 
 
