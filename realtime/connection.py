@@ -175,6 +175,16 @@ class AppServerConnection:
         # Its own turns, subscribed or not: unsubscribing does not free a slot.
         return len(self.own_turns)
 
+    def abandon(self) -> None:
+        """The client is being dropped for not reading: nothing more can reach
+        it, so nothing more starts and its work stops now, not at disconnect.
+        The socket's close waits out the close handshake, and a turn in the
+        meantime would read the rest of its stream for nobody: four flooding
+        turns held the event loop for a second and more."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+
     async def close(self) -> None:
         """Called at disconnect: cancel every task; their upstream streams close with them."""
         self._closed = True

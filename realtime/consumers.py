@@ -151,6 +151,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             self._close_soon(CLOSE_INTERNAL_ERROR)
 
     def _drop_slow_client(self) -> None:
+        self.connection.abandon()
         self._close_soon(CLOSE_TRY_AGAIN_LATER)
 
     def _close_soon(self, code: int) -> None:

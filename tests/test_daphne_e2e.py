@@ -164,7 +164,7 @@ async def test_log_lines_name_their_connection_and_never_the_key(daphne_server, 
     assert f"[conn={connection_id} originator=codex_ios]" in failed
 
 
-async def test_a_client_that_stops_reading_is_dropped_while_others_carry_on(daphne_server, tmp_path):
+async def test_a_client_that_stops_reading_is_dropped_while_others_carry_on(daphne_server, upstream, tmp_path):
     server = daphne_server(CODEX_CLIENT_STALL_TIMEOUT="1")
     # max_queue=1: once one frame waits unread, the client stops reading its socket.
     async with ws_connect(server.ws_url, max_queue=1) as stalled, ws_connect(server.ws_url) as healthy_ws:
@@ -184,6 +184,9 @@ async def test_a_client_that_stops_reading_is_dropped_while_others_carry_on(daph
         assert [r for r in rows if r["client_name"] == "codex_ios"][0]["disconnected_at"] is None
         assert "outbound queue full (1024 messages)" in server.log()
         assert (await healthy.run_turn(healthy_thread))["turn"]["status"] == "completed"
+        # Its turn stopped when it was dropped: the flood's stream was closed
+        # before its end, not read to the end for nobody.
+        await upstream.await_for(lambda rs: any(r.kind == "closed" and r.originator == "stalled" for r in rs), timeout=2)
 
 
 async def test_a_graceful_stop_cancels_turns_and_closes_rows_of_open_connections(daphne_server, upstream, tmp_path):
