@@ -174,6 +174,7 @@ def tune_garbage_collector() -> None:
     allocations instead of 700, the older ones at the default ratios, and the
     objects made at start-up (modules, settings, the application) are frozen
     out of every walk."""
+    gc.collect()  # start-up's garbage is not frozen with it
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 

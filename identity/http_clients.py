@@ -3,8 +3,8 @@
 httpx's own split: the client is policy (base URL, the identity's default
 headers, timeouts), the transport moves bytes and owns the pool. Every
 identity gets its own client, so headers can never come from another
-connection; all of them share one pool and one SSL context, so a new
-connection costs no TLS set-up.
+connection; all of them share one pool and one SSL context, so no client
+pays for its own pool or loads the CA certificates again.
 
 The transport is httpx-aiohttp's: aiohttp's connection pool and its C HTTP
 parser under httpx's API. httpcore's pool walks every pooled connection each
@@ -16,6 +16,7 @@ per running loop.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections import OrderedDict
 from functools import lru_cache
@@ -31,7 +32,10 @@ from .client_identity import ClientIdentity
 from .headers import build_outbound_headers
 
 # A short pool timeout: a saturated pool fails a call quickly instead of
-# holding it for minutes behind other connections' streams.
+# holding it for minutes behind other connections' streams. aiohttp counts the
+# wait for a pooled connection and the connecting itself against ``pool``
+# together, and has no write timeout: ``_BorrowedTransport`` bounds the time
+# to the response's headers instead.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=10.0)
 # Connections at once, streaming or idle; a call past it waits for one (at
 # most the pool timeout). Idle ones close after httpx's keep-alive expiry.
@@ -63,7 +67,18 @@ class _BorrowedTransport(httpx.AsyncBaseTransport):
         self._transport = transport
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self._transport.handle_async_request(request)
+        # httpx-aiohttp drops the write timeout, and aiohttp starts its read
+        # timeout only once the body is sent: an upstream that stops reading a
+        # 4 MiB request body would hold the turn (and extend its thread's
+        # lock) for ever. Everything up to the response's headers gets the
+        # sum of the phases' timeouts.
+        timeouts = request.extensions.get("timeout", {})
+        limit = sum(timeouts.get(phase) or 0 for phase in ("pool", "write", "read")) or None
+        try:
+            async with asyncio.timeout(limit):
+                return await self._transport.handle_async_request(request)
+        except TimeoutError as exc:
+            raise httpx.WriteTimeout(f"no response within {limit:g} s", request=request) from exc
 
     async def aclose(self) -> None:  # the factory owns the pool's lifetime
         pass

@@ -159,10 +159,14 @@ class AppServerConnection:
     # --- tasks --------------------------------------------------------------
 
     def spawn(self, coro: Coroutine, name: str | None = None) -> asyncio.Task:
-        """Start work owned by this connection; it is cancelled at disconnect."""
+        """Start work owned by this connection; it is cancelled at disconnect,
+        and at once if the connection is closing (its done-callbacks still run:
+        a turn cancelled before its first step is stored interrupted)."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        if self._closed:
+            task.cancel()
         return task
 
     def _task_done(self, task: asyncio.Task) -> None:

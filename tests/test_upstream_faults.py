@@ -57,6 +57,14 @@ async def test_non_retryable_statuses_are_tried_once(client, upstream, status):
     assert len(upstream.model_requests()) == 1
 
 
+async def test_a_reply_that_is_not_http_ends_the_turn_as_a_cut_stream(client, upstream):
+    thread = await client.start_thread()
+    completed = await client.run_turn(thread, "garbage")
+    assert completed["turn"]["status"] == "failed"
+    assert completed["turn"]["error"]["codexErrorInfo"] == {"responseStreamDisconnected": {"httpStatusCode": None}}
+    assert (await client.run_turn(thread, "fine"))["turn"]["status"] == "completed"
+
+
 async def test_connection_refused(client, settings):
     settings.CODEX_API_BASE_URL = f"http://127.0.0.1:{free_port()}/v1"
     thread = await client.start_thread()

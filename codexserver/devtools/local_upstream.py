@@ -8,6 +8,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "fail:401"        answer 401 (any status; "fail:500x2" fails twice, then streams)
     "cut"             stream two deltas, then drop the connection
     "hangup"          drop the connection before answering
+    "garbage"         answer with bytes that are not HTTP (SSE only)
     "slow:N"          stream N deltas 0.1 s apart (for interrupts and disconnects)
     "flood:N:SIZE"    stream N deltas of SIZE characters as fast as possible
     "response-failed" stream a response.failed event (server_is_overloaded)
@@ -288,7 +289,9 @@ class UpstreamServer:
             return web.json_response(
                 {"error": {"message": f"scripted {status} for {echoed}", "code": "scripted"}}, status=status
             )
-        if re.search(r"\bhangup\b", text):
+        if re.search(r"\b(hangup|garbage)\b", text):
+            if "garbage" in text:
+                request.transport.write(b"NOT-HTTP/9 what\r\n\r\n")
             request.transport.close()
             return web.Response(status=499)  # never sent: the connection is gone
         events, delay, cut = self._plan(text)

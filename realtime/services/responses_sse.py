@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
@@ -50,7 +51,7 @@ async def stream_events(
 
 async def _drain(sse_events: AsyncIterator) -> None:
     """Read to the end of the body, briefly, so httpx can pool the connection."""
-    with suppress(TimeoutError, httpx.HTTPError, SSEError):
+    with suppress(TimeoutError, httpx.HTTPError, SSEError, aiohttp.ClientError):
         async with asyncio.timeout(DRAIN_SECONDS):
             async for _ in sse_events:
                 pass

@@ -170,8 +170,10 @@ async def http_failures() -> AsyncIterator[None]:
         if _never_connected(exc):
             raise connection_failed(exc.__cause__ or exc, _request_url(exc)) from exc
         raise stream_disconnected(type(exc.__cause__).__name__) from exc
-    except (httpx.TransportError, SSEError) as exc:
-        # Read timeouts, resets and truncated chunks: the stream was cut.
+    except (httpx.TransportError, SSEError, aiohttp.ClientError) as exc:
+        # Read timeouts, resets and truncated chunks: the stream was cut. A
+        # malformed response (a bad status line, headers past aiohttp's limits)
+        # comes as aiohttp's own error: httpx-aiohttp maps only some of them.
         raise stream_disconnected(type(exc).__name__) from exc
 
 
