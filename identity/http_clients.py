@@ -34,8 +34,10 @@ from .headers import build_outbound_headers
 # A short pool timeout: a saturated pool fails a call quickly instead of
 # holding it for minutes behind other connections' streams. aiohttp counts the
 # wait for a pooled connection and the connecting itself against ``pool``
-# together, and has no write timeout: ``_BorrowedTransport`` bounds the time
-# to the response's headers instead.
+# together (a full pool is then reported as a failure to connect), and has no
+# write timeout: ``_BorrowedTransport`` bounds the time to the response's
+# headers by the client's pool + write + read instead (the model's clients:
+# 10 + 300 + 300 s by default, ``realtime.services.config``).
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=10.0)
 # Connections at once, streaming or idle; a call past it waits for one (at
 # most the pool timeout). Idle ones close after httpx's keep-alive expiry.
@@ -74,11 +76,14 @@ class _BorrowedTransport(httpx.AsyncBaseTransport):
         # sum of the phases' timeouts.
         timeouts = request.extensions.get("timeout", {})
         limit = sum(timeouts.get(phase) or 0 for phase in ("pool", "write", "read")) or None
+        deadline = asyncio.timeout(limit)
         try:
-            async with asyncio.timeout(limit):
+            async with deadline:
                 return await self._transport.handle_async_request(request)
         except TimeoutError as exc:
-            raise httpx.WriteTimeout(f"no response within {limit:g} s", request=request) from exc
+            if not deadline.expired():
+                raise
+            raise httpx.WriteTimeout(f"no response headers within {limit:g} s", request=request) from exc
 
     async def aclose(self) -> None:  # the factory owns the pool's lifetime
         pass

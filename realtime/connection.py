@@ -160,13 +160,14 @@ class AppServerConnection:
 
     def spawn(self, coro: Coroutine, name: str | None = None) -> asyncio.Task:
         """Start work owned by this connection; it is cancelled at disconnect,
-        and at once if the connection is closing (its done-callbacks still run:
-        a turn cancelled before its first step is stored interrupted)."""
+        and right after its first step if the connection is closing: that step
+        enters its ``try``, so its ``finally`` still closes what it holds (a
+        realtime call's sideband socket, a turn's stream and record)."""
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         if self._closed:
-            task.cancel()
+            asyncio.get_running_loop().call_soon(task.cancel)  # after the step create_task scheduled
         return task
 
     def _task_done(self, task: asyncio.Task) -> None:

@@ -172,8 +172,10 @@ async def test_a_client_that_stops_reading_is_dropped_while_others_carry_on(daph
         assert "result" in json.loads(await stalled.recv())
         await stalled.send(json.dumps({"id": 2, "method": "thread/start", "params": {}}))
         thread = json.loads(await stalled.recv())["result"]["thread"]["id"]
-        await stalled.send(json.dumps({"id": 3, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "flood:6000:4096"}]}}))
-        # ...and never reads again. About 25 MB of deltas are on their way.
+        await stalled.send(json.dumps({"id": 3, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "flood:20000:4096"}]}}))
+        # ...and never reads again. About 80 MB of deltas are on their way:
+        # more than socket buffers hold, so the stream is still being written
+        # when the client is dropped.
 
         healthy = SocketClient(healthy_ws)
         await healthy.initialize("codex_ios", "1")
