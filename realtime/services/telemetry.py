@@ -62,7 +62,9 @@ async def post_events(
         async with _post_slots.get():
             response = await config.chatgpt_client(identity).post(EVENTS_PATH, json={"events": events})
     except Exception as exc:  # telemetry never takes anything down with it
-        logger.warning("telemetry not sent (%d event(s)): %s", len(events), type(exc).__name__)
+        # The transport's own error where httpx wraps one: httpx-aiohttp calls
+        # a refused or unresolved connection ConnectTimeout.
+        logger.warning("telemetry not sent (%d event(s)): %s", len(events), type(exc.__cause__ or exc).__name__)
         return False
     if response.status_code >= 400:
         logger.warning("telemetry refused (%d event(s)): HTTP %d", len(events), response.status_code)
