@@ -211,3 +211,17 @@ def test_a_batch_committed_but_not_read_back_fails_once_and_is_not_written_again
     assert all(isinstance(outcome, turn_writes.WrittenButUnread) for outcome in outcomes)
     assert calls == [2]  # the batch, not each write again
     assert StoredTurn.objects.filter(turn_id__in=[turn.id for turn in turns]).count() == 2
+
+
+async def test_the_sweep_frees_a_lapsed_lock_whose_turn_had_already_ended_and_announces_nothing():
+    """A thread row can still name a turn whose end was stored (the turn lost
+    its lock, say): the sweep frees the thread and has no end to tell."""
+    from realtime.thread_store import end_abandoned_turns
+
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    turn = new_turn()
+    await write_in_one_batch([turn_writes.BeginTurn(thread, turn, "gone", -1, 1 << 20, None)])  # lapsed at once
+    await database_sync_to_async(lambda: StoredTurn.objects.filter(turn_id=turn.id).update(status=COMPLETED))()
+    assert await end_abandoned_turns() == []
+    assert await DatabaseThreads.running_turn(thread) is None
