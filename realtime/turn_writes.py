@@ -89,13 +89,12 @@ def lock_until(seconds: float) -> ExpressionWrapper:
     return ExpressionWrapper(Now() + Value(timedelta(seconds=seconds)), output_field=DateTimeField())
 
 
-def mark_interrupted(turn_ids: list[str]) -> int:
-    """Turns whose process died mid-turn (their lock lapsed) end interrupted;
-    how many (not known yet inside a batch's pipeline, where it is not needed).
+def mark_interrupted(turn_ids: list[str]) -> None:
+    """Turns whose process died mid-turn (their lock lapsed) end interrupted.
     None at all is no statement: PostgreSQL refuses an empty ``IN ()``."""
     if not turn_ids:
-        return 0
-    return _run(
+        return
+    _run(
         f"UPDATE {TURNS} SET status = %s, completed_at_ms = %s WHERE status = %s AND turn_id IN ({_marks(len(turn_ids))})",
         [INTERRUPTED, now_ms(), IN_PROGRESS, *turn_ids],
     )
