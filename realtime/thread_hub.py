@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from channels import DEFAULT_CHANNEL_LAYER
@@ -196,24 +195,34 @@ class ThreadHub:
             while self._outgoing:
                 self._publishing = True
                 batch, self._outgoing = self._outgoing, []
-                # Each thread's events in order, the threads side by side. One
-                # thread after another, a group send is four Redis round trips,
-                # each waiting its turn on a busy loop: with 50 turns
-                # streaming, about ten sends a second went out and the other
-                # processes' subscribers heard each turn seconds late.
-                await asyncio.gather(*(self._send_events(thread_id, events) for thread_id, events in _by_thread(batch)))
+                await self._send_batch(_by_thread(batch))
                 _stop_if_cancelled()
             self._publishing = False
+
+    async def _send_batch(self, events: dict[str, list[list[Any]]]) -> None:
+        """One drain: which of its threads another process follows, in one
+        read, then those threads' group sends side by side, each thread's
+        events in order. One thread after another, a group send is four
+        Redis round trips, each waiting its turn on a busy loop: with 50
+        turns streaming, about ten sends a second went out and the other
+        processes' subscribers heard each turn seconds late."""
+        try:
+            followed = await self.layer.groups_with_others([group_name(thread_id) for thread_id in events], self.channel)
+        except Exception as exc:  # Redis down: those subscribers miss these events
+            logger.warning("could not publish the events of %d thread(s): %s", len(events), exc)
+            return
+        _stop_if_cancelled()
+        await asyncio.gather(
+            *(self._send_events(thread_id, run) for thread_id, run in events.items() if group_name(thread_id) in followed)
+        )
 
     async def _send_events(self, thread_id: str, events: list[list[Any]]) -> None:
         async with self._publish_calls:
             for first in range(0, len(events), MAX_BATCH):
                 run = events[first : first + MAX_BATCH]
                 try:
-                    await self.layer.group_send_to_others(
-                        group_name(thread_id),
-                        {"type": EVENTS, "origin": self.channel, "thread": thread_id, "events": run},
-                        sender=self.channel,
+                    await self.layer.group_send(
+                        group_name(thread_id), {"type": EVENTS, "origin": self.channel, "thread": thread_id, "events": run}
                     )
                 except Exception as exc:  # Redis down: those subscribers miss these events
                     logger.warning("could not publish %d event(s) of thread %s: %s", len(run), thread_id, exc)
@@ -301,13 +310,13 @@ def deliver(thread: Thread, method: str, params: dict[str, Any], pace_setter: Ap
         connection.notify(method, params)
 
 
-def _by_thread(batch: list[tuple[str, str, dict[str, Any]]]) -> Iterable[tuple[str, list[list[Any]]]]:
+def _by_thread(batch: list[tuple[str, str, dict[str, Any]]]) -> dict[str, list[list[Any]]]:
     """Each thread's events, in order (the order between threads is not kept:
     a subscriber follows one thread's events)."""
     events: dict[str, list[list[Any]]] = {}
     for thread_id, method, params in batch:
         events.setdefault(thread_id, []).append([method, params])
-    return events.items()
+    return events
 
 
 _hubs: LoopLocal[ThreadHub] = LoopLocal(ThreadHub)

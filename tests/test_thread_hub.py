@@ -99,6 +99,45 @@ async def test_a_thread_no_other_process_follows_costs_no_group_send_until_one_j
         await elsewhere.close_pools()
 
 
+async def test_a_drain_reads_the_members_of_all_its_threads_at_once_and_sends_only_to_those_followed():
+    hub = hub_on_redis()
+    await hub.ensure_started()
+    elsewhere = redis_layer()
+    far = await elsewhere.new_channel("threads")
+    threads = [stored_thread() for _ in range(6)]
+    followed = threads[::2]
+    for thread in threads:
+        await hub.layer.group_add(group_name(thread.id), hub.channel)  # a subscriber here on each
+    for thread in followed:
+        await elsewhere.group_add(group_name(thread.id), far)  # and one elsewhere on half of them
+    sends = count_group_sends(hub.layer)
+    reads = []
+    groups_with_others = hub.layer.groups_with_others
+
+    async def counted(groups, sender):
+        reads.append(sorted(groups))
+        return await groups_with_others(groups, sender)
+
+    hub.layer.groups_with_others = counted
+    try:
+        for thread in threads:  # queued in one go: one drain
+            hub.publish(thread, "turn/started", {"threadId": thread.id}, pace_setter=None)
+        await _published(hub)
+        assert reads == [sorted(group_name(thread.id) for thread in threads)]
+        heard = set()
+        while len(heard) < len(followed):
+            heard.add((await asyncio.wait_for(elsewhere.receive(far), 10))["thread"])
+        assert heard == {thread.id for thread in followed}
+        assert sends["calls"] == len(followed)
+    finally:
+        for thread in threads:
+            await hub.layer.group_discard(group_name(thread.id), hub.channel)
+        for thread in followed:
+            await elsewhere.group_discard(group_name(thread.id), far)
+        await hub.stop()
+        await elsewhere.close_pools()
+
+
 async def _published(hub: ThreadHub) -> None:
     """Once the publisher has taken and settled everything queued."""
     for _ in range(200):
