@@ -6,7 +6,9 @@ import string
 
 import pytest
 from channels.db import database_sync_to_async
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect as ws_connect
 
 from codexserver.devtools.hostile_frames import fuzz_server, is_valid_reply
@@ -139,7 +141,11 @@ async def test_a_thousand_mid_turn_disconnects_leak_no_task_and_close_every_stre
 @pytest.mark.e2e
 async def test_two_hundred_concurrent_identities_on_one_process_zero_misattributed(daphne_server, upstream):
     from codexserver.devtools.attribution_load import (
-        LoadReport, close_clients, count_misattributed, open_clients, run_turns,
+        LoadReport,
+        close_clients,
+        count_misattributed,
+        open_clients,
+        run_turns,
     )
 
     server = daphne_server(CODEX_LOG_LEVEL="WARNING")

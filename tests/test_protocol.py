@@ -1,8 +1,8 @@
 """Parsing frames into JSON-RPC messages, and the errors of PROTOCOL §3."""
 
-from realtime.management.commands.serve import daphne_argv
 import pytest
 
+from realtime.management.commands.serve import daphne_argv
 from realtime.protocol import (
     INVALID_REQUEST,
     PARSE_ERROR,
