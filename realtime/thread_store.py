@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from datetime import datetime
-from typing import Any
 
 from django.db import transaction
 from django.db.models import F
@@ -111,11 +110,11 @@ class DatabaseThreads:
     @staticmethod
     def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> Awaitable[tuple[list[dict[str, Any]], str, int, str | None] | None]:
+    ) -> Awaitable[tuple[str, str, int, str | None] | None]:
         """Take the thread's turn lock and store the turn with its user message;
         ``model`` (the request's override) sticks for later turns.
 
-        Gives the history to replay before it, the thread's model as stored
+        Gives the history to replay before it (a JSON array's text), the thread's model as stored
         (another process may have changed it), the turn's row key and the
         turn whose lapsed lock it took over, or None when another turn holds
         the lock. A lock that lapsed (its process died) is taken over, and the
@@ -208,7 +207,7 @@ class MemoryThreads:
     @staticmethod
     async def begin_turn(
         thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> tuple[list[dict[str, Any]], str, None, None] | None:
+    ) -> tuple[str, str, None, None] | None:
         if thread.active_turn is not None:
             return None
         history = thread.history(max_history_bytes)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from codexserver import __version__ as SERVER_VERSION
 
+from .json_text import array_items, joined_arrays
 from .thread_hub import thread_hub
 
 if TYPE_CHECKING:
@@ -39,18 +40,24 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def newest_within(earlier: Iterable[tuple[list[dict[str, Any]], int]], max_bytes: int) -> list[dict[str, Any]]:
-    """The model input to replay: ``earlier`` is (input items, their size) of
-    earlier turns, newest first; the newest that fit in ``max_bytes`` are
-    kept, whole turns only, and returned oldest first."""
-    kept: list[list[dict[str, Any]]] = []
+def newest_within(earlier: Iterable[tuple[str, int]], max_bytes: int) -> str:
+    """The model input to replay, as a JSON array's text. ``earlier`` is
+    (input items as a JSON array's text, its size) of earlier turns, newest
+    first; the newest that fit in ``max_bytes`` are kept, whole turns only,
+    oldest first.
+
+    The texts are joined, never decoded: a thread's history may be
+    CODEX_MAX_HISTORY_BYTES (4 MiB), which each turn start would otherwise
+    decode on the row writer and encode again on the event loop (15 ms of
+    held GIL per turn for 4 MiB, every connection of the process waiting)."""
+    kept: list[str] = []
     budget = max_bytes
     for items, size in earlier:
         if size > budget:
             break
         budget -= size
-        kept.append(items)
-    return [item for items in reversed(kept) for item in items]
+        kept.append(array_items(items))
+    return joined_arrays(kept[::-1])
 
 
 @dataclass(eq=False)
@@ -82,8 +89,10 @@ class Turn:
     completed_at_ms: int | None = None
     error: dict[str, Any] | None = None
     usage: dict[str, int] | None = None  # the schema's TokenUsageBreakdown, as the upstream reported it
-    # Model input items of this turn (user message, reply), replayed by later turns.
-    model_input: list[dict[str, Any]] = field(default_factory=list)
+    # Model input items of this turn (user message, reply), replayed by later
+    # turns: a JSON array's text, encoded once when the turn ends and stored
+    # and replayed as it is.
+    model_input: str = "[]"
     input_bytes: int = 0
     task: asyncio.Task | None = None
     row_id: int | None = None  # its StoredTurn's key once stored: its end then needs no lookup
@@ -97,8 +106,8 @@ class Turn:
         self.completed_at_ms = now_ms()
 
     def remember_input(self, items: list[dict[str, Any]]) -> None:
-        self.model_input = items
-        self.input_bytes = sum(len(json.dumps(item)) for item in items)
+        self.model_input = json.dumps(items)  # ASCII: as many bytes as characters
+        self.input_bytes = len(self.model_input)
 
     def to_json(self, include_items: bool = True) -> dict[str, Any]:
         """The schema's ``Turn``; ``startedAt``/``completedAt`` in Unix seconds."""
@@ -143,13 +152,10 @@ class Thread:
 
     # --- conversation -------------------------------------------------------
 
-    def history(self, max_bytes: int) -> list[dict[str, Any]]:
-        """Model input of the earlier turns, newest kept first within ``max_bytes``."""
-        earlier = (
-            (turn.model_input, turn.input_bytes)
-            for turn in reversed(self.turns)
-            if turn is not self.active_turn and turn.model_input
-        )
+    def history(self, max_bytes: int) -> str:
+        """Model input of the earlier turns, newest kept first within
+        ``max_bytes``, as a JSON array's text (``newest_within``)."""
+        earlier = ((turn.model_input, turn.input_bytes) for turn in reversed(self.turns) if turn is not self.active_turn)
         return newest_within(earlier, max_bytes)
 
     def trim(self, max_bytes: int) -> None:

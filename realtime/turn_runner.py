@@ -35,7 +35,7 @@ class TurnContext:
     thread: Thread
     turn: Turn
     store: type[DatabaseThreads] | type[MemoryThreads]
-    history: list[dict[str, Any]]  # model input of the earlier turns, as the store read it
+    history: str  # model input of the earlier turns, a JSON array's text as the store read it
     user_message: dict[str, Any]  # Responses API input item
     user_item: ItemRecord  # the same message as a ThreadItem
     config: UpstreamConfig
@@ -58,7 +58,8 @@ async def run_turn(turn_context: TurnContext) -> None:
     request = ModelRequest(
         thread_id=thread.id,
         model=thread.model,
-        input=[*turn_context.history, turn_context.user_message],
+        history=turn_context.history,
+        input=[turn_context.user_message],
         instructions=thread.base_instructions,
         output_schema=turn_context.output_schema,
     )

@@ -48,6 +48,8 @@ from identity.actions import row_writers
 from .models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
 from .threads import IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, newest_within, now_ms
 
+# Columns given JSON already encoded, as text (``_json_text``).
+JSON_TEXT_COLUMNS = {"model_input"}
 # What a turn's end writes to its row.
 END_FIELDS = ["status", "error", "completed_at_ms", "model_input", "input_bytes", "has_usage", *USAGE_FIELDS.values()]
 
@@ -172,9 +174,28 @@ def _prepared(model, columns: list[str], values: list[Any]) -> list[Any]:
 def _converters(model, columns: tuple[str, ...]) -> list[Any]:
     fields = {field.column: field for field in model._meta.concrete_fields}
     return [
-        fields[column].get_db_prep_save if isinstance(fields[column], (JSONField, UUIDField, DateTimeField)) else None
+        _json_text
+        if column in JSON_TEXT_COLUMNS
+        else fields[column].get_db_prep_save
+        if isinstance(fields[column], (JSONField, UUIDField, DateTimeField))
+        else None
         for column in columns
     ]
+
+
+def _json_text(text: str, db) -> Any:
+    """JSON the turn already encoded (``Turn.model_input``), stored as it is:
+    SQLite keeps JSON as text, and on PostgreSQL this text is the jsonb's
+    encoding (Django's field would encode a str again, as a JSON string)."""
+    if db.vendor != "postgresql":
+        return text
+    from psycopg.types.json import Jsonb  # PostgreSQL's driver: not loaded where SQLite serves
+
+    return Jsonb(text, dumps=_as_is)
+
+
+def _as_is(text: str) -> str:
+    return text
 
 
 def _sql_of(expression) -> tuple[str, list[Any]]:
@@ -458,7 +479,7 @@ def finish(
 
 def begin(
     starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> Callable[[], list[tuple[list[dict[str, Any]], str, int, str | None] | None]]:
+) -> Callable[[], list[tuple[str, str, int, str | None] | None]]:
     """Take each thread's lock and store its turn: (history to replay, the
     thread's model, the turn's row key, the turn whose lapsed lock it took
     over), or None where another turn holds the lock; to read once committed."""
@@ -499,7 +520,7 @@ def begin(
     _insert_first_items(taken)
     histories = _histories_later(taken)
 
-    def begun() -> list[tuple[list[dict[str, Any]], str, int, str | None] | None]:
+    def begun() -> list[tuple[str, str, int, str | None] | None]:
         pks, earlier = turn_pks(), histories()
         by_start = {
             id(start): (earlier[row.pk], row.model, pks[start.turn.id], lapsed_turns.get(id(start))) for start, row in taken
@@ -524,7 +545,7 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dic
                 None,
                 start.turn.started_at_ms,
                 None,
-                [],
+                "[]",
                 0,
                 False,
                 *[0] * len(USAGE_FIELDS),
@@ -577,15 +598,16 @@ def _insert_first_items(taken: list[tuple[BeginTurn, _ThreadRow]]) -> None:
             )
 
 
-def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[int, list[dict[str, Any]]]]:
-    """Each thread's model input of its earlier turns, newest kept first
-    within its bound, to read later: one query for every thread of the batch,
+def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[int, str]]:
+    """Each thread's model input of its earlier turns (a JSON array's text,
+    never decoded), newest kept first within its bound, to read later: one query for every thread of the batch,
     bounded in the database by a running total of their sizes. The batch's
     new turns have no input yet (``input_bytes`` 0): none is replayed."""
     most = max(start.max_history_bytes for start, _ in taken)
     thread_pks = [row.pk for _, row in taken]
+    as_text = "model_input::text" if connection.vendor == "postgresql" else "model_input"  # jsonb would be decoded
     earlier = _rows_later(
-        f"SELECT thread_id, model_input, input_bytes FROM ("
+        f"SELECT thread_id, {as_text}, input_bytes FROM ("
         f"  SELECT thread_id, model_input, input_bytes, started_at_ms, id, SUM(input_bytes) OVER ("
         f"    PARTITION BY thread_id ORDER BY started_at_ms DESC, id DESC) AS bytes_so_far"
         f"  FROM {TURNS} WHERE input_bytes > 0 AND thread_id IN ({_marks(len(thread_pks))})"
@@ -593,11 +615,10 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], 
         [*thread_pks, most],
     )
 
-    def histories() -> dict[int, list[dict[str, Any]]]:
-        model_input = StoredTurn._meta.get_field("model_input")
-        by_thread: dict[int, list[tuple[list[dict[str, Any]], int]]] = {pk: [] for pk in thread_pks}
+    def histories() -> dict[int, str]:
+        by_thread: dict[int, list[tuple[str, int]]] = {pk: [] for pk in thread_pks}
         for thread_pk, stored_input, size in earlier():
-            by_thread[thread_pk].append((model_input.from_db_value(stored_input, None, connection), size))
+            by_thread[thread_pk].append((stored_input, size))
         return {row.pk: newest_within(by_thread[row.pk], start.max_history_bytes) for start, row in taken}
 
     return histories

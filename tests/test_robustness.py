@@ -82,6 +82,27 @@ async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, setting
     assert thread_hub().get(thread).turns == []
 
 
+@pytest.mark.parametrize("ephemeral", [False, True], ids=["stored", "memory"])
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_the_history_replayed_is_exactly_what_the_earlier_turn_sent_and_got_back(
+    connect, upstream, settings, transport, ephemeral
+):
+    # Stored and replayed as JSON text, never decoded (threads.newest_within):
+    # escapes, quotes and characters beyond the BMP must come back intact.
+    settings.CODEX_RESPONSES_TRANSPORT = transport
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread(**({"ephemeral": True} if ephemeral else {}))
+    await client.run_turn(thread, 'héllo ☃ 😀 "quoted" \\ back\nslash')
+    await client.run_turn(thread, "and again")
+    first, second = (request.body["input"] for request in upstream.model_requests())
+    *earlier, latest = second
+    assert earlier[: len(first)] == first
+    replies = earlier[len(first) :]
+    assert [reply["role"] for reply in replies if reply["type"] == "message"] == ["assistant"]
+    assert latest == {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "and again"}]}
+
+
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 async def test_a_connect_failure_says_which_upstream_was_tried(connect, settings, transport):
     settings.CODEX_API_BASE_URL = "http://127.0.0.1:1/v1"  # nothing listens there

@@ -4,6 +4,7 @@ must be what the writes one at a time would have decided."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from channels.db import database_sync_to_async
@@ -30,8 +31,7 @@ def new_turn(text: str = "hi") -> Turn:
 
 
 def ended(turn: Turn, words: str) -> Turn:
-    turn.model_input = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": words}]}]
-    turn.input_bytes = len(words) + 60
+    turn.remember_input([{"type": "message", "role": "user", "content": [{"type": "input_text", "text": words}]}])
     turn.usage = {"inputTokens": 10, "cachedInputTokens": 0, "outputTokens": 5, "reasoningOutputTokens": 0, "totalTokens": 15}
     turn.finish(COMPLETED, None)
     return turn
@@ -50,7 +50,7 @@ async def test_two_starts_of_one_thread_in_one_batch_take_the_lock_once():
     await DatabaseThreads.create(thread)
     first, second = new_turn(), new_turn()
     outcomes = await write_in_one_batch([begin(thread, first), begin(thread, second)])
-    assert outcomes[0][:2] == ([], "gpt-test") and outcomes[1] is None
+    assert outcomes[0][:2] == ("[]", "gpt-test") and outcomes[1] is None
     assert await DatabaseThreads.running_turn(thread) == (first.id, "channel")
 
 
@@ -65,7 +65,10 @@ async def test_an_end_and_the_next_start_in_one_batch_find_the_thread_free_and_t
     )
     assert totals["totalTokens"] == 15
     history, *_ = begun
-    assert history == first.model_input  # the end, written first in the batch, is replayed
+    assert json.loads(history) == json.loads(first.model_input)  # the end, written first in the batch, is replayed
+    # Stored from its text as JSON, not as a JSON string: the ORM reads the items.
+    stored = await database_sync_to_async(lambda: StoredTurn.objects.get(turn_id=first.id).model_input)()
+    assert stored == json.loads(first.model_input)
 
 
 async def test_a_write_that_fails_fails_alone_and_its_batch_is_written():
@@ -76,7 +79,7 @@ async def test_a_write_that_fails_fails_alone_and_its_batch_is_written():
     outcomes = await write_in_one_batch(
         [begin(good_thread, turn), turn_writes.FinishTurn(thread_gone, never_begun, 1), begin(thread_gone, new_turn())]
     )
-    assert outcomes[0][:2] == ([], "gpt-test")
+    assert outcomes[0][:2] == ("[]", "gpt-test")
     assert isinstance(outcomes[1], turn_writes.NotStored)
     assert outcomes[2] is None  # no such thread: nothing to lock
     assert await DatabaseThreads.running_turn(good_thread) == (turn.id, "channel")
@@ -107,11 +110,11 @@ async def test_history_is_bounded_newest_first_across_threads_of_one_batch():
             turn = new_turn()
             await DatabaseThreads.begin_turn(thread, turn, "channel", 30, 1 << 20, None)
             await DatabaseThreads.finish_turn(thread, ended(turn, word), 1)
-    bound = 2 * (len("three") + 60)  # the two newest of the long thread fit, not the third
+    bound = 2 * len(ended(new_turn(), "three").model_input)  # the two newest of the long thread fit, not the third
     outcomes = await write_in_one_batch(
         [turn_writes.BeginTurn(thread, new_turn(), "channel", 30, bound, None) for thread in (short, long)]
     )
-    texts = [[item["content"][0]["text"] for item in history] for history, *_ in outcomes]
+    texts = [[item["content"][0]["text"] for item in json.loads(history)] for history, *_ in outcomes]
     assert texts == [["a"], ["two", "three"]]
     assert await database_sync_to_async(lambda: StoredThread.objects.filter(running_turn_id__isnull=False).count())() == 2
 

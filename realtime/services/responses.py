@@ -8,6 +8,7 @@ the rule that a stream is complete only at ``response.completed``.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 from identity.client_identity import ClientIdentity
 
+from ..json_text import array_items, joined_arrays
 from . import upstream_errors
 from .config import UpstreamConfig
 from .upstream_errors import UpstreamError
@@ -32,20 +34,26 @@ NOT_CLIENT_OUTPUT = frozenset({"response.created", "response.in_progress", "resp
 class ModelRequest:
     thread_id: str
     model: str
-    input: list[dict[str, Any]]
+    # The earlier turns' input items, a JSON array's text as the store keeps
+    # it: it goes into the body as it is, never decoded (threads.newest_within).
+    history: str
+    input: list[dict[str, Any]]  # this turn's items, after the history
     instructions: str | None = None
     # turn/start's ``outputSchema``: the reply must be JSON of this schema
     # (the Codex TUI asks for a thread title this way).
     output_schema: dict[str, Any] | None = None
 
-    def body(self) -> dict[str, Any]:
+    def body_json(self, **extra: Any) -> str:
+        """The request body's JSON text, ASCII-escaped (httpx would write
+        raw UTF-8 and fail on a lone surrogate a client sent), with ``extra``
+        fields (the transport's own)."""
         # Stateless, as Codex asks: nothing is stored upstream, and reasoning
         # comes back encrypted so the next turn can replay it.
         body: dict[str, Any] = {
             "model": self.model,
-            "input": self.input,
             "store": False,
             "include": ["reasoning.encrypted_content"],
+            **extra,
         }
         if self.instructions:
             body["instructions"] = self.instructions
@@ -53,7 +61,8 @@ class ModelRequest:
             body["text"] = {
                 "format": {"type": "json_schema", "name": "codex_output_schema", "schema": self.output_schema, "strict": True}
             }
-        return body
+        items = joined_arrays([array_items(self.history), *(json.dumps(item) for item in self.input)])
+        return '{"input": ' + items + ", " + json.dumps(body)[1:]
 
     def session_headers(self) -> dict[str, str]:
         return {"session-id": self.thread_id, "x-client-request-id": self.thread_id}

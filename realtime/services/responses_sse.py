@@ -29,9 +29,7 @@ async def stream_events(
     identity: ClientIdentity, request, config: UpstreamConfig
 ) -> AsyncIterator[dict[str, Any]]:
     client = config.api_client(identity)
-    # Encoded here, ASCII-escaped: httpx would write raw UTF-8 and fail on a
-    # lone surrogate a client sent.
-    body = json.dumps({**request.body(), "stream": True}).encode()
+    body = request.body_json(stream=True).encode()
     headers = {**request.session_headers(), "Accept": "text/event-stream", "Content-Type": "application/json"}
     async with upstream_errors.http_failures():
         async with aconnect_sse(client, "POST", "responses", content=body, headers=headers) as source:

@@ -27,7 +27,7 @@ async def stream_events(
     headers = {**request.session_headers(), "OpenAI-Beta": OPENAI_BETA}
     async with upstream_errors.websocket_failures(url):
         async with connect_as(identity, url, config, bearer_token=config.api_key, extra_headers=headers) as socket:
-            await socket.send(json.dumps({"type": "response.create", **request.body()}))
+            await socket.send(request.body_json(type="response.create"))
             while True:
                 try:
                     async with asyncio.timeout(config.idle_timeout):
