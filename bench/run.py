@@ -64,7 +64,7 @@ from codexserver.devtools.attribution_load import (  # noqa: E402
 )
 from codexserver.devtools.local_upstream import UpstreamServer  # noqa: E402
 from codexserver.devtools.rpc_client import SocketClient  # noqa: E402
-from codexserver.devtools.server_process import ServerProcess, migrate  # noqa: E402
+from codexserver.devtools.server_process import ServerProcess, cpu_seconds_of, migrate  # noqa: E402
 from identity.client_identity import ClientIdentity  # noqa: E402
 from identity.http_clients import IdentityClientFactory  # noqa: E402
 
@@ -392,6 +392,42 @@ def slug(setup: str) -> str:
     return setup.replace("+", "_")
 
 
+def database_servers_cpu_seconds() -> dict[int, float]:
+    """CPU seconds so far of each of this machine's PostgreSQL and Redis
+    server processes, by pid: they share the cores with the server."""
+    used = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as comm:
+                if comm.read().startswith(("postgres", "redis-server")):
+                    used[int(pid)] = cpu_seconds_of(f"/proc/{pid}/stat")
+        except OSError:  # gone meanwhile
+            continue
+    return used
+
+
+class CpuSplit:
+    """CPU ms per turn over a stretch: the server's event loop, its other
+    threads (the row writers), and the database servers (processes that
+    exit meanwhile are not counted)."""
+
+    def __init__(self, server: ServerProcess):
+        self.server = server
+        self.main, self.total = server.main_thread_cpu_seconds(), server.cpu_seconds()
+        self.databases = database_servers_cpu_seconds()
+
+    def per_turn(self, turns: int) -> dict[str, float]:
+        main, total = self.server.main_thread_cpu_seconds(), self.server.cpu_seconds()
+        databases = database_servers_cpu_seconds()
+        used = sum(seconds - self.databases.get(pid, 0.0) for pid, seconds in databases.items())
+        return {
+            "server": (total - self.total) * 1000 / turns,
+            "event_loop": (main - self.main) * 1000 / turns,
+            "other_threads": (total - main - self.total + self.main) * 1000 / turns,
+            "database_servers": used * 1000 / turns,
+        }
+
+
 def thread_store_cost(bench: Bench) -> dict:
     """Stored threads (a lock, the turn and its items written, history read)
     vs ephemeral ones (memory only), alternating on one server."""
@@ -400,22 +436,23 @@ def thread_store_cost(bench: Bench) -> dict:
     for setup in setups():
         server = bench.start(f"ours_store_{slug(setup)}", **setup_env(setup))
         samples = {"stored": [], "memory": []}
-        cpu = {"stored": [], "memory": []}  # the server's CPU ms per turn: steadier than latency here
+        cpu = {"stored": [], "memory": []}  # CPU ms per turn: steadier than latency here
         for _ in range(rounds):
             for name, ephemeral in (("stored", False), ("memory", True)):
-                used = server.cpu_seconds()
+                split = CpuSplit(server)
                 samples[name].append(asyncio.run(turn_round(server.ws_url, 50, turns_each, ephemeral=ephemeral))[0])
-                cpu[name].append((server.cpu_seconds() - used) * 1000 / (50 * turns_each))
+                cpu[name].append(split.per_turn(50 * turns_each))
         bench.stop(server)
         stored_ms, memory_ms = statistics.median(samples["stored"]), statistics.median(samples["memory"])
-        stored_cpu, memory_cpu = statistics.median(cpu["stored"]), statistics.median(cpu["memory"])
+        cpu_ms = {name: {part: statistics.median(s[part] for s in split) for part in split[0]} for name, split in cpu.items()}
         results[setup] = {
             "stored_median_ms": stored_ms,
             "memory_median_ms": memory_ms,
             "ratio": stored_ms / memory_ms,
-            "stored_cpu_ms_per_turn": stored_cpu,
-            "memory_cpu_ms_per_turn": memory_cpu,
-            "cpu_ratio": stored_cpu / memory_cpu,
+            "stored_cpu_ms_per_turn": cpu_ms["stored"]["server"],
+            "memory_cpu_ms_per_turn": cpu_ms["memory"]["server"],
+            "cpu_ratio": cpu_ms["stored"]["server"] / cpu_ms["memory"]["server"],
+            "cpu_ms_per_turn": cpu_ms,
         }
     return results
 
@@ -574,6 +611,20 @@ def print_store_report(results: dict) -> None:
             f"   {setup:>15}: {row['stored_median_ms']:.1f} ms vs {row['memory_median_ms']:.1f} ms = {row['ratio']:.2f};"
             f" server CPU per turn {row['stored_cpu_ms_per_turn']:.2f} ms vs {row['memory_cpu_ms_per_turn']:.2f} ms"
             f" = {row['cpu_ratio']:.2f}"
+        )
+        parts = row["cpu_ms_per_turn"]
+        print(
+            "   "
+            + " " * 15
+            + "  CPU ms per turn, stored vs memory: "
+            + "; ".join(
+                f"{label} {parts['stored'][part]:.2f} vs {parts['memory'][part]:.2f}"
+                for part, label in (
+                    ("event_loop", "event loop"),
+                    ("other_threads", "other threads"),
+                    ("database_servers", "database servers"),
+                )
+            )
         )
     f = results["fan_out"]
     print(

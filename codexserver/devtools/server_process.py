@@ -93,9 +93,18 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time the process has used, from /proc (Linux)."""
-        with open(f"/proc/{self.process.pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds_of(f"/proc/{self.process.pid}/stat")
+
+    def main_thread_cpu_seconds(self) -> float:
+        """The same, of its main thread alone: daphne's event loop."""
+        return cpu_seconds_of(f"/proc/{self.process.pid}/task/{self.process.pid}/stat")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def cpu_seconds_of(stat_path: str) -> float:
+    """User and system CPU time from a /proc ``stat`` file (a process's or a thread's)."""
+    with open(stat_path) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
