@@ -622,7 +622,7 @@ def print_store_report(results: dict) -> None:
                 for part, label in (
                     ("event_loop", "event loop"),
                     ("other_threads", "other threads"),
-                    ("database_servers", "database servers"),
+                    ("database_servers", "PostgreSQL and Redis, machine-wide"),
                 )
             )
         )

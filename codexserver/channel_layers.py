@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
@@ -38,26 +40,35 @@ def redis_host(url: str) -> dict[str, Any]:
 
 
 # Which of the groups (KEYS) have a member other than the sender (ARGV[1]):
-# a 1 or 0 for each, read in one call.
+# a 1 or 0 for each, read in one call, each in O(log n).
 GROUPS_WITH_OTHERS = """
 local found = {}
 for index, key in ipairs(KEYS) do
-  found[index] = 0
-  for _, member in ipairs(redis.call('ZRANGE', key, 0, -1)) do
-    if member ~= ARGV[1] then
-      found[index] = 1
-      break
-    end
+  local members = redis.call('ZCARD', key)
+  if redis.call('ZSCORE', key, ARGV[1]) then
+    members = members - 1
   end
+  found[index] = members > 0 and 1 or 0
 end
 return found
 """
 
 
+@dataclass
+class Membership:
+    """What one read of groups' members found."""
+
+    followed: set[str]  # groups with a member other than the sender
+    unread: dict[str, BaseException]  # groups whose host failed, with its error
+
+
 class ResilientRedisChannelLayer(RedisChannelLayer):
-    async def groups_with_others(self, groups: list[str], sender: str) -> set[str]:
-        """Those of ``groups`` with a member other than ``sender`` (a channel):
-        one Redis call for all of them (one per host when sharded).
+    _groups_script: AsyncScript | None = None
+
+    async def groups_with_others(self, groups: list[str], sender: str) -> Membership:
+        """Which of ``groups`` have a member other than ``sender`` (a
+        channel): one Redis call for all of them, one per host when sharded,
+        the hosts side by side (one host down loses only its own groups).
 
         A group send is four Redis round trips and brings the message back to
         the sender's own channel too, to be read and dropped, so the thread
@@ -71,12 +82,25 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         by_host: dict[int, list[str]] = {}
         for group in groups:
             by_host.setdefault(self.consistent_hash(group), []).append(group)
-        found: set[str] = set()
-        for index, on_host in by_host.items():
-            script = self.connection(index).register_script(GROUPS_WITH_OTHERS)  # EVALSHA, loaded on first use
-            flags = await script(keys=[self._group_key(group) for group in on_host], args=[sender])
-            found.update(group for group, flag in zip(on_host, flags, strict=True) if flag)
-        return found
+        hosts = list(by_host.items())
+        read = await asyncio.gather(
+            *(self._others_on_host(index, on_host, sender) for index, on_host in hosts), return_exceptions=True
+        )
+        membership = Membership(set(), {})
+        for (_, on_host), flags in zip(hosts, read, strict=True):
+            if isinstance(flags, Exception):
+                membership.unread.update(dict.fromkeys(on_host, flags))
+            elif isinstance(flags, BaseException):  # cancelled: the caller stops
+                raise flags
+            else:
+                membership.followed.update(group for group, flag in zip(on_host, flags, strict=True) if flag)
+        return membership
+
+    async def _others_on_host(self, index: int, groups: list[str], sender: str) -> list[int]:
+        connection = self.connection(index)
+        if self._groups_script is None:  # hashed once; EVALSHA, loaded into a server on first use there
+            self._groups_script = connection.register_script(GROUPS_WITH_OTHERS)
+        return await self._groups_script(keys=[self._group_key(group) for group in groups], args=[sender], client=connection)
 
     async def receive(self, channel: str) -> dict:
         delay = RETRY_FIRST_DELAY

@@ -207,13 +207,21 @@ class ThreadHub:
         turns streaming, about ten sends a second went out and the other
         processes' subscribers heard each turn seconds late."""
         try:
-            followed = await self.layer.groups_with_others([group_name(thread_id) for thread_id in events], self.channel)
+            membership = await self.layer.groups_with_others([group_name(thread_id) for thread_id in events], self.channel)
         except Exception as exc:  # Redis down: those subscribers miss these events
             logger.warning("could not publish the events of %d thread(s): %s", len(events), exc)
             return
         _stop_if_cancelled()
+        if membership.unread:
+            logger.warning(
+                "could not publish the events of %d thread(s): %s", len(membership.unread), next(iter(membership.unread.values()))
+            )
         await asyncio.gather(
-            *(self._send_events(thread_id, run) for thread_id, run in events.items() if group_name(thread_id) in followed)
+            *(
+                self._send_events(thread_id, run)
+                for thread_id, run in events.items()
+                if group_name(thread_id) in membership.followed
+            )
         )
 
     async def _send_events(self, thread_id: str, events: list[list[Any]]) -> None:

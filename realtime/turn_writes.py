@@ -20,6 +20,7 @@ retried one write at a time, so a bad write fails alone. A new thread's row
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -605,9 +606,8 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], 
     new turns have no input yet (``input_bytes`` 0): none is replayed."""
     most = max(start.max_history_bytes for start, _ in taken)
     thread_pks = [row.pk for _, row in taken]
-    as_text = "model_input::text" if connection.vendor == "postgresql" else "model_input"  # jsonb would be decoded
     earlier = _rows_later(
-        f"SELECT thread_id, {as_text}, input_bytes FROM ("
+        f"SELECT thread_id, model_input, input_bytes FROM ("
         f"  SELECT thread_id, model_input, input_bytes, started_at_ms, id, SUM(input_bytes) OVER ("
         f"    PARTITION BY thread_id ORDER BY started_at_ms DESC, id DESC) AS bytes_so_far"
         f"  FROM {TURNS} WHERE input_bytes > 0 AND thread_id IN ({_marks(len(thread_pks))})"
@@ -618,7 +618,10 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], 
     def histories() -> dict[int, str]:
         by_thread: dict[int, list[tuple[str, int]]] = {pk: [] for pk in thread_pks}
         for thread_pk, stored_input, size in earlier():
-            by_thread[thread_pk].append((stored_input, size))
+            # Text on both databases: Django's PostgreSQL backend reads jsonb
+            # as text too (its JSONField decodes it). Anything else is encoded.
+            text = stored_input if isinstance(stored_input, str) else json.dumps(stored_input)
+            by_thread[thread_pk].append((text, size))
         return {row.pk: newest_within(by_thread[row.pk], start.max_history_bytes) for start, row in taken}
 
     return histories

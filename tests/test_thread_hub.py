@@ -138,6 +138,29 @@ async def test_a_drain_reads_the_members_of_all_its_threads_at_once_and_sends_on
         await elsewhere.close_pools()
 
 
+async def test_members_are_read_per_host_and_a_host_that_is_down_loses_only_its_own_groups():
+    sharded = ResilientRedisChannelLayer(hosts=[redis_host(REDIS_URL), redis_host("redis://127.0.0.1:1/0")])  # nothing on :1
+    elsewhere = redis_layer()  # another process, on the first host
+    far = await elsewhere.new_channel("threads")
+    groups: dict[int, list[str]] = {0: [], 1: []}
+    while min(map(len, groups.values())) < 2:
+        group = group_name(new_id())
+        groups[sharded.consistent_hash(group)].append(group)
+    followed, alone = groups[0][:2]
+    await elsewhere.group_add(followed, far)
+    try:
+        for _ in range(2):
+            membership = await sharded.groups_with_others([*groups[0], *groups[1]], sender="threads.here!1")
+            assert membership.followed == {followed} and alone not in membership.followed
+            assert set(membership.unread) == set(groups[1])
+            # A script cache flushed (a Redis restart, SCRIPT FLUSH): loaded again.
+            await sharded.connection(0).script_flush()
+    finally:
+        await elsewhere.group_discard(followed, far)
+        await elsewhere.close_pools()
+        await sharded.close_pools()
+
+
 async def _published(hub: ThreadHub) -> None:
     """Once the publisher has taken and settled everything queued."""
     for _ in range(200):

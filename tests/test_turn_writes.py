@@ -101,6 +101,21 @@ async def test_a_lapsed_lock_is_taken_over_in_a_batch_and_its_turn_ends_interrup
     assert statuses == {dead.id: INTERRUPTED, taker.id: "inProgress"}
 
 
+async def test_a_turn_stored_by_the_earlier_code_is_replayed():
+    # Before history stayed text, Django's JSONField encoded the list itself.
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    earlier = new_turn()
+    await DatabaseThreads.begin_turn(thread, earlier, "channel", 30, 1 << 20, None)
+    await DatabaseThreads.finish_turn(thread, ended(earlier, "placeholder"), 1)
+    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "héllo ☃ 😀"}]}]
+    await database_sync_to_async(
+        lambda: StoredTurn.objects.filter(turn_id=earlier.id).update(model_input=items, input_bytes=70)
+    )()
+    history, *_ = await DatabaseThreads.begin_turn(thread, new_turn(), "channel", 30, 1 << 20, None)
+    assert json.loads(history) == items
+
+
 async def test_history_is_bounded_newest_first_across_threads_of_one_batch():
     short, long = new_thread(), new_thread()
     for thread in (short, long):

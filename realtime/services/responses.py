@@ -44,16 +44,19 @@ class ModelRequest:
     output_schema: dict[str, Any] | None = None
 
     def body_json(self, **extra: Any) -> str:
-        """The request body's JSON text, ASCII-escaped (httpx would write
-        raw UTF-8 and fail on a lone surrogate a client sent), with ``extra``
-        fields (the transport's own)."""
+        """The request body's JSON text, with ``extra`` fields (the
+        transport's own) first and the input last. This turn's items are
+        ASCII-escaped: a lone surrogate a client sent could not be written as
+        UTF-8. The history is spliced in as stored: escaped as this server
+        wrote it, or UTF-8 as PostgreSQL's jsonb gives it back (jsonb holds no
+        lone surrogate)."""
         # Stateless, as Codex asks: nothing is stored upstream, and reasoning
         # comes back encrypted so the next turn can replay it.
         body: dict[str, Any] = {
+            **extra,
             "model": self.model,
             "store": False,
             "include": ["reasoning.encrypted_content"],
-            **extra,
         }
         if self.instructions:
             body["instructions"] = self.instructions
@@ -62,7 +65,7 @@ class ModelRequest:
                 "format": {"type": "json_schema", "name": "codex_output_schema", "schema": self.output_schema, "strict": True}
             }
         items = joined_arrays([array_items(self.history), *(json.dumps(item) for item in self.input)])
-        return '{"input": ' + items + ", " + json.dumps(body)[1:]
+        return json.dumps(body)[:-1] + ', "input": ' + items + "}"
 
     def session_headers(self) -> dict[str, str]:
         return {"session-id": self.thread_id, "x-client-request-id": self.thread_id}
