@@ -35,6 +35,38 @@ def _str(params: dict[str, Any], name: str) -> str:
     return value
 
 
+def optional_stored_str(params: dict[str, Any], name: str) -> str | None:
+    """``optional_str`` for a value the database keeps (``storable``)."""
+    value = optional_str(params, name)
+    return None if value is None else storable_text(value, name)
+
+
+def storable(value: Any) -> bool:
+    """Whether every string in ``value`` can be stored: PostgreSQL refuses NUL
+    in text and JSON, and no database takes a lone surrogate (JSON lets a
+    client send both)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(storable(key) and storable(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(storable(item) for item in value)
+    return True
+
+
+def storable_text(value: str, name: str) -> str:
+    """``value``, or -32602 naming the field if it cannot be stored (``storable``)."""
+    if not storable(value):
+        raise JsonRpcError.invalid_params(f"{name} must be valid Unicode text without NUL characters")
+    return value
+
+
 def optional_object(params: dict[str, Any], name: str) -> dict[str, Any]:
     value = params.get(name)
     if value is None:

@@ -65,6 +65,38 @@ async def test_unstorable_client_strings_are_invalid_params_naming_the_field(con
     assert row.client_title == "Codex_Ios" and "\x00" not in str(row.capabilities)
 
 
+@pytest.mark.parametrize(
+    "method, params, field",
+    [
+        ("turn/start", {"input": [{"type": "text", "text": "bad \ud800 text"}]}, "input[0].text"),
+        ("turn/start", {"input": [{"type": "text", "text": "nul \x00 text"}]}, "input[0].text"),
+        ("turn/start", {"input": [{"type": "image", "url": "https://x/\x00.png"}]}, "input[0].url"),
+        ("turn/start", {"input": [{"type": "text", "text": "hi"}], "model": "m\ud800"}, "model"),
+        (
+            "turn/start",
+            {"input": [{"type": "text", "text": "hi", "text_elements": [{"byteRange": {"start": 0, "end": 1}, "placeholder": "\x00"}]}]},
+            "input[0].text_elements.placeholder",
+        ),
+        ("thread/start", {"cwd": "/tmp/\x00"}, "cwd"),
+        ("thread/start", {"model": "gpt \ud800"}, "model"),
+        ("thread/start", {"baseInstructions": "be \x00 brief"}, "baseInstructions"),
+        ("thread/resume", {"model": "gpt \ud800"}, "model"),
+        ("thread/list", {"originators": ["codex_ios", "nul \x00"]}, "originators"),
+    ],
+)
+async def test_text_no_database_can_store_is_invalid_params_naming_the_field(connect, upstream, method, params, field):
+    # Stored as sent (a thread's cwd and model, a turn's input and preview):
+    # PostgreSQL refuses NUL, and neither database takes a lone surrogate.
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    response = await client.request(method, {"threadId": thread, **params})
+    assert response["error"]["code"] == -32602
+    assert field in response["error"]["message"]
+    # The connection and the thread go on as before.
+    assert (await client.run_turn(thread))["turn"]["status"] == "completed"
+
+
 async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, settings):
     settings.CODEX_MAX_HISTORY_BYTES = 50_000
     client = await connect()

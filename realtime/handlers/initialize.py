@@ -13,7 +13,7 @@ from identity.actions import record_connection_initialized
 from identity.client_identity import ClientIdentity, InvalidClientInfo
 from identity.scope import identity_scope
 
-from ..params import optional_object, params_object
+from ..params import optional_object, params_object, storable
 from ..protocol import INVALID_REQUEST, JsonRpcError
 
 logger = logging.getLogger(__name__)
@@ -27,25 +27,6 @@ def platform_family_and_os() -> tuple[str, str]:
     if system == "Windows":
         return "windows", "windows"
     return "unix", {"Darwin": "macos"}.get(system, system.lower())
-
-
-def _storable(value: Any) -> bool:
-    """Whether every string in ``value`` can be stored: PostgreSQL refuses NUL
-    in text and JSON, and no database takes a lone surrogate (JSON lets a
-    client send both)."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, dict):
-        return all(_storable(key) and _storable(item) for key, item in value.items())
-    if isinstance(value, list):
-        return all(_storable(item) for item in value)
-    return True
 
 
 async def initialize(context, params: Any) -> dict[str, Any]:
@@ -62,12 +43,12 @@ async def initialize(context, params: Any) -> dict[str, Any]:
     title = client_info.get("title")
     if title is not None and (not isinstance(title, str) or len(title) > MAX_TITLE_CHARS):
         raise JsonRpcError.invalid_params(f"clientInfo.title must be a string of at most {MAX_TITLE_CHARS} characters")
-    if title is not None and not _storable(title):
+    if title is not None and not storable(title):
         raise JsonRpcError.invalid_params("clientInfo.title must be valid Unicode text without NUL characters")
     capabilities = optional_object(params, "capabilities")
     if len(json.dumps(capabilities)) > MAX_CAPABILITIES_BYTES:
         raise JsonRpcError.invalid_params(f"capabilities must be at most {MAX_CAPABILITIES_BYTES} bytes")
-    if not _storable(capabilities):
+    if not storable(capabilities):
         raise JsonRpcError.invalid_params("capabilities must hold valid Unicode text without NUL characters")
     opt_out = capabilities.get("optOutNotificationMethods") or []
     if not isinstance(opt_out, list) or not all(isinstance(m, str) for m in opt_out):

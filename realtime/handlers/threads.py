@@ -7,7 +7,16 @@ from typing import Any
 
 from django.conf import settings
 
-from ..params import optional_bool, optional_int, optional_str, optional_str_list, params_object, required_str
+from ..params import (
+    optional_bool,
+    optional_int,
+    optional_stored_str,
+    optional_str,
+    optional_str_list,
+    params_object,
+    required_str,
+    storable,
+)
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services import telemetry
 from ..services.config import UpstreamConfig
@@ -42,7 +51,7 @@ def _session_json(thread: Thread, turns: list[Turn] | None, running_elsewhere: b
 def _cwd(params: dict[str, Any]) -> str:
     # The client's working directory is its own; it is echoed back (Codex
     # clients show it), never used here. Only an absolute one is taken.
-    cwd = optional_str(params, "cwd")
+    cwd = optional_stored_str(params, "cwd")
     return cwd if cwd and os.path.isabs(cwd) else os.getcwd()
 
 
@@ -57,11 +66,11 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
     config = UpstreamConfig.from_settings()
     thread = Thread(
         id=new_id(),
-        model=optional_str(params, "model") or config.model,
+        model=optional_stored_str(params, "model") or config.model,
         model_provider=MODEL_PROVIDER,
         cwd=_cwd(params),
         originator=context.identity.originator,
-        base_instructions=optional_str(params, "baseInstructions"),
+        base_instructions=optional_stored_str(params, "baseInstructions"),
         ephemeral=bool(optional_bool(params, "ephemeral")),
     )
     _check_thread_limit(context, thread.id)
@@ -85,7 +94,7 @@ async def resume_thread(context, params: Any) -> dict[str, Any]:
     # Subscribed before the turns are read: nothing that ends after the read is missed.
     thread = await context.connection.subscribe(found)
     store = store_for(thread)
-    model = optional_str(params, "model")
+    model = optional_stored_str(params, "model")
     if model:
         thread.model = model
         await store.set_model(thread, model)
@@ -126,7 +135,10 @@ async def list_threads(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     offset, limit = _window(params)
     ascending = params.get("sortDirection") == "asc"
-    found, more = await DatabaseThreads.page(optional_str_list(params, "originators"), ascending, offset, limit)
+    originators = optional_str_list(params, "originators")
+    if originators is not None and not storable(originators):  # the database could not even compare them
+        raise JsonRpcError.invalid_params("originators must be valid Unicode text without NUL characters")
+    found, more = await DatabaseThreads.page(originators, ascending, offset, limit)
     hub = thread_hub()
     data = []
     for stored, running in found:

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.conf import settings
 
-from ..params import optional_str, params_object, required_list, required_str
+from ..params import optional_stored_str, params_object, required_list, required_str, storable_text
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services.config import UpstreamConfig
 from ..thread_hub import thread_hub
@@ -29,9 +29,11 @@ def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, 
         if kind == "text":
             if not isinstance(item.get("text"), str):
                 raise JsonRpcError.invalid_params(f"input[{index}].text must be a string")
+            storable_text(item["text"], f"input[{index}].text")
             parts.append({"type": "input_text", "text": item["text"]})
             user_inputs.append({"type": "text", "text": item["text"], "text_elements": _text_elements(item, index)})
         elif kind == "image" and isinstance(item.get("url"), str):
+            storable_text(item["url"], f"input[{index}].url")
             parts.append({"type": "input_image", "image_url": item["url"]})
             user_inputs.append({"type": "image", "url": item["url"]})
         else:
@@ -58,6 +60,8 @@ def _text_elements(item: dict[str, Any], index: int) -> list[dict[str, Any]]:
             and (placeholder is None or isinstance(placeholder, str))
         ):
             raise JsonRpcError.invalid_params(f"input[{index}].text_elements: each needs byteRange {{start, end}}")
+        if placeholder is not None:
+            storable_text(placeholder, f"input[{index}].text_elements.placeholder")
     return elements
 
 
@@ -70,7 +74,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread = context.subscribed_thread(required_str(params, "threadId"))
     parts, user_inputs = _read_input(required_list(params, "input"))
-    model = optional_str(params, "model")
+    model = optional_stored_str(params, "model")
     output_schema = params.get("outputSchema")
     if output_schema is not None and not isinstance(output_schema, dict):
         raise JsonRpcError.invalid_params("outputSchema must be an object")
