@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .protocol import JsonRpcError
+from .storable_text import storable
 
 
 def params_object(params: Any) -> dict[str, Any]:
@@ -39,25 +40,6 @@ def optional_stored_str(params: dict[str, Any], name: str) -> str | None:
     """``optional_str`` for a value the database keeps (``storable``)."""
     value = optional_str(params, name)
     return None if value is None else storable_text(value, name)
-
-
-def storable(value: Any) -> bool:
-    """Whether every string in ``value`` can be stored: PostgreSQL refuses NUL
-    in text and JSON, and no database takes a lone surrogate (JSON lets a
-    client send both)."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return False
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-        return True
-    if isinstance(value, dict):
-        return all(storable(key) and storable(item) for key, item in value.items())
-    if isinstance(value, list):
-        return all(storable(item) for item in value)
-    return True
 
 
 def storable_text(value: str, name: str) -> str:

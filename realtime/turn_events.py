@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .storable_text import made_storable
 from .threads import ItemRecord, Turn, new_id, now_ms
 
 AGENT_MESSAGE = "agentMessage"
@@ -143,15 +144,15 @@ class TurnEventTranslator:
         elif item.get("type") == REASONING:
             reasoning = self._reasoning_item(key)
             if isinstance(item.get("encrypted_content"), str):
-                reasoning.encrypted_content = item["encrypted_content"]
+                reasoning.encrypted_content = made_storable(item["encrypted_content"])
             if done:
                 _fill_parts(reasoning.summary, item.get("summary"))
                 _fill_parts(reasoning.content, item.get("content"))
                 self._complete(reasoning)
 
     def _text_delta(self, event: dict[str, Any]) -> None:
-        delta = event.get("delta")
-        if isinstance(delta, str) and delta:
+        delta = _text(event.get("delta"))
+        if delta:
             message = self._message(self._key(event, event.get("item_id")))
             message.parts.append(delta)
             self._item_notification("item/agentMessage/delta", itemId=message.id, delta=delta)
@@ -160,8 +161,8 @@ class TurnEventTranslator:
         return self._reasoning_item(self._key(event, event.get("item_id")))
 
     def _reasoning_delta(self, event: dict[str, Any], index_name: str, part: str, method: str, wire_index: str) -> None:
-        delta = event.get("delta")
-        if not isinstance(delta, str) or not delta:
+        delta = _text(event.get("delta"))
+        if not delta:
             return
         reasoning = self._reasoning(event)
         index = _index(event, index_name)
@@ -203,6 +204,11 @@ class TurnEventTranslator:
         self._notify(method, {"threadId": self.thread_id, "turnId": self.turn_id, **params})
 
 
+def _text(value: Any) -> str | None:
+    """A delta's text, as it can be stored (``made_storable``)."""
+    return made_storable(value) if isinstance(value, str) else None
+
+
 def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -223,7 +229,7 @@ def _content_text(item: dict[str, Any]) -> str | None:
         if isinstance(part, dict) and part.get("type") in ("output_text", "refusal")
     ]
     parts = [part for part in parts if isinstance(part, str)]
-    return "".join(parts) if parts else None
+    return made_storable("".join(parts)) if parts else None
 
 
 def _fill_parts(parts: dict[int, list[str]], done: Any) -> None:
@@ -232,4 +238,4 @@ def _fill_parts(parts: dict[int, list[str]], done: Any) -> None:
         return
     for index, part in enumerate(done):
         if isinstance(part, dict) and isinstance(part.get("text"), str):
-            parts[index] = [part["text"]]
+            parts[index] = [made_storable(part["text"])]

@@ -15,6 +15,7 @@ from .services import telemetry
 from .services.config import UpstreamConfig
 from .services.responses import ModelRequest, stream_model_response
 from .services.upstream_errors import UpstreamError
+from .storable_text import made_storable
 from .thread_hub import thread_hub
 from .thread_store import DatabaseThreads, MemoryThreads
 from .threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
@@ -223,8 +224,10 @@ def user_message(text_parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _error(turn_error: dict[str, Any]) -> dict[str, Any]:
-    """The schema's TurnError, as the ``error`` notification and turn carry it."""
-    return {"additionalDetails": None, **turn_error}
+    """The schema's TurnError, as the ``error`` notification and turn carry
+    it. Its message may quote the upstream: kept storable (``made_storable``)."""
+    message = turn_error.get("message")
+    return {"additionalDetails": None, **turn_error, "message": made_storable(message) if isinstance(message, str) else message}
 
 
 def token_usage(usage: dict[str, Any] | None) -> dict[str, int] | None:

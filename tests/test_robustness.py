@@ -97,6 +97,25 @@ async def test_text_no_database_can_store_is_invalid_params_naming_the_field(con
     assert (await client.run_turn(thread))["turn"]["status"] == "completed"
 
 
+@pytest.mark.parametrize("delta, shown", [("nul \x00 here", "nul \ufffd here"), ("lone \ud800 here", "lone \ufffd here")])
+async def test_a_reply_no_database_could_store_is_stored_with_replacement_characters(connect, upstream, delta, shown):
+    # PostgreSQL refused the turn's end: the reply was lost and the thread
+    # stayed locked until its lock lapsed. Now the client, the store and the
+    # next turn's history all get U+FFFD in its place.
+    upstream.canned_reply = ["before ", delta]
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    first = await client.run_turn(thread, "hi")
+    upstream.canned_reply = ["fine"]
+    assert (await client.run_turn(thread, "again"))["turn"]["status"] == "completed"  # the thread was free
+    shown = "before " + shown
+    assert [item["text"] for item in first["turn"]["items"] if item["type"] == "agentMessage"] == [shown]
+    turns = (await client.call("thread/read", {"threadId": thread, "includeTurns": True}))["thread"]["turns"]
+    assert [item["text"] for item in turns[0]["items"] if item["type"] == "agentMessage"] == [shown]
+    assert shown in str(upstream.model_requests()[-1].body["input"])
+
+
 async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, settings):
     settings.CODEX_MAX_HISTORY_BYTES = 50_000
     client = await connect()

@@ -15,11 +15,11 @@ from ..params import (
     optional_str_list,
     params_object,
     required_str,
-    storable,
 )
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services import telemetry
 from ..services.config import UpstreamConfig
+from ..storable_text import storable
 from ..thread_hub import thread_hub
 from ..thread_store import DatabaseThreads, store_for
 from ..threads import Thread, Turn, new_id
