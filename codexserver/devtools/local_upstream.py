@@ -172,6 +172,7 @@ class UpstreamServer:
             self._failures.clear()
         self.apps = []
         self.plugins = []
+        self.canned_reply = list(DEFAULT_DELTAS)
 
     def _record(self, request: web.Request, kind: str, body: Any = None) -> Recorded:
         names = Counter(k.lower() for k in request.headers.keys())
