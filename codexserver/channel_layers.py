@@ -59,7 +59,7 @@ class Membership:
     """What one read of groups' members found."""
 
     followed: set[str]  # groups with a member other than the sender
-    unread: dict[str, BaseException]  # groups whose host failed, with its error
+    unread: dict[str, Exception]  # groups whose host failed, with its error
 
 
 class ResilientRedisChannelLayer(RedisChannelLayer):

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storable_text import made_storable
+from .storable_text import made_storable, storable_str
 from .threads import ItemRecord, Turn, new_id, now_ms
 
 AGENT_MESSAGE = "agentMessage"
 REASONING = "reasoning"
 PHASES = frozenset({"commentary", "partial_answer", "final_answer"})  # the schema's MessagePhase
 TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta")
+MAX_ITEM_ID_CHARS = 256  # the API's ids are a few dozen characters
 
 
 @dataclass(eq=False)
@@ -184,8 +185,10 @@ class TurnEventTranslator:
         return reasoning
 
     def _new_item(self, key: str) -> tuple[str, ItemRecord]:
-        item_id = key if not key.startswith("output:") else new_id()
-        return item_id, ItemRecord({}, now_ms())
+        # The upstream's id where it is one a client and the databases can
+        # take; the key stays the upstream's, so its deltas still find the item.
+        upstream_id = not key.startswith("output:") and len(key) <= MAX_ITEM_ID_CHARS and storable_str(key)
+        return (key if upstream_id else new_id()), ItemRecord({}, now_ms())
 
     def _start(self, key: str, item: _AgentMessage | _Reasoning) -> None:
         self._items[key] = item

@@ -91,8 +91,7 @@ async def test_text_no_database_can_store_is_invalid_params_naming_the_field(con
     await client.initialize("codex_ios", "1.4.0")
     thread = await client.start_thread()
     response = await client.request(method, {"threadId": thread, **params})
-    assert response["error"]["code"] == -32602
-    assert field in response["error"]["message"]
+    assert response["error"] == {"code": -32602, "message": f"Invalid params: {field} must be valid Unicode text without NUL characters"}
     # The connection and the thread go on as before.
     assert (await client.run_turn(thread))["turn"]["status"] == "completed"
 
@@ -114,6 +113,42 @@ async def test_a_reply_no_database_could_store_is_stored_with_replacement_charac
     turns = (await client.call("thread/read", {"threadId": thread, "includeTurns": True}))["thread"]["turns"]
     assert [item["text"] for item in turns[0]["items"] if item["type"] == "agentMessage"] == [shown]
     assert shown in str(upstream.model_requests()[-1].body["input"])
+
+
+@pytest.mark.parametrize("item_id", ["msg_\x00bad", "msg_\ud800", "m" * 300])
+async def test_an_item_id_no_database_could_store_is_replaced_by_our_own(connect, upstream, item_id):
+    upstream.canned_item_id = item_id
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    first = await client.run_turn(thread, "hi")
+    (reply,) = [item for item in first["turn"]["items"] if item["type"] == "agentMessage"]
+    assert reply["text"] == "Hello world" and reply["id"] != item_id and len(reply["id"]) == 36  # a UUID
+    upstream.canned_item_id = None
+    assert (await client.run_turn(thread, "again"))["turn"]["status"] == "completed"  # the end was stored
+
+
+async def test_text_elements_are_stored_and_echoed_with_the_schemas_fields_only(connect, upstream):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    element = {"byteRange": {"start": 0, "end": 2, "extra": "a\x00b"}, "placeholder": None, "other": {"\ud800": 1}}
+    text = {"type": "text", "text": "hi", "text_elements": [element]}
+    await client.call("turn/start", {"threadId": thread, "input": [text]})
+    started = await client.notification("item/started", threadId=thread)
+    assert started["item"]["content"][0]["text_elements"] == [{"byteRange": {"start": 0, "end": 2}, "placeholder": None}]
+    await client.notification("turn/completed", threadId=thread)
+    assert (await client.run_turn(thread))["turn"]["status"] == "completed"
+
+
+async def test_a_resume_refused_for_its_params_leaves_the_connection_unsubscribed(connect, upstream):
+    owner, other = await connect(), await connect()
+    await owner.initialize("codex_ios", "1.4.0")
+    await other.initialize("codex_vscode", "1.0.0")
+    thread = await owner.start_thread()
+    for params in ({"model": "m\ud800"}, {"excludeTurns": "yes"}):
+        assert (await other.request("thread/resume", {"threadId": thread, **params}))["error"]["code"] == -32602
+    assert await other.call("thread/unsubscribe", {"threadId": thread}) == {"status": "notSubscribed"}
 
 
 async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, settings):

@@ -75,8 +75,8 @@ def _last_user_text(body: dict) -> str:
     return ""
 
 
-def response_events(text: str, deltas: list[str]) -> list[dict]:
-    item_id = "msg_" + format(abs(hash(text)) % 10**8, "08d")
+def response_events(text: str, deltas: list[str], item_id: str | None = None) -> list[dict]:
+    item_id = item_id or "msg_" + format(abs(hash(text)) % 10**8, "08d")
     events: list[dict] = [
         {"type": "response.created", "response": {"id": "resp_1"}},
         {
@@ -121,6 +121,7 @@ class UpstreamServer:
         self.apps: list[dict] = []
         self.plugins: list[dict] = []
         self.canned_reply = list(DEFAULT_DELTAS)  # deltas of an ordinary turn
+        self.canned_item_id: str | None = None  # its message's id (else one made from the text)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -173,6 +174,7 @@ class UpstreamServer:
         self.apps = []
         self.plugins = []
         self.canned_reply = list(DEFAULT_DELTAS)
+        self.canned_item_id = None
 
     def _record(self, request: web.Request, kind: str, body: Any = None) -> Recorded:
         names = Counter(k.lower() for k in request.headers.keys())
@@ -267,7 +269,8 @@ class UpstreamServer:
             return [{"type": "response.created", "response": {}}, {"type": "response.in_progress", "response": {}}, error], 0.0, False
         if re.search(r"\bhang\b", text):
             return [{"type": "response.created", "response": {}}], 0.0, False
-        return response_events(text, self.canned_reply), 0.0, re.search(r"\bcut\b", text) is not None
+        cut = re.search(r"\bcut\b", text) is not None
+        return response_events(text, self.canned_reply, self.canned_item_id), 0.0, cut
 
     @web.middleware
     async def _count_abandoned(self, request: web.Request, handler) -> web.StreamResponse:

@@ -90,15 +90,16 @@ async def resume_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread_id = required_str(params, "threadId")
     _check_thread_limit(context, thread_id)
+    model = optional_stored_str(params, "model")
+    exclude_turns = optional_bool(params, "excludeTurns")  # read first: a bad param must not leave it subscribed
     found, running_elsewhere = await context.stored_thread(thread_id)
     # Subscribed before the turns are read: nothing that ends after the read is missed.
     thread = await context.connection.subscribe(found)
     store = store_for(thread)
-    model = optional_stored_str(params, "model")
     if model:
         thread.model = model
         await store.set_model(thread, model)
-    turns = None if optional_bool(params, "excludeTurns") else await store.turns(thread)
+    turns = None if exclude_turns else await store.turns(thread)
     return _session_json(thread, turns, running_elsewhere)
 
 

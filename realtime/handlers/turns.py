@@ -45,12 +45,14 @@ def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 def _text_elements(item: dict[str, Any], index: int) -> list[dict[str, Any]]:
     """The UI spans of a text input (schema TextElement), kept for the client's
-    own rendering; they are echoed to every subscriber, so their shape is checked."""
+    own rendering. They are echoed to every subscriber and stored, so each is
+    checked and rebuilt with the schema's fields only."""
     elements = item.get("text_elements")
     if elements is None:
         return []
     if not isinstance(elements, list):
         raise JsonRpcError.invalid_params(f"input[{index}].text_elements must be an array")
+    rebuilt = []
     for element in elements:
         span = element.get("byteRange") if isinstance(element, dict) else None
         placeholder = element.get("placeholder") if isinstance(element, dict) else None
@@ -62,7 +64,8 @@ def _text_elements(item: dict[str, Any], index: int) -> list[dict[str, Any]]:
             raise JsonRpcError.invalid_params(f"input[{index}].text_elements: each needs byteRange {{start, end}}")
         if placeholder is not None:
             storable_text(placeholder, f"input[{index}].text_elements.placeholder")
-    return elements
+        rebuilt.append({"byteRange": {"start": span["start"], "end": span["end"]}, "placeholder": placeholder})
+    return rebuilt
 
 
 def _preview(user_inputs: list[dict[str, Any]]) -> str:

@@ -46,10 +46,8 @@ class ModelRequest:
     def body_json(self, **extra: Any) -> str:
         """The request body's JSON text, with ``extra`` fields (the
         transport's own) first and the input last. This turn's items are
-        ASCII-escaped: a lone surrogate a client sent could not be written as
-        UTF-8. The history is spliced in as stored: escaped as this server
-        wrote it, or UTF-8 as PostgreSQL's jsonb gives it back (jsonb holds no
-        lone surrogate)."""
+        ASCII-escaped; the history is spliced in as stored (escaped as this
+        server wrote it, or UTF-8 as PostgreSQL's jsonb gives it back)."""
         # Stateless, as Codex asks: nothing is stored upstream, and reasoning
         # comes back encrypted so the next turn can replay it.
         body: dict[str, Any] = {
