@@ -230,13 +230,17 @@ def _error(turn_error: dict[str, Any]) -> dict[str, Any]:
     return {"additionalDetails": None, **turn_error, "message": made_storable(message) if isinstance(message, str) else message}
 
 
+MAX_TOKENS = 10**12  # a turn's count; a million turns of it still fit a thread's 64-bit sum
+
+
 def token_usage(usage: dict[str, Any] | None) -> dict[str, int] | None:
     """A Responses ``usage`` as the schema's TokenUsageBreakdown."""
     if not usage:
         return None
 
     def number(value: Any) -> int:
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+        # Capped: a count past a 64-bit column (or a thread's sum of them) would make the turn's end unstorable.
+        return min(value, MAX_TOKENS) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
     input_details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
     output_details = usage.get("output_tokens_details") if isinstance(usage.get("output_tokens_details"), dict) else {}

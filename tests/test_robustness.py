@@ -128,6 +128,15 @@ async def test_an_item_id_no_database_could_store_is_replaced_by_our_own(connect
     assert (await client.run_turn(thread, "again"))["turn"]["status"] == "completed"  # the end was stored
 
 
+@pytest.mark.parametrize("span", [{"start": 0, "end": 2**70}, {"start": 3, "end": 2}, {"start": -1, "end": 2}])
+async def test_a_text_element_no_client_could_read_back_is_invalid_params(connect, upstream, span):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    text = {"type": "text", "text": "hi", "text_elements": [{"byteRange": span}]}
+    assert (await client.request("turn/start", {"threadId": thread, "input": [text]}))["error"]["code"] == -32602
+
+
 async def test_text_elements_are_stored_and_echoed_with_the_schemas_fields_only(connect, upstream):
     client = await connect()
     await client.initialize("codex_ios", "1.4.0")
@@ -149,6 +158,27 @@ async def test_a_resume_refused_for_its_params_leaves_the_connection_unsubscribe
     for params in ({"model": "m\ud800"}, {"excludeTurns": "yes"}):
         assert (await other.request("thread/resume", {"threadId": thread, **params}))["error"]["code"] == -32602
     assert await other.call("thread/unsubscribe", {"threadId": thread}) == {"status": "notSubscribed"}
+
+
+async def test_token_counts_past_a_64_bit_column_are_capped_and_the_turn_is_stored(connect, upstream, monkeypatch):
+    from codexserver.devtools import local_upstream
+
+    events = local_upstream.response_events
+
+    def huge_usage(text, deltas, item_id=None):
+        planned = events(text, deltas, item_id)
+        planned[-1]["response"]["usage"] = {"input_tokens": 2**63, "output_tokens": 2**63 - 1, "total_tokens": 2**64}
+        return planned
+
+    monkeypatch.setattr(local_upstream, "response_events", huge_usage)
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await client.run_turn(thread, "hi")
+    usage = await client.notification("thread/tokenUsage/updated", threadId=thread)
+    assert usage["tokenUsage"]["last"]["inputTokens"] == 10**12
+    monkeypatch.undo()
+    assert (await client.run_turn(thread, "again"))["turn"]["status"] == "completed"  # the end was stored
 
 
 async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, settings):

@@ -43,6 +43,9 @@ def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, 
     return parts, user_inputs
 
 
+MAX_BYTE_OFFSET = 2**32  # far past any frame this server accepts
+
+
 def _text_elements(item: dict[str, Any], index: int) -> list[dict[str, Any]]:
     """The UI spans of a text input (schema TextElement), kept for the client's
     own rendering. They are echoed to every subscriber and stored, so each is
@@ -58,7 +61,8 @@ def _text_elements(item: dict[str, Any], index: int) -> list[dict[str, Any]]:
         placeholder = element.get("placeholder") if isinstance(element, dict) else None
         if not (
             isinstance(span, dict)
-            and all(isinstance(span.get(end), int) and not isinstance(span.get(end), bool) and span[end] >= 0 for end in ("start", "end"))
+            and all(_offset(span.get(end)) for end in ("start", "end"))
+            and span["start"] <= span["end"]
             and (placeholder is None or isinstance(placeholder, str))
         ):
             raise JsonRpcError.invalid_params(f"input[{index}].text_elements: each needs byteRange {{start, end}}")
@@ -66,6 +70,11 @@ def _text_elements(item: dict[str, Any], index: int) -> list[dict[str, Any]]:
             storable_text(placeholder, f"input[{index}].text_elements.placeholder")
         rebuilt.append({"byteRange": {"start": span["start"], "end": span["end"]}, "placeholder": placeholder})
     return rebuilt
+
+
+def _offset(value: Any) -> bool:
+    """A byte offset the schema's ``uint`` and any client can read back."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_BYTE_OFFSET
 
 
 def _preview(user_inputs: list[dict[str, Any]]) -> str:
