@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from .thread_hub import thread_hub
 from .thread_store import DatabaseThreads, MemoryThreads
 from .threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
 from .turn_events import TurnEventTranslator
+from .turn_writes import ONE_WRITES_FAULT, NotStored
 
 if TYPE_CHECKING:
     from .connection import AppServerConnection
@@ -117,20 +119,46 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int]:
     thread.active_turn = None
     thread.trim(turn_context.max_history_bytes)
     thread.touch()
-    write = asyncio.ensure_future(turn_context.store.finish_turn(thread, turn, first_new_item=1))
-    while not write.done():
-        try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            asyncio.current_task().uncancel()  # the turn is ending anyway: finish telling it
-        except Exception:
-            break
     try:
-        return write.result()
+        return await _written(turn_context.store.finish_turn(thread, turn, first_new_item=1))
+    except ONE_WRITES_FAULT as exc:
+        if isinstance(exc, NotStored):
+            logger.error("could not store the end of turn %s: %r", turn.id, exc)
+            return dict(turn.usage or {})
+        # Something of the turn's own that the database refused (its other
+        # writes went through): stored failed, without its output, its
+        # thread is free now rather than when its lock lapses.
+        logger.error("could not store the output of turn %s (%r); storing the turn failed, without it", turn.id, exc)
+        _drop_output(turn)
     except Exception:
         # The turn ran; only its record is lost. Its lock lapses on its own.
         logger.exception("could not store the end of turn %s", turn.id)
         return dict(turn.usage or {})
+    try:
+        return await _written(turn_context.store.finish_turn(thread, turn, first_new_item=1))
+    except Exception:
+        logger.exception("could not store the end of turn %s", turn.id)
+        return {}
+
+
+async def _written(write: Awaitable[Any]) -> Any:
+    """A store write's outcome, waited for even if cancelled meanwhile: the
+    turn is ending anyway, and its end must be told."""
+    written = asyncio.ensure_future(write)
+    while not written.done():
+        try:
+            await asyncio.shield(written)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()
+        except Exception:
+            break
+    return written.result()
+
+
+def _drop_output(turn: Turn) -> None:
+    turn.items = turn.items[:1]  # the user's message, stored when the turn began
+    turn.model_input, turn.input_bytes, turn.usage = "[]", 0, None
+    turn.finish(FAILED, _error({"message": "the turn's output could not be stored", "codexErrorInfo": "other"}))
 
 
 async def _keep_lock(turn_context: TurnContext) -> None:

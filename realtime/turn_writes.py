@@ -132,7 +132,7 @@ THREAD_COLUMNS = [
 MAX_BATCH = 400
 # What one write can get wrong on its own (a row it names is not stored, a
 # value the database refuses): the rest of its batch is written without it.
-ONE_WRITES_FAULT = (IntegrityError, DataError, LookupError, ValueError, TypeError)
+ONE_WRITES_FAULT = (IntegrityError, DataError, LookupError, ValueError, TypeError, OverflowError)
 
 
 class NotStored(LookupError):

@@ -181,6 +181,35 @@ async def test_token_counts_past_a_64_bit_column_are_capped_and_the_turn_is_stor
     assert (await client.run_turn(thread, "again"))["turn"]["status"] == "completed"  # the end was stored
 
 
+async def test_an_end_the_database_refuses_is_stored_failed_without_its_output_and_frees_the_thread(
+    connect, upstream, monkeypatch
+):
+    # Whatever slips past the checks: here a token count past a 64-bit column.
+    from codexserver.devtools import local_upstream
+    from realtime import turn_runner
+
+    events = local_upstream.response_events
+
+    def huge_usage(text, deltas, item_id=None):
+        planned = events(text, deltas, item_id)
+        planned[-1]["response"]["usage"] = {"input_tokens": 2**63, "output_tokens": 1, "total_tokens": 2**63 + 1}
+        return planned
+
+    monkeypatch.setattr(local_upstream, "response_events", huge_usage)
+    monkeypatch.setattr(turn_runner, "MAX_TOKENS", 2**70)
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    completed = await client.run_turn(thread, "hi")
+    assert completed["turn"]["status"] == "failed"
+    assert completed["turn"]["error"]["message"] == "the turn's output could not be stored"
+    monkeypatch.undo()
+    assert (await client.run_turn(thread, "again"))["turn"]["status"] == "completed"  # free at once
+    turns = (await client.call("thread/read", {"threadId": thread, "includeTurns": True}))["thread"]["turns"]
+    assert [turn["status"] for turn in turns] == ["failed", "completed"]
+    assert [item["type"] for item in turns[0]["items"]] == ["userMessage"]
+
+
 async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, settings):
     settings.CODEX_MAX_HISTORY_BYTES = 50_000
     client = await connect()
