@@ -103,11 +103,12 @@ async def run_turn(turn_context: TurnContext) -> None:
     # Stored before anyone hears the turn ended: a client that reads the
     # thread on turn/completed finds it there, from any process.
     total = await _store_end(turn_context)
-    if usage is not None:
-        token_usage_params = {"last": usage, "total": total, "modelContextWindow": None}
+    # The turn as stored: without usage, and failed, if its output was not.
+    if turn.usage is not None:
+        token_usage_params = {"last": turn.usage, "total": total, "modelContextWindow": None}
         notify("thread/tokenUsage/updated", {"threadId": thread.id, "turnId": turn.id, "tokenUsage": token_usage_params})
-    if error is not None:
-        notify("error", {"threadId": thread.id, "turnId": turn.id, "error": error, "willRetry": False})
+    if turn.error is not None:
+        notify("error", {"threadId": thread.id, "turnId": turn.id, "error": turn.error, "willRetry": False})
     _announce_end(thread, turn, notify)
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id, usage=usage)
 
@@ -123,12 +124,14 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int]:
         return await _written(turn_context.store.finish_turn(thread, turn, first_new_item=1))
     except ONE_WRITES_FAULT as exc:
         if isinstance(exc, NotStored):
-            logger.error("could not store the end of turn %s: %r", turn.id, exc)
+            logger.error("could not store the end of turn %s: %r", turn.id, exc, exc_info=exc)
             return dict(turn.usage or {})
         # Something of the turn's own that the database refused (its other
         # writes went through): stored failed, without its output, its
         # thread is free now rather than when its lock lapses.
-        logger.error("could not store the output of turn %s (%r); storing the turn failed, without it", turn.id, exc)
+        logger.error(
+            "could not store the output of turn %s (%r); storing the turn failed, without it", turn.id, exc, exc_info=exc
+        )
         _drop_output(turn)
     except Exception:
         # The turn ran; only its record is lost. Its lock lapses on its own.
@@ -273,10 +276,11 @@ def token_usage(usage: dict[str, Any] | None) -> dict[str, int] | None:
     input_details = usage.get("input_tokens_details") if isinstance(usage.get("input_tokens_details"), dict) else {}
     output_details = usage.get("output_tokens_details") if isinstance(usage.get("output_tokens_details"), dict) else {}
     input_tokens, output_tokens = number(usage.get("input_tokens")), number(usage.get("output_tokens"))
+    total_tokens = number(usage.get("total_tokens")) or min(input_tokens + output_tokens, MAX_TOKENS)
     return {
         "inputTokens": input_tokens,
         "cachedInputTokens": number(input_details.get("cached_tokens")),
         "outputTokens": output_tokens,
         "reasoningOutputTokens": number(output_details.get("reasoning_tokens")),
-        "totalTokens": number(usage.get("total_tokens")) or input_tokens + output_tokens,
+        "totalTokens": total_tokens,
     }

@@ -203,6 +203,9 @@ async def test_an_end_the_database_refuses_is_stored_failed_without_its_output_a
     completed = await client.run_turn(thread, "hi")
     assert completed["turn"]["status"] == "failed"
     assert completed["turn"]["error"]["message"] == "the turn's output could not be stored"
+    # Told as stored: the error, and no usage the stored turn does not have.
+    told = [m["method"] for m in client.inbox if m.get("method") in ("error", "thread/tokenUsage/updated")]
+    assert told == ["error"]
     monkeypatch.undo()
     assert (await client.run_turn(thread, "again"))["turn"]["status"] == "completed"  # free at once
     turns = (await client.call("thread/read", {"threadId": thread, "includeTurns": True}))["thread"]["turns"]
