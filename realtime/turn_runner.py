@@ -204,7 +204,15 @@ async def background_endings_finished() -> None:
 def end_in_background(coro) -> None:
     ending = asyncio.ensure_future(coro)
     _endings.add(ending)
-    ending.add_done_callback(_endings.discard)
+    ending.add_done_callback(_ended)
+
+
+def _ended(ending: asyncio.Future) -> None:
+    _endings.discard(ending)
+    if not ending.cancelled() and ending.exception() is not None:
+        # Said here, not as asyncio's "exception was never retrieved" whenever
+        # the future happens to be collected. The thread's lock lapses on its own.
+        logger.error("could not store the end of a turn in the background", exc_info=ending.exception())
 
 
 def release_abandoned(thread: Thread, turn: Turn, store) -> None:

@@ -213,6 +213,19 @@ async def test_an_end_the_database_refuses_is_stored_failed_without_its_output_a
     assert [item["type"] for item in turns[0]["items"]] == ["userMessage"]
 
 
+async def test_an_end_written_in_the_background_that_fails_is_logged_at_once(caplog):
+    from realtime import turn_runner
+
+    async def refused():
+        raise RuntimeError("database down")
+
+    with caplog.at_level("ERROR", logger="realtime.turn_runner"):
+        turn_runner.end_in_background(refused())
+        await turn_runner.background_endings_finished()
+    assert [record.getMessage() for record in caplog.records] == ["could not store the end of a turn in the background"]
+    assert "database down" in caplog.text
+
+
 async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, settings):
     settings.CODEX_MAX_HISTORY_BYTES = 50_000
     client = await connect()
