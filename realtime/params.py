@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from .protocol import JsonRpcError
 from .storable_text import storable
+
+T = TypeVar("T")
 
 
 def params_object(params: Any) -> dict[str, Any]:
@@ -39,11 +41,12 @@ def _str(params: dict[str, Any], name: str) -> str:
 def optional_stored_str(params: dict[str, Any], name: str) -> str | None:
     """``optional_str`` for a value the database keeps (``storable``)."""
     value = optional_str(params, name)
-    return None if value is None else storable_text(value, name)
+    return None if value is None else require_storable(value, name)
 
 
-def storable_text(value: str, name: str) -> str:
-    """``value``, or -32602 naming the field if it cannot be stored (``storable``)."""
+def require_storable(value: T, name: str) -> T:
+    """``value`` (a string, or a JSON value of them), or -32602 naming the
+    field if it cannot be stored (``storable``)."""
     if not storable(value):
         raise JsonRpcError.invalid_params(f"{name} must be valid Unicode text without NUL characters")
     return value

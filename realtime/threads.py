@@ -43,8 +43,8 @@ def now_ms() -> int:
 def newest_within(earlier: Iterable[tuple[str, int]], max_bytes: int) -> str:
     """The model input to replay, as a JSON array's text. ``earlier`` is
     (input items as a JSON array's text, its size as this server encoded it,
-    ASCII-escaped) of earlier turns, newest first; the newest that fit in ``max_bytes`` are kept, whole turns only,
-    oldest first.
+    ASCII-escaped) of earlier turns, newest first; the newest that fit in
+    ``max_bytes`` are kept, whole turns only, oldest first.
 
     The texts are joined, never decoded: a thread's history may be
     CODEX_MAX_HISTORY_BYTES (4 MiB), which each turn start would otherwise

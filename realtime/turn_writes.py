@@ -601,8 +601,9 @@ def _insert_first_items(taken: list[tuple[BeginTurn, _ThreadRow]]) -> None:
 
 def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[int, str]]:
     """Each thread's model input of its earlier turns (a JSON array's text,
-    never decoded), newest kept first within its bound, to read later: one query for every thread of the batch,
-    bounded in the database by a running total of their sizes. The batch's
+    never decoded), newest kept first within its bound, to read later: one
+    query for every thread of the batch, bounded in the database by a
+    running total of their sizes. The batch's
     new turns have no input yet (``input_bytes`` 0): none is replayed."""
     most = max(start.max_history_bytes for start, _ in taken)
     thread_pks = [row.pk for _, row in taken]

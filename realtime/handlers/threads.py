@@ -14,12 +14,12 @@ from ..params import (
     optional_str,
     optional_str_list,
     params_object,
+    require_storable,
     required_str,
 )
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services import telemetry
 from ..services.config import UpstreamConfig
-from ..storable_text import storable
 from ..thread_hub import thread_hub
 from ..thread_store import DatabaseThreads, store_for
 from ..threads import Thread, Turn, new_id
@@ -137,8 +137,8 @@ async def list_threads(context, params: Any) -> dict[str, Any]:
     offset, limit = _window(params)
     ascending = params.get("sortDirection") == "asc"
     originators = optional_str_list(params, "originators")
-    if originators is not None and not storable(originators):  # the database could not even compare them
-        raise JsonRpcError.invalid_params("originators must be valid Unicode text without NUL characters")
+    if originators is not None:
+        require_storable(originators, "originators")  # the database could not even compare them
     found, more = await DatabaseThreads.page(originators, ascending, offset, limit)
     hub = thread_hub()
     data = []

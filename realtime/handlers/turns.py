@@ -7,7 +7,7 @@ from typing import Any
 
 from django.conf import settings
 
-from ..params import optional_stored_str, params_object, required_list, required_str, storable_text
+from ..params import optional_stored_str, params_object, require_storable, required_list, required_str
 from ..protocol import INVALID_REQUEST, JsonRpcError
 from ..services.config import UpstreamConfig
 from ..thread_hub import thread_hub
@@ -29,11 +29,11 @@ def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, 
         if kind == "text":
             if not isinstance(item.get("text"), str):
                 raise JsonRpcError.invalid_params(f"input[{index}].text must be a string")
-            storable_text(item["text"], f"input[{index}].text")
+            require_storable(item["text"], f"input[{index}].text")
             parts.append({"type": "input_text", "text": item["text"]})
             user_inputs.append({"type": "text", "text": item["text"], "text_elements": _text_elements(item, index)})
         elif kind == "image" and isinstance(item.get("url"), str):
-            storable_text(item["url"], f"input[{index}].url")
+            require_storable(item["url"], f"input[{index}].url")
             parts.append({"type": "input_image", "image_url": item["url"]})
             user_inputs.append({"type": "image", "url": item["url"]})
         else:
@@ -67,7 +67,7 @@ def _text_elements(item: dict[str, Any], index: int) -> list[dict[str, Any]]:
         ):
             raise JsonRpcError.invalid_params(f"input[{index}].text_elements: each needs byteRange {{start, end}}")
         if placeholder is not None:
-            storable_text(placeholder, f"input[{index}].text_elements.placeholder")
+            require_storable(placeholder, f"input[{index}].text_elements.placeholder")
         rebuilt.append({"byteRange": {"start": span["start"], "end": span["end"]}, "placeholder": placeholder})
     return rebuilt
 
