@@ -16,7 +16,13 @@ from pathlib import Path
 
 from websockets.asyncio.client import connect
 
-from codexserver.devtools.attribution_load import LoadReport, close_clients, count_misattributed, open_clients, run_turns
+from codexserver.devtools.attribution_load import (
+    LoadReport,
+    close_clients,
+    count_misattributed,
+    open_clients,
+    run_turns,
+)
 from codexserver.devtools.rpc_client import SocketClient
 from codexserver.devtools.server_process import ServerProcess
 

@@ -11,7 +11,7 @@ django_http = get_asgi_application()  # sets Django up before the imports below
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from realtime.consumers import AppServerConsumer  # noqa: E402
+from realtime.transport.consumers import AppServerConsumer  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

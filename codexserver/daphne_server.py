@@ -33,7 +33,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from realtime.upgrade_policy import DENIAL_EXTENSION
+from realtime.transport.upgrade_policy import DENIAL_EXTENSION
 
 logger = logging.getLogger(__name__)
 
@@ -153,9 +153,9 @@ class AppServerDaphne(Server):
 
     @staticmethod
     def _run_soon(step: str) -> defer.Deferred:
-        from realtime import instance_lifecycle
+        from realtime.lifecycle import process as lifecycle
 
-        deferred = defer.Deferred.fromFuture(asyncio.ensure_future(getattr(instance_lifecycle, step)()))
+        deferred = defer.Deferred.fromFuture(asyncio.ensure_future(getattr(lifecycle, step)()))
         # Twisted's own log goes nowhere at daphne's default verbosity.
         deferred.addErrback(lambda failure: logger.error("%s failed: %s", step, failure.getTraceback()))
         return deferred

@@ -14,8 +14,8 @@ from codexserver.devtools.rpc_client import RpcClient
 from codexserver.devtools.server_process import PROJECT_DIR, ServerProcess, migrate
 from identity.actions import close_row_writer_connections
 from identity.http_clients import close_client_factory
+from realtime.fanout.thread_hub import stop_thread_hub
 from realtime.services.telemetry import flush_at_shutdown
-from realtime.thread_hub import stop_thread_hub
 from tests.rpc_client import CommunicatorClient
 from tests.wire_schema import schema_errors
 

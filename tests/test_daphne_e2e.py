@@ -160,7 +160,7 @@ async def test_log_lines_name_their_connection_and_never_the_key(daphne_server, 
     assert len(initialized) == 1 and "originator=codex_ios]" in initialized[0]
     connection_id = initialized[0].split("[conn=", 1)[1].split(" ", 1)[0]
     # The failed turn is logged from the turn's own task, under the same scope.
-    [failed] = [line for line in log.splitlines() if " failed: " in line and "realtime.turn_runner" in line]
+    [failed] = [line for line in log.splitlines() if " failed: " in line and "realtime.turns.runner" in line]
     assert f"[conn={connection_id} originator=codex_ios]" in failed
 
 

@@ -15,9 +15,9 @@ from codexserver.devtools.hostile_frames import fuzz_server, is_valid_reply
 from codexserver.devtools.rpc_client import SocketClient
 from identity.client_identity import ClientIdentity, InvalidClientInfo
 from identity.models import ConnectionIdentity
-from realtime.connection import AppServerConnection
-from realtime.outbox import Outbox
-from realtime.protocol import JsonRpcError, parse_message
+from realtime.rpc.connection import AppServerConnection
+from realtime.rpc.protocol import JsonRpcError, parse_message
+from realtime.transport.outbox import Outbox
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -128,7 +128,7 @@ async def test_a_thousand_mid_turn_disconnects_leak_no_task_and_close_every_stre
         await asyncio.gather(*(cycle(i) for i in range(start, start + 25)))
     await upstream.await_for(lambda rs: sum(r.kind == "closed" for r in rs) >= 1000, timeout=10)
     await asyncio.sleep(0.2)
-    from realtime.thread_hub import thread_hub
+    from realtime.fanout.thread_hub import thread_hub
 
     # The telemetry flusher may be mid-interval; with Redis, the process's
     # thread receiver, publisher and group refresher run for good.

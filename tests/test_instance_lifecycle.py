@@ -11,8 +11,8 @@ from django.utils import timezone
 
 from identity import actions
 from identity.models import ConnectionIdentity, ServerBoot
-from realtime import instance_lifecycle
-from realtime.instance_lifecycle import ProcessLifecycle
+from realtime.lifecycle import process as instance_lifecycle
+from realtime.lifecycle.process import ProcessLifecycle
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

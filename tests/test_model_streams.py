@@ -170,8 +170,8 @@ async def test_the_turns_usage_reaches_telemetry_under_the_turns_identity(client
 
 
 async def test_message_items_without_ids_stay_apart_by_output_index(transport):
-    from realtime.threads import Turn
-    from realtime.turn_events import TurnEventTranslator
+    from realtime.store.threads import Turn
+    from realtime.turns.stream_events import TurnEventTranslator
 
     sent: list[tuple[str, dict]] = []
     translator = TurnEventTranslator("thread", Turn("turn", originator="o", connection_id="c"), lambda m, p: sent.append((m, p)))

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from realtime.outbox import OUTBOX_CAPACITY, OVERLOAD_THRESHOLD, Outbox
+from realtime.transport.outbox import OUTBOX_CAPACITY, OVERLOAD_THRESHOLD, Outbox
 
 
 async def test_a_slow_reader_is_waited_for_and_loses_nothing():

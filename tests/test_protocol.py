@@ -3,7 +3,7 @@
 import pytest
 
 from realtime.management.commands.serve import daphne_argv
-from realtime.protocol import (
+from realtime.rpc.protocol import (
     INVALID_REQUEST,
     PARSE_ERROR,
     ClientResponse,

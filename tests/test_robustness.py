@@ -9,9 +9,9 @@ import pytest
 from channels.db import database_sync_to_async
 
 from identity.models import ConnectionIdentity
-from realtime.outbox import Outbox
+from realtime.fanout.thread_hub import thread_hub
 from realtime.services import telemetry
-from realtime.thread_hub import thread_hub
+from realtime.transport.outbox import Outbox
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -186,7 +186,7 @@ async def test_an_end_the_database_refuses_is_stored_failed_without_its_output_a
 ):
     # Whatever slips past the checks: here a token count past a 64-bit column.
     from codexserver.devtools import local_upstream
-    from realtime import turn_runner
+    from realtime.turns import runner as turn_runner
 
     events = local_upstream.response_events
 
@@ -214,12 +214,12 @@ async def test_an_end_the_database_refuses_is_stored_failed_without_its_output_a
 
 
 async def test_an_end_written_in_the_background_that_fails_is_logged_at_once(caplog):
-    from realtime import turn_runner
+    from realtime.turns import runner as turn_runner
 
     async def refused():
         raise RuntimeError("database down")
 
-    with caplog.at_level("ERROR", logger="realtime.turn_runner"):
+    with caplog.at_level("ERROR", logger="realtime.turns.runner"):
         turn_runner.end_in_background(refused())
         await turn_runner.background_endings_finished()
     assert [record.getMessage() for record in caplog.records] == ["could not store the end of a turn in the background"]
@@ -277,7 +277,7 @@ async def test_a_connect_failure_says_which_upstream_was_tried(connect, settings
 
 
 async def test_a_turn_cancelled_before_it_ran_still_ends_and_frees_its_thread(connect, monkeypatch):
-    import realtime.handlers.turns as turns
+    import realtime.rpc.handlers.turns as turns
 
     async def never_gets_going(turn_context):
         await asyncio.Event().wait()  # cancelled before doing anything of run_turn

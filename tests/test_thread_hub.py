@@ -1,4 +1,4 @@
-"""The hub's publisher on this machine's real Redis (realtime/thread_hub.py):
+"""The hub's publisher on this machine's real Redis (realtime/fanout/thread_hub.py):
 each thread's events reach the other processes in order, the threads' group
 sends go out side by side, not one thread after another, and a thread no
 other process follows costs no group send."""
@@ -9,8 +9,8 @@ import asyncio
 import os
 
 from codexserver.channel_layers import ResilientRedisChannelLayer, redis_host
-from realtime.thread_hub import ThreadHub, group_name
-from realtime.threads import Thread, new_id
+from realtime.fanout.thread_hub import ThreadHub, group_name
+from realtime.store.threads import Thread, new_id
 
 REDIS_URL = os.environ.get("CODEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

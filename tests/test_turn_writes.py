@@ -1,4 +1,4 @@
-"""Turn writes in batches (realtime/turn_writes.py): what one batch decides
+"""Turn writes in batches (realtime/store/turn_writes.py): what one batch decides
 must be what the writes one at a time would have decided."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import json
 import pytest
 from channels.db import database_sync_to_async
 
-from realtime import turn_writes
 from realtime.models import StoredThread, StoredTurn
-from realtime.thread_store import DatabaseThreads
-from realtime.threads import COMPLETED, INTERRUPTED, ItemRecord, Thread, Turn, new_id, now_ms
+from realtime.store import turn_writes
+from realtime.store.thread_store import DatabaseThreads
+from realtime.store.threads import COMPLETED, INTERRUPTED, ItemRecord, Thread, Turn, new_id, now_ms
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -234,7 +234,7 @@ def test_a_batch_committed_but_not_read_back_fails_once_and_is_not_written_again
 async def test_the_sweep_frees_a_lapsed_lock_whose_turn_had_already_ended_and_announces_nothing():
     """A thread row can still name a turn whose end was stored (the turn lost
     its lock, say): the sweep frees the thread and has no end to tell."""
-    from realtime.thread_store import end_abandoned_turns
+    from realtime.store.thread_store import end_abandoned_turns
 
     thread = new_thread()
     await DatabaseThreads.create(thread)

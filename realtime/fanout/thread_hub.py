@@ -29,8 +29,8 @@ from channels.layers import InMemoryChannelLayer, channel_layers, get_channel_la
 from codexserver.loop_local import LoopLocal
 
 if TYPE_CHECKING:
-    from .connection import AppServerConnection
-    from .threads import Thread
+    from realtime.rpc.connection import AppServerConnection
+    from realtime.store.threads import Thread
 
 logger = logging.getLogger(__name__)
 

@@ -27,13 +27,12 @@ from identity.actions import (
     record_heartbeat,
 )
 from identity.http_clients import close_client_factory
-
-from . import turn_writes
-from .connection import live_connections
-from .services.telemetry import flush_at_shutdown
-from .thread_hub import stop_thread_hub, thread_hub
-from .thread_store import end_abandoned_turns
-from .turn_runner import announce_dead_processes_turn, background_endings_finished
+from realtime.fanout.thread_hub import stop_thread_hub, thread_hub
+from realtime.rpc.connection import live_connections
+from realtime.services.telemetry import flush_at_shutdown
+from realtime.store import turn_writes
+from realtime.store.thread_store import end_abandoned_turns
+from realtime.turns.runner import announce_dead_processes_turn, background_endings_finished
 
 logger = logging.getLogger(__name__)
 

@@ -20,15 +20,15 @@ from django.conf import settings
 
 from identity.client_identity import ClientIdentity
 from identity.scope import identity_scope
+from realtime.fanout.thread_hub import thread_hub
+from realtime.services.upstream_errors import UpstreamError
+from realtime.store.threads import Thread
+from realtime.transport.outbox import Outbox
 
 from . import protocol
-from .context import RequestContext
 from .handlers import HANDLERS, INITIALIZE, INTERRUPT
-from .outbox import Outbox
 from .protocol import ClientResponse, JsonRpcError, Notification, Request
-from .services.upstream_errors import UpstreamError
-from .thread_hub import thread_hub
-from .threads import Thread
+from .request_context import RequestContext
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+from realtime.store.storable_text import storable
+
 from .protocol import JsonRpcError
-from .storable_text import storable
 
 T = TypeVar("T")
 

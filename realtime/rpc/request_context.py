@@ -7,11 +7,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from identity.client_identity import ClientIdentity
+from realtime.fanout.thread_hub import thread_hub
+from realtime.store.thread_store import DatabaseThreads
+from realtime.store.threads import Thread
 
 from .protocol import JsonRpcError, Request
-from .thread_hub import thread_hub
-from .thread_store import DatabaseThreads
-from .threads import Thread
 
 if TYPE_CHECKING:
     from .connection import AppServerConnection

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from identity.client_identity import ClientIdentity
+from realtime.store.json_text import array_items, joined_arrays
 
-from ..json_text import array_items, joined_arrays
 from . import upstream_errors
 from .config import UpstreamConfig
 from .upstream_errors import UpstreamError

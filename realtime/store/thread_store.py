@@ -22,9 +22,9 @@ from django.db.models import F
 from django.db.models.functions import Now
 
 from identity.actions import database_sync_to_async
+from realtime.models import StoredItem, StoredThread, StoredTurn
 
 from . import turn_writes
-from .models import StoredItem, StoredThread, StoredTurn
 from .threads import IN_PROGRESS, ItemRecord, Thread, Turn
 from .turn_writes import BeginTurn, CreateThread, FinishTurn, lock_until, mark_interrupted, with_lock_state
 

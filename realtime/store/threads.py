@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from codexserver import __version__ as SERVER_VERSION
+from realtime.fanout.thread_hub import thread_hub
 
 from .json_text import array_items, joined_arrays
-from .thread_hub import thread_hub
 
 if TYPE_CHECKING:
-    from .connection import AppServerConnection
+    from realtime.rpc.connection import AppServerConnection
 
 # The wire values of a turn's status (schema TurnStatus).
 IN_PROGRESS, COMPLETED, INTERRUPTED, FAILED = "inProgress", "completed", "interrupted", "failed"

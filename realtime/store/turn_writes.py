@@ -45,8 +45,8 @@ from django.db.models.sql import Query
 from codexserver.group_commit import GroupCommit
 from codexserver.loop_local import LoopLocal
 from identity.actions import row_writers
+from realtime.models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
 
-from .models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
 from .threads import IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, newest_within, now_ms
 
 # Columns given JSON already encoded, as text (``_json_text``).

@@ -14,11 +14,11 @@ from django.conf import settings
 
 from codexserver.health import channel_layer_available
 from identity.actions import record_connection_closed, record_connection_opened
+from realtime.lifecycle.process import process_lifecycle
+from realtime.rpc.connection import AppServerConnection
+from realtime.rpc.protocol import MAX_FRAME_BYTES, JsonRpcError
 
-from .connection import AppServerConnection
-from .instance_lifecycle import process_lifecycle
 from .outbox import Outbox
-from .protocol import MAX_FRAME_BYTES, JsonRpcError
 from .upgrade_policy import DENIAL_EXTENSION, refusal_headers, upgrade_refusal
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .protocol import encode
+from realtime.rpc.protocol import encode
 
 logger = logging.getLogger(__name__)
 

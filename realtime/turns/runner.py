@@ -11,20 +11,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from identity.client_identity import ClientIdentity
+from realtime.fanout.thread_hub import thread_hub
+from realtime.services import telemetry
+from realtime.services.config import UpstreamConfig
+from realtime.services.responses import ModelRequest, stream_model_response
+from realtime.services.upstream_errors import UpstreamError
+from realtime.store.storable_text import made_storable
+from realtime.store.thread_store import DatabaseThreads, MemoryThreads
+from realtime.store.threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
+from realtime.store.turn_writes import ONE_WRITES_FAULT, NotStored
 
-from .services import telemetry
-from .services.config import UpstreamConfig
-from .services.responses import ModelRequest, stream_model_response
-from .services.upstream_errors import UpstreamError
-from .storable_text import made_storable
-from .thread_hub import thread_hub
-from .thread_store import DatabaseThreads, MemoryThreads
-from .threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
-from .turn_events import TurnEventTranslator
-from .turn_writes import ONE_WRITES_FAULT, NotStored
+from .stream_events import TurnEventTranslator
 
 if TYPE_CHECKING:
-    from .connection import AppServerConnection
+    from realtime.rpc.connection import AppServerConnection
 
 logger = logging.getLogger(__name__)
 

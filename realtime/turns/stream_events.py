@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storable_text import made_storable, storable_str
-from .threads import ItemRecord, Turn, new_id, now_ms
+from realtime.store.storable_text import made_storable, storable_str
+from realtime.store.threads import ItemRecord, Turn, new_id, now_ms
 
 AGENT_MESSAGE = "agentMessage"
 REASONING = "reasoning"

@@ -5,7 +5,7 @@ import socket
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from realtime.protocol import MAX_FRAME_BYTES
+from realtime.rpc.protocol import MAX_FRAME_BYTES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765

@@ -12,10 +12,10 @@ from django.conf import settings
 from identity.actions import record_connection_initialized
 from identity.client_identity import ClientIdentity, InvalidClientInfo
 from identity.scope import identity_scope
+from realtime.store.storable_text import storable
 
 from ..params import optional_object, params_object
 from ..protocol import INVALID_REQUEST, JsonRpcError
-from ..storable_text import storable
 
 logger = logging.getLogger(__name__)
 

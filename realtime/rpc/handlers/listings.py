@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from realtime.services.config import UpstreamConfig
+from realtime.services.connectors import list_apps
+from realtime.services.plugins import list_plugins
+
 from ..params import params_object
-from ..services.config import UpstreamConfig
-from ..services.connectors import list_apps
-from ..services.plugins import list_plugins
 
 
 async def list_app_connectors(context, params: Any) -> dict[str, Any]:

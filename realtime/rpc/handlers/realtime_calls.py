@@ -8,11 +8,12 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
+from realtime.services import realtime_calls, upstream_errors
+from realtime.services.config import UpstreamConfig
+from realtime.store.threads import RealtimeSession, Thread
+
 from ..params import params_object, required_str
 from ..protocol import INVALID_REQUEST, JsonRpcError
-from ..services import realtime_calls, upstream_errors
-from ..services.config import UpstreamConfig
-from ..threads import RealtimeSession, Thread
 
 logger = logging.getLogger(__name__)
 

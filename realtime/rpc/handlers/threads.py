@@ -7,6 +7,12 @@ from typing import Any
 
 from django.conf import settings
 
+from realtime.fanout.thread_hub import thread_hub
+from realtime.services import telemetry
+from realtime.services.config import UpstreamConfig
+from realtime.store.thread_store import DatabaseThreads, store_for
+from realtime.store.threads import Thread, Turn, new_id
+
 from ..params import (
     optional_bool,
     optional_int,
@@ -18,11 +24,6 @@ from ..params import (
     required_str,
 )
 from ..protocol import INVALID_REQUEST, JsonRpcError
-from ..services import telemetry
-from ..services.config import UpstreamConfig
-from ..thread_hub import thread_hub
-from ..thread_store import DatabaseThreads, store_for
-from ..threads import Thread, Turn, new_id
 
 MODEL_PROVIDER = "openai"
 DEFAULT_PAGE = 25

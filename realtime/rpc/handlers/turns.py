@@ -7,14 +7,15 @@ from typing import Any
 
 from django.conf import settings
 
+from realtime.fanout.thread_hub import thread_hub
+from realtime.services.config import UpstreamConfig
+from realtime.store.thread_store import store_for
+from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
+from realtime.store.turn_writes import WrittenButUnread
+from realtime.turns.runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
+
 from ..params import optional_stored_str, params_object, require_storable, required_list, required_str
 from ..protocol import INVALID_REQUEST, JsonRpcError
-from ..services.config import UpstreamConfig
-from ..thread_hub import thread_hub
-from ..thread_store import store_for
-from ..threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
-from ..turn_runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
-from ..turn_writes import WrittenButUnread
 
 
 def _read_input(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
