@@ -178,7 +178,9 @@ class ThreadHub:
 
     # --- notifications ------------------------------------------------------
 
-    def publish(self, thread: Thread, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None) -> None:
+    def publish(
+        self, thread: Thread, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None = None
+    ) -> None:
         """Send a notification to every subscriber of the thread, here and elsewhere."""
         deliver(thread, method, params, pace_setter)
         if self.cross_process and not thread.ephemeral:

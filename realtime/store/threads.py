@@ -1,11 +1,13 @@
 """Threads, turns and items: the conversation state, in the Codex app-server's shapes.
 
 These are the in-process objects: a ``Thread`` here is one this process has
-loaded (``thread_hub``) or read from the store (``thread_store``, the
-database). A connection *subscribes* to the threads it starts or resumes, and
-every notification of a thread's turn reaches every subscriber, on every
-process. Identity is the request's, never the thread's: each turn records the
-originator and connection that started it.
+loaded (the fan-out's hub keeps those) or read from the store
+(``thread_store``, the database). A connection *subscribes* to the threads it
+starts or resumes, and every notification of a thread's turn reaches every
+subscriber, on every process; the parts above publish them through the
+fan-out (``realtime.fanout``), which these objects know nothing of. Identity
+is the request's, never the thread's: each turn records the originator and
+connection that started it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from codexserver import __version__ as SERVER_VERSION
-from realtime.fanout.thread_hub import thread_hub
 
 from .json_text import array_items, joined_arrays
 
@@ -177,11 +178,6 @@ class Thread:
         self.updated_at = time.time()
 
     # --- subscribers --------------------------------------------------------
-
-    def notify(self, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None = None) -> None:
-        """Send a notification to every connection subscribed to this thread,
-        on this process and on the others (``thread_hub``)."""
-        thread_hub().publish(self, method, params, pace_setter)
 
     @property
     def loaded(self) -> bool:

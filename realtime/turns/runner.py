@@ -53,7 +53,7 @@ async def run_turn(turn_context: TurnContext) -> None:
     if turn_context.taken_over is not None:  # its end is heard before this turn starts
         await _announce_taken_over(thread, turn_context.taken_over)
     # Every subscriber sees the turn; the one that started it sets the pace.
-    notify = functools.partial(thread.notify, pace_setter=connection)
+    notify = functools.partial(thread_hub().publish, thread, pace_setter=connection)
     notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     translator = TurnEventTranslator(thread.id, turn, notify)
@@ -225,7 +225,7 @@ def release_abandoned(thread: Thread, turn: Turn, store) -> None:
 
 async def _end_unstarted(turn_context: TurnContext) -> None:
     await _store_end(turn_context)
-    _announce_end(turn_context.thread, turn_context.turn, turn_context.thread.notify)
+    _announce_end(turn_context.thread, turn_context.turn, functools.partial(thread_hub().publish, turn_context.thread))
 
 
 def _announce_end(thread: Thread, turn: Turn, notify) -> None:
@@ -241,11 +241,12 @@ def announce_dead_processes_turn(thread: Thread, turn: Turn, idle: bool) -> None
     lapsed): every subscriber, on every process, hears it end, as it would
     have from the turn's own process. ``idle``: no turn took the thread over
     (its subscribers, the only ones who hear this, see it idle)."""
-    local = thread_hub().get(thread.id)
+    hub = thread_hub()
+    local = hub.get(thread.id)
     thread = local or thread  # not followed here: only the other processes' subscribers hear it
-    thread.notify("turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
+    hub.publish(thread, "turn/completed", {"threadId": thread.id, "turn": turn.to_json()})
     if idle and thread.active_turn is None:
-        thread.notify("thread/status/changed", {"threadId": thread.id, "status": {"type": "idle"}})
+        hub.publish(thread, "thread/status/changed", {"threadId": thread.id, "status": {"type": "idle"}})
 
 
 async def _announce_taken_over(thread: Thread, turn_id: str) -> None:

@@ -80,7 +80,7 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
     identity = context.identity
 
     def announce() -> None:
-        thread.notify("thread/started", {"thread": thread.to_json()})
+        thread_hub().publish(thread, "thread/started", {"thread": thread.to_json()})
         telemetry.record_event(identity, telemetry.THREAD_STARTED, thread.id)
 
     context.after_reply(announce)
