@@ -14,7 +14,7 @@ import uuid
 import weakref
 from collections.abc import Coroutine
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
@@ -23,12 +23,14 @@ from identity.scope import identity_scope
 from realtime.fanout.thread_hub import thread_hub
 from realtime.services.upstream_errors import UpstreamError
 from realtime.store.threads import Thread
-from realtime.transport.outbox import Outbox
 
 from . import protocol
 from .handlers import HANDLERS, INITIALIZE, INTERRUPT
 from .protocol import ClientResponse, JsonRpcError, Notification, Request
 from .request_context import RequestContext
+
+if TYPE_CHECKING:  # the transport above builds it and hands it in
+    from realtime.transport.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
