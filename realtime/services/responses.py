@@ -17,17 +17,10 @@ from typing import Any
 from identity.client_identity import ClientIdentity
 from realtime.store.json_text import array_items, joined_arrays
 
-from . import upstream_errors
+from . import responses_sse, responses_ws, upstream_errors
 from .config import UpstreamConfig
+from .response_events import COMPLETED, FAILED_EVENTS, INCOMPLETE, NOT_CLIENT_OUTPUT
 from .upstream_errors import UpstreamError
-
-COMPLETED = "response.completed"
-INCOMPLETE = "response.incomplete"
-FAILED_EVENTS = ("response.failed", "error")
-TERMINAL_EVENTS = (COMPLETED, INCOMPLETE, *FAILED_EVENTS)
-# Events that put nothing in front of the client: a failure after only these
-# may still be retried (PROTOCOL §10).
-NOT_CLIENT_OUTPUT = frozenset({"response.created", "response.in_progress", "response.queued"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,13 +63,8 @@ class ModelRequest:
 
 
 def _open_transport(identity: ClientIdentity, request: ModelRequest, config: UpstreamConfig):
-    if config.responses_transport == "websocket":
-        from . import responses_ws
-
-        return responses_ws.stream_events(identity, request, config)
-    from . import responses_sse
-
-    return responses_sse.stream_events(identity, request, config)
+    transport = responses_ws if config.responses_transport == "websocket" else responses_sse
+    return transport.stream_events(identity, request, config)
 
 
 async def stream_model_response(

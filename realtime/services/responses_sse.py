@@ -17,7 +17,7 @@ from identity.client_identity import ClientIdentity
 
 from . import upstream_errors
 from .config import UpstreamConfig
-from .responses import TERMINAL_EVENTS
+from .response_events import TERMINAL_EVENTS
 
 # A turn ends within a second of its terminal event, drained or not (PROTOCOL §10).
 DRAIN_SECONDS = 0.5

@@ -13,7 +13,7 @@ from identity.client_identity import ClientIdentity
 from . import upstream_errors
 from .config import UpstreamConfig, join_url, websocket_url
 from .identity_websocket import connect_as
-from .responses import TERMINAL_EVENTS
+from .response_events import TERMINAL_EVENTS
 
 logger = logging.getLogger(__name__)
 
