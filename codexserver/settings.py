@@ -188,6 +188,14 @@ if not 0 < CODEX_HEARTBEAT_INTERVAL < CODEX_HEARTBEAT_TIMEOUT:
     )
 CODEX_ALLOWED_ORIGINS = _env_list("CODEX_ALLOWED_ORIGINS")
 CODEX_WS_AUTH_TOKEN = os.environ.get("CODEX_WS_AUTH_TOKEN") or None
+# Every this many seconds each process reads which of its live connections'
+# tokens were revoked (it closes those, 1008) and their principals' budgets.
+CODEX_PRINCIPAL_CHECK_SECONDS = _env_number("CODEX_PRINCIPAL_CHECK_SECONDS", "2", float)
+if not 0 < CODEX_PRINCIPAL_CHECK_SECONDS <= 5:
+    raise ImproperlyConfigured(
+        f"CODEX_PRINCIPAL_CHECK_SECONDS={CODEX_PRINCIPAL_CHECK_SECONDS:g}: must be above 0 and at most 5 "
+        "(a revoked token's connections close within 5 s)"
+    )
 
 # --- upstreams (PROTOCOL §6) ------------------------------------------------
 CODEX_API_BASE_URL = _env_url("CODEX_API_BASE_URL", "https://api.openai.com/v1")

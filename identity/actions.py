@@ -1,8 +1,8 @@
 """The only functions that change ConnectionIdentity and ServerBoot rows.
 
-opened (at the upgrade), initialized (one write of every identity field),
-closed (at disconnect) and reconciled (rows a dead process left open); a
-process's boot: started, beating, stopped.
+opened (at the upgrade, with the token's check), initialized (one write of
+every identity field), closed (at disconnect) and reconciled (rows a dead
+process left open); a process's boot: started, beating, stopped.
 The async ones run through channels' ``database_sync_to_async``, which also
 retires stale database connections around each call, as a request would.
 
@@ -29,7 +29,8 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from .client_identity import ClientIdentity
-from .models import ConnectionIdentity, ServerBoot
+from .models import AccessToken, ConnectionIdentity, Principal, ServerBoot
+from .principals import AuthenticatedPrincipal, authenticate
 
 
 @cache
@@ -65,15 +66,36 @@ def database_sync_to_async(func):
 
 @database_sync_to_async
 def record_connection_opened(
-    connection_id: uuid.UUID, server_instance: str, boot_id: uuid.UUID, remote_addr: str | None
-) -> None:
+    connection_id: uuid.UUID, server_instance: str, boot_id: uuid.UUID, remote_addr: str | None, bearer: str | None
+) -> AuthenticatedPrincipal | None:
+    """At the upgrade, in one trip to a row writer: who ``bearer`` stands for
+    (``identity.principals``), and the connection's row, of that principal.
+    None: the token is refused, and nothing is written."""
+    principal = authenticate(bearer)
+    if principal is None:
+        return None
     ConnectionIdentity.objects.create(
         connection_id=connection_id,
+        principal_id=principal.id,
         server_instance=server_instance,
         boot_id=boot_id,
         remote_addr=remote_addr,
         connected_at=timezone.now(),
     )
+    return principal
+
+
+@database_sync_to_async
+def read_principal_state(token_ids: set[int], principal_ids: set[int]) -> tuple[set[int], dict[int, int]]:
+    """For a process's live connections: which of their tokens are revoked,
+    and the token budgets of their principals that have one."""
+    revoked = set(
+        AccessToken.objects.filter(pk__in=token_ids, revoked_at__isnull=False).values_list("pk", flat=True)
+    ) if token_ids else set()  # fmt: skip
+    budgets = dict(
+        Principal.objects.filter(pk__in=principal_ids, token_budget__isnull=False).values_list("pk", "token_budget")
+    )
+    return revoked, budgets
 
 
 def identity_fields(identity: ClientIdentity) -> dict:

@@ -1,9 +1,46 @@
-"""ConnectionIdentity: one row per WebSocket connection (PROTOCOL §7).
+"""ConnectionIdentity: one row per WebSocket connection (PROTOCOL §7); the
+principals connections belong to and their tokens (§12).
 
-Rows are data only; every change goes through ``identity.actions``.
+Rows are data only; every change goes through ``identity.actions`` and
+``identity.principals``.
 """
 
 from django.db import models
+from django.utils import timezone
+
+
+class Principal(models.Model):
+    """Whoever holds a token: every connection, thread and turn is one's."""
+
+    name = models.CharField(max_length=150, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Directories its threads may work in (PROTOCOL §11); empty: the server's default.
+    workspace_roots = models.JSONField(default=list, blank=True)
+    # Total tokens its stored turns may use; then turn/start fails. Null: no budget.
+    token_budget = models.PositiveBigIntegerField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class AccessToken(models.Model):
+    """A bearer token of a principal, kept only as its SHA-256 digest and a
+    visible prefix (``identity.principals`` says why a fast hash)."""
+
+    principal = models.ForeignKey(Principal, on_delete=models.PROTECT, related_name="tokens")
+    name = models.CharField(max_length=150)
+    prefix = models.CharField(max_length=16)
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "token"
+        constraints = [models.UniqueConstraint(fields=["principal", "name"], name="one_token_name_per_principal")]
+
+    def __str__(self) -> str:
+        return f"{self.principal} / {self.name} ({self.prefix}…)"
 
 
 class ServerBoot(models.Model):
@@ -25,6 +62,7 @@ class ServerBoot(models.Model):
 
 class ConnectionIdentity(models.Model):
     connection_id = models.UUIDField(unique=True, editable=False)
+    principal = models.ForeignKey(Principal, on_delete=models.PROTECT, related_name="connections")
     server_instance = models.CharField(max_length=255, db_index=True)
     boot_id = models.UUIDField(null=True, blank=True, db_index=True, editable=False)
     client_name = models.CharField(max_length=256, blank=True, default="")

@@ -25,9 +25,12 @@ def _time_ms(value: int | None) -> str:
 
 @admin.register(StoredThread)
 class StoredThreadAdmin(ReadOnlyAdmin):
-    list_display = ("thread", "preview", "originator", "model", "turn_count", "created", "updated", "running_turn_id")
+    list_display = (
+        "thread", "principal", "preview", "originator", "model", "turn_count", "created", "updated", "running_turn_id",
+    )  # fmt: skip
     list_display_links = ("thread",)
-    search_fields = ("=thread_id", "=originator", "preview")
+    search_fields = ("=thread_id", "=principal__name", "=originator", "preview")
+    list_select_related = ("principal",)
     show_full_result_count = False
     list_per_page = 100
 
@@ -67,6 +70,7 @@ class StoredTurnAdmin(ReadOnlyAdmin):
     list_display = (
         "turn",
         "thread_link",
+        "principal",
         "originator",
         "connection",
         "status",
@@ -78,8 +82,8 @@ class StoredTurnAdmin(ReadOnlyAdmin):
     )
     list_display_links = ("turn",)
     list_filter = ("status", OriginatorFilter)
-    search_fields = ("=turn_id", "=thread__thread_id", "=originator", "=connection_id")
-    list_select_related = ("thread",)
+    search_fields = ("=turn_id", "=thread__thread_id", "=principal__name", "=originator", "=connection_id")
+    list_select_related = ("thread", "principal")
     ordering = ("-started_at_ms",)
     exclude = ("model_input",)  # encrypted reasoning: large, and of no use to read
     inlines = (StoredItemInline,)

@@ -6,6 +6,8 @@ Ephemeral threads are never stored: the schema says they are not materialized.
 
 from django.db import models
 
+from identity.models import Principal
+
 # Token counts of a turn, by the schema's TokenUsageBreakdown names.
 USAGE_FIELDS = {
     "inputTokens": "input_tokens",
@@ -18,6 +20,8 @@ USAGE_FIELDS = {
 
 class StoredThread(models.Model):
     thread_id = models.CharField(max_length=64, unique=True, editable=False)
+    # Whose: only its principal's connections list, read, resume or continue it.
+    principal = models.ForeignKey(Principal, on_delete=models.PROTECT, related_name="threads")
     model = models.CharField(max_length=256)
     model_provider = models.CharField(max_length=64)
     cwd = models.TextField()
@@ -38,6 +42,8 @@ class StoredThread(models.Model):
         verbose_name = "thread"
         ordering = ["-updated_at"]
         indexes = [
+            # thread/list: a principal's threads, most recently updated first.
+            models.Index(fields=["principal", "-updated_at", "-id"], name="threads_of_principal"),
             # The heartbeat's sweep for turns of processes that died: held locks only.
             models.Index(
                 fields=["lock_expires_at"], name="held_turn_locks", condition=models.Q(running_turn_id__isnull=False)
@@ -51,6 +57,8 @@ class StoredThread(models.Model):
 class StoredTurn(models.Model):
     turn_id = models.CharField(max_length=64, unique=True, editable=False)
     thread = models.ForeignKey(StoredThread, on_delete=models.CASCADE, related_name="turns")
+    # Its thread's principal, kept here for usage per principal and its budget.
+    principal = models.ForeignKey(Principal, on_delete=models.PROTECT, related_name="turns")
     # Identity is the request's: the connection that sent turn/start.
     originator = models.CharField(max_length=256, db_index=True)
     connection_id = models.UUIDField()

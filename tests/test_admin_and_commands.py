@@ -12,6 +12,7 @@ from django.utils import timezone
 from identity.actions import identity_fields
 from identity.client_identity import ClientIdentity
 from identity.models import ConnectionIdentity
+from identity.principals import local_principal
 
 pytestmark = pytest.mark.django_db
 
@@ -20,6 +21,7 @@ def make_row(name="codex_ios", *, instance="host-1", open_=True, age=timedelta(0
     identity = ClientIdentity.from_client_info(name, "1.4.0")
     return ConnectionIdentity.objects.create(
         connection_id=uuid.uuid4(),
+        principal=local_principal(),
         server_instance=instance,
         **identity_fields(identity),
         connected_at=timezone.now() - age,
@@ -31,7 +33,9 @@ def make_row(name="codex_ios", *, instance="host-1", open_=True, age=timedelta(0
 def test_superuser_sees_rows_filters_and_search(admin_client):
     ios = make_row("codex_ios")
     make_row("codex-backend", open_=False)
-    uninitialized = ConnectionIdentity.objects.create(connection_id=uuid.uuid4(), server_instance="host-1", connected_at=timezone.now())
+    uninitialized = ConnectionIdentity.objects.create(
+        connection_id=uuid.uuid4(), principal=local_principal(), server_instance="host-1", connected_at=timezone.now()
+    )
     changelist = reverse("admin:identity_connectionidentity_changelist")
     page = admin_client.get(changelist)
     assert page.status_code == 200
@@ -109,10 +113,12 @@ def test_changelist_at_100000_rows_uses_a_fixed_number_of_queries_and_the_open_f
     from identity.admin import ConnectionIdentityAdmin
 
     now = timezone.now()
+    local = local_principal()
     ConnectionIdentity.objects.bulk_create(
         [
             ConnectionIdentity(
                 connection_id=uuid.uuid4(),
+                principal=local,
                 server_instance=f"node-{i % 4}",
                 client_name=f"client_{i % 10_000}",
                 client_version="1.0",

@@ -15,9 +15,14 @@ from codexserver.devtools.hostile_frames import fuzz_server, is_valid_reply
 from codexserver.devtools.rpc_client import SocketClient
 from identity.client_identity import ClientIdentity, InvalidClientInfo
 from identity.models import ConnectionIdentity
+from identity.principals import AuthenticatedPrincipal
 from realtime.rpc.connection import AppServerConnection
 from realtime.rpc.protocol import JsonRpcError, parse_message
 from realtime.transport.outbox import Outbox
+
+# For connections these tests drive by hand, without an upgrade: nothing they
+# do reaches a principal's rows.
+NO_DATABASE_PRINCIPAL = AuthenticatedPrincipal(id=0, name="local", token_id=None, token_budget=None, workspace_roots=())
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -83,7 +88,7 @@ def test_any_frames_get_valid_json_rpc_replies_and_never_an_exception(frames):
     async def run():
         transport = _RecordingConsumer()
         outbox = Outbox(transport.send_text, on_overflow=lambda: None)
-        connection = AppServerConnection(__import__("uuid").uuid4(), outbox, {})
+        connection = AppServerConnection(__import__("uuid").uuid4(), outbox, {}, NO_DATABASE_PRINCIPAL)
         writer = asyncio.create_task(outbox.run())
         for frame in frames:
             await connection.handle_frame(frame)
@@ -206,7 +211,7 @@ def test_frames_that_arrive_after_the_connection_closed_start_nothing():
     async def run():
         transport = _RecordingConsumer()
         outbox = Outbox(transport.send_text, on_overflow=lambda: None)
-        connection = AppServerConnection(__import__("uuid").uuid4(), outbox, {})
+        connection = AppServerConnection(__import__("uuid").uuid4(), outbox, {}, NO_DATABASE_PRINCIPAL)
         connection.adopt_identity(ClientIdentity.from_client_info("codex_ios", "1.4.0"), frozenset())
         await connection.close()  # as the server's shutdown closes it while its socket is still open
         await connection.handle_frame(json.dumps({"id": 2, "method": "thread/start", "params": {}}))

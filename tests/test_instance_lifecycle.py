@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from identity import actions
 from identity.models import ConnectionIdentity, ServerBoot
+from identity.principals import local_principal
 from realtime.lifecycle import process as instance_lifecycle
 from realtime.lifecycle.process import ProcessLifecycle
 
@@ -20,9 +21,14 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @database_sync_to_async
 def make_rows(boot_id: uuid.UUID, count: int, age: timedelta) -> list[uuid.UUID]:
     ids = [uuid.uuid4() for _ in range(count)]
+    local = local_principal()
     for connection_id in ids:
         ConnectionIdentity.objects.create(
-            connection_id=connection_id, server_instance="here", boot_id=boot_id, connected_at=timezone.now() - age
+            connection_id=connection_id,
+            principal=local,
+            server_instance="here",
+            boot_id=boot_id,
+            connected_at=timezone.now() - age,
         )
     return ids
 

@@ -16,7 +16,9 @@ REDIS_URL = os.environ.get("CODEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def stored_thread() -> Thread:
-    return Thread(id=new_id(), model="gpt-test", model_provider="openai", cwd="/tmp", originator="codex_ios")
+    return Thread(
+        id=new_id(), model="gpt-test", model_provider="openai", cwd="/tmp", originator="codex_ios", principal_id=0
+    )
 
 
 def redis_layer() -> ResilientRedisChannelLayer:

@@ -9,6 +9,7 @@ import json
 import pytest
 from channels.db import database_sync_to_async
 
+from identity.principals import local_principal
 from realtime.models import StoredThread, StoredTurn
 from realtime.store import turn_writes
 from realtime.store.thread_store import DatabaseThreads
@@ -19,8 +20,18 @@ pytestmark = pytest.mark.django_db(transaction=True)
 TEXT = [{"type": "text", "text": "hi"}]
 
 
+OWNER: dict[str, int] = {}  # the principal every thread here belongs to, made for each test
+
+
+@pytest.fixture(autouse=True)
+def owner(transactional_db):
+    OWNER["id"] = local_principal().pk
+
+
 def new_thread() -> Thread:
-    return Thread(id=new_id(), model="gpt-test", model_provider="openai", cwd="/tmp", originator="codex_ios")
+    return Thread(
+        id=new_id(), model="gpt-test", model_provider="openai", cwd="/tmp", originator="codex_ios", principal_id=OWNER["id"]
+    )
 
 
 def new_turn(text: str = "hi") -> Turn:
@@ -181,7 +192,7 @@ async def test_new_threads_are_created_in_a_batch_and_a_duplicate_fails_alone():
     await DatabaseThreads.create(existing)
     outcomes = await write_in_one_batch([turn_writes.CreateThread(existing), turn_writes.CreateThread(fresh)])
     assert isinstance(outcomes[0], IntegrityError) and outcomes[1] is None
-    stored, running = await DatabaseThreads.load(fresh.id)
+    stored, running = await DatabaseThreads.load(fresh.id, fresh.principal_id)
     assert not running and stored.model == "gpt-test" and stored.preview == ""
     assert abs(stored.created_at - fresh.created_at) < 0.001 and stored.updated_at == stored.created_at
 

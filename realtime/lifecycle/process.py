@@ -22,6 +22,7 @@ from django.utils import timezone
 from codexserver.loop_local import LoopLocal
 from identity.actions import (
     close_rows_of_dead_processes,
+    read_principal_state,
     record_boot_started,
     record_boot_stopped,
     record_heartbeat,
@@ -51,6 +52,7 @@ class ProcessLifecycle:
         self.started_at = timezone.now()
         self._start: asyncio.Future | None = None  # one run, shared by whoever asks first
         self._heartbeat: asyncio.Task | None = None
+        self._principal_watch: asyncio.Task | None = None
 
     async def ensure_started(self) -> None:
         """Record the boot, close dead processes' rows and start beating; once.
@@ -72,6 +74,10 @@ class ProcessLifecycle:
             # An empty context: the loop must never carry the scope of the
             # connection whose upgrade happened to start it.
             self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat", context=contextvars.Context())
+        if self._principal_watch is None:
+            self._principal_watch = asyncio.create_task(
+                self._watch_principals(), name="principal watch", context=contextvars.Context()
+            )
 
     async def _close_dead_rows(self) -> None:
         closed = await close_rows_of_dead_processes(
@@ -98,6 +104,30 @@ class ProcessLifecycle:
             except Exception as exc:  # the database is down: beat again later
                 logger.warning("heartbeat failed: %s", exc)
 
+    async def _watch_principals(self) -> None:
+        """Every CODEX_PRINCIPAL_CHECK_SECONDS, for this process's live
+        connections: close those whose token was revoked (1008), wherever it
+        was revoked (the admin, ``revoke_token``, another process), and bring
+        their principals' token budgets up to date. Two indexed reads, and
+        none at all while nobody is connected."""
+        while True:
+            await asyncio.sleep(settings.CODEX_PRINCIPAL_CHECK_SECONDS)
+            connections = list(live_connections)
+            if not connections:
+                continue
+            try:
+                revoked, budgets = await read_principal_state(
+                    {connection.principal.token_id for connection in connections} - {None},
+                    {connection.principal.id for connection in connections},
+                )
+            except Exception as exc:  # the database is down: read again later
+                logger.warning("could not read the principals' tokens and budgets: %s", exc)
+                continue
+            for connection in connections:
+                if connection.principal.token_id in revoked:
+                    connection.revoke()
+                connection.token_budget = budgets.get(connection.principal.id)
+
     @staticmethod
     async def _announce(ended) -> None:
         """Each stored end told at once, before a new turn of its thread can
@@ -122,8 +152,9 @@ class ProcessLifecycle:
             logger.error("shutdown steps did not finish within %ss", SHUTDOWN_SECONDS)
 
     async def _shut_down(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
+        for loop_task in (self._heartbeat, self._principal_watch):
+            if loop_task is not None:
+                loop_task.cancel()
         try:
             await asyncio.gather(*(connection.close() for connection in list(live_connections)))
             try:  # every turn's end is stored before the row writers stop, if the database lets us

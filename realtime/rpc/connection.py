@@ -12,13 +12,14 @@ import asyncio
 import logging
 import uuid
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
 from identity.client_identity import ClientIdentity
+from identity.principals import AuthenticatedPrincipal
 from identity.scope import identity_scope
 from realtime.fanout.thread_hub import thread_hub
 from realtime.services.upstream_errors import UpstreamError
@@ -41,11 +42,29 @@ CLOSE_GRACE_SECONDS = 5.0
 live_connections: weakref.WeakSet[AppServerConnection] = weakref.WeakSet()
 
 
+CLOSE_POLICY_VIOLATION = 1008  # its token was revoked (PROTOCOL §12)
+
+
 class AppServerConnection:
-    def __init__(self, connection_id: uuid.UUID, outbox: Outbox, asgi_scope: dict[str, Any]):
+    def __init__(
+        self,
+        connection_id: uuid.UUID,
+        outbox: Outbox,
+        asgi_scope: dict[str, Any],
+        principal: AuthenticatedPrincipal,
+        close_socket: Callable[[int], None] | None = None,
+    ):
         self.connection_id = connection_id
         self.outbox = outbox
         self.asgi_scope = asgi_scope
+        # Whose it is, fixed at the upgrade: it sees only this principal's threads.
+        self.principal = principal
+        asgi_scope["codex_principal"] = principal
+        # The principal's budget as last read (the process's principal watch
+        # refreshes it): a turn/start checks stored usage only where there is one.
+        self.token_budget = principal.token_budget
+        self._close_socket = close_socket  # the transport's: close with a code
+        self._revoked = False
         self.identity: ClientIdentity | None = None
         self.opted_out: frozenset[str] = frozenset()
         self.threads: dict[str, Thread] = {}  # subscribed to
@@ -181,6 +200,17 @@ class AppServerConnection:
     def running_turns(self) -> int:
         # Its own turns, subscribed or not: unsubscribing does not free a slot.
         return len(self.own_turns)
+
+    def revoke(self) -> None:
+        """Its token was revoked: nothing more runs for it, and the socket
+        closes with 1008."""
+        if self._revoked:
+            return
+        self._revoked = True
+        logger.info("closing connection %s: its token was revoked", self.connection_id)
+        self.abandon()
+        if self._close_socket is not None:
+            self._close_socket(CLOSE_POLICY_VIOLATION)
 
     def abandon(self) -> None:
         """The client is being dropped for not reading: nothing more can reach

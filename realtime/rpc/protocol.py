@@ -13,7 +13,8 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
-# Server-defined range: an upstream refused or failed a request made for it.
+# Server-defined range: an upstream refused or failed a request made for it,
+# or the principal's budget is used up; ``data.codexErrorInfo`` says which.
 UPSTREAM_ERROR = -32000
 SERVER_OVERLOADED = -32001
 
@@ -67,6 +68,12 @@ class JsonRpcError(Exception):
     @classmethod
     def upstream_failure(cls, message: str, codex_error_info: Any) -> JsonRpcError:
         return cls(UPSTREAM_ERROR, f"Upstream error: {message}", data={"codexErrorInfo": codex_error_info})
+
+    @classmethod
+    def usage_limit_exceeded(cls, message: str) -> JsonRpcError:
+        """The principal's token budget is used up (PROTOCOL §12); the same
+        ``codexErrorInfo`` as the upstream's usage limit."""
+        return cls(UPSTREAM_ERROR, message, data={"codexErrorInfo": "usageLimitExceeded"})
 
     @classmethod
     def overloaded(cls) -> JsonRpcError:

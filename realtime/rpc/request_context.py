@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from identity.client_identity import ClientIdentity
+from identity.principals import AuthenticatedPrincipal
 from realtime.fanout.thread_hub import thread_hub
 from realtime.store.thread_store import DatabaseThreads
 from realtime.store.threads import Thread
@@ -47,23 +48,31 @@ class RequestContext:
             except Exception:
                 logger.exception("work after the reply to %s failed", self.request.method)
 
+    @property
+    def principal(self) -> AuthenticatedPrincipal:
+        return self.connection.principal
+
     def subscribed_thread(self, thread_id: str) -> Thread:
-        """A thread this connection started or resumed (PROTOCOL §5); any other is unknown."""
+        """A thread this connection started or resumed (PROTOCOL §5); any other
+        is unknown. It can only have subscribed to its principal's."""
         thread = self.connection.threads.get(thread_id)
         if thread is None:
             raise JsonRpcError.invalid_params("unknown threadId")
         return thread
 
     async def stored_thread(self, thread_id: str) -> tuple[Thread, bool]:
-        """Any thread, for reading and resuming (one server is one tenant), and
-        whether a turn of it runs on another process. A thread loaded here is
-        this process's object, brought up to date from the store."""
+        """Any thread of this connection's principal, for reading and resuming,
+        and whether a turn of it runs on another process. A thread loaded here
+        is this process's object, brought up to date from the store. Another
+        principal's thread is unknown, by the same path as a made-up id: the
+        store's query names the principal (PROTOCOL §12)."""
+        principal_id = self.principal.id
         local = thread_hub().get(thread_id)
-        if local is not None and local.ephemeral:
+        if local is not None and local.ephemeral and local.principal_id == principal_id:
             return local, False
         if len(thread_id) > MAX_ID_CHARS or not thread_id.isascii() or "\x00" in thread_id:  # never one of ours
             raise JsonRpcError.invalid_params("unknown threadId")
-        stored = await DatabaseThreads.load(thread_id)
+        stored = await DatabaseThreads.load(thread_id, principal_id)
         if stored is None:
             raise JsonRpcError.invalid_params("unknown threadId")
         return thread_hub().as_seen_here(*stored)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Sum
 from django.db.models.functions import Now
 
 from identity.actions import database_sync_to_async
@@ -40,6 +40,7 @@ def _thread_from_row(row: StoredThread) -> Thread:
         model_provider=row.model_provider,
         cwd=row.cwd,
         originator=row.originator,
+        principal_id=row.principal_id,
         base_instructions=row.base_instructions,
         created_at=_seconds(row.created_at),
         updated_at=_seconds(row.updated_at),
@@ -85,16 +86,20 @@ class DatabaseThreads:
 
     @staticmethod
     @database_sync_to_async
-    def load(thread_id: str) -> tuple[Thread, bool] | None:
-        """The thread, and whether a turn runs on it anywhere."""
-        row = with_lock_state(StoredThread.objects.filter(thread_id=thread_id)).first()
+    def load(thread_id: str, principal_id: int) -> tuple[Thread, bool] | None:
+        """The thread, if it is ``principal_id``'s, and whether a turn runs on
+        it anywhere. Another principal's thread is not found, by the same
+        query that finds none."""
+        row = with_lock_state(StoredThread.objects.filter(thread_id=thread_id, principal_id=principal_id)).first()
         return None if row is None else (_thread_from_row(row), _running(row))
 
     @staticmethod
     @database_sync_to_async
-    def page(originators: list[str] | None, ascending: bool, offset: int, limit: int) -> tuple[list[tuple[Thread, bool]], bool]:
-        """One page of threads, most recently updated first; and whether more follow."""
-        rows = with_lock_state(StoredThread.objects.all())
+    def page(
+        principal_id: int, originators: list[str] | None, ascending: bool, offset: int, limit: int
+    ) -> tuple[list[tuple[Thread, bool]], bool]:
+        """One page of the principal's threads, most recently updated first; and whether more follow."""
+        rows = with_lock_state(StoredThread.objects.filter(principal_id=principal_id))
         if originators:
             rows = rows.filter(originator__in=originators)
         order = ("updated_at", "id") if ascending else ("-updated_at", "-id")
@@ -153,6 +158,12 @@ class DatabaseThreads:
         if row is None or not _running(row):
             return None
         return row.running_turn_id, row.running_channel
+
+    @staticmethod
+    @database_sync_to_async
+    def usage_of(principal_id: int) -> int:
+        """Total tokens the principal's stored turns used."""
+        return StoredTurn.objects.filter(principal_id=principal_id).aggregate(used=Sum("total_tokens"))["used"] or 0
 
     @staticmethod
     @database_sync_to_async

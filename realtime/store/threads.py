@@ -139,6 +139,7 @@ class Thread:
     model_provider: str
     cwd: str
     originator: str  # of the connection that started it; turns carry their own
+    principal_id: int  # whose (PROTOCOL §12): only its connections may see or use it
     base_instructions: str | None = None
     ephemeral: bool = False  # never stored: not listed, and gone when unloaded
     created_at: float = field(default_factory=time.time)

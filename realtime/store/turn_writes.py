@@ -111,6 +111,7 @@ THREADS, TURNS, ITEMS = (model._meta.db_table for model in (StoredThread, Stored
 TURN_COLUMNS = [
     "turn_id",
     "thread_id",
+    "principal_id",
     "originator",
     "connection_id",
     "status",
@@ -124,8 +125,8 @@ TURN_COLUMNS = [
 ]
 ITEM_COLUMNS = ["turn_id", "position", "item_type", "item", "started_at_ms", "completed_at_ms"]
 THREAD_COLUMNS = [
-    "thread_id", "model", "model_provider", "cwd", "originator", "base_instructions", "preview", "created_at",
-    "updated_at", "read_revision",
+    "thread_id", "principal_id", "model", "model_provider", "cwd", "originator", "base_instructions", "preview",
+    "created_at", "updated_at", "read_revision",
 ]  # fmt: skip
 # At most this many writes in one batch: a statement names each write's
 # thread or turn at most once, within SQLite's oldest parameter limit (999).
@@ -397,7 +398,7 @@ def _insert_threads(threads: list[Thread]) -> None:
             _prepared(
                 StoredThread,
                 THREAD_COLUMNS,
-                [thread.id, thread.model, thread.model_provider, thread.cwd, thread.originator,
+                [thread.id, thread.principal_id, thread.model, thread.model_provider, thread.cwd, thread.originator,
                  thread.base_instructions, thread.preview, created, created, thread.read_revision],
             )  # fmt: skip
         )
@@ -540,6 +541,7 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dic
             [
                 start.turn.id,
                 row.pk,
+                start.thread.principal_id,
                 start.turn.originator,
                 start.turn.connection_id,
                 start.turn.status,

@@ -14,12 +14,13 @@ from django.conf import settings
 
 from codexserver.health import channel_layer_available
 from identity.actions import record_connection_closed, record_connection_opened
+from identity.principals import AuthenticatedPrincipal
 from realtime.lifecycle.process import process_lifecycle
 from realtime.rpc.connection import AppServerConnection
 from realtime.rpc.protocol import MAX_FRAME_BYTES, JsonRpcError
 
 from .outbox import Outbox
-from .upgrade_policy import DENIAL_EXTENSION, refusal_headers, upgrade_refusal
+from .upgrade_policy import DENIAL_EXTENSION, UNAUTHORIZED, bearer_token, refusal_headers, upgrade_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,10 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
 SERVICE_UNAVAILABLE = 503
+
+
+class DatabaseUnavailable(Exception):
+    """The upgrade cannot be recorded: refused with 503."""
 
 
 def _frame_size(text_data: str | None, bytes_data: bytes | None) -> int:
@@ -79,32 +84,43 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             await self._refuse(refusal)
             return
         connection_id = uuid.uuid4()
-        if not await self._open_row(connection_id):
+        try:
+            principal = await self._open_row(connection_id)
+        except DatabaseUnavailable:
             await self._refuse(SERVICE_UNAVAILABLE)
+            return
+        if principal is None:
+            logger.info("refused a WebSocket upgrade with HTTP %d: no valid token", UNAUTHORIZED)
+            await self._refuse(UNAUTHORIZED)
             return
         outbox = Outbox(
             self._send_text, on_overflow=self._drop_slow_client, stall_seconds=settings.CODEX_CLIENT_STALL_TIMEOUT
         )
-        self.connection = AppServerConnection(connection_id, outbox, self.scope)
+        self.connection = AppServerConnection(connection_id, outbox, self.scope, principal, close_socket=self._close_soon)
         await self.accept()
         self._writer = outbox.start()
         self._writer.add_done_callback(self._writer_stopped)
 
-    async def _open_row(self, connection_id: uuid.UUID) -> bool:
-        """Write the connection's row; False when the database or the channel
-        layer is down, and the upgrade is refused rather than left half-open."""
+    async def _open_row(self, connection_id: uuid.UUID) -> AuthenticatedPrincipal | None:
+        """Check the token and write the connection's row: the principal, or
+        None when the token is refused. Raises DatabaseUnavailable when the
+        database or the channel layer is down: the upgrade is refused rather
+        than left half-open."""
         if not await channel_layer_available():
-            return False
+            raise DatabaseUnavailable
         lifecycle = process_lifecycle()
         try:
             await lifecycle.ensure_started()
-            await record_connection_opened(
-                connection_id, settings.CODEX_SERVER_INSTANCE, lifecycle.boot_id, _peer_address(self.scope)
+            return await record_connection_opened(
+                connection_id,
+                settings.CODEX_SERVER_INSTANCE,
+                lifecycle.boot_id,
+                _peer_address(self.scope),
+                bearer_token(self.scope),
             )
         except Exception as exc:
             logger.warning("refusing a WebSocket upgrade: the database is unavailable (%s)", type(exc).__name__)
-            return False
-        return True
+            raise DatabaseUnavailable from None
 
     async def receive(self, text_data=None, bytes_data=None):
         """Called for each frame from the client."""

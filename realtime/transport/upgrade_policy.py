@@ -1,8 +1,8 @@
-"""Who may open the WebSocket (PROTOCOL §2): browsers by allowed Origin, and the bearer token."""
+"""Who may open the WebSocket (PROTOCOL §2): browsers by allowed Origin; the
+bearer token is read here and checked with the row's write (``identity.principals``)."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from django.conf import settings
@@ -22,21 +22,25 @@ def _header(scope: dict[str, Any], name: bytes) -> bytes | None:
 
 
 def upgrade_refusal(scope: dict[str, Any]) -> int | None:
-    """The HTTP status to refuse the upgrade with, or None to accept it."""
+    """The HTTP status to refuse the upgrade with before any token is looked
+    at, or None to go on."""
     origin = _header(scope, b"origin")
     if origin is not None and origin.decode("latin-1") not in settings.CODEX_ALLOWED_ORIGINS:
         return FORBIDDEN
-    token = settings.CODEX_WS_AUTH_TOKEN
-    if token and not _bearer_matches(_header(scope, b"authorization") or b"", token.encode()):
-        return UNAUTHORIZED
     return None
 
 
-def _bearer_matches(authorization: bytes, token: bytes) -> bool:
-    # RFC 9110: the scheme name is case-insensitive; the token is compared
-    # in constant time.
+def bearer_token(scope: dict[str, Any]) -> str | None:
+    """The token of ``Authorization: Bearer <token>``, or None. RFC 9110: the
+    scheme name is case-insensitive."""
+    authorization = _header(scope, b"authorization")
+    if authorization is None:
+        return None
     scheme, _, supplied = authorization.strip().partition(b" ")
-    return scheme.lower() == b"bearer" and hmac.compare_digest(supplied.strip(), token)
+    token = supplied.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token.decode("latin-1")
 
 
 def refusal_headers(status: int) -> list[tuple[bytes, bytes]]:

@@ -1,10 +1,13 @@
 """``python manage.py serve``: daphne on 127.0.0.1:8765 with the limits the protocol needs."""
 
+import ipaddress
 import socket
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
 
+from identity.principals import tokens_configured
 from realtime.rpc.protocol import MAX_FRAME_BYTES
 
 DEFAULT_HOST = "127.0.0.1"
@@ -18,12 +21,21 @@ class Command(BaseCommand):
         parser.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
         parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
         parser.add_argument(
+            "--allow-unauthenticated",
+            action="store_true",
+            help="listen beyond loopback although no token is configured: anyone who reaches the port "
+            "is the local principal and sees its threads",
+        )
+        parser.add_argument(
             "daphne_args", nargs="*", help="further daphne options, after `--` (e.g. -- --proxy-headers)"
         )
 
-    def handle(self, *args, host, port, daphne_args, **options):
+    def handle(self, *args, host, port, daphne_args, allow_unauthenticated=False, **options):
         from codexserver.daphne_server import AppServerCommandLine
 
+        refusal = refusal_to_listen(host, allow_unauthenticated)
+        if refusal is not None:
+            raise CommandError(refusal)
         argv = daphne_argv(host, port, daphne_args)
         if not settings.OPENAI_API_KEY:
             self.stderr.write("warning: OPENAI_API_KEY is not set: model turns will fail with `unauthorized`")
@@ -49,6 +61,35 @@ def daphne_argv(host: str, port: int, extra: list[str]) -> list[str]:
         *extra,
         "codexserver.asgi:application",
     ]
+
+
+def refusal_to_listen(host: str, allow_unauthenticated: bool) -> str | None:
+    """Why ``serve`` must not listen on ``host``, or None (PROTOCOL §12): with
+    no token configured, everyone who reaches the port is the local
+    principal, which is only safe on loopback."""
+    if allow_unauthenticated or _is_loopback(host) or _tokens_configured():
+        return None
+    return (
+        f"refusing to listen on {host}: no token is configured, so anyone who reaches it would be the local "
+        "principal and see its threads. Issue one (manage.py issue_token NAME) or set CODEX_WS_AUTH_TOKEN, "
+        "or pass --allow-unauthenticated if only trusted clients can reach this address."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def _tokens_configured() -> bool:
+    try:
+        return tokens_configured()
+    except DatabaseError:  # not migrated yet: no token can have been issued
+        return bool(settings.CODEX_WS_AUTH_TOKEN)
 
 
 def _check_can_listen(host: str, port: int) -> None:

@@ -71,6 +71,7 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
         model_provider=MODEL_PROVIDER,
         cwd=_cwd(params),
         originator=context.identity.originator,
+        principal_id=context.principal.id,
         base_instructions=optional_stored_str(params, "baseInstructions"),
         ephemeral=bool(optional_bool(params, "ephemeral")),
     )
@@ -107,7 +108,7 @@ async def resume_thread(context, params: Any) -> dict[str, Any]:
 async def unsubscribe_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread = thread_hub().get(required_str(params, "threadId"))
-    if thread is None:
+    if thread is None or thread.principal_id != context.principal.id:  # another's is as unknown
         return {"status": "notLoaded"}
     if thread.id not in context.connection.threads:
         return {"status": "notSubscribed"}
@@ -140,7 +141,7 @@ async def list_threads(context, params: Any) -> dict[str, Any]:
     originators = optional_str_list(params, "originators")
     if originators is not None:
         require_storable(originators, "originators")  # the database could not even compare them
-    found, more = await DatabaseThreads.page(originators, ascending, offset, limit)
+    found, more = await DatabaseThreads.page(context.principal.id, originators, ascending, offset, limit)
     hub = thread_hub()
     data = []
     for stored, running in found:
@@ -185,7 +186,10 @@ async def list_thread_items(context, params: Any) -> dict[str, Any]:
 
 async def list_loaded_threads(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
-    page, next_cursor = _page(params, [thread.id for thread in thread_hub().subscribed()])
+    principal_id = context.principal.id
+    page, next_cursor = _page(
+        params, [thread.id for thread in thread_hub().subscribed() if thread.principal_id == principal_id]
+    )
     return {"data": page, "nextCursor": next_cursor}
 
 

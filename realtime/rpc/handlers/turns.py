@@ -9,7 +9,7 @@ from django.conf import settings
 
 from realtime.fanout.thread_hub import thread_hub
 from realtime.services.config import UpstreamConfig
-from realtime.store.thread_store import store_for
+from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
 from realtime.store.turn_writes import WrittenButUnread
 from realtime.turns.runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
@@ -95,6 +95,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
     if context.connection.running_turns >= settings.CODEX_MAX_RUNNING_TURNS_PER_CONNECTION:
         raise JsonRpcError.overloaded()
+    await _check_budget(context)
     turn = Turn(new_id(), originator=context.identity.originator, connection_id=str(context.connection.connection_id))
     started = now_ms()
     user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
@@ -149,6 +150,20 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
 
     context.after_reply(start)
     return {"turn": turn.to_json(include_items=False)}
+
+
+async def _check_budget(context) -> None:
+    """A principal with a token budget may start turns until its stored
+    turns' usage reaches it (PROTOCOL §12); a turn already running finishes.
+    Without a budget this costs nothing."""
+    budget = context.connection.token_budget
+    if budget is None:
+        return
+    used = await DatabaseThreads.usage_of(context.principal.id)
+    if used >= budget:
+        raise JsonRpcError.usage_limit_exceeded(
+            f"Usage limit reached: {context.principal.name} has used {used:,} of its {budget:,}-token budget"
+        )
 
 
 def _release_if_taken(begin: asyncio.Future, thread, turn: Turn, store) -> None:
