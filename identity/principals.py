@@ -134,15 +134,16 @@ def issue_token(principal_name: str, token_name: str | None = None) -> tuple[Acc
     return row, token
 
 
-def revoke_token(principal_name: str, token_name: str) -> AccessToken:
+def revoke_token(principal_name: str, token_name: str) -> tuple[AccessToken, bool]:
     """Revoke one token; every process closes its live connections within
-    ``CODEX_PRINCIPAL_CHECK_SECONDS``."""
+    ``CODEX_PRINCIPAL_CHECK_SECONDS``. Gives the row, and whether it was
+    revoked now (False: it already was)."""
     row = AccessToken.objects.filter(principal__name=principal_name, name=token_name).first()
     if row is None:
         raise TokenError(f"{principal_name} has no token named {token_name!r}")
-    revoke(AccessToken.objects.filter(pk=row.pk))
+    revoked_now = revoke(AccessToken.objects.filter(pk=row.pk)) == 1
     row.refresh_from_db()
-    return row
+    return row, revoked_now
 
 
 def revoke(tokens) -> int:

@@ -14,8 +14,9 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import InvalidStatus
 
 from codexserver.devtools.rpc_client import SocketClient
 from codexserver.devtools.server_process import PROJECT_DIR
@@ -165,3 +166,85 @@ def test_operator_sees_who_ran_each_turn_and_token_usage_per_originator(daphne_s
     browser.get(server.http_url + "/admin/realtime/storedthread/")
     threads = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
     assert len(threads) == 1 and "codex_vscode" in threads[0].text  # the thread's starter; turns carry their own
+
+
+PRINCIPALS_SCREENSHOT = PROJECT_DIR / "docs" / "admin-principals.png"
+
+
+def _manage(server, *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=PROJECT_DIR, env=server.env, capture_output=True, text=True, check=True
+    ).stdout
+
+
+async def _turns_of(server, token: str, name: str, count: int) -> None:
+    async with ws_connect(server.ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as websocket:
+        client = SocketClient(websocket)
+        await client.initialize(name, "1.0.0")
+        thread = await client.start_thread()
+        for _ in range(count):
+            await client.run_turn(thread, RECORDED)
+
+
+async def _upgrade_status(server, token: str) -> int:
+    try:
+        async with ws_connect(server.ws_url, additional_headers={"Authorization": f"Bearer {token}"}):
+            return 101
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+def test_operator_sees_usage_per_principal_issues_a_token_and_revokes_it(daphne_server, browser, tmp_path):
+    server = daphne_server()
+    subprocess.run(
+        [sys.executable, "manage.py", "createsuperuser", "--noinput", "--username", "operator", "--email", "op@example.com"],
+        cwd=PROJECT_DIR, env={**server.env, "DJANGO_SUPERUSER_PASSWORD": PASSWORD}, check=True,
+    )
+    alice = _manage(server, "issue_token", "alice", "--name", "desktop").splitlines()[-1]
+    bob = _manage(server, "issue_token", "bob", "--name", "phone").splitlines()[-1]
+    _manage(server, "configure_principal", "bob", "--budget", "100000")
+    asyncio.run(_turns_of(server, alice, "codex_vscode", 2))
+    asyncio.run(_turns_of(server, bob, "codex_ios", 1))
+
+    browser.get(server.http_url + "/admin/login/?next=/admin/identity/principal/")
+    browser.find_element(By.NAME, "username").send_keys("operator")
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    WebDriverWait(browser, 10).until(expected_conditions.title_contains("Select principal to view"))
+    assert browser.find_element(By.ID, "usage-per-principal").text == "Token usage per principal"
+    headers = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "#result_list thead th")]
+    rows = {
+        cells[0]: dict(zip(headers[1:], cells[1:]))
+        for row in browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
+        if (cells := [cell.text for cell in row.find_elements(By.CSS_SELECTOR, "th, td")])
+    }
+    assert set(rows) == {"alice", "bob"}
+    assert (rows["alice"]["TURNS"], rows["bob"]["TURNS"]) == ("2", "1")
+    assert int(rows["alice"]["TOTAL TOKENS"]) == 2 * int(rows["bob"]["TOTAL TOKENS"]) > 0
+    assert rows["bob"]["BUDGET"] == "100,000" and rows["alice"]["BUDGET"] == "none"
+    if os.environ.get("CODEX_UPDATE_SCREENSHOTS"):
+        browser.save_screenshot(str(PRINCIPALS_SCREENSHOT))
+
+    # alice's page: her token by its prefix, never whole, and her usage per originator
+    browser.find_element(By.LINK_TEXT, "alice").click()
+    WebDriverWait(browser, 10).until(expected_conditions.title_contains("View principal"))
+    page = browser.find_element(By.ID, "content").text
+    assert alice[:12] in page and alice not in page and "desktop" in page
+    assert "codex_vscode" in browser.find_element(By.ID, "principal-usage-by-originator").text
+
+    # a token issued here is shown once and works; revoked here, it is refused
+    browser.get(server.http_url + "/admin/identity/principal/")
+    browser.find_element(By.CSS_SELECTOR, "ul.object-tools a[href$=\"/issue-token/\"]").click()
+    browser.find_element(By.NAME, "principal").send_keys("carol")
+    browser.find_element(By.NAME, "name").send_keys("tablet")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    issued = WebDriverWait(browser, 10).until(expected_conditions.presence_of_element_located((By.ID, "issued-token"))).text
+    assert asyncio.run(_upgrade_status(server, issued)) == 101
+    browser.get(server.http_url + "/admin/identity/accesstoken/?q=carol")
+    browser.find_element(By.CSS_SELECTOR, "#result_list tbody input.action-select").click()
+    Select(browser.find_element(By.NAME, "action")).select_by_value("revoke_tokens")
+    browser.find_element(By.NAME, "index").click()
+    WebDriverWait(browser, 10).until(expected_conditions.text_to_be_present_in_element((By.CSS_SELECTOR, "ul.messagelist"), "Revoked 1 token"))
+    assert asyncio.run(_upgrade_status(server, issued)) == 401
+    assert asyncio.run(_upgrade_status(server, alice)) == 101
+    assert issued not in server.log() and alice not in server.log()

@@ -4,10 +4,13 @@ real ``manage.py serve`` process to the recording upstream (PROTOCOL §8)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 
+from codexserver.devtools.server_process import PROJECT_DIR
 from tests.codex_cli import CODEX_VERSION, CONFIG_TOML, Terminal, codex_binary
 
 pytestmark = pytest.mark.e2e
@@ -106,3 +109,37 @@ async def test_the_codex_tui_starts_a_new_thread_quits_and_resumes(daphne_server
     replayed = next(r for r in upstream.model_requests() if "what was the word?" in str(r.body["input"][-1]))
     assert "tangerine" in str(replayed.body["input"])  # the earlier turn, replayed from the store
     assert replayed.originator == "codex-tui"
+
+
+async def test_the_codex_tui_connects_with_an_issued_token_and_sees_only_its_principals_threads(
+    daphne_server, upstream, codex_home, terminals
+):
+    server = daphne_server()
+    issued = {}
+    for principal in ("alice", "bob"):
+        done = subprocess.run(
+            [sys.executable, "manage.py", "issue_token", principal],
+            cwd=PROJECT_DIR, env=server.env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        issued[principal] = done.stdout.splitlines()[-1]
+
+    def tui_of(principal: str, *arguments: str, ready: str = READY) -> Terminal:
+        command = f"{codex_binary()} --remote ws://127.0.0.1:{server.port} --remote-auth-token-env CODEX_REMOTE_TOKEN"
+        terminal = terminals().start(
+            f"{command} {' '.join(arguments)}",
+            cwd=codex_home.parent,
+            env={"CODEX_HOME": codex_home, "CODEX_REMOTE_TOKEN": issued[principal]},
+        )
+        terminal.wait_for_text(ready, timeout=60)
+        return terminal
+
+    alice = tui_of("alice")
+    send_prompt(alice, "alice remembers tangerine")
+    assert_no_error_banner(alice.wait_for_text("Hello world"))
+    alice.close()
+
+    # bob's picker lists none of alice's threads; alice's lists hers
+    bob = tui_of("bob", "resume", ready="No sessions yet")
+    assert "tangerine" not in bob.screen()
+    tui_of("alice", "resume", ready="alice remembers tangerine")
+    assert all(request.originator == "codex-tui" for request in upstream.model_requests())

@@ -16,9 +16,12 @@ class Command(BaseCommand):
 
     def handle(self, *args, principal, name, **options):
         try:
-            row = revoke_token(principal, name)
+            row, revoked_now = revoke_token(principal, name)
         except TokenError as exc:
             raise CommandError(str(exc)) from None
+        if not revoked_now:
+            self.stdout.write(f"token {row.name!r} ({row.prefix}…) of {principal!r} was already revoked, at {row.revoked_at}")
+            return
         self.stdout.write(
             f"revoked token {row.name!r} ({row.prefix}…) of {principal!r}; its connections close within "
             f"{settings.CODEX_PRINCIPAL_CHECK_SECONDS:g} s on every process"
