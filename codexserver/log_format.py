@@ -3,13 +3,14 @@
 ``IdentityLogFilter`` stamps every record with the ``connection_id`` and
 ``originator`` of the identity scope it was emitted in (``-`` outside one), so
 a line from a turn's background task names the connection it belongs to.
-``RedactingFormatter`` removes the API key and the WebSocket auth token from
-the final text, tracebacks included.
+``RedactingFormatter`` removes the API key, the WebSocket auth token and any
+issued token from the final text, tracebacks included.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from django.conf import settings
 
@@ -19,10 +20,16 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [conn=%(connection_id)s origina
 REDACTED = "[redacted]"
 
 
+# An issued token (identity.principals): never logged, wherever it turns up.
+ISSUED_TOKEN = re.compile(r"cxs_[A-Za-z0-9_-]{43}")
+
+
 def redact_secrets(text: str) -> str:
     for secret in (settings.OPENAI_API_KEY, settings.CODEX_WS_AUTH_TOKEN):
         if secret and secret in text:
             text = text.replace(secret, REDACTED)
+    if "cxs_" in text:
+        text = ISSUED_TOKEN.sub(REDACTED, text)
     return text
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
 
@@ -30,7 +31,7 @@ from django.utils import timezone
 
 from .client_identity import ClientIdentity
 from .models import AccessToken, ConnectionIdentity, Principal, ServerBoot
-from .principals import AuthenticatedPrincipal, authenticate
+from .principals import AuthenticatedPrincipal, authenticate, tokens_configured
 
 
 @cache
@@ -85,17 +86,35 @@ def record_connection_opened(
     return principal
 
 
+@dataclass(frozen=True, slots=True)
+class PrincipalState:
+    """What a process's live connections need re-read (``read_principal_state``)."""
+
+    revoked_tokens: set[int]
+    budgets: dict[int, int]  # of the principals that have one
+    tokens_configured: bool  # only read while anonymous connections are open
+
+
 @database_sync_to_async
-def read_principal_state(token_ids: set[int], principal_ids: set[int]) -> tuple[set[int], dict[int, int]]:
+def read_principal_state(token_ids: set[int], principal_ids: set[int], anonymous_open: bool) -> PrincipalState:
     """For a process's live connections: which of their tokens are revoked,
-    and the token budgets of their principals that have one."""
-    revoked = set(
-        AccessToken.objects.filter(pk__in=token_ids, revoked_at__isnull=False).values_list("pk", flat=True)
-    ) if token_ids else set()  # fmt: skip
-    budgets = dict(
-        Principal.objects.filter(pk__in=principal_ids, token_budget__isnull=False).values_list("pk", "token_budget")
-    )
-    return revoked, budgets
+    their principals' budgets, and (when some came in with no token)
+    whether any token is configured now. Indexed reads, 500 ids a
+    statement (within every backend's parameter limit)."""
+    revoked: set[int] = set()
+    for chunk in _chunks(token_ids):
+        revoked.update(AccessToken.objects.filter(pk__in=chunk, revoked_at__isnull=False).values_list("pk", flat=True))
+    budgets: dict[int, int] = {}
+    for chunk in _chunks(principal_ids):
+        budgets.update(
+            Principal.objects.filter(pk__in=chunk, token_budget__isnull=False).values_list("pk", "token_budget")
+        )
+    return PrincipalState(revoked, budgets, anonymous_open and tokens_configured())
+
+
+def _chunks(ids: set[int], size: int = 500) -> list[list[int]]:
+    ordered = sorted(ids)
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 
 
 def identity_fields(identity: ClientIdentity) -> dict:

@@ -277,7 +277,8 @@ class PrincipalAdmin(ReadOnlyAdmin):
 
     @admin.display(description="budget", ordering="token_budget")
     def budget(self, row: Principal) -> str:
-        return "none" if row.token_budget is None else f"{row.token_budget:,}"
+        """Tokens its turns used (ephemeral ones too) of its budget."""
+        return "none" if row.token_budget is None else f"{row.tokens_used:,} of {row.token_budget:,}"
 
     @admin.display(description="created", ordering="created_at")
     def created(self, row: Principal) -> str:

@@ -16,8 +16,10 @@ class Principal(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     # Directories its threads may work in (PROTOCOL §11); empty: the server's default.
     workspace_roots = models.JSONField(default=list, blank=True)
-    # Total tokens its stored turns may use; then turn/start fails. Null: no budget.
+    # Total tokens its turns may use; then turn/start fails. Null: no budget.
     token_budget = models.PositiveBigIntegerField(null=True, blank=True)
+    # Tokens its turns used, stored and ephemeral alike: each turn's end adds its own.
+    tokens_used = models.PositiveBigIntegerField(default=0)
 
     def __str__(self) -> str:
         return self.name

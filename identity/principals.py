@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from .models import AccessToken, Principal
 
 TOKEN_PREFIX = "cxs_"
+URL_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 VISIBLE_CHARS = 12  # "cxs_" and the first 8 random characters: enough to tell tokens apart
 LOCAL_PRINCIPAL = "local"
-MAX_TOKEN_CHARS = 256  # ours are 47; anything longer is not one of them
 # A token's ``last_used_at`` is written at most this often: a burst of
 # connections with one token must not queue a write of one row each.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -48,6 +48,9 @@ class AuthenticatedPrincipal:
     token_id: int | None  # None: the local principal (no token, or CODEX_WS_AUTH_TOKEN)
     token_budget: int | None
     workspace_roots: tuple[str, ...]
+    # Let in with no token because none was configured: once one is, it is
+    # closed like a revoked one (every connection must then hold a token).
+    anonymous: bool = False
 
 
 class TokenError(Exception):
@@ -67,13 +70,27 @@ def _header_bytes(text: str) -> bytes:
     return text.encode("latin-1", "replace")
 
 
-def _authenticated(principal: Principal, token_id: int | None) -> AuthenticatedPrincipal:
+def is_configured_token(bearer: str) -> bool:
+    """Whether ``bearer`` is CODEX_WS_AUTH_TOKEN, compared in constant time."""
+    configured = settings.CODEX_WS_AUTH_TOKEN
+    return bool(configured) and hmac.compare_digest(_header_bytes(bearer), configured.encode())
+
+
+def looks_like_issued_token(bearer: str) -> bool:
+    """Whether ``bearer`` has the shape of a token we issue: anything else is
+    refused without a lookup once tokens are configured."""
+    body = bearer[len(TOKEN_PREFIX) :]
+    return bearer.startswith(TOKEN_PREFIX) and len(body) == 43 and all(c in URL_SAFE for c in body)
+
+
+def _authenticated(principal: Principal, token_id: int | None, anonymous: bool = False) -> AuthenticatedPrincipal:
     return AuthenticatedPrincipal(
         id=principal.pk,
         name=principal.name,
         token_id=token_id,
         token_budget=principal.token_budget,
         workspace_roots=tuple(principal.workspace_roots or ()),
+        anonymous=anonymous,
     )
 
 
@@ -90,11 +107,10 @@ def tokens_configured() -> bool:
 def authenticate(bearer: str | None) -> AuthenticatedPrincipal | None:
     """The principal a bearer token (or none) stands for, or None: refused.
     Synchronous: it runs on a row writer's thread with the row's write."""
-    configured = settings.CODEX_WS_AUTH_TOKEN
     if bearer is not None:
-        if configured and hmac.compare_digest(_header_bytes(bearer), configured.encode()):
+        if is_configured_token(bearer):
             return _authenticated(local_principal(), None)
-        if len(bearer) <= MAX_TOKEN_CHARS:
+        if looks_like_issued_token(bearer):
             row = (
                 AccessToken.objects.select_related("principal")
                 .filter(digest=token_digest(bearer), revoked_at__isnull=True)
@@ -105,7 +121,7 @@ def authenticate(bearer: str | None) -> AuthenticatedPrincipal | None:
                 return _authenticated(row.principal, row.pk)
     if tokens_configured():
         return None
-    return _authenticated(local_principal(), None)
+    return _authenticated(local_principal(), None, anonymous=True)
 
 
 def _note_use(row: AccessToken) -> None:
@@ -117,21 +133,28 @@ def _note_use(row: AccessToken) -> None:
 def issue_token(principal_name: str, token_name: str | None = None) -> tuple[AccessToken, str]:
     """A new token of ``principal_name`` (created if new): its row, and the
     token itself, which nothing keeps; show it once."""
-    principal_name = principal_name.strip()
-    if not principal_name or len(principal_name) > 150:
-        raise TokenError("a principal's name is 1 to 150 characters")
+    principal_name = principal_name_of(principal_name)
     token = new_token()
     name = (token_name or token[:VISIBLE_CHARS]).strip()
     if not name or len(name) > 150:
         raise TokenError("a token's name is 1 to 150 characters")
-    with transaction.atomic():
-        principal, _ = Principal.objects.get_or_create(name=principal_name)
-        if AccessToken.objects.filter(principal=principal, name=name).exists():
-            raise TokenError(f"{principal_name} already has a token named {name!r}")
-        row = AccessToken.objects.create(
-            principal=principal, name=name, prefix=token[:VISIBLE_CHARS], digest=token_digest(token)
-        )
+    try:
+        with transaction.atomic():
+            principal, _ = Principal.objects.get_or_create(name=principal_name)
+            row = AccessToken.objects.create(
+                principal=principal, name=name, prefix=token[:VISIBLE_CHARS], digest=token_digest(token)
+            )
+    except IntegrityError:  # the name is taken (perhaps by an issue that ran at the same moment)
+        raise TokenError(f"{principal_name} already has a token named {name!r}") from None
     return row, token
+
+
+def principal_name_of(text: str) -> str:
+    """A principal's name as the commands and the admin take it."""
+    name = text.strip()
+    if not name or len(name) > 150:
+        raise TokenError("a principal's name is 1 to 150 characters")
+    return name
 
 
 def revoke_token(principal_name: str, token_name: str) -> tuple[AccessToken, bool]:

@@ -221,7 +221,7 @@ def test_operator_sees_usage_per_principal_issues_a_token_and_revokes_it(daphne_
     assert set(rows) == {"alice", "bob"}
     assert (rows["alice"]["TURNS"], rows["bob"]["TURNS"]) == ("2", "1")
     assert int(rows["alice"]["TOTAL TOKENS"]) == 2 * int(rows["bob"]["TOTAL TOKENS"]) > 0
-    assert rows["bob"]["BUDGET"] == "100,000" and rows["alice"]["BUDGET"] == "none"
+    assert rows["bob"]["BUDGET"] == f"{rows['bob']['TOTAL TOKENS']} of 100,000" and rows["alice"]["BUDGET"] == "none"
     if os.environ.get("CODEX_UPDATE_SCREENSHOTS"):
         browser.save_screenshot(str(PRINCIPALS_SCREENSHOT))
 

@@ -210,6 +210,44 @@ async def test_without_any_token_every_connection_is_the_local_principal(as_prin
     assert names == {LOCAL_PRINCIPAL}
 
 
+async def test_connections_let_in_without_a_token_close_once_the_first_token_is_issued(as_principal, settings):
+    settings.CODEX_PRINCIPAL_CHECK_SECONDS = 0.2
+    anonymous = await as_principal(None)
+    await issue_async("alice")
+    await anonymous.close()
+    assert await anonymous.communicator.receive_output(timeout=5) == {"type": "websocket.close", "code": 1008}
+
+
+async def test_a_token_of_the_wrong_shape_is_refused_without_the_database(application, settings):
+    await issue_async("alice")
+    assert await upgrade_status(application, bearer("not-a-token")) == 401  # the lookup teaches the gate
+
+    @database_sync_to_async
+    def break_the_token_table():
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {AccessToken._meta.db_table} RENAME TO broken_tokens")
+
+    @database_sync_to_async
+    def mend_it():
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE broken_tokens RENAME TO {AccessToken._meta.db_table}")
+
+    await break_the_token_table()
+    try:  # a lookup would now fail (503); refused in memory, these are 401
+        assert await upgrade_status(application, []) == 401
+        assert await upgrade_status(application, bearer("x" * 5000)) == 401
+        assert await upgrade_status(application, bearer("cxs_" + "x" * 43)) == 503  # our shape: looked up
+    finally:
+        await mend_it()
+
+
+def test_issued_tokens_never_reach_the_log_whatever_carries_them():
+    from codexserver.log_format import redact_secrets
+
+    token = issue("alice")
+    assert token not in redact_secrets(f"GET /healthz?token={token} and Bearer {token}")
+
+
 # --- budgets -----------------------------------------------------------------------
 
 
@@ -226,6 +264,17 @@ async def test_the_turn_after_the_budget_is_reached_fails_and_a_running_one_fini
     ended = await client.notification("turn/completed", threadId=slow_thread)
     assert ended["turn"]["id"] == running["turn"]["id"] and ended["turn"]["status"] == "completed"
     assert len(upstream.model_requests()) == 2  # the refused turn asked the model nothing
+
+
+async def test_ephemeral_turns_count_toward_the_budget_too(as_principal):
+    token = await issue_async("erin")
+    await command("configure_principal", "erin", "--budget", "10", stdout=io.StringIO())
+    client = await as_principal(token)
+    ephemeral = await client.start_thread(ephemeral=True)
+    assert (await client.run_turn(ephemeral, USAGE_14))["turn"]["status"] == "completed"
+    for thread in (ephemeral, await client.start_thread(ephemeral=True), await client.start_thread()):
+        refused = await client.request("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "x"}]})
+        assert refused["error"]["data"] == {"codexErrorInfo": "usageLimitExceeded"}
 
 
 async def test_a_budget_set_while_connected_applies_within_the_check_interval(as_principal, settings):
@@ -252,6 +301,9 @@ def test_serve_refuses_a_non_loopback_address_unless_a_token_is_configured_or_it
         assert refusal_to_listen(host, allow_unauthenticated=True) is None
     for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
         assert refusal_to_listen(host, allow_unauthenticated=False) is None
+    for rebinding in (["--bind", "0.0.0.0"], ["--bind=0.0.0.0"], ["-b0.0.0.0"], ["-e", "tcp:80"], ["--fd", "3"]):
+        assert refusal_to_listen("127.0.0.1", False, rebinding), rebinding  # daphne's own options bind elsewhere
+    assert refusal_to_listen("127.0.0.1", False, ["--proxy-headers"]) is None
     settings.CODEX_WS_AUTH_TOKEN = "shared-secret"
     assert refusal_to_listen("0.0.0.0", allow_unauthenticated=False) is None
     settings.CODEX_WS_AUTH_TOKEN = None
@@ -263,7 +315,7 @@ def test_serve_refuses_a_non_loopback_address_unless_a_token_is_configured_or_it
 
 
 def test_the_migration_gives_existing_rows_to_the_local_principal():
-    before = [("identity", "0003_server_boot"), ("realtime", "0001_thread_store")]
+    before = [("identity", "0003_server_boot"), ("realtime", "0001_thread_store")]  # the release before principals
     executor = MigrationExecutor(connection)
     executor.migrate(before)
     old = executor.loader.project_state(before).apps
@@ -286,5 +338,6 @@ def test_the_migration_gives_existing_rows_to_the_local_principal():
     from realtime.models import StoredThread, StoredTurn
 
     local = Principal.objects.get(name=LOCAL_PRINCIPAL)
+    assert local.tokens_used == 7
     assert ConnectionIdentity.objects.get().principal == local
     assert StoredThread.objects.get().principal == local and StoredTurn.objects.get().principal == local

@@ -107,26 +107,32 @@ class ProcessLifecycle:
     async def _watch_principals(self) -> None:
         """Every CODEX_PRINCIPAL_CHECK_SECONDS, for this process's live
         connections: close those whose token was revoked (1008), wherever it
-        was revoked (the admin, ``revoke_token``, another process), and bring
-        their principals' token budgets up to date. Two indexed reads, and
-        none at all while nobody is connected."""
+        was revoked (the admin, ``revoke_token``, another process), and those
+        let in with no token once one is configured; bring their principals'
+        token budgets up to date. A few indexed reads, and none at all while
+        nobody is connected."""
         while True:
             await asyncio.sleep(settings.CODEX_PRINCIPAL_CHECK_SECONDS)
             connections = list(live_connections)
             if not connections:
                 continue
             try:
-                revoked, budgets = await read_principal_state(
-                    {connection.principal.token_id for connection in connections} - {None},
-                    {connection.principal.id for connection in connections},
-                )
-            except Exception as exc:  # the database is down: read again later
-                logger.warning("could not read the principals' tokens and budgets: %s", exc)
-                continue
-            for connection in connections:
-                if connection.principal.token_id in revoked:
-                    connection.revoke()
-                connection.token_budget = budgets.get(connection.principal.id)
+                await self._apply_principal_state(connections)
+            except Exception as exc:  # the database is down: read again at the next check
+                logger.warning("could not check the connections' tokens and budgets: %s", exc)
+
+    @staticmethod
+    async def _apply_principal_state(connections) -> None:
+        state = await read_principal_state(
+            {connection.principal.token_id for connection in connections} - {None},
+            {connection.principal.id for connection in connections},
+            anonymous_open=any(connection.principal.anonymous for connection in connections),
+        )
+        for connection in connections:
+            principal = connection.principal
+            if principal.token_id in state.revoked_tokens or (principal.anonymous and state.tokens_configured):
+                connection.revoke()
+            connection.token_budget = state.budgets.get(principal.id)
 
     @staticmethod
     async def _announce(ended) -> None:

@@ -18,10 +18,11 @@ from collections.abc import Awaitable
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import F, Sum
+from django.db.models import F
 from django.db.models.functions import Now
 
 from identity.actions import database_sync_to_async
+from identity.models import Principal
 from realtime.models import StoredItem, StoredThread, StoredTurn
 
 from . import turn_writes
@@ -161,9 +162,10 @@ class DatabaseThreads:
 
     @staticmethod
     @database_sync_to_async
-    def usage_of(principal_id: int) -> int:
-        """Total tokens the principal's stored turns used."""
-        return StoredTurn.objects.filter(principal_id=principal_id).aggregate(used=Sum("total_tokens"))["used"] or 0
+    def usage_and_budget(principal_id: int) -> tuple[int, int | None]:
+        """Tokens the principal's turns used (stored and ephemeral), and its budget, as now stored."""
+        found = Principal.objects.filter(pk=principal_id).values_list("tokens_used", "token_budget").first()
+        return found or (0, None)
 
     @staticmethod
     @database_sync_to_async
@@ -233,6 +235,8 @@ class MemoryThreads:
     async def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> dict[str, int]:
         if turn.usage is not None:
             thread.add_usage(turn.usage)
+            # Never stored, but its tokens count toward the principal's budget.
+            await database_sync_to_async(turn_writes.add_principal_usage)({thread.principal_id: turn.usage.get("totalTokens", 0)})
         return dict(thread.total_usage)
 
     @staticmethod

@@ -45,6 +45,7 @@ from django.db.models.sql import Query
 from codexserver.group_commit import GroupCommit
 from codexserver.loop_local import LoopLocal
 from identity.actions import row_writers
+from identity.models import Principal
 from realtime.models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
 
 from .threads import IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, newest_within, now_ms
@@ -108,6 +109,7 @@ BATCH_ORDER = (CreateThread, FinishTurn, BeginTurn)
 
 # Table names; the columns are the models' (realtime/migrations/0001).
 THREADS, TURNS, ITEMS = (model._meta.db_table for model in (StoredThread, StoredTurn, StoredItem))
+PRINCIPALS = Principal._meta.db_table
 TURN_COLUMNS = [
     "turn_id",
     "thread_id",
@@ -422,6 +424,25 @@ def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str,
     }
 
 
+def _usage_by_principal(ends: list[FinishTurn]) -> dict[int, int]:
+    spent: dict[int, int] = {}
+    for end in ends:
+        if end.turn.usage:
+            principal_id = end.thread.principal_id
+            spent[principal_id] = spent.get(principal_id, 0) + end.turn.usage.get("totalTokens", 0)
+    return spent
+
+
+def add_principal_usage(spent: dict[int, int]) -> None:
+    """Count turns' tokens toward their principals' budgets. Their rows are
+    updated after the threads' and in key order, as every batch does: two
+    batches never wait on each other in a circle."""
+    rows = [[tokens, principal_id] for principal_id, tokens in sorted(spent.items()) if tokens]
+    if rows:
+        with connection.cursor() as cursor:
+            cursor.executemany(f"UPDATE {PRINCIPALS} SET tokens_used = tokens_used + %s WHERE id = %s", rows)
+
+
 def finish(
     ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
 ) -> Callable[[], list[dict[str, int]]]:
@@ -453,6 +474,7 @@ def finish(
             freed.append(row.pk)
     update_each(TURNS, END_FIELDS, turn_rows)
     insert_each(ITEMS, ITEM_COLUMNS, item_rows)
+    add_principal_usage(_usage_by_principal(ends))
     touched = sorted({rows[end.thread.id].pk for end in ends})
     if freed:
         _run(

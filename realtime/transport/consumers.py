@@ -20,7 +20,14 @@ from realtime.rpc.connection import AppServerConnection
 from realtime.rpc.protocol import MAX_FRAME_BYTES, JsonRpcError
 
 from .outbox import Outbox
-from .upgrade_policy import DENIAL_EXTENSION, UNAUTHORIZED, bearer_token, refusal_headers, upgrade_refusal
+from .upgrade_policy import (
+    DENIAL_EXTENSION,
+    UNAUTHORIZED,
+    bearer_token,
+    refusal_headers,
+    token_gate,
+    upgrade_refusal,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,12 +90,18 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             logger.info("refused a WebSocket upgrade with HTTP %d", refusal)
             await self._refuse(refusal)
             return
+        bearer, gate = bearer_token(self.scope), token_gate()
+        if gate.refuses(bearer):
+            logger.info("refused a WebSocket upgrade with HTTP %d: no valid token", UNAUTHORIZED)
+            await self._refuse(UNAUTHORIZED)
+            return
         connection_id = uuid.uuid4()
         try:
-            principal = await self._open_row(connection_id)
+            principal = await self._open_row(connection_id, bearer)
         except DatabaseUnavailable:
             await self._refuse(SERVICE_UNAVAILABLE)
             return
+        gate.learn(principal)
         if principal is None:
             logger.info("refused a WebSocket upgrade with HTTP %d: no valid token", UNAUTHORIZED)
             await self._refuse(UNAUTHORIZED)
@@ -101,7 +114,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         self._writer = outbox.start()
         self._writer.add_done_callback(self._writer_stopped)
 
-    async def _open_row(self, connection_id: uuid.UUID) -> AuthenticatedPrincipal | None:
+    async def _open_row(self, connection_id: uuid.UUID, bearer: str | None) -> AuthenticatedPrincipal | None:
         """Check the token and write the connection's row: the principal, or
         None when the token is refused. Raises DatabaseUnavailable when the
         database or the channel layer is down: the upgrade is refused rather
@@ -116,7 +129,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
                 settings.CODEX_SERVER_INSTANCE,
                 lifecycle.boot_id,
                 _peer_address(self.scope),
-                bearer_token(self.scope),
+                bearer,
             )
         except Exception as exc:
             logger.warning("refusing a WebSocket upgrade: the database is unavailable (%s)", type(exc).__name__)

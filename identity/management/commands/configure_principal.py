@@ -5,6 +5,7 @@ import os
 from django.core.management.base import BaseCommand, CommandError
 
 from identity.models import Principal
+from identity.principals import TokenError, principal_name_of
 
 
 class Command(BaseCommand):
@@ -25,6 +26,10 @@ class Command(BaseCommand):
             raise CommandError("--budget is a number of tokens, 0 or more")
         if roots is not None and not all(os.path.isabs(root) for root in roots):
             raise CommandError("--workspace-root takes absolute paths")
+        try:
+            principal = principal_name_of(principal)
+        except TokenError as exc:
+            raise CommandError(str(exc)) from None
         row, _ = Principal.objects.get_or_create(name=principal)
         if budget is not None or no_budget:
             row.token_budget = None if no_budget else budget

@@ -33,7 +33,7 @@ class Command(BaseCommand):
     def handle(self, *args, host, port, daphne_args, allow_unauthenticated=False, **options):
         from codexserver.daphne_server import AppServerCommandLine
 
-        refusal = refusal_to_listen(host, allow_unauthenticated)
+        refusal = refusal_to_listen(host, allow_unauthenticated, daphne_args)
         if refusal is not None:
             raise CommandError(refusal)
         argv = daphne_argv(host, port, daphne_args)
@@ -63,14 +63,28 @@ def daphne_argv(host: str, port: int, extra: list[str]) -> list[str]:
     ]
 
 
-def refusal_to_listen(host: str, allow_unauthenticated: bool) -> str | None:
-    """Why ``serve`` must not listen on ``host``, or None (PROTOCOL §12): with
-    no token configured, everyone who reaches the port is the local
-    principal, which is only safe on loopback."""
-    if allow_unauthenticated or _is_loopback(host) or _tokens_configured():
+# daphne's own ways to choose where it listens, after `--`.
+BINDING_OPTIONS = ("--bind", "--unix-socket", "--fd", "--endpoint")
+SHORT_BINDING_OPTIONS = ("-b", "-u", "-e")
+
+
+def _rebinds(daphne_args) -> bool:
+    return any(
+        arg.split("=", 1)[0] in BINDING_OPTIONS or (arg[:2] in SHORT_BINDING_OPTIONS and not arg.startswith("--"))
+        for arg in daphne_args
+    )
+
+
+def refusal_to_listen(host: str, allow_unauthenticated: bool, daphne_args: tuple[str, ...] = ()) -> str | None:
+    """Why ``serve`` must not listen on ``host`` (or where ``daphne_args``
+    bind it), or None (PROTOCOL §12): with no token configured, everyone who
+    reaches the port is the local principal, which is only safe on loopback."""
+    rebinds = _rebinds(daphne_args)
+    if allow_unauthenticated or (_is_loopback(host) and not rebinds) or _tokens_configured():
         return None
+    where = "an address daphne's options choose" if rebinds else host
     return (
-        f"refusing to listen on {host}: no token is configured, so anyone who reaches it would be the local "
+        f"refusing to listen on {where}: no token is configured, so anyone who reaches it would be the local "
         "principal and see its threads. Issue one (manage.py issue_token NAME) or set CODEX_WS_AUTH_TOKEN, "
         "or pass --allow-unauthenticated if only trusted clients can reach this address."
     )

@@ -153,14 +153,14 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
 
 
 async def _check_budget(context) -> None:
-    """A principal with a token budget may start turns until its stored
-    turns' usage reaches it (PROTOCOL §12); a turn already running finishes.
-    Without a budget this costs nothing."""
-    budget = context.connection.token_budget
-    if budget is None:
+    """A principal with a token budget may start turns until its turns'
+    usage reaches it (PROTOCOL §12); a turn already running finishes.
+    Without a budget (as the principal watch last read it) this costs
+    nothing; with one, one read of the principal's row."""
+    if context.connection.token_budget is None:
         return
-    used = await DatabaseThreads.usage_of(context.principal.id)
-    if used >= budget:
+    used, budget = await DatabaseThreads.usage_and_budget(context.principal.id)
+    if budget is not None and used >= budget:
         raise JsonRpcError.usage_limit_exceeded(
             f"Usage limit reached: {context.principal.name} has used {used:,} of its {budget:,}-token budget"
         )
