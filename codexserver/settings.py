@@ -253,6 +253,23 @@ CODEX_MAX_HISTORY_BYTES = _env_number("CODEX_MAX_HISTORY_BYTES", str(4 * 1024 * 
 CODEX_TURN_LOCK_SECONDS = _env_number("CODEX_TURN_LOCK_SECONDS", "30", float)
 CODEX_MODELS = _env_list("CODEX_MODELS")
 CODEX_MAX_REQUESTS_IN_FLIGHT = _env_number("CODEX_MAX_REQUESTS_IN_FLIGHT", "64", int)
+# --- the agent (PROTOCOL §11) --------------------------------------------------
+# Model requests a turn may make (each tool step is one more).
+CODEX_MAX_TOOL_STEPS = _env_number("CODEX_MAX_TOOL_STEPS", "100", int)
+# A command that outlives this is killed.
+CODEX_COMMAND_TIMEOUT = _env_number("CODEX_COMMAND_TIMEOUT", "600", float)
+# danger-full-access runs commands unsandboxed: refused unless the operator says so.
+CODEX_ALLOW_FULL_ACCESS = os.environ.get("CODEX_ALLOW_FULL_ACCESS") == "1"
+# Where threads may work (absolute paths); a principal's own roots replace these.
+def _directory_served_from() -> list[str]:
+    try:
+        return [os.getcwd()]
+    except FileNotFoundError:  # deleted under the process: no default root, so no tools
+        return []
+
+
+CODEX_WORKSPACE_ROOTS = [os.path.abspath(root) for root in _env_list("CODEX_WORKSPACE_ROOTS")] or _directory_served_from()
+
 # Seconds a client may read nothing while a turn waits for it to drain its
 # queue; after that the queue fills and the client is dropped (1013).
 CODEX_CLIENT_STALL_TIMEOUT = _env_number("CODEX_CLIENT_STALL_TIMEOUT", "10", float)

@@ -27,6 +27,10 @@ class StoredThread(models.Model):
     cwd = models.TextField()
     originator = models.CharField(max_length=256, db_index=True, help_text="of the connection that started it")
     base_instructions = models.TextField(null=True, blank=True)
+    # What its commands may do (PROTOCOL §11), as thread/start chose.
+    sandbox_mode = models.CharField(max_length=32, default="read-only")
+    network_access = models.BooleanField(default=False)
+    approval_policy = models.JSONField(default="on-request")
     preview = models.TextField(blank=True, default="")
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField(db_index=True)

@@ -67,7 +67,7 @@ async def test_model_request_shape(connect, upstream):
     assert first.headers["authorization"] == f"Bearer {TEST_API_KEY}"
     assert first.headers["session-id"] == first.headers["x-client-request-id"] == thread
     assert first.body["model"] == "gpt-test" and first.body["stream"] is True
-    assert first.body["instructions"] == "Be brief."
+    assert first.body["instructions"].startswith("Be brief.\n\n<environment_context>")  # the agent's, after the thread's
     assert first.body["input"] == [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "first"}]}]
     # The second turn replays the conversation so far.
     assert [item["role"] for item in second.body["input"]] == ["user", "assistant", "user"]

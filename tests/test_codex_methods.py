@@ -103,7 +103,8 @@ async def test_thread_start_answers_the_full_thread_and_announces_it(connect):
     started = await client.call("thread/start", {**THREAD_START, "cwd": CWD})
     thread = started["thread"]
     assert (started["model"], started["modelProvider"], started["cwd"]) == ("gpt-5-codex", "openai", CWD)
-    assert started["approvalPolicy"] == "never" and started["sandbox"]["type"] == "readOnly"
+    # what the TUI asked for (read-only), and Codex's default approval policy
+    assert started["approvalPolicy"] == "on-request" and started["sandbox"] == {"type": "readOnly", "networkAccess": False}
     assert thread["status"] == {"type": "idle"} and thread["turns"] == [] and thread["originator"] == "codex-tui"
     assert (await client.notification("thread/started"))["thread"]["id"] == thread["id"]
 

@@ -87,13 +87,15 @@ async def test_reasoning_with_six_summary_parts_is_streamed_and_replayed_next_tu
     assert len(replayed["summary"]) == 6
 
 
-async def test_a_tool_loop_recording_ends_at_its_first_completed_response(client):
+async def test_a_tool_loop_recording_calls_a_tool_we_lack_and_the_loop_goes_on(client):
     seen, done = await run_collecting(client, await client.start_thread(), "fixture:openai-reasoning-encrypted-content.1")
     assert done["turn"]["status"] == "completed"
     [reasoning] = completed_items(seen, "reasoning")
     assert reasoning["summary"][0].startswith("**Calculating step-by-step using calculator**")
-    assert completed_items(seen, "agentMessage") == []  # the function call is ignored; no tools were sent
-    assert usage(seen)["totalTokens"] == 162
+    # its calculator call got an output, and the (scripted) model answered with it
+    [reply] = completed_items(seen, "agentMessage")
+    assert reply["text"] == "got: unsupported call: calculator is not a tool of this server"
+    assert usage(seen)["totalTokens"] == 162  # the one response that reported usage
 
 
 async def test_web_search_recording_keeps_non_ascii_text_and_ignores_tool_items(client):

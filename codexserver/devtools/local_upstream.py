@@ -17,7 +17,13 @@ chosen by the user's text, so tests script faults without mocking anything:
     "incomplete:WHY"  two deltas, then response.incomplete (reason WHY), and keep the stream open
     "instream:CODE"   response.created, then an in-stream error event with CODE
                       ("instream:server_errorx1" fails once, then streams)
+    "exec[CMD]"       call exec_command with cmd CMD (several: parallel calls in one response)
+    "call:NAME"       call a tool NAME with no arguments (one the server does not have, say)
+    "steps:N"         with exec[…]: call again until N calls were answered this turn
     anything else     stream "Hello" + " world" and complete
+
+A request whose input ends with tool outputs (and needs no more steps) is
+answered "got: " and the outputs, so a test sees what the model was given.
 """
 
 from __future__ import annotations
@@ -73,6 +79,44 @@ def _last_user_text(body: dict) -> str:
         if item.get("role") == "user":
             return " ".join(part.get("text", "") for part in item.get("content", []))
     return ""
+
+
+def function_call_events(calls: list[tuple[str, dict]]) -> list[dict]:
+    """One response that calls each (tool name, arguments), side by side."""
+    events: list[dict] = [{"type": "response.created", "response": {"id": "resp_tools"}}]
+    for index, (name, arguments) in enumerate(calls):
+        item = {
+            "id": f"fc_{uuid.uuid4().hex[:12]}",
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": f"call_{uuid.uuid4().hex[:12]}",
+            "name": name,
+            "arguments": "",
+        }
+        text = json.dumps(arguments)
+        events.append({"type": "response.output_item.added", "output_index": index, "item": item})
+        events.append({"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": index, "delta": text})
+        events.append({"type": "response.output_item.done", "output_index": index, "item": {**item, "status": "completed", "arguments": text}})
+    events.append({"type": "response.completed", "response": {"id": "resp_tools"}})
+    return events
+
+
+def _tool_step(text: str, body: dict) -> list[dict] | None:
+    """The scripted agent: call tools as the user's text says, then say what they gave."""
+    items = body.get("input") or []
+    user_at = max((i for i, item in enumerate(items) if item.get("role") == "user"), default=-1)
+    outputs = [item.get("output", "") for item in items[user_at + 1 :] if item.get("type") == "function_call_output"]
+    commands = re.findall(r"exec\[(.+?)\]", text)
+    named = re.findall(r"call:(\w+)", text)
+    steps = re.search(r"steps:(\d+)", text)
+    wanted = int(steps.group(1)) if steps else len(commands) + len(named)
+    if (commands or named) and len(outputs) < wanted:
+        return function_call_events(
+            [("exec_command", {"cmd": command}) for command in commands] + [(name, {}) for name in named]
+        )
+    if outputs:
+        return response_events("got:" + text, ["got: ", " | ".join(outputs[-max(1, len(commands) + len(named)) :])])
+    return None
 
 
 def response_events(text: str, deltas: list[str], item_id: str | None = None) -> list[dict]:
@@ -242,8 +286,11 @@ class UpstreamServer:
             return None
         return status
 
-    def _plan(self, text: str) -> tuple[list[dict], float, bool]:
+    def _plan(self, text: str, body: dict) -> tuple[list[dict], float, bool]:
         """(events, delay between them, whether to cut the stream after two deltas)"""
+        tool_step = _tool_step(text, body)
+        if tool_step is not None:
+            return tool_step, 0.0, False
         fixture = re.search(r"fixture:([\w.-]+)", text)
         if fixture:
             return self._fixture_events(fixture.group(1)), 0.0, False
@@ -298,7 +345,7 @@ class UpstreamServer:
                 request.transport.write(b"NOT-HTTP/9 what\r\n\r\n")
             request.transport.close()
             return web.Response(status=499)  # never sent: the connection is gone
-        events, delay, cut = self._plan(text)
+        events, delay, cut = self._plan(text, body)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         # As the real API's edge does: a client must not send it on another identity's request.
         response.set_cookie("__cf_bm", f"for-{record.originator}", path="/")
@@ -350,13 +397,13 @@ class UpstreamServer:
             record = Recorded("ws-message", "WS", request.path, request.query_string, handshake.headers, body)
             with self._lock:
                 self.records.append(record)
-            sender = asyncio.create_task(self._stream_ws_response(ws, _last_user_text(body)))
+            sender = asyncio.create_task(self._stream_ws_response(ws, _last_user_text(body), body))
         if sender is not None and not sender.done():
             sender.cancel()
             self._record_close(handshake)
         return ws
 
-    async def _stream_ws_response(self, ws: web.WebSocketResponse, text: str) -> None:
+    async def _stream_ws_response(self, ws: web.WebSocketResponse, text: str, body: dict) -> None:
         status = self._scripted_failure(text)
         if status is not None:
             await ws.send_json({"type": "error", "status": status, "error": {"message": f"scripted {status}"}})
@@ -364,7 +411,7 @@ class UpstreamServer:
         if re.search(r"\bhangup\b", text):
             await ws.close()
             return
-        events, delay, cut = self._plan(text)
+        events, delay, cut = self._plan(text, body)
         deltas = 0
         for event in events:
             await ws.send_str(_wire(event))

@@ -35,6 +35,7 @@ class ModelRequest:
     # turn/start's ``outputSchema``: the reply must be JSON of this schema
     # (the Codex TUI asks for a thread title this way).
     output_schema: dict[str, Any] | None = None
+    tools: tuple[dict[str, Any], ...] = ()  # offered to the model; the agent loop runs its calls
 
     def body_json(self, **extra: Any) -> str:
         """The request body's JSON text, with ``extra`` fields (the
@@ -51,6 +52,8 @@ class ModelRequest:
         }
         if self.instructions:
             body["instructions"] = self.instructions
+        if self.tools:
+            body.update(tools=list(self.tools), tool_choice="auto", parallel_tool_calls=True)
         if self.output_schema is not None:
             body["text"] = {
                 "format": {"type": "json_schema", "name": "codex_output_schema", "schema": self.output_schema, "strict": True}

@@ -141,6 +141,10 @@ class Thread:
     originator: str  # of the connection that started it; turns carry their own
     principal_id: int  # whose (PROTOCOL §12): only its connections may see or use it
     base_instructions: str | None = None
+    # What its commands may do (PROTOCOL §11): thread/start's sandbox and approval policy.
+    sandbox_mode: str = "read-only"
+    network_access: bool = False
+    approval_policy: Any = "on-request"  # "untrusted" | "on-request" | "never" | {"granular": {…}}
     ephemeral: bool = False  # never stored: not listed, and gone when unloaded
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)  # sub-second: list order needs it

@@ -128,7 +128,7 @@ TURN_COLUMNS = [
 ITEM_COLUMNS = ["turn_id", "position", "item_type", "item", "started_at_ms", "completed_at_ms"]
 THREAD_COLUMNS = [
     "thread_id", "principal_id", "model", "model_provider", "cwd", "originator", "base_instructions", "preview",
-    "created_at", "updated_at", "read_revision",
+    "created_at", "updated_at", "read_revision", "sandbox_mode", "network_access", "approval_policy",
 ]  # fmt: skip
 # At most this many writes in one batch: a statement names each write's
 # thread or turn at most once, within SQLite's oldest parameter limit (999).
@@ -401,7 +401,8 @@ def _insert_threads(threads: list[Thread]) -> None:
                 StoredThread,
                 THREAD_COLUMNS,
                 [thread.id, thread.principal_id, thread.model, thread.model_provider, thread.cwd, thread.originator,
-                 thread.base_instructions, thread.preview, created, created, thread.read_revision],
+                 thread.base_instructions, thread.preview, created, created, thread.read_revision,
+                 thread.sandbox_mode, thread.network_access, thread.approval_policy],
             )  # fmt: skip
         )
     insert_each(THREADS, THREAD_COLUMNS, rows)

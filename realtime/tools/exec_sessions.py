@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from codexserver.loop_local import LoopLocal
 
@@ -72,6 +73,7 @@ class CommandSession:
     unread: list[str] = field(default_factory=list)
     exit_code: int | None = None
     on_output: Callable[[str], None] | None = None
+    record: Any = None  # its commandExecution item, completed when it ends
     _reader: asyncio.Task | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -124,6 +126,8 @@ class CommandSession:
             if not chunk:
                 break
         self.exit_code = await self.process.wait()
+        if self.process.stdin is not None:
+            self.process.stdin.close()  # the last pipe: its transport closes with it, not at collection
         self._changed.set()
 
 
@@ -147,7 +151,11 @@ class SessionRegistry:
         command: str,
         cwd: str,
         on_output: Callable[[str], None] | None = None,
+        env: dict[str, str] | None = None,
     ) -> CommandSession:
+        """Start ``argv``. Its environment is ``env``, empty unless given:
+        bubblewrap builds the sandboxed command's own from an allow list, and
+        must not hold the server's either (a sandbox's PID 1 is bubblewrap)."""
         sessions = self.by_thread.setdefault(thread_id, {})
         if sum(session.running for session in sessions.values()) >= MAX_SESSIONS_PER_THREAD:
             raise SessionLimitReached(f"{MAX_SESSIONS_PER_THREAD} commands of this thread still run")
@@ -160,7 +168,7 @@ class SessionRegistry:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group: killed whole
-            env={},  # bubblewrap builds the command's environment from the allow list
+            env=env or {},
         )
         session = CommandSession(next(self._ids), thread_id, turn_id, item_id, command, cwd, process, on_output=on_output)
         session._reader = asyncio.create_task(session._read(), name=f"command session {session.id}")
@@ -181,6 +189,19 @@ class SessionRegistry:
         for session in self.of_thread(thread_id):
             if session.turn_id == turn_id:
                 session.kill()
+
+    async def ended(self, thread_id: str, turn_id: str, within: float) -> None:
+        """Wait, at most ``within`` seconds, for the turn's sessions to end (after a kill)."""
+        running = [session for session in self.of_thread(thread_id) if session.turn_id == turn_id and session.running]
+        if running:
+            await asyncio.wait([asyncio.ensure_future(session.wait(within)) for session in running], timeout=within)
+
+    def detach_turn(self, thread_id: str, turn_id: str) -> None:
+        """The turn ended: its sessions still running tell nobody of their
+        output (the model may still poll them in a later turn)."""
+        for session in self.of_thread(thread_id):
+            if session.turn_id == turn_id:
+                session.on_output = None
 
     def kill_all(self) -> None:
         for sessions in self.by_thread.values():

@@ -20,8 +20,13 @@ from realtime.store.storable_text import made_storable
 from realtime.store.thread_store import DatabaseThreads, MemoryThreads
 from realtime.store.threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
 from realtime.store.turn_writes import ONE_WRITES_FAULT, NotStored
+from realtime.tools.commands import CommandContext, finish_command_items, server_private_paths
+from realtime.tools.definitions import AGENT_INSTRUCTIONS, COMMAND_TOOLS, environment_context
+from realtime.tools.exec_sessions import command_sessions
+from realtime.tools.sandbox import WORKSPACE_WRITE, SandboxPolicy
 
 from .stream_events import TurnEventTranslator
+from .tool_calls import run_calls
 
 if TYPE_CHECKING:
     from realtime.rpc.connection import AppServerConnection
@@ -46,6 +51,9 @@ class TurnContext:
     lock_seconds: float
     output_schema: dict[str, Any] | None = None
     taken_over: str | None = None  # the turn of a dead process whose lapsed lock this one took
+    # The thread's cwd lies in its principal's workspace: the model may run commands there.
+    tools_enabled: bool = False
+    max_tool_steps: int = 1
 
 
 async def run_turn(turn_context: TurnContext) -> None:
@@ -58,14 +66,8 @@ async def run_turn(turn_context: TurnContext) -> None:
     notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
     translator = TurnEventTranslator(thread.id, turn, notify)
     translator.announce(turn_context.user_item)
-    request = ModelRequest(
-        thread_id=thread.id,
-        model=thread.model,
-        history=turn_context.history,
-        input=[turn_context.user_message],
-        instructions=thread.base_instructions,
-        output_schema=turn_context.output_schema,
-    )
+    tools = _tool_context(turn_context, notify)
+    steps: list[dict[str, Any]] = []  # this turn's earlier responses and their calls' outputs
     status, error = COMPLETED, None
 
     def will_retry(failure: UpstreamError) -> None:
@@ -73,21 +75,36 @@ async def run_turn(turn_context: TurnContext) -> None:
 
     lock_keeper = asyncio.create_task(_keep_lock(turn_context), name=f"lock of turn {turn.id}")
     try:
-        async with aclosing(
-            stream_model_response(turn_context.identity, request, turn_context.config, on_retry=will_retry)
-        ) as events:
-            async for event in events:
-                await connection.outbox.wait_for_room()  # a slow client slows the stream
-                translator.feed(event)
+        for step in range(1, turn_context.max_tool_steps + 1):
+            request = _model_request(turn_context, steps, tools)
+            async with aclosing(
+                stream_model_response(turn_context.identity, request, turn_context.config, on_retry=will_retry)
+            ) as events:
+                async for event in events:
+                    await connection.outbox.wait_for_room()  # a slow client slows the stream
+                    translator.feed(event)
+            calls = translator.function_calls
+            if not calls:
+                break
+            if step == turn_context.max_tool_steps:
+                raise ToolStepsExhausted(step)
+            said = translator.end_response()
+            steps += [*said, *await run_calls(calls, tools)]
     except asyncio.CancelledError:
         # turn/interrupt, or the starting connection closed: either way the
-        # stored turn ends, and the thread's other subscribers are told.
+        # stored turn ends, its commands stop, and the thread's other
+        # subscribers are told.
         asyncio.current_task().uncancel()
+        command_sessions().kill_turns(thread.id, turn.id)
+        await command_sessions().ended(thread.id, turn.id, within=1.0)
         # Cancelled while the finished stream drained: the reply is whole.
         status = COMPLETED if translator.completed else INTERRUPTED
     except UpstreamError as exc:
         logger.info("turn %s failed: %s", turn.id, exc.message)
         status, error = FAILED, _error(exc.turn_error())
+    except ToolStepsExhausted as exc:
+        logger.info("turn %s stopped: %s", turn.id, exc)
+        status, error = FAILED, _error({"message": str(exc), "codexErrorInfo": "other"})
     except Exception:
         # Whatever went wrong, the client is owed a turn/completed.
         logger.exception("turn %s failed unexpectedly", turn.id)
@@ -96,9 +113,14 @@ async def run_turn(turn_context: TurnContext) -> None:
         lock_keeper.cancel()
 
     translator.finish()
-    turn.remember_input([turn_context.user_message, *translator.model_input()])
+    if tools is not None:
+        finish_command_items(tools)  # those still running stay sessions the model may poll later
+    command_sessions().detach_turn(thread.id, turn.id)
+    # A call never run has no output, and the API refuses a call without one.
+    said = [item for item in translator.model_input() if item["type"] != "function_call"]
+    turn.remember_input([turn_context.user_message, *steps, *said])
     turn.finish(status, error)
-    usage = token_usage(translator.usage)
+    usage = turn_token_usage(translator.usages)
     turn.usage = usage
     # Stored before anyone hears the turn ended: a client that reads the
     # thread on turn/completed finds it there, from any process.
@@ -111,6 +133,49 @@ async def run_turn(turn_context: TurnContext) -> None:
         notify("error", {"threadId": thread.id, "turnId": turn.id, "error": turn.error, "willRetry": False})
     _announce_end(thread, turn, notify)
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id, usage=usage)
+
+
+class ToolStepsExhausted(Exception):
+    def __init__(self, steps: int):
+        super().__init__(f"the model asked for tools {steps} times in one turn (CODEX_MAX_TOOL_STEPS); stopped there")
+
+
+def _tool_context(turn_context: TurnContext, notify) -> CommandContext | None:
+    """What the turn's commands run with, or None: no tools for this thread."""
+    thread, turn = turn_context.thread, turn_context.turn
+    if not turn_context.tools_enabled:
+        return None
+    mode = thread.sandbox_mode
+    policy = SandboxPolicy(mode, (thread.cwd,) if mode == WORKSPACE_WRITE else (), thread.network_access)
+    return CommandContext(
+        thread_id=thread.id,
+        turn_id=turn.id,
+        cwd=thread.cwd,
+        policy=policy,
+        approval_policy=thread.approval_policy,
+        hidden_paths=server_private_paths(),
+        notify=lambda method, params: notify(method, {"threadId": thread.id, "turnId": turn.id, **params}),
+        add_item=turn.items.append,
+    )
+
+
+def _model_request(turn_context: TurnContext, steps: list[dict[str, Any]], tools: CommandContext | None) -> ModelRequest:
+    """The next request of the turn: the history, this turn's message, and what
+    the model said and its tools answered so far."""
+    thread = turn_context.thread
+    instructions = thread.base_instructions
+    if tools is not None:
+        context = environment_context(thread.cwd, thread.sandbox_mode, thread.network_access, thread.approval_policy)
+        instructions = f"{instructions or AGENT_INSTRUCTIONS}\n\n{context}"
+    return ModelRequest(
+        thread_id=thread.id,
+        model=thread.model,
+        history=turn_context.history,
+        input=[turn_context.user_message, *steps],
+        instructions=instructions,
+        output_schema=turn_context.output_schema,
+        tools=COMMAND_TOOLS if tools is not None else (),
+    )
 
 
 async def _store_end(turn_context: TurnContext) -> dict[str, int]:
@@ -271,6 +336,14 @@ def _error(turn_error: dict[str, Any]) -> dict[str, Any]:
 
 
 MAX_TOKENS = 10**12  # a turn's count; a million turns of it still fit a thread's 64-bit sum
+
+
+def turn_token_usage(usages: list[dict[str, Any]]) -> dict[str, int] | None:
+    """The turn's usage: every model request of its loop, summed."""
+    parts = [part for part in map(token_usage, usages) if part]
+    if not parts:
+        return None
+    return {name: min(sum(part[name] for part in parts), MAX_TOKENS) for name in parts[0]}
 
 
 def token_usage(usage: dict[str, Any] | None) -> dict[str, int] | None:

@@ -4,7 +4,8 @@ Both transports (SSE and WebSocket) feed the same translator, so the
 notifications a client sees do not depend on how the model was reached. It
 keeps the turn's items (``turn.items``), the reply text and reasoning items
 to replay to the model next turn, and the usage the response reported.
-Function calls and other tool items are ignored: the server sends no tools.
+A response's function calls are collected for the agent loop
+(``end_response``), which runs them and asks the model again.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class _AgentMessage(_Item):
 
 
 @dataclass(eq=False)
+class _Call(_Item):
+    """A function call's place among the response's items (never a ThreadItem)."""
+
+
+@dataclass(eq=False)
 class _Reasoning(_Item):
     summary: dict[int, list[str]] = field(default_factory=dict)
     content: dict[int, list[str]] = field(default_factory=dict)
@@ -67,6 +73,18 @@ class _Reasoning(_Item):
         return {"type": REASONING, "summary": summary, "encrypted_content": self.encrypted_content}
 
 
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """A tool call the model made; ``arguments`` is its JSON text, as sent."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+    def model_input(self) -> dict[str, Any]:
+        return {"type": "function_call", "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+
+
 class TurnEventTranslator:
     """Feeds a turn's items (``turn.items``) and tells ``notify`` as they change."""
 
@@ -75,23 +93,45 @@ class TurnEventTranslator:
         self.turn = turn
         self.turn_id = turn.id
         self._notify = notify
-        self._items: dict[str, _Item] = {}  # by upstream item id, or output index
-        self.usage: dict[str, Any] | None = None
+        self._items: dict[str, _Item] = {}  # this response's, by upstream item id, or output index
+        self._calls: dict[str, FunctionCall] = {}  # this response's function calls, by item key, in order
+        self._earlier: list[_Item] = []  # the turn's earlier responses' items
+        self.usages: list[dict[str, Any]] = []  # each response's, as the upstream reported it
         self.completed = False  # response.completed was seen
 
     @property
     def text(self) -> str:
         """Everything the model said this turn, messages in order."""
-        return "".join(item.text for item in self._items.values() if isinstance(item, _AgentMessage))
+        items = [*self._earlier, *self._items.values()]
+        return "".join(item.text for item in items if isinstance(item, _AgentMessage))
+
+    @property
+    def function_calls(self) -> list[FunctionCall]:
+        """The tool calls of the response being read."""
+        return list(self._calls.values())
 
     def model_input(self) -> list[dict[str, Any]]:
-        """This turn's output as model input for later turns: reasoning, then replies."""
+        """The response being read as model input for later requests:
+        reasoning, replies and function calls, in the order they came."""
         replay: list[dict[str, Any]] = []
-        for item in self._items.values():
+        for key, item in self._items.items():
             if isinstance(item, _Reasoning) and (reasoning := item.model_input()) is not None:
                 replay.append(reasoning)
             elif isinstance(item, _AgentMessage) and item.text:
                 replay.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": item.text}]})
+            elif isinstance(item, _Call) and key in self._calls:
+                replay.append(self._calls[key].model_input())
+        return replay
+
+    def end_response(self) -> list[dict[str, Any]]:
+        """The response that called tools is over: its items close, and what
+        it said is returned as model input; the next response starts afresh."""
+        replay = self.model_input()
+        for item in self._items.values():
+            self._complete(item)
+        self._earlier += self._items.values()
+        self._items, self._calls = {}, {}
+        self.completed = False
         return replay
 
     def feed(self, event: dict[str, Any]) -> None:
@@ -112,7 +152,8 @@ class TurnEventTranslator:
         elif kind == "response.completed":
             self.completed = True
             response = _object(event.get("response"))
-            self.usage = response.get("usage") if isinstance(response.get("usage"), dict) else None
+            if isinstance(response.get("usage"), dict):
+                self.usages.append(response["usage"])
 
     def announce(self, record: ItemRecord) -> None:
         """Tell of an item that is whole before the model says anything (the user's message)."""
@@ -121,7 +162,7 @@ class TurnEventTranslator:
 
     def finish(self) -> None:
         """At the end of the turn, however it ended: close every open item."""
-        for item in self._items.values():
+        for item in [*self._earlier, *self._items.values()]:
             self._complete(item)
 
     # --- items ----------------------------------------------------------------
@@ -142,6 +183,8 @@ class TurnEventTranslator:
                 if final is not None:
                     message.final_text = final
                 self._complete(message)
+        elif item.get("type") == "function_call":
+            self._function_call(key, item)
         elif item.get("type") == REASONING:
             reasoning = self._reasoning_item(key)
             if isinstance(item.get("encrypted_content"), str):
@@ -150,6 +193,15 @@ class TurnEventTranslator:
                 _fill_parts(reasoning.summary, item.get("summary"))
                 _fill_parts(reasoning.content, item.get("content"))
                 self._complete(reasoning)
+
+    def _function_call(self, key: str, item: dict[str, Any]) -> None:
+        """Kept, not shown: what the call does becomes its own item when it runs."""
+        if key not in self._items:
+            self._items[key] = _Call(key, ItemRecord({}, now_ms()), completed=True)
+        call_id, name = item.get("call_id"), item.get("name")
+        if isinstance(call_id, str) and call_id and isinstance(name, str):
+            arguments = item.get("arguments") if isinstance(item.get("arguments"), str) else ""
+            self._calls[key] = FunctionCall(made_storable(call_id), made_storable(name), made_storable(arguments))
 
     def _text_delta(self, event: dict[str, Any]) -> None:
         delta = _text(event.get("delta"))

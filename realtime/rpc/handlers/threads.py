@@ -12,6 +12,8 @@ from realtime.services import telemetry
 from realtime.services.config import UpstreamConfig
 from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import Thread, Turn, new_id
+from realtime.tools.sandbox import FULL_ACCESS, MODES, READ_ONLY, WORKSPACE_WRITE, SandboxPolicy
+from realtime.tools.workspace import outside_workspace_warning, within_workspace, workspace_roots
 
 from ..params import (
     optional_bool,
@@ -26,34 +28,64 @@ from ..params import (
 from ..protocol import INVALID_REQUEST, JsonRpcError
 
 MODEL_PROVIDER = "openai"
+ON_REQUEST = "on-request"
+APPROVAL_POLICIES = ("untrusted", ON_REQUEST, "never")
 DEFAULT_PAGE = 25
 MAX_PAGE = 100
 
 
 def _session_json(thread: Thread, turns: list[Turn] | None, running_elsewhere: bool = False) -> dict[str, Any]:
-    """What ``thread/start`` and ``thread/resume`` answer: the thread and its settings.
-
-    The server runs no tools (PROTOCOL §8), so nothing ever needs approval and
-    nothing can write: ``never`` and a read-only sandbox say exactly that.
-    """
+    """What ``thread/start`` and ``thread/resume`` answer: the thread and the
+    effective settings its commands run with (PROTOCOL §11)."""
+    policy = SandboxPolicy(
+        thread.sandbox_mode, (thread.cwd,) if thread.sandbox_mode == WORKSPACE_WRITE else (), thread.network_access
+    )
     return {
         "thread": thread.to_json(turns, running_elsewhere),
         "model": thread.model,
         "modelProvider": thread.model_provider,
         "cwd": thread.cwd,
-        "approvalPolicy": "never",
+        "approvalPolicy": thread.approval_policy,
         "approvalsReviewer": "user",
-        "sandbox": {"type": "readOnly", "networkAccess": False},
+        "sandbox": policy.to_json(),
         "reasoningEffort": None,
         "serviceTier": None,
     }
 
 
-def _cwd(params: dict[str, Any]) -> str:
-    # The client's working directory is its own; it is echoed back (Codex
-    # clients show it), never used here. Only an absolute one is taken.
+def _cwd(params: dict[str, Any], roots: tuple[str, ...]) -> str:
+    """The thread's working directory: the client's when absolute, else the
+    first workspace root (the Codex TUI in --remote mode sends none, then
+    uses the one answered)."""
     cwd = optional_stored_str(params, "cwd")
-    return cwd if cwd and os.path.isabs(cwd) else os.getcwd()
+    if cwd and os.path.isabs(cwd):
+        return os.path.normpath(cwd)
+    return roots[0] if roots else "/"
+
+
+def _sandbox_mode(params: dict[str, Any]) -> str:
+    mode = params.get("sandbox")
+    if mode is None:
+        return READ_ONLY
+    if mode not in MODES:
+        raise JsonRpcError.invalid_params(f"sandbox must be one of {', '.join(MODES)}")
+    if mode == FULL_ACCESS and not settings.CODEX_ALLOW_FULL_ACCESS:
+        raise JsonRpcError.invalid_params(
+            "sandbox danger-full-access is refused on this server (its operator has not set CODEX_ALLOW_FULL_ACCESS=1)"
+        )
+    return mode
+
+
+def _approval_policy(params: dict[str, Any]) -> Any:
+    policy = params.get("approvalPolicy")
+    if policy is None:
+        return ON_REQUEST
+    if policy in APPROVAL_POLICIES or (
+        isinstance(policy, dict) and set(policy) == {"granular"} and isinstance(policy["granular"], dict)
+        and all(isinstance(value, bool) for value in policy["granular"].values())
+    ):  # fmt: skip
+        return policy
+    raise JsonRpcError.invalid_params("approvalPolicy must be untrusted, on-request, never, or {granular: {…}}")
 
 
 def _check_thread_limit(context, thread_id: str) -> None:
@@ -65,14 +97,17 @@ def _check_thread_limit(context, thread_id: str) -> None:
 async def start_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     config = UpstreamConfig.from_settings()
+    roots = workspace_roots(context.principal)
     thread = Thread(
         id=new_id(),
         model=optional_stored_str(params, "model") or config.model,
         model_provider=MODEL_PROVIDER,
-        cwd=_cwd(params),
+        cwd=_cwd(params, roots),
         originator=context.identity.originator,
         principal_id=context.principal.id,
         base_instructions=optional_stored_str(params, "baseInstructions"),
+        sandbox_mode=_sandbox_mode(params),
+        approval_policy=_approval_policy(params),
         ephemeral=bool(optional_bool(params, "ephemeral")),
     )
     _check_thread_limit(context, thread.id)
@@ -80,8 +115,12 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
     thread = await context.connection.subscribe(thread)
     identity = context.identity
 
+    connection = context.connection
+
     def announce() -> None:
         thread_hub().publish(thread, "thread/started", {"thread": thread.to_json()})
+        if not thread.ephemeral and not within_workspace(thread.cwd, roots):
+            connection.notify("warning", {"message": outside_workspace_warning(thread.cwd), "threadId": thread.id})
         telemetry.record_event(identity, telemetry.THREAD_STARTED, thread.id)
 
     context.after_reply(announce)

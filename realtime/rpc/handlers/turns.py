@@ -12,6 +12,7 @@ from realtime.services.config import UpstreamConfig
 from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
 from realtime.store.turn_writes import WrittenButUnread
+from realtime.tools.workspace import within_workspace, workspace_roots
 from realtime.turns.runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
 
 from ..params import optional_stored_str, params_object, require_storable, required_list, required_str
@@ -139,6 +140,8 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         lock_seconds=settings.CODEX_TURN_LOCK_SECONDS,
         output_schema=output_schema,
         taken_over=taken_over,
+        tools_enabled=not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal)),
+        max_tool_steps=settings.CODEX_MAX_TOOL_STEPS,
     )
 
     connection = context.connection

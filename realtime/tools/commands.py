@@ -1,0 +1,228 @@
+"""``exec_command`` and ``write_stdin``: a model's call becomes a sandboxed
+command session, a ``commandExecution`` item the people on the thread
+watch, and the text the model gets back (PROTOCOL §11).
+
+The policy is an argument (``CommandContext``), never a global: the sandbox
+the thread chose, its approval policy, the places to hide.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from realtime.store.threads import ItemRecord, now_ms
+
+from .definitions import DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_YIELD_MS, MAX_YIELD_MS, MIN_YIELD_MS
+from .exec_sessions import CommandSession, SessionLimitReached, command_sessions
+from .sandbox import FULL_ACCESS, SandboxPolicy, SandboxUnavailable, bwrap_binary, sandbox_environment, sandboxed_argv
+
+COMMAND_EXECUTION = "commandExecution"
+CHARS_PER_TOKEN = 4  # what the model is told of output size, as Codex estimates it
+
+
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    """Everything a command of this turn is decided with."""
+
+    thread_id: str
+    turn_id: str
+    cwd: str
+    policy: SandboxPolicy
+    approval_policy: Any  # "untrusted" | "on-request" | "never" | {"granular": …}
+    hidden_paths: tuple[str, ...]
+    # item notifications for the thread's subscribers (threadId and turnId added)
+    notify: Callable[[str, dict[str, Any]], None]
+    add_item: Callable[[ItemRecord], None]  # the turn's items: stored with it
+
+
+class CallRefused(Exception):
+    """The call is not run; the message is what the model is told."""
+
+
+def server_private_paths() -> tuple[str, ...]:
+    """What of the server no command may read, wherever the workspace is: its
+    database files, its Codex home and its user's home (credentials)."""
+    paths = [settings.CODEX_HOME, str(Path.home())]
+    database = settings.DATABASES["default"]
+    if database["ENGINE"].endswith("sqlite3") and str(database["NAME"]) != ":memory:":
+        name = str(database["NAME"])
+        paths += [name, f"{name}-wal", f"{name}-shm", f"{name}-journal"]
+    return tuple(paths)
+
+
+def _number(arguments: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+    value = arguments.get(name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return default
+    return int(min(max(value, low), high))
+
+
+def _workdir(context: CommandContext, arguments: dict[str, Any]) -> str:
+    workdir = arguments.get("workdir")
+    if not isinstance(workdir, str) or not workdir:
+        return context.cwd
+    resolved = os.path.normpath(os.path.join(context.cwd, workdir))
+    if not os.path.isdir(resolved):
+        raise CallRefused(f"workdir {workdir!r} is not a directory")
+    return resolved
+
+
+def command_item(call_id: str, command: str, cmd: str, cwd: str, process_id: str | None) -> dict[str, Any]:
+    """A ``commandExecution`` item as Codex 0.169.0 sends one, still running."""
+    return {
+        "id": call_id,
+        "type": COMMAND_EXECUTION,
+        "command": command,
+        "cwd": cwd,
+        "processId": process_id,
+        "source": "unifiedExecStartup",
+        "commandActions": [{"type": "unknown", "command": cmd}],
+        "status": "inProgress",
+        "aggregatedOutput": None,
+        "exitCode": None,
+        "durationMs": None,
+    }
+
+
+async def exec_command(context: CommandContext, call_id: str, arguments: dict[str, Any]) -> str:
+    cmd = arguments.get("cmd")
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise CallRefused("exec_command needs cmd, a non-empty string")
+    if arguments.get("sandbox_permissions") == "require_escalated":
+        raise CallRefused(
+            "running outside the sandbox was not approved: this server cannot ask for approval yet; "
+            "do what the sandbox allows, or tell the user what you need"
+        )
+    cwd = _workdir(context, arguments)
+    shell = arguments.get("shell") if isinstance(arguments.get("shell"), str) else "/bin/bash"
+    argv = [shell, "-lc" if arguments.get("login", True) is not False else "-c", cmd]
+    launch, environment = _launch(argv, cwd, context)
+    record = ItemRecord(command_item(call_id, shlex.join(argv), cmd, cwd, None), now_ms())
+    context.add_item(record)
+    started = time.monotonic()
+
+    def on_output(delta: str) -> None:
+        context.notify("item/commandExecution/outputDelta", {"itemId": call_id, "delta": delta})
+
+    try:
+        session = await command_sessions().start(
+            launch,
+            thread_id=context.thread_id,
+            turn_id=context.turn_id,
+            item_id=call_id,
+            command=record.item["command"],
+            cwd=cwd,
+            on_output=on_output,
+            env=environment,
+        )
+    except (SessionLimitReached, OSError) as exc:
+        record.item.update(status="failed", aggregatedOutput=str(exc), durationMs=0)
+        record.completed_at_ms = now_ms()
+        context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
+        context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
+        raise CallRefused(f"the command could not start: {exc}") from None
+    record.item["processId"] = str(session.id)
+    context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
+    session.record = record
+    return await _yield(context, session, arguments, started, default_wait_ms=DEFAULT_YIELD_MS)
+
+
+async def write_stdin(context: CommandContext, call_id: str, arguments: dict[str, Any]) -> str:
+    session_id = arguments.get("session_id")
+    session = (
+        command_sessions().get(context.thread_id, int(session_id))
+        if isinstance(session_id, (int, float)) and not isinstance(session_id, bool)
+        else None
+    )
+    if session is None:
+        raise CallRefused(f"no command session {session_id!r} on this thread")
+    chars = arguments.get("chars")
+    if isinstance(chars, str) and chars:
+        await session.write(chars)
+        default_wait = 250
+    else:
+        default_wait = 5_000
+    return await _yield(context, session, arguments, time.monotonic(), default_wait_ms=default_wait)
+
+
+def _launch(argv: list[str], cwd: str, context: CommandContext) -> tuple[list[str], dict[str, str]]:
+    """The process to start and its environment: bubblewrap's line (it builds
+    the command's environment itself), or, only where the operator allowed
+    full access, the command itself with the allow-listed environment."""
+    if context.policy.mode == FULL_ACCESS:
+        return argv, sandbox_environment(context.policy)
+    try:
+        return sandboxed_argv(argv, cwd, context.policy, context.hidden_paths, bwrap_binary()), {}
+    except SandboxUnavailable as exc:
+        raise CallRefused(f"commands are refused on this server: {exc}") from None
+
+
+async def _yield(
+    context: CommandContext, session: CommandSession, arguments: dict[str, Any], started: float, default_wait_ms: int
+) -> str:
+    wait_ms = _number(arguments, "yield_time_ms", default_wait_ms, MIN_YIELD_MS, MAX_YIELD_MS)
+    await session.wait(min(wait_ms / 1000, settings.CODEX_COMMAND_TIMEOUT))
+    if session.running and session.wall_seconds >= settings.CODEX_COMMAND_TIMEOUT:
+        session.kill()
+        await session.wait(1.0)
+    output = session.take_unread()
+    if not session.running:
+        finish_item(context, session)
+    max_tokens = _number(arguments, "max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS, 1, 10**6)
+    return model_output(session, output, time.monotonic() - started, max_tokens)
+
+
+def finish_item(context: CommandContext, session: CommandSession) -> None:
+    """The command ended: its item completes, with its whole kept output."""
+    record: ItemRecord | None = getattr(session, "record", None)
+    if record is None or record.item["status"] != "inProgress":
+        return
+    record.item.update(
+        status="completed" if session.exit_code == 0 else "failed",
+        aggregatedOutput=session.kept.text(),
+        exitCode=session.exit_code,
+        durationMs=int(session.wall_seconds * 1000),
+    )
+    record.completed_at_ms = now_ms()
+    context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
+
+
+def finish_command_items(context: CommandContext) -> None:
+    """At the turn's end: the items of its commands that have ended complete."""
+    for session in command_sessions().of_thread(context.thread_id):
+        if session.turn_id == context.turn_id and not session.running:
+            finish_item(context, session)
+
+
+def model_output(session: CommandSession, output: str, wall_seconds: float, max_tokens: int) -> str:
+    """What the model gets back, in the shape Codex gives it."""
+    tokens = (len(output) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+    state = (
+        f"Process running with session ID {session.id}"
+        if session.running
+        else f"Process exited with code {session.exit_code}"
+    )
+    return (
+        f"Chunk ID: {secrets.token_hex(3)}\n"
+        f"Wall time: {wall_seconds:.4f} seconds\n"
+        f"{state}\n"
+        f"Original token count: {tokens}\n"
+        f"Output:\n{_cut(output, max_tokens * CHARS_PER_TOKEN)}"
+    )
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    left_out = (len(text) - 2 * half + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+    return f"{text[:half]}\n…{left_out} tokens truncated…\n{text[-half:]}"

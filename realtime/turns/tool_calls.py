@@ -1,0 +1,49 @@
+"""A response's function calls, run side by side: every call gets exactly
+one output for the model, whatever happens to it (PROTOCOL §11)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from realtime.tools import commands
+from realtime.tools.commands import CallRefused, CommandContext
+from realtime.tools.definitions import EXEC_COMMAND, WRITE_STDIN
+
+from .stream_events import FunctionCall
+
+logger = logging.getLogger(__name__)
+
+ToolHandler = Callable[[CommandContext, str, dict[str, Any]], Awaitable[str]]
+TOOLS: dict[str, ToolHandler] = {EXEC_COMMAND: commands.exec_command, WRITE_STDIN: commands.write_stdin}
+
+
+async def run_calls(calls: list[FunctionCall], context: CommandContext | None) -> list[dict[str, Any]]:
+    """Each call's ``function_call_output`` item, in the calls' order."""
+    outputs = await asyncio.gather(*(_run(call, context) for call in calls))
+    return [
+        {"type": "function_call_output", "call_id": call.call_id, "output": output}
+        for call, output in zip(calls, outputs, strict=True)
+    ]
+
+
+async def _run(call: FunctionCall, context: CommandContext | None) -> str:
+    handler = TOOLS.get(call.name) if context is not None else None
+    if handler is None:
+        return f"unsupported call: {call.name} is not a tool of this server"
+    try:
+        arguments = json.loads(call.arguments or "{}")
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        return f"{call.name} takes a JSON object of arguments"
+    try:
+        return await handler(context, call.call_id, arguments)
+    except CallRefused as refused:
+        return str(refused)
+    except Exception:  # the model is owed an output; the turn goes on
+        logger.exception("tool call %s (%s) failed", call.call_id, call.name)
+        return f"{call.name} failed on the server"

@@ -1,0 +1,190 @@
+"""The agent loop (PROTOCOL §11): the model calls a tool, the server runs it
+in the sandbox, and the model is asked again with what it got, within one
+turn. The model is the local upstream's scripted one ("exec[CMD]"); every
+message any client gets is checked against the 0.169.0 schema (conftest)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from codexserver.devtools.server_process import PROJECT_DIR
+from tests.conftest import TEST_API_KEY
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def workspace(settings):
+    """A workspace root of this server, outside /tmp (a command's /tmp is its own)."""
+    root = PROJECT_DIR / ".cache" / f"agent-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True)
+    settings.CODEX_WORKSPACE_ROOTS = [str(root)]
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+async def agent(connect, workspace, sandbox: str = "workspace-write", **params):
+    client = await connect()
+    await client.initialize("codex_vscode", "1.0.0")
+    started = await client.call("thread/start", {"cwd": str(workspace), "sandbox": sandbox, **params})
+    return client, started
+
+
+async def turn(client, thread_id: str, text: str, timeout: float = 20.0) -> dict:
+    return await client.run_turn(thread_id, text, timeout=timeout)
+
+
+def commands_of(completed: dict) -> list[dict]:
+    return [item for item in completed["turn"]["items"] if item["type"] == "commandExecution"]
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_a_command_runs_in_the_workspace_and_the_model_is_asked_again_with_its_output(
+    connect, upstream, workspace, settings, transport
+):
+    settings.CODEX_RESPONSES_TRANSPORT = transport
+    client, started = await agent(connect, workspace)
+    assert started["sandbox"] == {
+        "type": "workspaceWrite", "writableRoots": [str(workspace)], "networkAccess": False,
+        "excludeTmpdirEnvVar": False, "excludeSlashTmp": False,
+    }  # fmt: skip
+    assert started["approvalPolicy"] == "on-request"
+    thread = started["thread"]["id"]
+    await turn(client, thread, "exec[echo made > made.txt && cat made.txt]")
+
+    assert (workspace / "made.txt").read_text() == "made\n"
+    item = (await client.notification("item/started", threadId=thread))["item"]
+    while item["type"] != "commandExecution":
+        item = (await client.notification("item/started", threadId=thread))["item"]
+    assert item["command"] == "/bin/bash -lc 'echo made > made.txt && cat made.txt'" and item["cwd"] == str(workspace)
+    assert item["status"] == "inProgress" and item["source"] == "unifiedExecStartup"
+    assert (await client.notification("item/commandExecution/outputDelta", itemId=item["id"]))["delta"] == "made\n"
+    done = await client.wait_for(
+        lambda m: m.get("method") == "item/completed" and m["params"]["item"]["id"] == item["id"]
+    )
+    assert done["params"]["item"]["status"] == "completed" and done["params"]["item"]["exitCode"] == 0
+    assert done["params"]["item"]["aggregatedOutput"] == "made\n" and done["params"]["item"]["durationMs"] >= 0
+
+    first, second = upstream.model_requests()[-2:]
+    assert [tool["name"] for tool in first.body["tools"]] == ["exec_command", "write_stdin"]
+    assert "<cwd>" + str(workspace) in first.body["instructions"]
+    call, output = second.body["input"][-2:]
+    assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"cmd": "echo made > made.txt && cat made.txt"}
+    assert output == {"type": "function_call_output", "call_id": call["call_id"], "output": output["output"]}
+    assert "Process exited with code 0" in output["output"] and output["output"].endswith("Output:\nmade\n")
+    for request in (first, second):  # every request of the loop is the starter's
+        assert request.originator == "codex_vscode" and request.user_agent.endswith("(codex_vscode; 1.0.0)")
+
+
+async def test_parallel_calls_each_get_an_output_and_an_unknown_tool_is_told_so(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)
+    completed = await turn(client, started["thread"]["id"], "exec[echo one] exec[echo two] call:calculator")
+    assert completed["turn"]["status"] == "completed"
+    outputs = [item["output"] for item in upstream.model_requests()[-1].body["input"] if item["type"] == "function_call_output"]
+    assert len(outputs) == 3
+    assert outputs[0].endswith("one\n") and outputs[1].endswith("two\n")
+    assert outputs[2] == "unsupported call: calculator is not a tool of this server"
+
+
+async def test_a_recorded_stream_that_calls_a_tool_we_lack_goes_on(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)
+    completed = await turn(client, started["thread"]["id"], "fixture:openai-reasoning-encrypted-content.1")
+    assert completed["turn"]["status"] == "completed"
+    last = upstream.model_requests()[-1].body["input"]
+    assert last[-1]["type"] == "function_call_output" and "not a tool of this server" in last[-1]["output"]
+    assert last[-2]["type"] == "function_call" and last[-2]["name"] == "calculator"
+
+
+async def test_calls_and_outputs_are_stored_and_replayed_in_the_next_turn(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    await turn(client, thread, "exec[echo remembered]")
+    await turn(client, thread, "and now?")
+    replayed = upstream.model_requests()[-1].body["input"]
+    kinds = [item.get("type") or item.get("role") for item in replayed]
+    assert kinds[:5] == ["message", "function_call", "function_call_output", "message", "message"]
+    assert replayed[2]["output"].endswith("remembered\n")
+    read = await client.call("thread/read", {"threadId": thread, "includeTurns": True})
+    stored = [item for item in read["thread"]["turns"][0]["items"] if item["type"] == "commandExecution"]
+    assert len(stored) == 1 and stored[0]["aggregatedOutput"] == "remembered\n" and stored[0]["status"] == "completed"
+
+
+async def test_a_failing_command_is_failed_with_its_exit_code(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)
+    completed = await turn(client, started["thread"]["id"], "exec[echo oops >&2; exit 3]")
+    [command] = commands_of(completed)
+    assert (command["status"], command["exitCode"], command["aggregatedOutput"]) == ("failed", 3, "oops\n")
+
+
+async def test_interrupt_stops_the_command_and_its_whole_sandbox_within_a_second(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    marker = f"sleep 3{uuid.uuid4().int % 1000:03d}"
+    turn_id = (await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": f"exec[{marker} & {marker}]"}]}))["turn"]["id"]
+    await client.wait_for(lambda m: m.get("method") == "item/started" and m["params"]["item"]["type"] == "commandExecution")
+    await asyncio.sleep(0.3)
+    assert _processes(marker) == 2
+    interrupted_at = asyncio.get_running_loop().time()
+    await client.call("turn/interrupt", {"threadId": thread, "turnId": turn_id})
+    ended = await client.notification("turn/completed", threadId=thread)
+    assert ended["turn"]["status"] == "interrupted"
+    assert asyncio.get_running_loop().time() - interrupted_at < 1.5
+    assert _processes(marker) == 0  # nothing of it keeps running after the turn
+    [command] = commands_of(ended)
+    assert command["status"] == "failed"
+
+
+async def test_the_servers_secrets_do_not_reach_a_command(connect, upstream, workspace, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", TEST_API_KEY)
+    client, started = await agent(connect, workspace)
+    completed = await turn(client, started["thread"]["id"], "exec[env; cat /proc/1/environ]")
+    [command] = commands_of(completed)
+    assert TEST_API_KEY not in command["aggregatedOutput"] and "OPENAI_API_KEY" not in command["aggregatedOutput"]
+    assert "CODEX_SANDBOX=bubblewrap" in command["aggregatedOutput"]
+
+
+async def test_read_only_commands_cannot_write_the_workspace(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, sandbox="read-only")
+    assert started["sandbox"] == {"type": "readOnly", "networkAccess": False}
+    completed = await turn(client, started["thread"]["id"], "exec[echo x > made.txt]")
+    assert not (workspace / "made.txt").exists()
+    assert "Read-only file system" in commands_of(completed)[0]["aggregatedOutput"]
+
+
+async def test_a_thread_outside_the_workspace_is_a_conversation_with_a_warning(connect, upstream, workspace, tmp_path):
+    client, started = await agent(connect, tmp_path)
+    warning = await client.notification("warning", threadId=started["thread"]["id"])
+    assert str(tmp_path) in warning["message"] and "conversation only" in warning["message"]
+    completed = await turn(client, started["thread"]["id"], "exec[echo hi]")
+    assert commands_of(completed) == []
+    assert "tools" not in upstream.model_requests()[-1].body
+
+
+async def test_full_access_is_refused_unless_the_operator_allows_it(connect, upstream, workspace, settings):
+    client = await connect()
+    await client.initialize("codex_vscode", "1.0.0")
+    refused = await client.request("thread/start", {"cwd": str(workspace), "sandbox": "danger-full-access"})
+    assert refused["error"]["code"] == -32602 and "CODEX_ALLOW_FULL_ACCESS" in refused["error"]["message"]
+    settings.CODEX_ALLOW_FULL_ACCESS = True
+    started = await client.call("thread/start", {"cwd": str(workspace), "sandbox": "danger-full-access"})
+    assert started["sandbox"] == {"type": "dangerFullAccess"}
+
+
+async def test_a_turn_stops_after_the_most_tool_steps(connect, upstream, workspace, settings):
+    settings.CODEX_MAX_TOOL_STEPS = 3
+    client, started = await agent(connect, workspace)
+    completed = await turn(client, started["thread"]["id"], "exec[true] steps:10")
+    assert completed["turn"]["status"] == "failed" and "CODEX_MAX_TOOL_STEPS" in completed["turn"]["error"]["message"]
+    assert len(upstream.model_requests()) == 3
+
+
+def _processes(command_line: str) -> int:
+    """Processes running exactly ``command_line`` (not the shell or sandbox around them)."""
+    found = subprocess.run(["pgrep", "-f", f"^{command_line}$"], capture_output=True, text=True)
+    return len(found.stdout.split())
