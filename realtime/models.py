@@ -18,6 +18,10 @@ USAGE_FIELDS = {
 }
 
 
+def default_approval_policy() -> str:
+    return "on-request"  # Codex's own default
+
+
 class StoredThread(models.Model):
     thread_id = models.CharField(max_length=64, unique=True, editable=False)
     # Whose: only its principal's connections list, read, resume or continue it.
@@ -30,7 +34,7 @@ class StoredThread(models.Model):
     # What its commands may do (PROTOCOL §11), as thread/start chose.
     sandbox_mode = models.CharField(max_length=32, default="read-only")
     network_access = models.BooleanField(default=False)
-    approval_policy = models.JSONField(default="on-request")
+    approval_policy = models.JSONField(default=default_approval_policy)
     preview = models.TextField(blank=True, default="")
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField(db_index=True)

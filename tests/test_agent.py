@@ -188,3 +188,101 @@ def _processes(command_line: str) -> int:
     """Processes running exactly ``command_line`` (not the shell or sandbox around them)."""
     found = subprocess.run(["pgrep", "-f", f"^{command_line}$"], capture_output=True, text=True)
     return len(found.stdout.split())
+
+
+# --- approvals -----------------------------------------------------------------------
+
+
+async def approval_request(client, timeout: float = 10.0) -> dict:
+    return await client.wait_for(lambda m: m.get("method") == "item/commandExecution/requestApproval" and "id" in m, timeout)
+
+
+async def answer(client, request: dict, decision) -> None:
+    await client.send({"id": request["id"], "result": {"decision": decision}})
+
+
+async def start(client, thread: str, text: str) -> str:
+    return (await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": text}]}))["turn"]["id"]
+
+
+async def test_untrusted_asks_before_a_command_that_writes_and_runs_it_once_accepted(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, approvalPolicy="untrusted")
+    thread = started["thread"]["id"]
+    reading = await turn(client, thread, "exec[ls]")  # known to only read: no question
+    assert commands_of(reading)[0]["status"] == "completed"
+    await start(client, thread, "exec[touch made.txt]")
+    request = await approval_request(client)
+    assert request["params"]["command"] == "/bin/bash -lc 'touch made.txt'" and request["params"]["threadId"] == thread
+    assert not (workspace / "made.txt").exists()
+    await answer(client, request, "accept")
+    resolved = await client.notification("serverRequest/resolved", threadId=thread)
+    assert resolved["requestId"] == request["id"]
+    ended = await client.notification("turn/completed", threadId=thread)
+    assert ended["turn"]["status"] == "completed" and (workspace / "made.txt").exists()
+
+
+async def test_a_declined_command_is_shown_declined_and_the_model_is_told(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, approvalPolicy="untrusted")
+    thread = started["thread"]["id"]
+    await start(client, thread, "exec[touch made.txt]")
+    await answer(client, await approval_request(client), "decline")
+    ended = await client.notification("turn/completed", threadId=thread)
+    assert ended["turn"]["status"] == "completed" and not (workspace / "made.txt").exists()
+    [command] = commands_of(ended)
+    assert command["status"] == "declined"
+    assert upstream.model_requests()[-1].body["input"][-1]["output"] == "the user declined to run this command"
+
+
+async def test_cancel_at_an_approval_interrupts_the_turn(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, approvalPolicy="untrusted")
+    thread = started["thread"]["id"]
+    await start(client, thread, "exec[touch made.txt]")
+    await answer(client, await approval_request(client), "cancel")
+    ended = await client.notification("turn/completed", threadId=thread)
+    assert ended["turn"]["status"] == "interrupted" and not (workspace / "made.txt").exists()
+
+
+async def test_accept_for_session_runs_the_same_command_later_without_asking(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, approvalPolicy="untrusted")
+    thread = started["thread"]["id"]
+    await start(client, thread, "exec[touch a.txt]")
+    await answer(client, await approval_request(client), "acceptForSession")
+    await client.notification("turn/completed", threadId=thread)
+    again = await turn(client, thread, "exec[touch a.txt]")
+    assert commands_of(again)[0]["status"] == "completed"
+    assert not [m for m in client.inbox if m.get("method") == "item/commandExecution/requestApproval"]
+
+
+async def test_on_request_asks_only_to_escalate_and_never_refuses_it(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)  # on-request, the default
+    thread = started["thread"]["id"]
+    assert commands_of(await turn(client, thread, "exec[touch plain.txt]"))[0]["status"] == "completed"
+    await start(client, thread, "escalate[touch escalated.txt]")
+    request = await approval_request(client)
+    assert request["params"]["reason"] == "scripted"
+    await answer(client, request, "accept")
+    await client.notification("turn/completed", threadId=thread)
+    assert (workspace / "escalated.txt").exists()
+
+    never, started = await agent(connect, workspace, approvalPolicy="never")
+    refused = await turn(never, started["thread"]["id"], "escalate[touch never.txt]")
+    assert refused["turn"]["status"] == "completed" and not (workspace / "never.txt").exists()
+    assert "not available under this thread's approval policy" in upstream.model_requests()[-1].body["input"][-1]["output"]
+
+
+async def test_a_phone_answers_the_desktops_approval_and_the_turn_keeps_the_desktops_identity(connect, upstream, workspace):
+    desktop, started = await agent(connect, workspace, approvalPolicy="untrusted")
+    thread = started["thread"]["id"]
+    phone = await connect()
+    await phone.initialize("codex_ios", "1.4.0")
+    await phone.call("thread/resume", {"threadId": thread})
+    await start(desktop, thread, "exec[touch from-phone.txt]")
+    on_desktop, on_phone = await approval_request(desktop), await approval_request(phone)
+    assert on_desktop["id"] == on_phone["id"]
+    await answer(phone, on_phone, "accept")
+    await answer(desktop, on_desktop, "decline")  # too late: the first answer won
+    for client in (desktop, phone):
+        assert (await client.notification("serverRequest/resolved", threadId=thread))["requestId"] == on_phone["id"]
+    ended = await desktop.notification("turn/completed", threadId=thread)
+    assert ended["turn"]["status"] == "completed" and (workspace / "from-phone.txt").exists()
+    assert {request.originator for request in upstream.model_requests()} == {"codex_vscode"}

@@ -4,9 +4,11 @@ real ``manage.py serve`` process to the recording upstream (PROTOCOL §8)."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -143,3 +145,31 @@ async def test_the_codex_tui_connects_with_an_issued_token_and_sees_only_its_pri
     assert "tangerine" not in bob.screen()
     tui_of("alice", "resume", ready="alice remembers tangerine")
     assert all(request.originator == "codex-tui" for request in upstream.model_requests())
+
+
+async def test_the_codex_tui_shows_a_command_asks_to_approve_it_and_shows_a_declined_one(
+    daphne_server, upstream, codex_home, terminals
+):
+    workspace = PROJECT_DIR / ".cache" / f"tui-{uuid.uuid4().hex[:8]}"
+    workspace.mkdir(parents=True)
+    try:
+        server = daphne_server(CODEX_WORKSPACE_ROOTS=str(workspace))
+        terminal = run_tui(terminals, server, codex_home)
+        send_prompt(terminal, "exec[echo sandboxed-output]")  # runs in the sandbox without asking
+        terminal.wait_for_text("sandboxed-output", timeout=30)
+        terminal.wait_for_text("got: ", timeout=30)
+
+        send_prompt(terminal, "escalate[touch approved.txt]")  # the model asks to leave the sandbox
+        screen = terminal.wait_for(lambda s: "touch approved.txt" in s and "Yes" in s, timeout=30, what="the approval prompt")
+        terminal.press("y")
+        terminal.wait_for(lambda s: s.count("got: ") >= 2, timeout=30, what="the reply after the approved command")
+        assert (workspace / "approved.txt").exists()
+
+        send_prompt(terminal, "escalate[touch declined.txt]")
+        terminal.wait_for(lambda s: "touch declined.txt" in s and "Yes" in s, timeout=30, what="the second approval prompt")
+        terminal.press("d")  # "No, continue without running it"
+        screen = terminal.wait_for(lambda s: "the user declined" in s, timeout=30, what="the model told of the decline")
+        assert not (workspace / "declined.txt").exists()
+        assert_no_error_banner(screen.split("declined.txt")[-1])
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)

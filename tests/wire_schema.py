@@ -62,9 +62,10 @@ def _method_refs() -> tuple[dict[str, str], dict[str, str]]:
         if ref is not None:
             responses[method] = ref
     notifications: dict[str, str] = {}
-    for variant in definitions["ServerNotification"]["oneOf"]:
-        method = variant["properties"]["method"]["enum"][0]
-        notifications[method] = variant["properties"]["params"]["$ref"].replace("#", f"{BUNDLE_URI}#", 1)
+    for kind in ("ServerNotification", "ServerRequest"):  # a server request is checked like a notification
+        for variant in definitions[kind]["oneOf"]:
+            method = variant["properties"]["method"]["enum"][0]
+            notifications[method] = variant["properties"]["params"]["$ref"].replace("#", f"{BUNDLE_URI}#", 1)
     return responses, notifications
 
 
@@ -76,9 +77,9 @@ def schema_errors(message: dict[str, Any], request_method: str | None) -> list[s
     """What is wrong with one server message; ``request_method`` is the method
     of the request a response answers (None for a notification)."""
     responses, notifications = _method_refs()
-    if "method" in message and "id" not in message:
+    if "method" in message:
         ref, instance = notifications.get(message["method"]), message.get("params")
-        what = f"notification {message['method']}"
+        what = f"{'server request' if 'id' in message else 'notification'} {message['method']}"
     elif "result" in message and request_method is not None:
         ref, instance = responses.get(request_method), message["result"]
         what = f"result of {request_method}"

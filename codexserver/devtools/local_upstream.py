@@ -18,6 +18,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "instream:CODE"   response.created, then an in-stream error event with CODE
                       ("instream:server_errorx1" fails once, then streams)
     "exec[CMD]"       call exec_command with cmd CMD (several: parallel calls in one response)
+    "escalate[CMD]"   the same, asking to run it outside the sandbox (require_escalated)
     "call:NAME"       call a tool NAME with no arguments (one the server does not have, say)
     "steps:N"         with exec[…]: call again until N calls were answered this turn
     anything else     stream "Hello" + " world" and complete
@@ -106,16 +107,18 @@ def _tool_step(text: str, body: dict) -> list[dict] | None:
     items = body.get("input") or []
     user_at = max((i for i, item in enumerate(items) if item.get("role") == "user"), default=-1)
     outputs = [item.get("output", "") for item in items[user_at + 1 :] if item.get("type") == "function_call_output"]
-    commands = re.findall(r"exec\[(.+?)\]", text)
-    named = re.findall(r"call:(\w+)", text)
+    calls = [("exec_command", {"cmd": command}) for command in re.findall(r"(?<![a-z])exec\[(.+?)\]", text)]
+    calls += [
+        ("exec_command", {"cmd": command, "sandbox_permissions": "require_escalated", "justification": "scripted"})
+        for command in re.findall(r"escalate\[(.+?)\]", text)
+    ]
+    calls += [(name, {}) for name in re.findall(r"call:(\w+)", text)]
     steps = re.search(r"steps:(\d+)", text)
-    wanted = int(steps.group(1)) if steps else len(commands) + len(named)
-    if (commands or named) and len(outputs) < wanted:
-        return function_call_events(
-            [("exec_command", {"cmd": command}) for command in commands] + [(name, {}) for name in named]
-        )
+    wanted = int(steps.group(1)) if steps else len(calls)
+    if calls and len(outputs) < wanted:
+        return function_call_events(calls)
     if outputs:
-        return response_events("got:" + text, ["got: ", " | ".join(outputs[-max(1, len(commands) + len(named)) :])])
+        return response_events("got:" + text, ["got: ", " | ".join(outputs[-max(1, len(calls)) :])])
     return None
 
 

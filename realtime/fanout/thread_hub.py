@@ -14,6 +14,11 @@ to it or a turn of it runs here. A notification of a thread reaches:
 With the in-memory layer there is no other process, so nothing goes through
 the layer. ``turn/interrupt`` for a turn running elsewhere goes straight to
 the channel of the process running it (recorded with the turn's lock).
+
+A *server request* of a thread (an approval, PROTOCOL §11) goes the same way
+to every subscriber, carrying the channel of the process that asked; the
+first answer from any of them goes back there and wins, and every
+subscriber then hears ``serverRequest/resolved``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from channels import DEFAULT_CHANNEL_LAYER
@@ -35,7 +41,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DELTA_SUFFIXES = ("/delta", "Delta")  # item/agentMessage/delta, item/reasoning/summaryTextDelta, …
-EVENTS, INTERRUPT = "thread.events", "turn.interrupt"
+EVENTS, INTERRUPT, ANSWER = "thread.events", "turn.interrupt", "server.answer"
+RESOLVED = "serverRequest/resolved"
 MAX_BATCH = 200  # notifications per group send
 # Notifications waiting for the layer (Redis slow or down) past which deltas
 # are dropped for the other processes; item/completed still carries the text.
@@ -70,7 +77,8 @@ class ThreadHub:
         self.layer = channel_layers.make_backend(DEFAULT_CHANNEL_LAYER) if self.cross_process else None
         self.channel: str | None = None
         self._start: asyncio.Future | None = None
-        self._outgoing: list[tuple[str, str, dict[str, Any]]] = []
+        self._outgoing: list[tuple[str, str, dict[str, Any], list[Any]]] = []
+        self._asked: dict[str, asyncio.Future] = {}  # this process's server requests awaiting their first answer
         self._wake = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.dropped_deltas = 0
@@ -179,16 +187,52 @@ class ThreadHub:
     # --- notifications ------------------------------------------------------
 
     def publish(
-        self, thread: Thread, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None = None
+        self,
+        thread: Thread,
+        method: str,
+        params: dict[str, Any],
+        pace_setter: AppServerConnection | None = None,
+        request: list[Any] | None = None,
     ) -> None:
-        """Send a notification to every subscriber of the thread, here and elsewhere."""
-        deliver(thread, method, params, pace_setter)
+        """Send a notification to every subscriber of the thread, here and
+        elsewhere; with ``request`` ([id, asking channel]), a server request."""
+        deliver(thread, method, params, pace_setter, request)
         if self.cross_process and not thread.ephemeral:
             if len(self._outgoing) >= MAX_PENDING and method.endswith(DELTA_SUFFIXES):
                 self.dropped_deltas += 1
                 return
-            self._outgoing.append((thread.id, method, params))
+            self._outgoing.append((thread.id, method, params, request or []))
             self._wake.set()
+
+    # --- server requests ------------------------------------------------------
+
+    async def ask(self, thread: Thread, method: str, params: dict[str, Any]) -> Any:
+        """A server request to every subscriber of ``thread``, on every
+        process: the first answer's ``result`` (None for an error answer).
+        However it ends (answered, or the turn interrupted), every subscriber
+        hears ``serverRequest/resolved``, and later answers are ignored."""
+        request_id = f"request-{uuid.uuid4()}"
+        answered = asyncio.get_running_loop().create_future()
+        self._asked[request_id] = answered
+        try:
+            self.publish(thread, method, params, request=[request_id, self.channel])
+            return await answered
+        finally:
+            self._asked.pop(request_id, None)
+            self.publish(thread, RESOLVED, {"threadId": thread.id, "requestId": request_id})
+
+    async def answer(self, request_id: str, asked_by: str | None, result: Any) -> None:
+        """A subscriber answered a server request: to the process that asked."""
+        if asked_by is None or asked_by == self.channel:
+            self._take_answer(request_id, result)
+            return
+        async with self._membership_calls:
+            await self.layer.send(asked_by, {"type": ANSWER, "request": request_id, "result": result})
+
+    def _take_answer(self, request_id: str, result: Any) -> None:
+        answered = self._asked.get(request_id)
+        if answered is not None and not answered.done():  # the first answer wins
+            answered.set_result(result)
 
     async def _publish(self) -> None:
         while True:
@@ -248,12 +292,15 @@ class ThreadHub:
                 logger.exception("could not dispatch a %s message", message.get("type"))
 
     def _dispatch(self, message: dict[str, Any]) -> None:
+        if message["type"] == ANSWER:
+            self._take_answer(message.get("request", ""), message.get("result"))
+            return
         thread = self.loaded.get(message.get("thread", ""))
         if thread is None:
             return
         if message["type"] == EVENTS and message.get("origin") != self.channel:
-            for method, params in message["events"]:
-                deliver(thread, method, params, pace_setter=None)
+            for method, params, *request in message["events"]:
+                deliver(thread, method, params, pace_setter=None, request=request[0] if request else None)
         elif message["type"] == INTERRUPT:
             turn = thread.active_turn
             if turn is not None and turn.id == message.get("turn"):
@@ -306,8 +353,15 @@ def _stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-def deliver(thread: Thread, method: str, params: dict[str, Any], pace_setter: AppServerConnection | None) -> None:
-    """Hand a notification to this process's subscribers of ``thread``.
+def deliver(
+    thread: Thread,
+    method: str,
+    params: dict[str, Any],
+    pace_setter: AppServerConnection | None,
+    request: list[Any] | None = None,
+) -> None:
+    """Hand a notification (or, with ``request``, a server request) to this
+    process's subscribers of ``thread``.
 
     The turn waits for ``pace_setter`` (its own client) only. Another
     subscriber that falls behind misses deltas rather than its connection:
@@ -315,17 +369,23 @@ def deliver(thread: Thread, method: str, params: dict[str, Any], pace_setter: Ap
     """
     droppable = method.endswith(DELTA_SUFFIXES)
     for connection in list(thread.subscribers):
+        if request:
+            connection.send_server_request(request[0], request[1], method, params)
+            continue
         if droppable and connection is not pace_setter and connection.outbox.overloaded:
             continue
+        if method == RESOLVED:
+            connection.forget_server_request(params["requestId"])
         connection.notify(method, params)
 
 
-def _by_thread(batch: list[tuple[str, str, dict[str, Any]]]) -> dict[str, list[list[Any]]]:
+def _by_thread(batch: list[tuple[str, str, dict[str, Any], list[Any]]]) -> dict[str, list[list[Any]]]:
     """Each thread's events, in order (the order between threads is not kept:
-    a subscriber follows one thread's events)."""
+    a subscriber follows one thread's events); a server request's event
+    carries [its id, the asking channel] third."""
     events: dict[str, list[list[Any]]] = {}
-    for thread_id, method, params in batch:
-        events.setdefault(thread_id, []).append([method, params])
+    for thread_id, method, params, request in batch:
+        events.setdefault(thread_id, []).append([method, params, request] if request else [method, params])
     return events
 
 

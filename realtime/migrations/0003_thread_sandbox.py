@@ -2,6 +2,8 @@
 
 from django.db import migrations, models
 
+import realtime.models
+
 
 class Migration(migrations.Migration):
 
@@ -13,7 +15,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='storedthread',
             name='approval_policy',
-            field=models.JSONField(default='on-request'),
+            field=models.JSONField(default=realtime.models.default_approval_policy),
         ),
         migrations.AddField(
             model_name='storedthread',

@@ -65,6 +65,8 @@ class AppServerConnection:
         self.token_budget = principal.token_budget
         self._close_socket = close_socket  # the transport's: close with a code
         self._revoked = False
+        # Server requests sent to it and not yet resolved: id → the channel of the process that asked.
+        self.server_requests: dict[str, str | None] = {}
         self.identity: ClientIdentity | None = None
         self.opted_out: frozenset[str] = frozenset()
         self.threads: dict[str, Thread] = {}  # subscribed to
@@ -109,7 +111,7 @@ class AppServerConnection:
         elif isinstance(message, Notification):
             self._handle_notification(message)
         elif isinstance(message, ClientResponse):
-            logger.debug("ignoring a client response to id %r", message.id)
+            self._take_client_response(message)
 
     async def _handle_request(self, request: Request) -> None:
         if request.method == INITIALIZE:
@@ -125,6 +127,16 @@ class AppServerConnection:
             self._requests_in_flight += 1
             task = self.spawn(self._run_request(request), name=f"request {request.method}")
             task.add_done_callback(self._request_done)
+
+    def _take_client_response(self, response: ClientResponse) -> None:
+        """The client answered a server request (an approval): to the process
+        that asked; the first answer from any subscriber wins there."""
+        if response.id not in self.server_requests:
+            logger.debug("ignoring a client response to id %r", response.id)
+            return
+        asked_by = self.server_requests.pop(response.id)
+        result = response.result if response.error is None else None
+        self.spawn(thread_hub().answer(response.id, asked_by, result), name=f"answer {response.id}")
 
     def _request_done(self, task: asyncio.Task) -> None:
         self._requests_in_flight -= 1
@@ -176,6 +188,16 @@ class AppServerConnection:
     def notify(self, method: str, params: dict[str, Any]) -> None:
         if method not in self.opted_out:
             self.send(protocol.notification(method, params))
+
+    def send_server_request(self, request_id: str, asked_by: str | None, method: str, params: dict[str, Any]) -> None:
+        """A request of the server's own (an approval), answered by a ClientResponse."""
+        if self._closed:
+            return
+        self.server_requests[request_id] = asked_by
+        self.send({"id": request_id, "method": method, "params": params})
+
+    def forget_server_request(self, request_id: str) -> None:
+        self.server_requests.pop(request_id, None)
 
     # --- tasks --------------------------------------------------------------
 

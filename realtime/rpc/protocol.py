@@ -95,10 +95,18 @@ class Notification:
 
 @dataclass(frozen=True, slots=True)
 class ClientResponse:
-    """A reply from the client to a server request; this server sends none yet."""
+    """A reply from the client to a server request (an approval)."""
 
     id: RequestId
     payload: dict = field(default_factory=dict)
+
+    @property
+    def result(self) -> Any:
+        return self.payload.get("result")
+
+    @property
+    def error(self) -> Any:
+        return self.payload.get("error")
 
 
 Message = Request | Notification | ClientResponse

@@ -12,7 +12,7 @@ import os
 import secrets
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,28 @@ from django.conf import settings
 
 from realtime.store.threads import ItemRecord, now_ms
 
+from .approvals import (
+    ACCEPT_FOR_SESSION,
+    ASK,
+    CANCEL,
+    DECISIONS_OFFERED,
+    DECLINE,
+    REFUSE,
+    approval_needed,
+    decision_of,
+    session_approvals,
+)
 from .definitions import DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_YIELD_MS, MAX_YIELD_MS, MIN_YIELD_MS
 from .exec_sessions import CommandSession, SessionLimitReached, command_sessions
-from .sandbox import FULL_ACCESS, SandboxPolicy, SandboxUnavailable, bwrap_binary, sandbox_environment, sandboxed_argv
+from .sandbox import (
+    FULL_ACCESS,
+    WORKSPACE_WRITE,
+    SandboxPolicy,
+    SandboxUnavailable,
+    bwrap_binary,
+    sandbox_environment,
+    sandboxed_argv,
+)
 
 COMMAND_EXECUTION = "commandExecution"
 CHARS_PER_TOKEN = 4  # what the model is told of output size, as Codex estimates it
@@ -42,10 +61,16 @@ class CommandContext:
     # item notifications for the thread's subscribers (threadId and turnId added)
     notify: Callable[[str, dict[str, Any]], None]
     add_item: Callable[[ItemRecord], None]  # the turn's items: stored with it
-
+    # a server request to every subscriber of the thread, on every process: the first answer
+    ask: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None
+    full_access_allowed: bool = False  # CODEX_ALLOW_FULL_ACCESS: an approved escalation runs unsandboxed
 
 class CallRefused(Exception):
     """The call is not run; the message is what the model is told."""
+
+
+class TurnCancelledByUser(Exception):
+    """An approval was answered ``cancel``: the turn is interrupted."""
 
 
 def server_private_paths() -> tuple[str, ...]:
@@ -97,17 +122,37 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
     cmd = arguments.get("cmd")
     if not isinstance(cmd, str) or not cmd.strip():
         raise CallRefused("exec_command needs cmd, a non-empty string")
-    if arguments.get("sandbox_permissions") == "require_escalated":
+    escalated = arguments.get("sandbox_permissions") == "require_escalated"
+    needed = approval_needed(
+        context.approval_policy, cmd, escalated, session_approvals().approved(context.thread_id, cmd)
+    )
+    if needed == REFUSE:
         raise CallRefused(
-            "running outside the sandbox was not approved: this server cannot ask for approval yet; "
+            "running outside the sandbox is not available under this thread's approval policy: "
             "do what the sandbox allows, or tell the user what you need"
         )
     cwd = _workdir(context, arguments)
     shell = arguments.get("shell") if isinstance(arguments.get("shell"), str) else "/bin/bash"
     argv = [shell, "-lc" if arguments.get("login", True) is not False else "-c", cmd]
-    launch, environment = _launch(argv, cwd, context)
     record = ItemRecord(command_item(call_id, shlex.join(argv), cmd, cwd, None), now_ms())
     context.add_item(record)
+    policy = context.policy
+    if needed == ASK:
+        # Asked before the item starts, as Codex does: an accepted one starts with its process.
+        decision = await _ask(context, record, cmd, arguments)
+        if decision in (DECLINE, CANCEL):
+            record.item.update(status="declined")
+            record.completed_at_ms = now_ms()
+            context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
+            context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
+            if decision == CANCEL:
+                raise TurnCancelledByUser
+            raise CallRefused("the user declined to run this command")
+        if decision == ACCEPT_FOR_SESSION:
+            session_approvals().approve(context.thread_id, cmd)
+        if escalated:  # approved: outside the sandbox only where the operator allows it
+            policy = _escalated(context)
+    launch, environment = _launch(argv, cwd, context, policy)
     started = time.monotonic()
 
     def on_output(delta: str) -> None:
@@ -154,14 +199,43 @@ async def write_stdin(context: CommandContext, call_id: str, arguments: dict[str
     return await _yield(context, session, arguments, time.monotonic(), default_wait_ms=default_wait)
 
 
-def _launch(argv: list[str], cwd: str, context: CommandContext) -> tuple[list[str], dict[str, str]]:
+async def _ask(context: CommandContext, record: ItemRecord, cmd: str, arguments: dict[str, Any]) -> str:
+    """Ask the people on the thread; the first answer decides."""
+    if context.ask is None:
+        return DECLINE
+    justification = arguments.get("justification")
+    params = {
+        "threadId": context.thread_id,
+        "turnId": context.turn_id,
+        "itemId": record.item["id"],
+        "startedAtMs": now_ms(),
+        "command": record.item["command"],
+        "cwd": record.item["cwd"],
+        "commandActions": record.item["commandActions"],
+        "reason": justification if isinstance(justification, str) else None,
+        "availableDecisions": DECISIONS_OFFERED,
+    }
+    return decision_of(await context.ask("item/commandExecution/requestApproval", params))
+
+
+def _escalated(context: CommandContext) -> SandboxPolicy:
+    """An approved escalation: unsandboxed where the operator allows full
+    access; otherwise the thread's workspace writable, still no network."""
+    if context.full_access_allowed:
+        return SandboxPolicy(FULL_ACCESS)
+    return SandboxPolicy(WORKSPACE_WRITE, (context.cwd,), network_access=False)
+
+
+def _launch(
+    argv: list[str], cwd: str, context: CommandContext, policy: SandboxPolicy
+) -> tuple[list[str], dict[str, str]]:
     """The process to start and its environment: bubblewrap's line (it builds
     the command's environment itself), or, only where the operator allowed
     full access, the command itself with the allow-listed environment."""
-    if context.policy.mode == FULL_ACCESS:
-        return argv, sandbox_environment(context.policy)
+    if policy.mode == FULL_ACCESS:
+        return argv, sandbox_environment(policy)
     try:
-        return sandboxed_argv(argv, cwd, context.policy, context.hidden_paths, bwrap_binary()), {}
+        return sandboxed_argv(argv, cwd, policy, context.hidden_paths, bwrap_binary()), {}
     except SandboxUnavailable as exc:
         raise CallRefused(f"commands are refused on this server: {exc}") from None
 

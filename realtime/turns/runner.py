@@ -20,7 +20,12 @@ from realtime.store.storable_text import made_storable
 from realtime.store.thread_store import DatabaseThreads, MemoryThreads
 from realtime.store.threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
 from realtime.store.turn_writes import ONE_WRITES_FAULT, NotStored
-from realtime.tools.commands import CommandContext, finish_command_items, server_private_paths
+from realtime.tools.commands import (
+    CommandContext,
+    TurnCancelledByUser,
+    finish_command_items,
+    server_private_paths,
+)
 from realtime.tools.definitions import AGENT_INSTRUCTIONS, COMMAND_TOOLS, environment_context
 from realtime.tools.exec_sessions import command_sessions
 from realtime.tools.sandbox import WORKSPACE_WRITE, SandboxPolicy
@@ -54,6 +59,7 @@ class TurnContext:
     # The thread's cwd lies in its principal's workspace: the model may run commands there.
     tools_enabled: bool = False
     max_tool_steps: int = 1
+    full_access_allowed: bool = False
 
 
 async def run_turn(turn_context: TurnContext) -> None:
@@ -102,6 +108,11 @@ async def run_turn(turn_context: TurnContext) -> None:
     except UpstreamError as exc:
         logger.info("turn %s failed: %s", turn.id, exc.message)
         status, error = FAILED, _error(exc.turn_error())
+    except TurnCancelledByUser:
+        logger.info("turn %s cancelled at an approval", turn.id)
+        command_sessions().kill_turns(thread.id, turn.id)
+        await command_sessions().ended(thread.id, turn.id, within=1.0)
+        status = INTERRUPTED
     except ToolStepsExhausted as exc:
         logger.info("turn %s stopped: %s", turn.id, exc)
         status, error = FAILED, _error({"message": str(exc), "codexErrorInfo": "other"})
@@ -156,6 +167,8 @@ def _tool_context(turn_context: TurnContext, notify) -> CommandContext | None:
         hidden_paths=server_private_paths(),
         notify=lambda method, params: notify(method, {"threadId": thread.id, "turnId": turn.id, **params}),
         add_item=turn.items.append,
+        ask=functools.partial(thread_hub().ask, thread),
+        full_access_allowed=turn_context.full_access_allowed,
     )
 
 

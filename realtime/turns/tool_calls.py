@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from realtime.tools import commands
-from realtime.tools.commands import CallRefused, CommandContext
+from realtime.tools.commands import CallRefused, CommandContext, TurnCancelledByUser
 from realtime.tools.definitions import EXEC_COMMAND, WRITE_STDIN
 
 from .stream_events import FunctionCall
@@ -22,8 +22,14 @@ TOOLS: dict[str, ToolHandler] = {EXEC_COMMAND: commands.exec_command, WRITE_STDI
 
 
 async def run_calls(calls: list[FunctionCall], context: CommandContext | None) -> list[dict[str, Any]]:
-    """Each call's ``function_call_output`` item, in the calls' order."""
-    outputs = await asyncio.gather(*(_run(call, context) for call in calls))
+    """Each call's ``function_call_output`` item, in the calls' order. An
+    approval answered ``cancel`` stops the others and raises TurnCancelledByUser."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            running = [group.create_task(_run(call, context)) for call in calls]
+    except* TurnCancelledByUser:
+        raise TurnCancelledByUser from None
+    outputs = [task.result() for task in running]
     return [
         {"type": "function_call_output", "call_id": call.call_id, "output": output}
         for call, output in zip(calls, outputs, strict=True)
@@ -44,6 +50,8 @@ async def _run(call: FunctionCall, context: CommandContext | None) -> str:
         return await handler(context, call.call_id, arguments)
     except CallRefused as refused:
         return str(refused)
+    except TurnCancelledByUser:
+        raise
     except Exception:  # the model is owed an output; the turn goes on
         logger.exception("tool call %s (%s) failed", call.call_id, call.name)
         return f"{call.name} failed on the server"

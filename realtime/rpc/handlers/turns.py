@@ -142,6 +142,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         taken_over=taken_over,
         tools_enabled=not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal)),
         max_tool_steps=settings.CODEX_MAX_TOOL_STEPS,
+        full_access_allowed=settings.CODEX_ALLOW_FULL_ACCESS,
     )
 
     connection = context.connection

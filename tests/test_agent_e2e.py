@@ -1,0 +1,66 @@
+"""The agent across two real ``serve`` processes on this machine's PostgreSQL
+and Redis (PROTOCOL §11): an approval asked by a turn on one process is
+answered by a phone on the other."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import uuid
+
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+
+from codexserver.devtools.server_process import PROJECT_DIR
+from tests.rpc_client import SocketClient
+from tests.test_scale_out import REDIS_URL, postgres_database  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def workspace():
+    root = PROJECT_DIR / ".cache" / f"agent-e2e-{uuid.uuid4().hex[:8]}"
+    root.mkdir(parents=True)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def client_of(server, name: str):
+    async with ws_connect(server.ws_url) as websocket:
+        client = SocketClient(websocket)
+        await client.initialize(name, "1.0.0")
+        yield client
+        await client.close()
+
+
+async def test_a_phone_on_another_process_approves_the_desktops_command(
+    postgres_database, daphne_server, upstream, workspace  # noqa: F811
+):
+    roots = {"REDIS_URL": REDIS_URL, "CODEX_WORKSPACE_ROOTS": str(workspace)}
+    one = daphne_server(postgres_database, CODEX_SERVER_INSTANCE="one", **roots)
+    two = daphne_server(postgres_database, CODEX_SERVER_INSTANCE="two", **roots)
+    async with client_of(one, "codex_vscode") as desktop, client_of(two, "codex_ios") as phone:
+        started = await desktop.call(
+            "thread/start", {"cwd": str(workspace), "sandbox": "workspace-write", "approvalPolicy": "untrusted"}
+        )
+        thread = started["thread"]["id"]
+        await phone.call("thread/resume", {"threadId": thread})
+        await desktop.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "exec[touch approved.txt]"}]})
+
+        def asked(message: dict) -> bool:
+            return message.get("method") == "item/commandExecution/requestApproval" and "id" in message
+
+        on_phone = await phone.wait_for(asked, timeout=10)
+        assert on_phone["params"]["command"] == "/bin/bash -lc 'touch approved.txt'"
+        assert not (workspace / "approved.txt").exists()
+        await phone.send({"id": on_phone["id"], "result": {"decision": "accept"}})
+        for client in (desktop, phone):
+            resolved = await client.notification("serverRequest/resolved", threadId=thread, timeout=10)
+            assert resolved["requestId"] == on_phone["id"]
+        ended = await desktop.notification("turn/completed", threadId=thread, timeout=20)
+        assert ended["turn"]["status"] == "completed" and (workspace / "approved.txt").exists()
+        # the phone heard the command run, and the turn stayed the desktop's
+        await phone.notification("turn/completed", threadId=thread, timeout=10)
+    assert {request.originator for request in upstream.model_requests()} == {"codex_vscode"}
