@@ -286,3 +286,35 @@ async def test_a_phone_answers_the_desktops_approval_and_the_turn_keeps_the_desk
     ended = await desktop.notification("turn/completed", threadId=thread)
     assert ended["turn"]["status"] == "completed" and (workspace / "from-phone.txt").exists()
     assert {request.originator for request in upstream.model_requests()} == {"codex_vscode"}
+
+
+# --- sessions that outlive their call --------------------------------------------------
+
+
+async def test_a_command_left_running_is_a_background_terminal_the_model_can_type_into_and_the_user_can_end(
+    connect, upstream, workspace
+):
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    first = await turn(client, thread, "bg[read line; echo typed:$line; sleep 300]")
+    assert "Process running with session ID" in upstream.model_requests()[-1].body["input"][-1]["output"]
+    [command] = commands_of(first)
+    assert command["status"] == "inProgress"
+    listed = (await client.call("thread/backgroundTerminals/list", {"threadId": thread}))["data"]
+    assert [(t["itemId"], t["processId"]) for t in listed] == [(command["id"], command["processId"])]
+
+    await turn(client, thread, f"stdin[{command['processId']}:hello]")  # a later turn types into it
+    assert "typed:hello" in upstream.model_requests()[-1].body["input"][-1]["output"]
+
+    ended = await client.call(
+        "thread/backgroundTerminals/terminate", {"threadId": thread, "processId": command["processId"]}
+    )
+    assert ended == {"terminated": True}
+    assert (await client.call("thread/backgroundTerminals/list", {"threadId": thread}))["data"] == []
+    assert await client.call("thread/backgroundTerminals/terminate", {"threadId": thread, "processId": "999"}) == {
+        "terminated": False
+    }
+    await turn(client, thread, "bg[sleep 301]")
+    assert await client.call("thread/backgroundTerminals/clean", {"threadId": thread}) == {}
+    assert (await client.call("thread/backgroundTerminals/list", {"threadId": thread}))["data"] == []
+    assert _processes("sleep 300") == 0 and _processes("sleep 301") == 0

@@ -19,6 +19,8 @@ chosen by the user's text, so tests script faults without mocking anything:
                       ("instream:server_errorx1" fails once, then streams)
     "exec[CMD]"       call exec_command with cmd CMD (several: parallel calls in one response)
     "escalate[CMD]"   the same, asking to run it outside the sandbox (require_escalated)
+    "bg[CMD]"         the same, yielding after 250 ms (a command left running: a background terminal)
+    "stdin[N:TEXT]"   call write_stdin on session N with TEXT (a newline added)
     "call:NAME"       call a tool NAME with no arguments (one the server does not have, say)
     "steps:N"         with exec[…]: call again until N calls were answered this turn
     anything else     stream "Hello" + " world" and complete
@@ -111,6 +113,11 @@ def _tool_step(text: str, body: dict) -> list[dict] | None:
     calls += [
         ("exec_command", {"cmd": command, "sandbox_permissions": "require_escalated", "justification": "scripted"})
         for command in re.findall(r"escalate\[(.+?)\]", text)
+    ]
+    calls += [("exec_command", {"cmd": command, "yield_time_ms": 250}) for command in re.findall(r"bg\[(.+?)\]", text)]
+    calls += [
+        ("write_stdin", {"session_id": int(session), "chars": chars + "\n", "yield_time_ms": 500})
+        for session, chars in re.findall(r"stdin\[(\d+):(.*?)\]", text)
     ]
     calls += [(name, {}) for name in re.findall(r"call:(\w+)", text)]
     steps = re.search(r"steps:(\d+)", text)

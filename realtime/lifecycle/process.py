@@ -33,6 +33,7 @@ from realtime.rpc.connection import live_connections
 from realtime.services.telemetry import flush_at_shutdown
 from realtime.store import turn_writes
 from realtime.store.thread_store import end_abandoned_turns
+from realtime.tools.exec_sessions import command_sessions
 from realtime.turns.runner import announce_dead_processes_turn, background_endings_finished
 
 logger = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ class ProcessLifecycle:
         for loop_task in (self._heartbeat, self._principal_watch):
             if loop_task is not None:
                 loop_task.cancel()
+        command_sessions().kill_all()  # no command outlives its server (PROTOCOL §11)
         try:
             await asyncio.gather(*(connection.close() for connection in list(live_connections)))
             try:  # every turn's end is stored before the row writers stop, if the database lets us

@@ -251,6 +251,7 @@ async def _yield(
     output = session.take_unread()
     if not session.running:
         finish_item(context, session)
+        command_sessions().forget(session)  # its end is told: nothing more to poll
     max_tokens = _number(arguments, "max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS, 1, 10**6)
     return model_output(session, output, time.monotonic() - started, max_tokens)
 

@@ -34,6 +34,8 @@ HANDLERS: dict[str, Handler] = {
     "thread/readState/update": threads.update_read_state,
     "thread/goal/get": threads.get_thread_goal,
     "thread/backgroundTerminals/list": threads.list_background_terminals,
+    "thread/backgroundTerminals/terminate": threads.terminate_background_terminal,
+    "thread/backgroundTerminals/clean": threads.clean_background_terminals,
     "turn/start": turns.start_turn,
     INTERRUPT: turns.interrupt_turn,
     "thread/realtime/start": realtime_calls.start_realtime,

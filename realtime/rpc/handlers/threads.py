@@ -12,6 +12,7 @@ from realtime.services import telemetry
 from realtime.services.config import UpstreamConfig
 from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import Thread, Turn, new_id
+from realtime.tools.exec_sessions import command_sessions
 from realtime.tools.sandbox import FULL_ACCESS, MODES, READ_ONLY, WORKSPACE_WRITE, SandboxPolicy
 from realtime.tools.workspace import outside_workspace_warning, within_workspace, workspace_roots
 
@@ -245,5 +246,46 @@ async def get_thread_goal(context, params: Any) -> dict[str, Any]:
 
 
 async def list_background_terminals(context, params: Any) -> dict[str, Any]:
-    await context.stored_thread(required_str(params_object(params), "threadId"))
-    return {"data": [], "nextCursor": None}  # no terminals: the server runs no tools
+    """The thread's commands still running on this process (a turn's commands
+    run on the process that runs the turn, PROTOCOL §11)."""
+    params = params_object(params)
+    thread, _ = await context.stored_thread(required_str(params, "threadId"))
+    running = [session for session in command_sessions().of_thread(thread.id) if session.running]
+    page, next_cursor = _page(params, [_terminal_json(session) for session in running])
+    return {"data": page, "nextCursor": next_cursor}
+
+
+def _terminal_json(session) -> dict[str, Any]:
+    return {
+        "command": session.command,
+        "cwd": session.cwd,
+        "itemId": session.item_id,
+        "processId": str(session.id),
+        "osPid": session.process.pid,
+        "cpuPercent": None,
+        "rssKb": None,
+    }
+
+
+async def terminate_background_terminal(context, params: Any) -> dict[str, Any]:
+    params = params_object(params)
+    thread, _ = await context.stored_thread(required_str(params, "threadId"))
+    process_id = required_str(params, "processId")
+    session = command_sessions().get(thread.id, int(process_id)) if process_id.isdigit() else None
+    if session is None or not session.running:
+        return {"terminated": False}
+    session.kill()
+    await session.wait(1.0)
+    command_sessions().forget(session)
+    return {"terminated": True}
+
+
+async def clean_background_terminals(context, params: Any) -> dict[str, Any]:
+    """End every command of the thread on this process, and forget them."""
+    thread, _ = await context.stored_thread(required_str(params_object(params), "threadId"))
+    sessions = command_sessions()
+    for session in sessions.of_thread(thread.id):
+        session.kill()
+        await session.wait(1.0)
+        sessions.forget(session)
+    return {}
