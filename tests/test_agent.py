@@ -318,3 +318,18 @@ async def test_a_command_left_running_is_a_background_terminal_the_model_can_typ
     assert await client.call("thread/backgroundTerminals/clean", {"threadId": thread}) == {}
     assert (await client.call("thread/backgroundTerminals/list", {"threadId": thread}))["data"] == []
     assert _processes("sleep 300") == 0 and _processes("sleep 301") == 0
+
+
+def test_a_workdir_outside_the_threads_directory_is_refused(workspace):
+    from realtime.tools.commands import CallRefused, CommandContext, _workdir
+    from realtime.tools.sandbox import SandboxPolicy
+
+    context = CommandContext("t", "u", str(workspace), SandboxPolicy(), "on-request", (), lambda *a: None, lambda r: None)
+    (workspace / "sub").mkdir()
+    assert _workdir(context, {"workdir": "sub"}) == str(workspace / "sub")
+    for escape in ("..", "/root", str(workspace / ".." / "..")):
+        with pytest.raises(CallRefused, match="outside the thread's working directory"):
+            _workdir(context, {"workdir": escape})
+    (workspace / "link").symlink_to("/root")
+    with pytest.raises(CallRefused, match="outside"):
+        _workdir(context, {"workdir": "link"})

@@ -92,10 +92,16 @@ def _number(arguments: dict[str, Any], name: str, default: int, low: int, high: 
 
 
 def _workdir(context: CommandContext, arguments: dict[str, Any]) -> str:
+    """Where the command runs: the thread's cwd, or a directory inside it.
+    Never outside: a working directory is bound into the sandbox, and one
+    elsewhere could bring back what is hidden (the server's home, say)."""
     workdir = arguments.get("workdir")
     if not isinstance(workdir, str) or not workdir:
         return context.cwd
-    resolved = os.path.normpath(os.path.join(context.cwd, workdir))
+    resolved = os.path.realpath(os.path.join(context.cwd, workdir))
+    root = os.path.realpath(context.cwd)
+    if os.path.commonpath([resolved, root]) != root:
+        raise CallRefused(f"workdir {workdir!r} is outside the thread's working directory {context.cwd}")
     if not os.path.isdir(resolved):
         raise CallRefused(f"workdir {workdir!r} is not a directory")
     return resolved
