@@ -4,16 +4,14 @@ answered by a phone on the other."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import uuid
 
 import pytest
-from websockets.asyncio.client import connect as ws_connect
 
 from codexserver.devtools.server_process import PROJECT_DIR
-from tests.rpc_client import SocketClient
 from tests.test_scale_out import REDIS_URL, postgres_database  # noqa: F401 (a fixture)
+from tests.test_shared_threads import client_of
 
 pytestmark = pytest.mark.e2e
 
@@ -24,15 +22,6 @@ def workspace():
     root.mkdir(parents=True)
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-@contextlib.asynccontextmanager
-async def client_of(server, name: str):
-    async with ws_connect(server.ws_url) as websocket:
-        client = SocketClient(websocket)
-        await client.initialize(name, "1.0.0")
-        yield client
-        await client.close()
 
 
 async def test_a_phone_on_another_process_approves_the_desktops_command(
