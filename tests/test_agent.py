@@ -324,7 +324,10 @@ def test_a_workdir_outside_the_threads_directory_is_refused(workspace):
     from realtime.tools.commands import CallRefused, CommandContext, _workdir
     from realtime.tools.sandbox import SandboxPolicy
 
-    context = CommandContext("t", "u", str(workspace), SandboxPolicy(), "on-request", (), lambda *a: None, lambda r: None)
+    context = CommandContext(
+        thread_id="t", turn_id="u", cwd=str(workspace), policy=SandboxPolicy(), approval_policy="on-request",
+        hidden_paths=(), protected_paths=(), notify=lambda *a: None, add_item=lambda record: None,
+    )  # fmt: skip
     (workspace / "sub").mkdir()
     assert _workdir(context, {"workdir": "sub"}) == str(workspace / "sub")
     for escape in ("..", "/root", str(workspace / ".." / "..")):
@@ -333,3 +336,46 @@ def test_a_workdir_outside_the_threads_directory_is_refused(workspace):
     (workspace / "link").symlink_to("/root")
     with pytest.raises(CallRefused, match="outside"):
         _workdir(context, {"workdir": "link"})
+
+
+async def test_a_turn_interrupted_mid_command_leaves_a_history_the_api_takes(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    turn_id = await start(client, thread, "exec[sleep 30]")
+    await client.wait_for(lambda m: m.get("method") == "item/started" and m["params"]["item"]["type"] == "commandExecution")
+    await client.call("turn/interrupt", {"threadId": thread, "turnId": turn_id})
+    await client.notification("turn/completed", threadId=thread)
+    after = await turn(client, thread, "what happened?")  # the upstream refuses a call without its output (400)
+    assert after["turn"]["status"] == "completed"
+    replayed = upstream.model_requests()[-1].body["input"]
+    assert [item["type"] for item in replayed[1:3]] == ["function_call", "function_call_output"]
+    assert replayed[2]["output"] == "aborted: the turn was stopped"
+
+
+def test_only_commands_that_cannot_write_or_run_anything_count_as_reading():
+    from realtime.tools.approvals import known_to_only_read
+
+    for reading in ("ls -la", "cat notes.txt", "git status", "git log -3", "grep -rn TODO .", "find . -name '*.py'"):
+        assert known_to_only_read(reading), reading
+    for writing in (
+        "sed -n '1e touch x' f", "rg --pre=bash x", "sort -o out in", "tree -o out", "git branch -D main",
+        "git diff --output=x", "find . -delete", "ls > out", "cat a | sh", "echo $(touch x)", "touch x",
+    ):  # fmt: skip
+        assert not known_to_only_read(writing), writing
+
+
+async def test_a_sessions_unread_output_and_life_are_bounded(workspace, monkeypatch):
+    from realtime.tools import exec_sessions
+    from realtime.tools.sandbox import SandboxPolicy, bwrap_binary, sandboxed_argv
+
+    monkeypatch.setattr(exec_sessions, "MAX_UNREAD_OUTPUT", 100_000)
+    policy = SandboxPolicy("workspace-write", (str(workspace),))
+    argv = sandboxed_argv(["/bin/bash", "-c", "yes"], str(workspace), str(workspace), policy, (), bwrap_binary())
+    session = await exec_sessions.SessionRegistry().start(
+        argv, thread_id="t", turn_id="u", item_id="i", command="yes", cwd=str(workspace), timeout=1.5
+    )
+    await asyncio.sleep(0.5)
+    assert session.unread_size <= 100_000 + exec_sessions.READ_CHUNK
+    await session.wait(5)  # killed at its timeout, polled or not
+    assert not session.running and session.wall_seconds < 4
+    assert session.take_unread().startswith("[… ")

@@ -9,6 +9,7 @@ The workspaces live in the checkout's ignored ``.cache/``, not under
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import subprocess
@@ -49,11 +50,18 @@ def places():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def run(command: str, workspace, policy: SandboxPolicy, hidden=()) -> str:
+def line(argv: list[str], workspace, policy: SandboxPolicy, hidden=(), protected=()) -> list[str]:
+    """The sandbox's command line for ``argv``, run in the workspace."""
+    return sandboxed_argv(
+        argv, str(workspace), str(workspace), policy, tuple(map(str, hidden)), bwrap_binary(), tuple(map(str, protected))
+    )
+
+
+def run(command: str, workspace, policy: SandboxPolicy, hidden=(), protected=()) -> str:
     """The command's output (stdout and stderr), run as the server runs one: a session."""
 
     async def session_output() -> str:
-        argv = sandboxed_argv(["/bin/bash", "-c", command], str(workspace), policy, tuple(map(str, hidden)), bwrap_binary())
+        argv = line(["/bin/bash", "-c", command], workspace, policy, hidden, protected)
         session = await SessionRegistry().start(argv, thread_id="t", turn_id="u", item_id="i", command=command, cwd=str(workspace))
         await session.wait(30)
         assert not session.running
@@ -71,7 +79,8 @@ def test_a_command_writes_its_workspace_and_nothing_else(places):
     output = run(f"echo made > made.txt; echo escaped > {outside}/escaped.txt; echo x > {PROJECT_DIR}/escaped.txt", workspace, writable(workspace))
     assert (workspace / "made.txt").read_text() == "made\n"
     assert not (outside / "escaped.txt").exists() and not (PROJECT_DIR / "escaped.txt").exists()
-    assert output.count("Read-only file system") == 2
+    # refused: read-only, or (a checkout under /tmp, as CI's may be) not there at all in the command's own /tmp
+    assert output.count("Read-only file system") + output.count("No such file or directory") == 2
 
 
 def test_read_only_refuses_every_write_even_in_the_workspace(places):
@@ -119,14 +128,14 @@ def test_a_hidden_directory_stays_hidden_where_the_workspace_lies_inside_it(plac
 
 def test_full_access_has_no_sandbox_to_build():
     with pytest.raises(ValueError):
-        sandboxed_argv(["true"], "/", SandboxPolicy(FULL_ACCESS), (), bwrap_binary())
+        line(["true"], "/", SandboxPolicy(FULL_ACCESS))
 
 
 async def test_killing_a_session_leaves_no_process_behind(places):
     workspace, _ = places
     marker = f"sleep {300 + uuid.uuid4().int % 100}.{uuid.uuid4().int % 1000}"
     registry = SessionRegistry()
-    argv = sandboxed_argv(["/bin/bash", "-c", f"{marker} & {marker} & {marker}"], str(workspace), writable(workspace), (), bwrap_binary())
+    argv = line(["/bin/bash", "-c", f"{marker} & {marker} & {marker}"], workspace, writable(workspace))
     session = await registry.start(argv, thread_id="t", turn_id="u", item_id="i", command=marker, cwd=str(workspace))
     await session.wait(0.5)
     assert _processes(marker) >= 3
@@ -140,7 +149,7 @@ async def test_a_sessions_kept_output_is_bounded_head_and_tail(places):
     workspace, _ = places
     registry = SessionRegistry()
     script = "python3 -c \"import sys; sys.stdout.write('H' * 100 + 'x' * 3_000_000 + 'T' * 100)\""
-    argv = sandboxed_argv(["/bin/bash", "-c", script], str(workspace), writable(workspace), (), bwrap_binary())
+    argv = line(["/bin/bash", "-c", script], workspace, writable(workspace))
     session = await registry.start(argv, thread_id="t", turn_id="u", item_id="i", command="big", cwd=str(workspace))
     await session.wait(20)
     kept = session.kept.text()
@@ -161,12 +170,46 @@ def test_sessions_are_bounded_per_thread(places, monkeypatch):
 
     async def start_three():
         registry = SessionRegistry()
-        argv = sandboxed_argv(["/bin/sleep", "30"], str(workspace), writable(workspace), (), bwrap_binary())
+        argv = line(["/bin/sleep", "30"], workspace, writable(workspace))
         try:
             for _ in range(3):
                 await registry.start(argv, thread_id="t", turn_id="u", item_id="i", command="sleep", cwd=str(workspace))
         finally:
-            registry.kill_all()
+            await registry.stop_all()
 
     with pytest.raises(exec_sessions.SessionLimitReached):
         asyncio.run(start_three())
+
+
+def test_local_services_sockets_are_out_of_reach_even_with_network_access(places):
+    workspace, _ = places
+    probe = (
+        "python3 -c \"import socket, sys; s = socket.socket(socket.AF_UNIX); "
+        "s.connect('/var/run/postgresql/.s.PGSQL.5432'); print('reached')\""
+    )
+    assert os.path.exists("/var/run/postgresql/.s.PGSQL.5432")  # this machine's PostgreSQL, outside
+    granted = SandboxPolicy(WORKSPACE_WRITE, (str(workspace),), network_access=True)
+    assert "reached" not in run(probe, workspace, granted)
+
+
+def test_the_servers_own_files_stay_read_only_inside_a_writable_workspace(places):
+    workspace, _ = places
+    server_dir = workspace / "server"  # as when the workspace root is the server's checkout
+    server_dir.mkdir()
+    (server_dir / "settings.py").write_text("SAFE = True\n")
+    output = run(
+        "echo 'SAFE = False' > server/settings.py; touch server/db.sqlite3-journal; touch mine.txt; cat db.sqlite3",
+        workspace,
+        writable(workspace),
+        hidden=[workspace / "db.sqlite3"],
+        protected=[server_dir],
+    )
+    assert (server_dir / "settings.py").read_text() == "SAFE = True\n"
+    assert not (server_dir / "db.sqlite3-journal").exists() and (workspace / "mine.txt").exists()
+    assert "the server's rows" not in output
+
+
+def test_a_hidden_place_equal_to_the_workspace_stays_hidden(places):
+    workspace, _ = places
+    output = run("ls -a; cat notes.txt", workspace, writable(workspace), hidden=[workspace])
+    assert "visible" not in output  # the server's home as a workspace shows nothing of it

@@ -104,6 +104,14 @@ def function_call_events(calls: list[tuple[str, dict]]) -> list[dict]:
     return events
 
 
+def calls_without_output(body: dict) -> list[str]:
+    """Function calls in the input with no output after them: the real API
+    refuses such a request (400), so the recording upstream does too."""
+    items = body.get("input") or []
+    answered = {item.get("call_id") for item in items if item.get("type") == "function_call_output"}
+    return [item.get("call_id") for item in items if item.get("type") == "function_call" and item.get("call_id") not in answered]
+
+
 def _tool_step(text: str, body: dict) -> list[dict] | None:
     """The scripted agent: call tools as the user's text says, then say what they gave."""
     items = body.get("input") or []
@@ -343,6 +351,8 @@ class UpstreamServer:
         body = await request.json()
         record = self._record(request, "http", body)
         text = _last_user_text(body)
+        if missing := calls_without_output(body):
+            return web.json_response({"error": {"message": f"No tool output found for function call {missing[0]}."}}, status=400)
         status = self._scripted_failure(text)
         if status is not None:
             # Like real APIs, echo (part of) the credential back in the error.
@@ -414,6 +424,9 @@ class UpstreamServer:
         return ws
 
     async def _stream_ws_response(self, ws: web.WebSocketResponse, text: str, body: dict) -> None:
+        if missing := calls_without_output(body):
+            await ws.send_json({"type": "error", "status": 400, "error": {"message": f"No tool output found for function call {missing[0]}."}})
+            return
         status = self._scripted_failure(text)
         if status is not None:
             await ws.send_json({"type": "error", "status": status, "error": {"message": f"scripted {status}"}})

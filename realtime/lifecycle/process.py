@@ -162,7 +162,7 @@ class ProcessLifecycle:
         for loop_task in (self._heartbeat, self._principal_watch):
             if loop_task is not None:
                 loop_task.cancel()
-        command_sessions().kill_all()  # no command outlives its server (PROTOCOL §11)
+        await command_sessions().stop_all()  # no command outlives its server (PROTOCOL §11)
         try:
             await asyncio.gather(*(connection.close() for connection in list(live_connections)))
             try:  # every turn's end is stored before the row writers stop, if the database lets us

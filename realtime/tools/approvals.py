@@ -26,11 +26,13 @@ DECISIONS_OFFERED = [ACCEPT, ACCEPT_FOR_SESSION, DECLINE, CANCEL]
 
 # Programs that only read, run as one simple command (no pipes, redirections
 # or substitutions, which could write or run anything).
+# None of them has an option that writes a file or runs a program.
 READ_ONLY_PROGRAMS = frozenset({
-    "ls", "cat", "head", "tail", "wc", "pwd", "echo", "rg", "grep", "which", "file", "stat", "du", "df", "tree",
-    "nl", "sort", "uniq", "cut", "date", "whoami", "id", "uname", "true", "false", "basename", "dirname", "realpath",
+    "ls", "cat", "head", "tail", "wc", "pwd", "echo", "grep", "which", "stat", "du", "df", "nl", "cut", "date",
+    "whoami", "id", "uname", "true", "false", "basename", "dirname", "realpath",
 })  # fmt: skip
-READ_ONLY_GIT = frozenset({"status", "log", "diff", "show", "branch", "rev-parse", "ls-files", "blame"})
+READ_ONLY_GIT = frozenset({"status", "log", "show", "rev-parse", "ls-files", "blame"})
+GIT_WRITING_OPTIONS = ("--output", "-o")
 FIND_ACTIONS = frozenset({"-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprint0", "-fprintf", "-fls"})
 SHELL_SYNTAX = frozenset(";&|<>`$\n(){}")
 
@@ -46,22 +48,23 @@ def known_to_only_read(cmd: str) -> bool:
         return False
     program = os.path.basename(words[0])
     if program == "git":
-        return len(words) > 1 and words[1] in READ_ONLY_GIT
+        return len(words) > 1 and words[1] in READ_ONLY_GIT and not any(w.startswith(GIT_WRITING_OPTIONS) for w in words)
     if program == "find":
         return not FIND_ACTIONS.intersection(words)
-    if program == "sed":
-        return len(words) > 1 and words[1] == "-n" and not any(word.startswith("-i") for word in words)
     return program in READ_ONLY_PROGRAMS
 
 
-def approval_needed(approval_policy: Any, cmd: str, escalated: bool, approved_for_session: bool) -> str:
-    """RUN, ASK or REFUSE for one command under the thread's policy."""
+def approval_needed(
+    approval_policy: Any, cmd: str, escalated: bool, approved_for_session: bool, default_shell: bool = True
+) -> str:
+    """RUN, ASK or REFUSE for one command under the thread's policy
+    (``default_shell``: run by /bin/bash, not a shell the model chose)."""
     if approved_for_session:
         return RUN
     if approval_policy == "never":
         return REFUSE if escalated else RUN
     if approval_policy == "untrusted":
-        return RUN if not escalated and known_to_only_read(cmd) else ASK
+        return RUN if not escalated and default_shell and known_to_only_read(cmd) else ASK
     if isinstance(approval_policy, dict):  # granular
         if not escalated:
             return RUN
@@ -80,16 +83,17 @@ def decision_of(answer: Any) -> str:
 
 
 class SessionApprovals:
-    """Commands accepted for the rest of a thread's life on this server."""
+    """Commands accepted for the rest of a thread's life on this server, each
+    as it was asked: inside the sandbox, or escalated."""
 
     def __init__(self) -> None:
-        self._commands: dict[str, set[str]] = {}
+        self._commands: dict[str, set[tuple[str, bool]]] = {}
 
-    def approved(self, thread_id: str, command: str) -> bool:
-        return command in self._commands.get(thread_id, ())
+    def approved(self, thread_id: str, command: str, escalated: bool) -> bool:
+        return (command, escalated) in self._commands.get(thread_id, ())
 
-    def approve(self, thread_id: str, command: str) -> None:
-        self._commands.setdefault(thread_id, set()).add(command)
+    def approve(self, thread_id: str, command: str, escalated: bool) -> None:
+        self._commands.setdefault(thread_id, set()).add((command, escalated))
 
 
 _approvals: LoopLocal[SessionApprovals] = LoopLocal(SessionApprovals)

@@ -45,6 +45,7 @@ from .sandbox import (
 )
 
 COMMAND_EXECUTION = "commandExecution"
+DEFAULT_SHELL = "/bin/bash"
 CHARS_PER_TOKEN = 4  # what the model is told of output size, as Codex estimates it
 
 
@@ -58,6 +59,8 @@ class CommandContext:
     policy: SandboxPolicy
     approval_policy: Any  # "untrusted" | "on-request" | "never" | {"granular": …}
     hidden_paths: tuple[str, ...]
+    # The server's own files (its code, its database's directory): never writable by a command.
+    protected_paths: tuple[str, ...]
     # item notifications for the thread's subscribers (threadId and turnId added)
     notify: Callable[[str, dict[str, Any]], None]
     add_item: Callable[[ItemRecord], None]  # the turn's items: stored with it
@@ -71,6 +74,18 @@ class CallRefused(Exception):
 
 class TurnCancelledByUser(Exception):
     """An approval was answered ``cancel``: the turn is interrupted."""
+
+
+def server_own_paths() -> tuple[str, ...]:
+    """What a command may read but never write, even inside a writable
+    workspace: the server's code and settings (the checkout it runs from),
+    and the directory of its SQLite database (a journal or WAL file written
+    beside it would be applied to the database)."""
+    paths = [str(settings.BASE_DIR)]
+    database = settings.DATABASES["default"]
+    if database["ENGINE"].endswith("sqlite3") and str(database["NAME"]) != ":memory:":
+        paths.append(os.path.dirname(os.path.abspath(str(database["NAME"]))))
+    return tuple(paths)
 
 
 def server_private_paths() -> tuple[str, ...]:
@@ -129,19 +144,19 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
     if not isinstance(cmd, str) or not cmd.strip():
         raise CallRefused("exec_command needs cmd, a non-empty string")
     escalated = arguments.get("sandbox_permissions") == "require_escalated"
-    needed = approval_needed(
-        context.approval_policy, cmd, escalated, session_approvals().approved(context.thread_id, cmd)
-    )
+    shell = arguments.get("shell") if isinstance(arguments.get("shell"), str) else DEFAULT_SHELL
+    approved = session_approvals().approved(context.thread_id, cmd, escalated)
+    needed = approval_needed(context.approval_policy, cmd, escalated, approved, default_shell=shell == DEFAULT_SHELL)
     if needed == REFUSE:
         raise CallRefused(
             "running outside the sandbox is not available under this thread's approval policy: "
             "do what the sandbox allows, or tell the user what you need"
         )
     cwd = _workdir(context, arguments)
-    shell = arguments.get("shell") if isinstance(arguments.get("shell"), str) else "/bin/bash"
     argv = [shell, "-lc" if arguments.get("login", True) is not False else "-c", cmd]
+    # The turn keeps the item once it is announced: one asked about and
+    # interrupted before an answer was never shown, and is not stored.
     record = ItemRecord(command_item(call_id, shlex.join(argv), cmd, cwd, None), now_ms())
-    context.add_item(record)
     policy = context.policy
     if needed == ASK:
         # Asked before the item starts, as Codex does: an accepted one starts with its process.
@@ -149,15 +164,16 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
         if decision in (DECLINE, CANCEL):
             record.item.update(status="declined")
             record.completed_at_ms = now_ms()
+            context.add_item(record)
             context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
             context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
             if decision == CANCEL:
                 raise TurnCancelledByUser
             raise CallRefused("the user declined to run this command")
         if decision == ACCEPT_FOR_SESSION:
-            session_approvals().approve(context.thread_id, cmd)
-        if escalated:  # approved: outside the sandbox only where the operator allows it
-            policy = _escalated(context)
+            session_approvals().approve(context.thread_id, cmd, escalated)
+    if escalated and (needed == ASK or approved):  # approved: outside the sandbox only where the operator allows it
+        policy = _escalated(context)
     launch, environment = _launch(argv, cwd, context, policy)
     started = time.monotonic()
 
@@ -174,14 +190,17 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
             cwd=cwd,
             on_output=on_output,
             env=environment,
+            timeout=settings.CODEX_COMMAND_TIMEOUT,
         )
     except (SessionLimitReached, OSError) as exc:
         record.item.update(status="failed", aggregatedOutput=str(exc), durationMs=0)
         record.completed_at_ms = now_ms()
+        context.add_item(record)
         context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
         context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
         raise CallRefused(f"the command could not start: {exc}") from None
     record.item["processId"] = str(session.id)
+    context.add_item(record)
     context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
     session.record = record
     return await _yield(context, session, arguments, started, default_wait_ms=DEFAULT_YIELD_MS)
@@ -239,9 +258,14 @@ def _launch(
     the command's environment itself), or, only where the operator allowed
     full access, the command itself with the allow-listed environment."""
     if policy.mode == FULL_ACCESS:
+        if not context.full_access_allowed:  # the operator may have withdrawn it since the thread started
+            raise CallRefused("danger-full-access is not allowed on this server now (CODEX_ALLOW_FULL_ACCESS)")
         return argv, sandbox_environment(policy)
     try:
-        return sandboxed_argv(argv, cwd, policy, context.hidden_paths, bwrap_binary()), {}
+        line = sandboxed_argv(
+            argv, cwd, context.cwd, policy, context.hidden_paths, bwrap_binary(), context.protected_paths
+        )
+        return line, {}
     except SandboxUnavailable as exc:
         raise CallRefused(f"commands are refused on this server: {exc}") from None
 
@@ -250,13 +274,11 @@ async def _yield(
     context: CommandContext, session: CommandSession, arguments: dict[str, Any], started: float, default_wait_ms: int
 ) -> str:
     wait_ms = _number(arguments, "yield_time_ms", default_wait_ms, MIN_YIELD_MS, MAX_YIELD_MS)
-    await session.wait(min(wait_ms / 1000, settings.CODEX_COMMAND_TIMEOUT))
-    if session.running and session.wall_seconds >= settings.CODEX_COMMAND_TIMEOUT:
-        session.kill()
-        await session.wait(1.0)
+    await session.wait(wait_ms / 1000)
     output = session.take_unread()
     if not session.running:
-        finish_item(context, session)
+        if session.turn_id == context.turn_id:  # an earlier turn's item was stored with that turn
+            finish_item(context, session)
         command_sessions().forget(session)  # its end is told: nothing more to poll
     max_tokens = _number(arguments, "max_output_tokens", DEFAULT_MAX_OUTPUT_TOKENS, 1, 10**6)
     return model_output(session, output, time.monotonic() - started, max_tokens)
@@ -278,10 +300,13 @@ def finish_item(context: CommandContext, session: CommandSession) -> None:
 
 
 def finish_command_items(context: CommandContext) -> None:
-    """At the turn's end: the items of its commands that have ended complete."""
-    for session in command_sessions().of_thread(context.thread_id):
+    """At the turn's end: the items of its commands that have ended complete,
+    and those sessions are forgotten (nothing of them is left to poll)."""
+    sessions = command_sessions()
+    for session in sessions.of_thread(context.thread_id):
         if session.turn_id == context.turn_id and not session.running:
             finish_item(context, session)
+            sessions.forget(session)
 
 
 def model_output(session: CommandSession, output: str, wall_seconds: float, max_tokens: int) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 from codexserver.loop_local import LoopLocal
 
 MAX_KEPT_OUTPUT = 1024 * 1024  # of a command's output kept in its item: half from the head, half the tail
+MAX_UNREAD_OUTPUT = 1024 * 1024  # not yet given to the model: the newest kept, the rest counted
 READ_CHUNK = 64 * 1024
 MAX_SESSIONS_PER_THREAD = 16
 MAX_SESSIONS_PER_PROCESS = 256
@@ -71,10 +72,13 @@ class CommandSession:
     started: float = field(default_factory=time.monotonic)
     kept: KeptOutput = field(default_factory=KeptOutput)
     unread: list[str] = field(default_factory=list)
+    unread_size: int = 0
+    unread_dropped: int = 0  # characters the model never saw: more arrived than it polled
     exit_code: int | None = None
     on_output: Callable[[str], None] | None = None
     record: Any = None  # its commandExecution item, completed when it ends
     _reader: asyncio.Task | None = None
+    _watchdog: asyncio.TimerHandle | None = None  # kills it at CODEX_COMMAND_TIMEOUT, polled or not
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -86,8 +90,21 @@ class CommandSession:
         return time.monotonic() - self.started
 
     def take_unread(self) -> str:
-        text, self.unread = "".join(self.unread), []
+        text = "".join(self.unread)
+        if self.unread_dropped:
+            text = f"[… {self.unread_dropped} earlier characters dropped …]\n{text}"
+        self.unread, self.unread_size, self.unread_dropped = [], 0, 0
         return text
+
+    def _keep_unread(self, text: str) -> None:
+        """What the model has not read yet, bounded: a command that prints for
+        ever between two polls costs the server no more than this."""
+        self.unread.append(text)
+        self.unread_size += len(text)
+        while self.unread_size > MAX_UNREAD_OUTPUT and len(self.unread) > 1:
+            oldest = self.unread.pop(0)
+            self.unread_size -= len(oldest)
+            self.unread_dropped += len(oldest)
 
     async def wait(self, seconds: float) -> None:
         """Until the process exits or ``seconds`` pass, whichever is first."""
@@ -119,15 +136,20 @@ class CommandSession:
             text = decoder.decode(chunk, final=not chunk)
             if text:
                 self.kept.add(text)
-                self.unread.append(text)
+                self._keep_unread(text)
                 if self.on_output is not None:
                     self.on_output(text)
                 self._changed.set()
             if not chunk:
                 break
         self.exit_code = await self.process.wait()
-        if self.process.stdin is not None:
-            self.process.stdin.close()  # the last pipe: its transport closes with it, not at collection
+        # Its pipes and transport close now, not when collected (by then
+        # their event loop may be gone, and the close fails noisily).
+        transport = getattr(self.process, "_transport", None)
+        if transport is not None:
+            transport.close()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._changed.set()
 
 
@@ -152,6 +174,7 @@ class SessionRegistry:
         cwd: str,
         on_output: Callable[[str], None] | None = None,
         env: dict[str, str] | None = None,
+        timeout: float = 600.0,
     ) -> CommandSession:
         """Start ``argv``. Its environment is ``env``, empty unless given:
         bubblewrap builds the sandboxed command's own from an allow list, and
@@ -172,6 +195,7 @@ class SessionRegistry:
         )
         session = CommandSession(next(self._ids), thread_id, turn_id, item_id, command, cwd, process, on_output=on_output)
         session._reader = asyncio.create_task(session._read(), name=f"command session {session.id}")
+        session._watchdog = asyncio.get_running_loop().call_later(timeout, session.kill)
         sessions[session.id] = session
         return session
 
@@ -203,10 +227,14 @@ class SessionRegistry:
             if session.turn_id == turn_id:
                 session.on_output = None
 
-    def kill_all(self) -> None:
-        for sessions in self.by_thread.values():
-            for session in sessions.values():
-                session.kill()
+    async def stop_all(self, within: float = 1.0) -> None:
+        """Kill every session and wait for them to end (the server stops)."""
+        sessions = [session for by_id in self.by_thread.values() for session in by_id.values()]
+        for session in sessions:
+            session.kill()
+        running = [asyncio.ensure_future(session.wait(within)) for session in sessions if session.running]
+        if running:
+            await asyncio.wait(running, timeout=within)
 
 
 _registries: LoopLocal[SessionRegistry] = LoopLocal(SessionRegistry)

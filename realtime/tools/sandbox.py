@@ -26,6 +26,9 @@ MODES = (READ_ONLY, WORKSPACE_WRITE, FULL_ACCESS)
 # Variables a command may inherit from the server, by name; everything else is dropped.
 ENV_ALLOW_LIST = ("LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "USER", "LOGNAME")
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+# Where local services keep their sockets (PostgreSQL's, MariaDB's, D-Bus):
+# a Unix socket ignores the network namespace, so these are covered.
+RUNTIME_DIRS = ("/run", "/var/run")
 
 
 class SandboxUnavailable(RuntimeError):
@@ -69,31 +72,48 @@ def bwrap_binary() -> str:
 
 
 def sandboxed_argv(
-    argv: list[str], cwd: str, policy: SandboxPolicy, hidden_paths: tuple[str, ...], bwrap: str
+    argv: list[str],
+    workdir: str,
+    visible_root: str,
+    policy: SandboxPolicy,
+    hidden_paths: tuple[str, ...],
+    bwrap: str,
+    protected_paths: tuple[str, ...] = (),
 ) -> list[str]:
-    """``argv`` run inside bubblewrap under ``policy``, in ``cwd``.
+    """``argv`` run inside bubblewrap under ``policy``, in ``workdir`` (which
+    lies in ``visible_root``, the thread's directory).
 
-    Mounts are applied in order: the machine read-only, then the hidden
-    places covered, then the working directory (and, under workspace-write,
-    the writable roots) bound in, then the hidden places covered again, so a
-    secret inside the workspace stays hidden while the rest of it shows."""
+    Mounts are applied in order: the machine read-only, the runtime sockets
+    (``/run``: a database's or a session bus's, which ignore the network
+    namespace) covered, the hidden places covered; then the thread's
+    directory and, under workspace-write, the writable roots bound in, by
+    their real paths (a link cannot redirect a bind); then the server's own
+    files (``protected_paths``: its code, its database's directory) bound
+    read-only where a writable root would contain them, and the hidden places
+    inside or equal to what was bound covered again. So a secret inside the
+    workspace stays hidden while the rest of it shows."""
     if policy.mode not in (READ_ONLY, WORKSPACE_WRITE):
         raise ValueError(f"no sandbox to build for {policy.mode!r}: the caller runs it unsandboxed, or refuses")
     line = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    line += [item for path in RUNTIME_DIRS if os.path.isdir(path) and not os.path.islink(path) for item in ("--tmpfs", path)]
     line += ["--unshare-user-try", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if not policy.network_access:
         line.append("--unshare-net")
     line += ["--die-with-parent", "--new-session"]
     line += _hidden(hidden_paths)
-    bound = [cwd]
-    line += ["--ro-bind", cwd, cwd]
-    if policy.mode == WORKSPACE_WRITE:
-        for root in policy.writable_roots:
-            line += ["--bind", root, root]
-            bound.append(root)
+    root = os.path.realpath(visible_root)
+    bound = [root]
+    line += ["--ro-bind", root, root]
+    writable = [os.path.realpath(path) for path in policy.writable_roots] if policy.mode == WORKSPACE_WRITE else []
+    for path in writable:
+        line += ["--bind", path, path]
+        bound.append(path)
+    for path in protected_paths:
+        if os.path.exists(path) and any(_inside_or_equal(path, writable_root) for writable_root in writable):
+            line += ["--ro-bind", os.path.realpath(path), os.path.realpath(path)]
     # Bound back in, a directory shows what lies in it again: cover that again.
-    line += _hidden(tuple(path for path in hidden_paths if any(_strictly_inside(path, root) for root in bound)))
-    line += ["--chdir", cwd, "--clearenv"]
+    line += _hidden(tuple(path for path in hidden_paths if any(_inside_or_equal(path, place) for place in bound)))
+    line += ["--chdir", workdir, "--clearenv"]
     for name, value in sandbox_environment(policy).items():
         line += ["--setenv", name, value]
     return [*line, "--", *argv]
@@ -101,19 +121,20 @@ def sandboxed_argv(
 
 def sandbox_environment(policy: SandboxPolicy, source: dict[str, str] | None = None) -> dict[str, str]:
     """The command's whole environment: the allow list's variables, a plain
-    PATH, and what tells a command (and Codex's tools) it is sandboxed."""
+    PATH, and, in a sandbox, what tells a command (and Codex's tools) so."""
     source = os.environ if source is None else source
     environment = {name: source[name] for name in ENV_ALLOW_LIST if name in source}
-    environment.update(PATH=SANDBOX_PATH, HOME="/tmp", CODEX_SANDBOX="bubblewrap")
-    if not policy.network_access:
-        environment["CODEX_SANDBOX_NETWORK_DISABLED"] = "1"
+    environment.update(PATH=SANDBOX_PATH, HOME="/tmp")
+    if policy.mode != FULL_ACCESS:
+        environment["CODEX_SANDBOX"] = "bubblewrap"
+        if not policy.network_access:
+            environment["CODEX_SANDBOX_NETWORK_DISABLED"] = "1"
     return environment
 
 
-def _strictly_inside(path: str, directory: str) -> bool:
-    return os.path.commonpath([os.path.abspath(path), os.path.abspath(directory)]) == os.path.abspath(directory) and (
-        os.path.abspath(path) != os.path.abspath(directory)
-    )
+def _inside_or_equal(path: str, directory: str) -> bool:
+    real, real_directory = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, real_directory]) == real_directory
 
 
 def _hidden(paths: tuple[str, ...]) -> list[str]:

@@ -24,6 +24,7 @@ from realtime.tools.commands import (
     CommandContext,
     TurnCancelledByUser,
     finish_command_items,
+    server_own_paths,
     server_private_paths,
 )
 from realtime.tools.definitions import AGENT_INSTRUCTIONS, COMMAND_TOOLS, environment_context
@@ -31,7 +32,7 @@ from realtime.tools.exec_sessions import command_sessions
 from realtime.tools.sandbox import WORKSPACE_WRITE, SandboxPolicy
 
 from .stream_events import TurnEventTranslator
-from .tool_calls import run_calls
+from .tool_calls import aborted_output, run_calls
 
 if TYPE_CHECKING:
     from realtime.rpc.connection import AppServerConnection
@@ -94,8 +95,14 @@ async def run_turn(turn_context: TurnContext) -> None:
                 break
             if step == turn_context.max_tool_steps:
                 raise ToolStepsExhausted(step)
-            said = translator.end_response()
-            steps += [*said, *await run_calls(calls, tools)]
+            steps += translator.end_response()  # what the model said: kept whatever happens next
+            try:
+                steps += await run_calls(calls, tools)
+            except BaseException:
+                # Stopped mid-call: each call still gets an output, or the
+                # API would refuse the history the next turn replays.
+                steps += [aborted_output(call) for call in calls]
+                raise
     except asyncio.CancelledError:
         # turn/interrupt, or the starting connection closed: either way the
         # stored turn ends, its commands stop, and the thread's other
@@ -165,6 +172,7 @@ def _tool_context(turn_context: TurnContext, notify) -> CommandContext | None:
         policy=policy,
         approval_policy=thread.approval_policy,
         hidden_paths=server_private_paths(),
+        protected_paths=server_own_paths(),
         notify=lambda method, params: notify(method, {"threadId": thread.id, "turnId": turn.id, **params}),
         add_item=turn.items.append,
         ask=functools.partial(thread_hub().ask, thread),

@@ -36,6 +36,11 @@ async def run_calls(calls: list[FunctionCall], context: CommandContext | None) -
     ]
 
 
+def aborted_output(call: FunctionCall) -> dict[str, Any]:
+    """The output of a call the turn stopped before it finished."""
+    return {"type": "function_call_output", "call_id": call.call_id, "output": "aborted: the turn was stopped"}
+
+
 async def _run(call: FunctionCall, context: CommandContext | None) -> str:
     handler = TOOLS.get(call.name) if context is not None else None
     if handler is None:

@@ -54,7 +54,7 @@ async def list_models(context, params: Any) -> dict[str, Any]:
 async def read_config(context, params: Any) -> dict[str, Any]:
     # Effective settings a client may show; never a URL with credentials or a key.
     return {
-        "config": {"model": settings.CODEX_MODEL, "model_provider": MODEL_PROVIDER, "approval_policy": "never", "sandbox_mode": "read-only"},
+        "config": {"model": settings.CODEX_MODEL, "model_provider": MODEL_PROVIDER, "approval_policy": "on-request", "sandbox_mode": "read-only"},
         "origins": {},
         "layers": None,
     }

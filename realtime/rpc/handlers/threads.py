@@ -271,7 +271,7 @@ async def terminate_background_terminal(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread, _ = await context.stored_thread(required_str(params, "threadId"))
     process_id = required_str(params, "processId")
-    session = command_sessions().get(thread.id, int(process_id)) if process_id.isdigit() else None
+    session = command_sessions().get(thread.id, int(process_id)) if process_id.isascii() and process_id.isdigit() else None
     if session is None or not session.running:
         return {"terminated": False}
     session.kill()
