@@ -379,3 +379,18 @@ async def test_a_sessions_unread_output_and_life_are_bounded(workspace, monkeypa
     await session.wait(5)  # killed at its timeout, polled or not
     assert not session.running and session.wall_seconds < 4
     assert session.take_unread().startswith("[… ")
+
+
+async def test_a_client_that_subscribes_while_an_approval_is_pending_is_asked_too(connect, upstream, workspace):
+    desktop, started = await agent(connect, workspace, approvalPolicy="untrusted")
+    thread = started["thread"]["id"]
+    await start(desktop, thread, "exec[touch late.txt]")
+    first = await approval_request(desktop)
+    phone = await connect()
+    await phone.initialize("codex_ios", "1.4.0")
+    await phone.call("thread/resume", {"threadId": thread})
+    late = await approval_request(phone)
+    assert late["id"] == first["id"]
+    await answer(phone, late, "accept")
+    assert (await desktop.notification("turn/completed", threadId=thread))["turn"]["status"] == "completed"
+    assert (workspace / "late.txt").exists()

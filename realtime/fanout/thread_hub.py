@@ -27,6 +27,7 @@ import asyncio
 import contextvars
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from channels import DEFAULT_CHANNEL_LAYER
@@ -61,6 +62,17 @@ MAX_PUBLISH_CALLS = 32
 DRAIN_SECONDS = 2.0  # at stop, for batches still waiting to be published
 
 
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """A server request this process asked, until its first answer: sent
+    again to a connection of this process that subscribes meanwhile."""
+
+    thread_id: str
+    method: str
+    params: dict[str, Any]
+    answered: asyncio.Future
+
+
 def group_name(thread_id: str) -> str:
     return f"thread.{thread_id}"
 
@@ -78,7 +90,7 @@ class ThreadHub:
         self.channel: str | None = None
         self._start: asyncio.Future | None = None
         self._outgoing: list[tuple[str, str, dict[str, Any], list[Any]]] = []
-        self._asked: dict[str, asyncio.Future] = {}  # this process's server requests awaiting their first answer
+        self._asked: dict[str, PendingRequest] = {}  # this process's server requests awaiting their first answer
         self._wake = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.dropped_deltas = 0
@@ -122,6 +134,9 @@ class ThreadHub:
                 thread.subscribers.discard(connection)
                 self.release_if_unused(thread)
                 raise
+        for request_id, pending in self._asked.items():  # it may answer a question still open
+            if pending.thread_id == thread.id and not pending.answered.done():
+                connection.send_server_request(request_id, self.channel, pending.method, pending.params)
         return thread
 
     async def unsubscribe(self, thread: Thread, connection: AppServerConnection) -> None:
@@ -213,7 +228,7 @@ class ThreadHub:
         hears ``serverRequest/resolved``, and later answers are ignored."""
         request_id = f"request-{uuid.uuid4()}"
         answered = asyncio.get_running_loop().create_future()
-        self._asked[request_id] = answered
+        self._asked[request_id] = PendingRequest(thread.id, method, params, answered)
         try:
             self.publish(thread, method, params, request=[request_id, self.channel])
             return await answered
@@ -230,9 +245,9 @@ class ThreadHub:
             await self.layer.send(asked_by, {"type": ANSWER, "request": request_id, "result": result})
 
     def _take_answer(self, request_id: str, result: Any) -> None:
-        answered = self._asked.get(request_id)
-        if answered is not None and not answered.done():  # the first answer wins
-            answered.set_result(result)
+        pending = self._asked.get(request_id)
+        if pending is not None and not pending.answered.done():  # the first answer wins
+            pending.answered.set_result(result)
 
     async def _publish(self) -> None:
         while True:
