@@ -23,11 +23,13 @@ is a ratio of two things measured together (these machines are noisy):
    ephemeral (memory-only) threads on the same server (goal: <= 1.10), on
    the embedded default and on PostgreSQL + Redis;
 8. fan-out: when a subscriber on a second process receives each delta,
-   after the subscriber on the turn's own process (goal: <= 5 ms p50).
+   after the subscriber on the turn's own process (goal: <= 5 ms p50);
+9. the sandbox: what starting a command (`true`) under bubblewrap costs,
+   p50 and p99, against the same command started without it, interleaved.
 
 1, 3, 6 and 7 run on the embedded default and again on PostgreSQL + Redis
 (the deployment's configuration; CODEX_BENCH_EMBEDDED_ONLY=1 skips it).
-`--only scale` runs 3 alone, `--only store` 7 and 8.
+`--only scale` runs 3 alone, `--only store` 7 and 8, `--only sandbox` 9.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -188,6 +191,52 @@ def client_construction() -> dict:
         return {"factory_us": per_factory * 1e6, "new_async_client_us": per_fresh * 1e6, "speedup": per_fresh / per_factory}
 
     return asyncio.run(measure())
+
+
+# --- 9. the sandbox -------------------------------------------------------------
+
+
+def sandbox_start_cost(quick: bool) -> dict:
+    """Start-to-exit of `true` as a command session, with and without the
+    sandbox, one after the other so both see the same machine."""
+    from realtime.tools.exec_sessions import SessionRegistry
+    from realtime.tools.sandbox import WORKSPACE_WRITE, SandboxPolicy, bwrap_binary, sandbox_environment, sandboxed_argv
+
+    rounds = 30 if quick else 200
+    workspace = tempfile.mkdtemp(prefix="codexserver-bench-sandbox-")
+    policy = SandboxPolicy(WORKSPACE_WRITE, (workspace,))
+    sandboxed = sandboxed_argv(["/bin/true"], workspace, workspace, policy, (), bwrap_binary())
+
+    async def measure() -> dict:
+        registry = SessionRegistry()
+        times: dict[str, list[float]] = {"sandboxed": [], "bare": []}
+        for index in range(rounds * 2):
+            kind = "sandboxed" if index % 2 == 0 else "bare"
+            argv, env = (sandboxed, {}) if kind == "sandboxed" else (["/bin/true"], sandbox_environment(policy))
+            started = time.perf_counter()
+            session = await registry.start(argv, thread_id="bench", turn_id="t", item_id="i", command="true", cwd=workspace, env=env)
+            await session.wait(10)
+            times[kind].append((time.perf_counter() - started) * 1000)
+            registry.forget(session)
+        return {
+            kind: {"p50_ms": statistics.median(values), "p99_ms": sorted(values)[int(len(values) * 0.99) - 1]}
+            for kind, values in times.items()
+        }
+
+    try:
+        result = asyncio.run(measure())
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+    result["ratio_p50"] = result["sandboxed"]["p50_ms"] / result["bare"]["p50_ms"]
+    return result
+
+
+def print_sandbox_report(results: dict) -> None:
+    cost = results["sandbox"]
+    print("\n9. sandbox start cost (start to exit of `true`, interleaved)")
+    print(f"   sandboxed: p50 {cost['sandboxed']['p50_ms']:.2f} ms, p99 {cost['sandboxed']['p99_ms']:.2f} ms")
+    print(f"   bare:      p50 {cost['bare']['p50_ms']:.2f} ms, p99 {cost['bare']['p99_ms']:.2f} ms")
+    print(f"   ratio (p50): {cost['ratio_p50']:.2f}")
 
 
 # --- 3. connection scale -------------------------------------------------------
@@ -571,6 +620,7 @@ def print_report(results: dict) -> None:
             f" slowest turn {iso['healthy_alone_slowest_ms']:.1f} ms alone, {iso['healthy_with_stalled_slowest_ms']:.1f} ms with them"
         )
     print_store_report(results)
+    print_sandbox_report(results)
     print()
     print(json.dumps(summary(results), indent=2))
 
@@ -667,6 +717,9 @@ def summary(results: dict) -> dict:
         "peer_misattributed": peer_result.get("peer_misattributed"),
         "fan_out_p50_ms": results["fan_out"]["p50_ms"],
         "fan_out_busy_p50_ms": results["fan_out"]["busy"]["p50_ms"],
+        "sandbox_start_p50_ms": results["sandbox"]["sandboxed"]["p50_ms"],
+        "sandbox_start_p99_ms": results["sandbox"]["sandboxed"]["p99_ms"],
+        "sandbox_start_ratio": results["sandbox"]["ratio_p50"],
     }
 
 
@@ -723,7 +776,7 @@ def main() -> int:
     parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
     parser.add_argument(
         "--only",
-        choices=("store", "scale", "overhead"),
+        choices=("store", "scale", "overhead", "sandbox"),
         help="run only the thread-store and fan-out benchmarks (7, 8), the scale run (3) or the scoping overhead (1)",
     )
     args = parser.parse_args()  # --help prints and exits before anything is installed
@@ -746,6 +799,10 @@ def main() -> int:
                 results["scope_overhead"] = {setup: scoping_overhead(bench, setup) for setup in setups()}
                 print_overhead_report(results)
                 return 0
+            if args.only == "sandbox":
+                results["sandbox"] = sandbox_start_cost(args.quick)
+                print_sandbox_report(results)
+                return 0
             if args.only == "scale":
                 results["scale"] = {setup: connection_scale(bench, setup) for setup in setups()}
                 print_scale_report(results)
@@ -757,6 +814,7 @@ def main() -> int:
             results["stalled_isolation"] = {setup: stalled_client_isolation(bench, setup) for setup in setups()}
             results["thread_store"] = thread_store_cost(bench)
             results["fan_out"] = fan_out(bench)
+            results["sandbox"] = sandbox_start_cost(args.quick)
             results["peer"] = {"skipped": "--skip-peer"} if args.skip_peer else peer.compare(bench, Path(workdir))
         finally:
             bench.close()
