@@ -394,3 +394,83 @@ async def test_a_client_that_subscribes_while_an_approval_is_pending_is_asked_to
     await answer(phone, late, "accept")
     assert (await desktop.notification("turn/completed", threadId=thread))["turn"]["status"] == "completed"
     assert (workspace / "late.txt").exists()
+
+
+# --- apply_patch ---------------------------------------------------------------------
+
+PATCH = """*** Begin Patch
+*** Add File: hello.txt
++Hello
+*** Update File: app.py
+@@ def main():
+-    return 1
++    return 2
+*** Delete File: old.txt
+*** End Patch"""
+
+
+async def test_a_patch_is_applied_by_the_server_as_a_file_change_with_its_diff(connect, upstream, workspace):
+    (workspace / "app.py").write_text("def main():\n    return 1\n")
+    (workspace / "old.txt").write_text("bye\n")
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    completed = await turn(client, thread, PATCH)
+    assert (workspace / "hello.txt").read_text() == "Hello\n" and not (workspace / "old.txt").exists()
+    assert (workspace / "app.py").read_text() == "def main():\n    return 2\n"
+    [change] = [item for item in completed["turn"]["items"] if item["type"] == "fileChange"]
+    assert change["status"] == "completed"
+    assert [(c["path"], c["kind"]["type"]) for c in change["changes"]] == [("hello.txt", "add"), ("app.py", "update"), ("old.txt", "delete")]
+    assert "-    return 1\n+    return 2" in change["changes"][1]["diff"]
+    diff = await client.notification("turn/diff/updated", threadId=thread)
+    assert "+Hello" in diff["diff"] and "+    return 2" in diff["diff"]
+    output = upstream.model_requests()[-1].body["input"][-1]["output"]
+    assert output == "Success. Updated the following files:\nA hello.txt\nM app.py\nD old.txt\n"
+    assert commands_of(completed) == []  # never run through a shell
+
+
+async def test_a_patch_the_sandbox_would_not_allow_asks_first(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, sandbox="read-only")
+    thread = started["thread"]["id"]
+    await start(client, thread, "*** Begin Patch\n*** Add File: asked.txt\n+yes\n*** End Patch")
+    request = await client.wait_for(lambda m: m.get("method") == "item/fileChange/requestApproval" and "id" in m)
+    assert not (workspace / "asked.txt").exists()
+    await answer(client, request, "accept")
+    await client.notification("turn/completed", threadId=thread)
+    assert (workspace / "asked.txt").read_text() == "yes\n"
+
+    await start(client, thread, "*** Begin Patch\n*** Add File: refused.txt\n+no\n*** End Patch")
+    request = await client.wait_for(lambda m: m.get("method") == "item/fileChange/requestApproval" and "id" in m)
+    await answer(client, request, "decline")
+    ended = await client.notification("turn/completed", threadId=thread)
+    assert not (workspace / "refused.txt").exists()
+    assert [item["status"] for item in ended["turn"]["items"] if item["type"] == "fileChange"] == ["declined"]
+
+
+async def test_a_patch_through_a_link_out_of_the_workspace_writes_nothing_there(connect, upstream, workspace):
+    outside = workspace.parent / f"{workspace.name}-outside"
+    outside.mkdir()
+    try:
+        (outside / "target.txt").write_text("untouched\n")
+        (workspace / "link").symlink_to(outside)
+        client, started = await agent(connect, workspace)
+        thread = started["thread"]["id"]
+        await start(client, thread, "*** Begin Patch\n*** Update File: link/target.txt\n-untouched\n+changed\n*** End Patch")
+        request = await client.wait_for(lambda m: m.get("method") == "item/fileChange/requestApproval" and "id" in m)
+        await answer(client, request, "accept")  # even approved, the sandbox keeps the write in the workspace
+        ended = await client.notification("turn/completed", threadId=thread)
+        assert (outside / "target.txt").read_text() == "untouched\n"
+        assert [item["status"] for item in ended["turn"]["items"] if item["type"] == "fileChange"] == ["failed"]
+    finally:
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_the_patch_parser_refuses_what_does_not_apply():
+    from realtime.tools.patches import PatchError, extract_patch, parse, updated_lines
+
+    assert extract_patch("apply_patch <<'EOF'\n*** Begin Patch\n*** End Patch\nEOF") == "*** Begin Patch\n*** End Patch"
+    assert extract_patch("cat <<'EOF'\nx\nEOF") is None
+    with pytest.raises(PatchError, match="starts with"):
+        parse("*** Add File: x\n+y")
+    [update] = parse("*** Begin Patch\n*** Update File: a\n-missing\n+new\n*** End Patch")
+    with pytest.raises(PatchError, match="were not found"):
+        updated_lines(["present"], update)

@@ -20,6 +20,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "exec[CMD]"       call exec_command with cmd CMD (several: parallel calls in one response)
     "escalate[CMD]"   the same, asking to run it outside the sandbox (require_escalated)
     "bg[CMD]"         the same, yielding after 250 ms (a command left running: a background terminal)
+    "*** Begin Patch" … "*** End Patch"  call exec_command with that patch, as `apply_patch <<'EOF'`
     "stdin[N:TEXT]"   call write_stdin on session N with TEXT (a newline added)
     "call:NAME"       call a tool NAME with no arguments (one the server does not have, say)
     "steps:N"         with exec[…]: call again until N calls were answered this turn
@@ -128,6 +129,10 @@ def _tool_step(text: str, body: dict) -> list[dict] | None:
         for session, chars in re.findall(r"stdin\[(\d+):(.*?)\]", text)
     ]
     calls += [(name, {}) for name in re.findall(r"call:(\w+)", text)]
+    calls += [
+        ("exec_command", {"cmd": f"apply_patch <<'EOF'\n{patch}\nEOF"})
+        for patch in re.findall(r"\*\*\* Begin Patch.*?\*\*\* End Patch", text, re.DOTALL)
+    ]
     steps = re.search(r"steps:(\d+)", text)
     wanted = int(steps.group(1)) if steps else len(calls)
     if calls and len(outputs) < wanted:

@@ -8,12 +8,15 @@ the thread chose, its approval policy, the places to hide.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shlex
+import shutil
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,10 @@ from .approvals import (
 )
 from .definitions import DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_YIELD_MS, MAX_YIELD_MS, MIN_YIELD_MS
 from .exec_sessions import CommandSession, SessionLimitReached, command_sessions
+from .patches import PatchError, extract_patch, parse, unified_diff
 from .sandbox import (
     FULL_ACCESS,
+    SANDBOX_PATH,
     WORKSPACE_WRITE,
     SandboxPolicy,
     SandboxUnavailable,
@@ -64,6 +69,7 @@ class CommandContext:
     # item notifications for the thread's subscribers (threadId and turnId added)
     notify: Callable[[str, dict[str, Any]], None]
     add_item: Callable[[ItemRecord], None]  # the turn's items: stored with it
+    turn_diffs: list[str] = field(default_factory=list)  # the turn's file changes so far, as unified diffs
     # a server request to every subscriber of the thread, on every process: the first answer
     ask: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None
     full_access_allowed: bool = False  # CODEX_ALLOW_FULL_ACCESS: an approved escalation runs unsandboxed
@@ -143,6 +149,9 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
     cmd = arguments.get("cmd")
     if not isinstance(cmd, str) or not cmd.strip():
         raise CallRefused("exec_command needs cmd, a non-empty string")
+    patch = extract_patch(cmd)
+    if patch is not None:  # parsed and applied by the server, never through a shell
+        return await apply_patch(context, call_id, patch)
     escalated = arguments.get("sandbox_permissions") == "require_escalated"
     shell = arguments.get("shell") if isinstance(arguments.get("shell"), str) else DEFAULT_SHELL
     approved = session_approvals().approved(context.thread_id, cmd, escalated)
@@ -332,3 +341,108 @@ def _cut(text: str, limit: int) -> str:
     half = limit // 2
     left_out = (len(text) - 2 * half + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
     return f"{text[:half]}\n…{left_out} tokens truncated…\n{text[-half:]}"
+
+
+# --- apply_patch ------------------------------------------------------------------
+
+PATCH_WRITER = Path(__file__).with_name("patches.py").read_text()  # run inside the sandbox, as -c source
+PATCH_SECONDS = 30.0
+
+
+async def apply_patch(context: CommandContext, call_id: str, patch: str) -> str:
+    """A ``fileChange`` item; the patch applied inside the thread's sandbox
+    (the kernel keeps its writes where the sandbox allows, whatever links
+    the workspace holds). A change the sandbox would not allow asks the
+    people on the thread first; under ``never`` it is refused."""
+    try:
+        operations = parse(patch)
+    except PatchError as exc:
+        raise CallRefused(f"apply_patch: {exc}") from None
+    # What can be shown before it runs: an added file's lines (the server reads no file itself).
+    preview = [
+        {
+            "path": op.path,
+            "kind": {"type": op.kind} if op.kind != "update" else {"type": "update", "move_path": op.move_path},
+            "diff": unified_diff(op.path, [], op.added) if op.kind == "add" else "",
+        }
+        for op in operations
+    ]
+    record = ItemRecord({"id": call_id, "type": "fileChange", "changes": preview, "status": "inProgress"}, now_ms())
+    targets = [path for op in operations for path in (op.path, op.move_path) if path]
+    policy = context.policy
+    if not _writable(context, policy, targets):
+        if context.approval_policy == "never":
+            raise CallRefused("apply_patch: these files are outside what this thread may write, and its approval policy is never")
+        context.add_item(record)
+        context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
+        decision = await _ask_file_change(context, record)
+        if decision in (DECLINE, CANCEL):
+            _complete_file_change(context, record, "declined")
+            if decision == CANCEL:
+                raise TurnCancelledByUser
+            raise CallRefused("the user declined these file changes")
+        policy = _escalated(context)
+    else:
+        context.add_item(record)
+        context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
+    result = await _run_patch_writer(context, policy, patch)
+    if "error" in result:
+        _complete_file_change(context, record, "failed")
+        raise CallRefused(f"apply_patch failed: {result['error']}")
+    record.item["changes"] = result["changes"]
+    _complete_file_change(context, record, "completed")
+    context.turn_diffs.extend(change["diff"] for change in result["changes"])
+    context.notify("turn/diff/updated", {"diff": "".join(context.turn_diffs)})
+    letters = {"add": "A", "delete": "D", "update": "M"}
+    listed = "\n".join(f"{letters[change['kind']['type']]} {change['path']}" for change in result["changes"])
+    return f"Success. Updated the following files:\n{listed}\n"
+
+
+def _writable(context: CommandContext, policy: SandboxPolicy, targets: list[str]) -> bool:
+    """Whether the sandbox lets these paths be written (a guess from their
+    real paths: the sandbox itself decides, and a wrong guess only asks)."""
+    if policy.mode == FULL_ACCESS:
+        return context.full_access_allowed
+    if policy.mode != WORKSPACE_WRITE:
+        return False
+    roots = [os.path.realpath(root) for root in policy.writable_roots]
+    for target in targets:
+        real = os.path.realpath(os.path.join(context.cwd, target))
+        if not any(os.path.commonpath([real, root]) == root for root in roots):
+            return False
+    return True
+
+
+async def _ask_file_change(context: CommandContext, record: ItemRecord) -> str:
+    if context.ask is None:
+        return DECLINE
+    params = {"threadId": context.thread_id, "turnId": context.turn_id, "itemId": record.item["id"], "startedAtMs": now_ms(), "reason": None, "grantRoot": None}
+    return decision_of(await context.ask("item/fileChange/requestApproval", params))
+
+
+def _complete_file_change(context: CommandContext, record: ItemRecord, status: str) -> None:
+    record.item["status"] = status
+    record.completed_at_ms = now_ms()
+    context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
+
+
+async def _run_patch_writer(context: CommandContext, policy: SandboxPolicy, patch: str) -> dict[str, Any]:
+    python = shutil.which("python3", path=SANDBOX_PATH) or sys.executable
+    argv = [python, "-I", "-c", PATCH_WRITER]
+    launch, environment = _launch(argv, context.cwd, context, policy)
+    session = await command_sessions().start(
+        launch, thread_id=context.thread_id, turn_id=context.turn_id, item_id="apply_patch", command="apply_patch",
+        cwd=context.cwd, env=environment, timeout=PATCH_SECONDS,
+    )  # fmt: skip
+    try:
+        await session.write(patch)
+        session.close_stdin()
+        await session.wait(PATCH_SECONDS)
+    finally:
+        session.kill()
+        command_sessions().forget(session)
+    output = session.kept.text().strip().splitlines()
+    try:
+        return json.loads(output[-1])
+    except (IndexError, ValueError):
+        return {"error": "the patch could not be applied: " + " ".join(output)[-500:]}

@@ -122,6 +122,10 @@ class CommandSession:
         with contextlib.suppress(ConnectionError):
             await stdin.drain()
 
+    def close_stdin(self) -> None:
+        if self.process.stdin is not None and not self.process.stdin.is_closing():
+            self.process.stdin.close()
+
     def kill(self) -> None:
         """The whole sandbox: bubblewrap and every process in its namespace."""
         if self.running:

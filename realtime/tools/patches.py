@@ -1,0 +1,215 @@
+"""Codex's patch format, parsed and applied (PROTOCOL §11), and nothing else.
+
+    *** Begin Patch
+    *** Add File: hello.txt
+    +Hello
+    *** Update File: src/app.py
+    *** Move to: src/main.py          (optional)
+    @@ def main():                    (optional: the line to look after)
+     context
+    -old line
+    +new line
+    *** Delete File: old.txt
+    *** End Patch
+
+Standard library only: ``apply`` runs inside the command sandbox
+(``python -m realtime.tools.patches``, the patch on stdin, JSON out), so the
+kernel, not a path check, keeps every read and write within what the
+thread's sandbox allows. The server only parses, to ask and to show.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+BEGIN, END = "*** Begin Patch", "*** End Patch"
+ADD, DELETE, UPDATE, MOVE = "*** Add File: ", "*** Delete File: ", "*** Update File: ", "*** Move to: "
+END_OF_FILE = "*** End of File"
+# `apply_patch <<'EOF'` … `EOF`, as models send it through exec_command.
+INVOCATION = re.compile(r"^\s*(?:apply_patch|applypatch)\s*<<\s*['\"]?(\w+)['\"]?\s*\n(.*?)\n\1\s*$", re.DOTALL)
+
+
+class PatchError(ValueError):
+    """The patch is malformed or does not apply; the message says where."""
+
+
+@dataclass
+class Chunk:
+    anchor: str | None  # the @@ line's text: look for the change after it
+    old: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    at_end: bool = False
+
+
+@dataclass
+class FileOperation:
+    kind: str  # "add", "delete" or "update"
+    path: str
+    move_path: str | None = None
+    added: list[str] = field(default_factory=list)  # an added file's lines
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+def extract_patch(cmd: str) -> str | None:
+    """The patch text of an ``apply_patch`` heredoc command, or None."""
+    match = INVOCATION.match(cmd)
+    return match.group(2) if match else None
+
+
+def parse(text: str) -> list[FileOperation]:
+    lines = text.strip("\n").split("\n")
+    if not lines or lines[0].strip() != BEGIN or lines[-1].strip() != END:
+        raise PatchError(f"a patch starts with '{BEGIN}' and ends with '{END}'")
+    operations: list[FileOperation] = []
+    for line in lines[1:-1]:
+        if line.startswith(ADD):
+            operations.append(FileOperation("add", _path(line[len(ADD) :])))
+        elif line.startswith(DELETE):
+            operations.append(FileOperation("delete", _path(line[len(DELETE) :])))
+        elif line.startswith(UPDATE):
+            operations.append(FileOperation("update", _path(line[len(UPDATE) :])))
+        elif not operations:
+            raise PatchError(f"expected a file operation, found {line!r}")
+        else:
+            _body_line(operations[-1], line)
+    if not operations:
+        raise PatchError("the patch changes no file")
+    return operations
+
+
+def _path(text: str) -> str:
+    path = text.strip()
+    if not path:
+        raise PatchError("a file operation without a path")
+    return path
+
+
+def _body_line(operation: FileOperation, line: str) -> None:
+    if operation.kind == "add":
+        if not line.startswith("+"):
+            raise PatchError(f"{operation.path}: an added file's lines start with '+', found {line!r}")
+        operation.added.append(line[1:])
+    elif operation.kind == "delete":
+        raise PatchError(f"{operation.path}: a deleted file takes no lines, found {line!r}")
+    elif line.startswith(MOVE):
+        operation.move_path = _path(line[len(MOVE) :])
+    elif line.startswith("@@"):
+        operation.chunks.append(Chunk(line[2:].strip() or None))
+    elif line.strip() == END_OF_FILE:
+        _chunk(operation).at_end = True
+    elif line[:1] in (" ", "-", "+") or line == "":
+        chunk = _chunk(operation)
+        kind, text = (line[:1] or " "), line[1:]
+        if kind in (" ", "-"):
+            chunk.old.append(text)
+        if kind in (" ", "+"):
+            chunk.new.append(text)
+    else:
+        raise PatchError(f"{operation.path}: unexpected line {line!r}")
+
+
+def _chunk(operation: FileOperation) -> Chunk:
+    if not operation.chunks:
+        operation.chunks.append(Chunk(None))
+    return operation.chunks[-1]
+
+
+def updated_lines(lines: list[str], operation: FileOperation) -> list[str]:
+    """The file's lines with the operation's chunks applied, in order."""
+    result, position = list(lines), 0
+    for chunk in operation.chunks:
+        if chunk.anchor is not None:
+            found = _find(result, [chunk.anchor], position)
+            if found is not None:
+                position = found + 1
+        if not chunk.old:  # pure addition: at the anchor, or at the end
+            at = len(result) if chunk.at_end or chunk.anchor is None else position
+            result[at:at] = chunk.new
+            position = at + len(chunk.new)
+            continue
+        found = _find(result, chunk.old, position)
+        if found is None:
+            raise PatchError(f"{operation.path}: these lines were not found:\n" + "\n".join(chunk.old))
+        result[found : found + len(chunk.old)] = chunk.new
+        position = found + len(chunk.new)
+    return result
+
+
+def _find(lines: list[str], wanted: list[str], start: int) -> int | None:
+    """Where ``wanted`` first stands from ``start``: exactly, else ignoring
+    trailing spaces, else ignoring all surrounding spaces."""
+    for same in (lambda a, b: a == b, lambda a, b: a.rstrip() == b.rstrip(), lambda a, b: a.strip() == b.strip()):
+        for index in range(start, len(lines) - len(wanted) + 1):
+            if all(same(lines[index + offset], line) for offset, line in enumerate(wanted)):
+                return index
+    return None
+
+
+def _read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    lines = text.split("\n")
+    return lines[:-1] if text.endswith("\n") else lines
+
+
+def unified_diff(path: str, before: list[str], after: list[str]) -> str:
+    return "".join(
+        difflib.unified_diff(
+            [f"{line}\n" for line in before], [f"{line}\n" for line in after], f"a/{path}", f"b/{path}"
+        )
+    )
+
+
+def apply(text: str) -> list[dict]:
+    """Apply a patch in the current directory: every file is read and
+    checked first, then written. Each change as the ``fileChange`` item
+    shows it: path, kind, unified diff."""
+    planned: list[tuple[FileOperation, list[str] | None, list[str] | None]] = []
+    for operation in parse(text):
+        if operation.kind == "add":
+            if os.path.exists(operation.path):
+                raise PatchError(f"{operation.path}: already exists")
+            planned.append((operation, None, operation.added))
+        elif operation.kind == "delete":
+            planned.append((operation, _read_lines(operation.path), None))
+        else:
+            before = _read_lines(operation.path)
+            planned.append((operation, before, updated_lines(before, operation)))
+    changes = []
+    for operation, before, after in planned:
+        target = operation.move_path or operation.path
+        if after is None:
+            os.remove(operation.path)
+        else:
+            directory = os.path.dirname(target)
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+            with open(target, "w", encoding="utf-8") as file:
+                file.write("\n".join(after) + "\n")
+            if operation.move_path and operation.move_path != operation.path:
+                os.remove(operation.path)
+        kind = (
+            {"type": operation.kind}
+            if operation.kind != "update"
+            else {"type": "update", "move_path": operation.move_path}
+        )
+        changes.append({"path": operation.path, "kind": kind, "diff": unified_diff(operation.path, before or [], after or [])})
+    return changes
+
+
+def main() -> int:
+    """Inside the sandbox: the patch on stdin, ``{"changes": …}`` or ``{"error": …}`` on stdout."""
+    try:
+        print(json.dumps({"changes": apply(sys.stdin.read())}))
+    except (PatchError, OSError, UnicodeDecodeError) as exc:
+        print(json.dumps({"error": str(exc)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
