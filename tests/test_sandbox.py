@@ -79,8 +79,8 @@ def test_a_command_writes_its_workspace_and_nothing_else(places):
     output = run(f"echo made > made.txt; echo escaped > {outside}/escaped.txt; echo x > {PROJECT_DIR}/escaped.txt", workspace, writable(workspace))
     assert (workspace / "made.txt").read_text() == "made\n"
     assert not (outside / "escaped.txt").exists() and not (PROJECT_DIR / "escaped.txt").exists()
-    # refused: read-only, or (a checkout under /tmp, as CI's may be) not there at all in the command's own /tmp
-    assert output.count("Read-only file system") + output.count("No such file or directory") == 2
+    if not str(PROJECT_DIR).startswith("/tmp/"):  # under /tmp (CI's clone may be) they land in the command's own /tmp
+        assert output.count("Read-only file system") == 2
 
 
 def test_read_only_refuses_every_write_even_in_the_workspace(places):
