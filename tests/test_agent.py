@@ -13,20 +13,18 @@ import uuid
 
 import pytest
 
-from codexserver.devtools.server_process import PROJECT_DIR
 from tests.conftest import TEST_API_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def workspace(settings):
-    """A workspace root of this server, outside /tmp (a command's /tmp is its own)."""
-    root = PROJECT_DIR / ".cache" / f"agent-{uuid.uuid4().hex[:8]}"
-    root.mkdir(parents=True)
+def workspace(settings, tmp_path):
+    """A workspace root of this server, outside its checkout (which commands may never write)."""
+    root = tmp_path / "workspace"
+    root.mkdir()
     settings.CODEX_WORKSPACE_ROOTS = [str(root)]
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    return root
 
 
 async def agent(connect, workspace, sandbox: str = "workspace-write", **params):
@@ -158,9 +156,11 @@ async def test_read_only_commands_cannot_write_the_workspace(connect, upstream, 
 
 
 async def test_a_thread_outside_the_workspace_is_a_conversation_with_a_warning(connect, upstream, workspace, tmp_path):
-    client, started = await agent(connect, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    client, started = await agent(connect, elsewhere)
     warning = await client.notification("warning", threadId=started["thread"]["id"])
-    assert str(tmp_path) in warning["message"] and "conversation only" in warning["message"]
+    assert str(elsewhere) in warning["message"] and "conversation only" in warning["message"]
     completed = await turn(client, started["thread"]["id"], "exec[echo hi]")
     assert commands_of(completed) == []
     assert "tools" not in upstream.model_requests()[-1].body
@@ -474,3 +474,35 @@ def test_the_patch_parser_refuses_what_does_not_apply():
     [update] = parse("*** Begin Patch\n*** Update File: a\n-missing\n+new\n*** End Patch")
     with pytest.raises(PatchError, match="were not found"):
         updated_lines(["present"], update)
+
+
+def test_patches_apply_as_codex_models_write_them(tmp_path, monkeypatch):
+    from realtime.tools.patches import PatchError, apply
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\r\n")
+    (tmp_path / "ends.txt").write_text("end\nmiddle\nend\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "twice.txt").write_text("a\nb\n")
+    changes = apply(
+        "*** Begin Patch\n"
+        "*** Update File: crlf.txt\n-two\n+TWO\n"
+        "*** Update File: ends.txt\n-end\n+END\n*** End of File\n"
+        "*** Update File: empty.txt\n+hello\n"
+        "*** Update File: twice.txt\n-a\n+A\n\n"  # a blank line before the next operation is not context
+        "*** Update File: twice.txt\n-b\n+B\n"
+        "*** Update File: crlf.txt\n*** Move to: moved/crlf.txt\n-one\n+ONE\n"
+        "*** End Patch"
+    )
+    assert (tmp_path / "moved" / "crlf.txt").read_bytes() == b"ONE\r\nTWO\r\n" and not (tmp_path / "crlf.txt").exists()
+    assert (tmp_path / "ends.txt").read_text() == "end\nmiddle\nEND\n"
+    assert (tmp_path / "empty.txt").read_text() == "hello\n"
+    assert (tmp_path / "twice.txt").read_text() == "A\nB\n"
+    assert "+++ b/moved/crlf.txt" in changes[-1]["diff"]
+    assert not list(tmp_path.glob("**/*.apply_patch.tmp"))
+    (tmp_path / "f.py").write_text("def f():\n    return 1\n")
+    with pytest.raises(PatchError, match="'def g\\(\\):' was not found"):
+        apply("*** Begin Patch\n*** Update File: f.py\n@@ def g():\n-    return 1\n+    return 2\n*** End Patch")
+    with pytest.raises(PatchError, match="no such file"):
+        apply("*** Begin Patch\n*** Add File: new.txt\n+x\n*** Delete File: missing.txt\n*** End Patch")
+    assert not (tmp_path / "new.txt").exists()  # nothing of a refused patch is written

@@ -4,12 +4,8 @@ answered by a phone on the other."""
 
 from __future__ import annotations
 
-import shutil
-import uuid
-
 import pytest
 
-from codexserver.devtools.server_process import PROJECT_DIR
 from tests.test_scale_out import REDIS_URL, postgres_database  # noqa: F401 (a fixture)
 from tests.test_shared_threads import client_of
 
@@ -17,11 +13,10 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def workspace():
-    root = PROJECT_DIR / ".cache" / f"agent-e2e-{uuid.uuid4().hex[:8]}"
-    root.mkdir(parents=True)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+def workspace(tmp_path):
+    root = tmp_path / "workspace"  # outside the server's checkout, which commands may never write
+    root.mkdir()
+    return root
 
 
 async def test_a_phone_on_another_process_approves_the_desktops_command(

@@ -7,8 +7,9 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-import uuid
+from pathlib import Path
 
 import pytest
 
@@ -150,8 +151,7 @@ async def test_the_codex_tui_connects_with_an_issued_token_and_sees_only_its_pri
 async def test_the_codex_tui_shows_a_command_asks_to_approve_it_and_shows_a_declined_one(
     daphne_server, upstream, codex_home, terminals
 ):
-    workspace = PROJECT_DIR / ".cache" / f"tui-{uuid.uuid4().hex[:8]}"
-    workspace.mkdir(parents=True)
+    workspace = Path(tempfile.mkdtemp(prefix="codexserver-tui-"))  # outside the server's checkout
     try:
         server = daphne_server(CODEX_WORKSPACE_ROOTS=str(workspace))
         terminal = run_tui(terminals, server, codex_home)

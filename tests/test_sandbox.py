@@ -213,3 +213,9 @@ def test_a_hidden_place_equal_to_the_workspace_stays_hidden(places):
     workspace, _ = places
     output = run("ls -a; cat notes.txt", workspace, writable(workspace), hidden=[workspace])
     assert "visible" not in output  # the server's home as a workspace shows nothing of it
+
+
+def test_a_workspace_inside_the_servers_own_files_is_not_writable(places):
+    workspace, _ = places
+    output = run("echo changed > notes.txt", workspace, writable(workspace), protected=[workspace.parent])
+    assert (workspace / "notes.txt").read_text() == "visible\n" and "Read-only file system" in output

@@ -125,6 +125,7 @@ class ThreadHub:
         thread. Returns once this process is in the thread's group, so nothing
         published after the reply is missed."""
         thread = self.loaded.setdefault(thread.id, thread)
+        newly = connection not in thread.subscribers
         thread.subscribers.add(connection)
         if self.cross_process and not thread.ephemeral:
             try:
@@ -135,7 +136,7 @@ class ThreadHub:
                 self.release_if_unused(thread)
                 raise
         for request_id, pending in self._asked.items():  # it may answer a question still open
-            if pending.thread_id == thread.id and not pending.answered.done():
+            if newly and pending.thread_id == thread.id and not pending.answered.done():
                 connection.send_server_request(request_id, self.channel, pending.method, pending.params)
         return thread
 

@@ -40,6 +40,7 @@ from .exec_sessions import CommandSession, SessionLimitReached, command_sessions
 from .patches import PatchError, extract_patch, parse, unified_diff
 from .sandbox import (
     FULL_ACCESS,
+    READ_ONLY,
     SANDBOX_PATH,
     WORKSPACE_WRITE,
     SandboxPolicy,
@@ -154,15 +155,17 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
         return await apply_patch(context, call_id, patch)
     escalated = arguments.get("sandbox_permissions") == "require_escalated"
     shell = arguments.get("shell") if isinstance(arguments.get("shell"), str) else DEFAULT_SHELL
-    approved = session_approvals().approved(context.thread_id, cmd, escalated)
+    cwd = _workdir(context, arguments)
+    argv = [shell, "-lc" if arguments.get("login", True) is not False else "-c", cmd]
+    # What an acceptForSession covers: this very invocation (shell, flags, directory), as asked.
+    invocation = shlex.join([cwd, *argv])
+    approved = session_approvals().approved(context.thread_id, invocation, escalated)
     needed = approval_needed(context.approval_policy, cmd, escalated, approved, default_shell=shell == DEFAULT_SHELL)
     if needed == REFUSE:
         raise CallRefused(
             "running outside the sandbox is not available under this thread's approval policy: "
             "do what the sandbox allows, or tell the user what you need"
         )
-    cwd = _workdir(context, arguments)
-    argv = [shell, "-lc" if arguments.get("login", True) is not False else "-c", cmd]
     # The turn keeps the item once it is announced: one asked about and
     # interrupted before an answer was never shown, and is not stored.
     record = ItemRecord(command_item(call_id, shlex.join(argv), cmd, cwd, None), now_ms())
@@ -180,7 +183,7 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
                 raise TurnCancelledByUser
             raise CallRefused("the user declined to run this command")
         if decision == ACCEPT_FOR_SESSION:
-            session_approvals().approve(context.thread_id, cmd, escalated)
+            session_approvals().approve(context.thread_id, invocation, escalated)
     if escalated and (needed == ASK or approved):  # approved: outside the sandbox only where the operator allows it
         policy = _escalated(context)
     launch, environment = _launch(argv, cwd, context, policy)
@@ -257,7 +260,7 @@ def _escalated(context: CommandContext) -> SandboxPolicy:
     access; otherwise the thread's workspace writable, still no network."""
     if context.full_access_allowed:
         return SandboxPolicy(FULL_ACCESS)
-    return SandboxPolicy(WORKSPACE_WRITE, (context.cwd,), network_access=False)
+    return _workspace_writable(context)
 
 
 def _launch(
@@ -369,23 +372,27 @@ async def apply_patch(context: CommandContext, call_id: str, patch: str) -> str:
     ]
     record = ItemRecord({"id": call_id, "type": "fileChange", "changes": preview, "status": "inProgress"}, now_ms())
     targets = [path for op in operations for path in (op.path, op.move_path) if path]
-    policy = context.policy
-    if not _writable(context, policy, targets):
-        if context.approval_policy == "never":
-            raise CallRefused("apply_patch: these files are outside what this thread may write, and its approval policy is never")
-        context.add_item(record)
-        context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
-        decision = await _ask_file_change(context, record)
-        if decision in (DECLINE, CANCEL):
-            _complete_file_change(context, record, "declined")
-            if decision == CANCEL:
-                raise TurnCancelledByUser
-            raise CallRefused("the user declined these file changes")
-        policy = _escalated(context)
-    else:
-        context.add_item(record)
-        context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
-    result = await _run_patch_writer(context, policy, patch)
+    writable = _writable(context, targets)
+    ask = not writable or context.approval_policy == "untrusted"  # untrusted: every change asks
+    if ask and approval_needed(context.approval_policy, "apply_patch", True, False) == REFUSE:
+        raise CallRefused("apply_patch: these files are outside what this thread may write, and it may not ask")
+    context.add_item(record)
+    context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
+    try:
+        if ask:
+            decision = await _ask_file_change(context, record)
+            if decision in (DECLINE, CANCEL):
+                _complete_file_change(context, record, "declined")
+                if decision == CANCEL:
+                    raise TurnCancelledByUser
+                raise CallRefused("the user declined these file changes")
+        # Never unsandboxed, even where full access is allowed: hidden files stay hidden from a diff.
+        policy = context.policy if writable and context.policy.mode == WORKSPACE_WRITE else _workspace_writable(context)
+        result = await _run_patch_writer(context, policy, patch)
+    except BaseException:
+        if record.item["status"] == "inProgress":
+            _complete_file_change(context, record, "failed")
+        raise
     if "error" in result:
         _complete_file_change(context, record, "failed")
         raise CallRefused(f"apply_patch failed: {result['error']}")
@@ -394,23 +401,31 @@ async def apply_patch(context: CommandContext, call_id: str, patch: str) -> str:
     context.turn_diffs.extend(change["diff"] for change in result["changes"])
     context.notify("turn/diff/updated", {"diff": "".join(context.turn_diffs)})
     letters = {"add": "A", "delete": "D", "update": "M"}
-    listed = "\n".join(f"{letters[change['kind']['type']]} {change['path']}" for change in result["changes"])
+    listed = "\n".join(
+        f"{letters[change['kind']['type']]} {change['kind'].get('move_path') or change['path']}" for change in result["changes"]
+    )
     return f"Success. Updated the following files:\n{listed}\n"
 
 
-def _writable(context: CommandContext, policy: SandboxPolicy, targets: list[str]) -> bool:
-    """Whether the sandbox lets these paths be written (a guess from their
-    real paths: the sandbox itself decides, and a wrong guess only asks)."""
-    if policy.mode == FULL_ACCESS:
-        return context.full_access_allowed
-    if policy.mode != WORKSPACE_WRITE:
+def _writable(context: CommandContext, targets: list[str]) -> bool:
+    """Whether the thread's sandbox would let these paths be written without
+    asking (a guess from their real paths: the sandbox itself decides, and a
+    wrong guess only asks). The server's own files never are."""
+    policy = context.policy
+    roots = [os.path.realpath(context.cwd)] if policy.mode == FULL_ACCESS else [os.path.realpath(r) for r in policy.writable_roots]
+    if policy.mode == READ_ONLY:
         return False
-    roots = [os.path.realpath(root) for root in policy.writable_roots]
     for target in targets:
         real = os.path.realpath(os.path.join(context.cwd, target))
         if not any(os.path.commonpath([real, root]) == root for root in roots):
             return False
+        if any(os.path.commonpath([real, os.path.realpath(p)]) == os.path.realpath(p) for p in context.protected_paths):
+            return False
     return True
+
+
+def _workspace_writable(context: CommandContext) -> SandboxPolicy:
+    return SandboxPolicy(WORKSPACE_WRITE, (context.cwd,), network_access=False)
 
 
 async def _ask_file_change(context: CommandContext, record: ItemRecord) -> str:
@@ -435,7 +450,7 @@ async def _run_patch_writer(context: CommandContext, policy: SandboxPolicy, patc
         cwd=context.cwd, env=environment, timeout=PATCH_SECONDS,
     )  # fmt: skip
     try:
-        await session.write(patch)
+        await session.write(patch.encode("utf-8", "replace").decode())
         session.close_stdin()
         await session.wait(PATCH_SECONDS)
     finally:

@@ -125,81 +125,124 @@ def updated_lines(lines: list[str], operation: FileOperation) -> list[str]:
     for chunk in operation.chunks:
         if chunk.anchor is not None:
             found = _find(result, [chunk.anchor], position)
-            if found is not None:
-                position = found + 1
+            if found is None:
+                raise PatchError(f"{operation.path}: the line '{chunk.anchor}' was not found")
+            position = found + 1
         if not chunk.old:  # pure addition: at the anchor, or at the end
             at = len(result) if chunk.at_end or chunk.anchor is None else position
             result[at:at] = chunk.new
             position = at + len(chunk.new)
             continue
-        found = _find(result, chunk.old, position)
+        old, new = chunk.old, chunk.new
+        found = _find(result, old, position, from_end=chunk.at_end)
+        while found is None and old and old[-1] == "" and new and new[-1] == "":
+            old, new = old[:-1], new[:-1]  # a blank line before the next file operation is not context
+            found = _find(result, old, position, from_end=chunk.at_end)
         if found is None:
             raise PatchError(f"{operation.path}: these lines were not found:\n" + "\n".join(chunk.old))
-        result[found : found + len(chunk.old)] = chunk.new
-        position = found + len(chunk.new)
+        result[found : found + len(old)] = new
+        position = found + len(new)
     return result
 
 
-def _find(lines: list[str], wanted: list[str], start: int) -> int | None:
-    """Where ``wanted`` first stands from ``start``: exactly, else ignoring
-    trailing spaces, else ignoring all surrounding spaces."""
+def _find(lines: list[str], wanted: list[str], start: int, from_end: bool = False) -> int | None:
+    """Where ``wanted`` stands from ``start`` (the last place, for a chunk at
+    the end of the file): exactly, else ignoring trailing spaces, else
+    ignoring all surrounding spaces."""
+    places = range(start, len(lines) - len(wanted) + 1)
     for same in (lambda a, b: a == b, lambda a, b: a.rstrip() == b.rstrip(), lambda a, b: a.strip() == b.strip()):
-        for index in range(start, len(lines) - len(wanted) + 1):
+        for index in reversed(places) if from_end else places:
             if all(same(lines[index + offset], line) for offset, line in enumerate(wanted)):
                 return index
     return None
 
 
-def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as file:
+@dataclass
+class _Text:
+    lines: list[str]
+    newline: str = "\n"  # a CRLF file is written back with CRLF
+
+
+def _read(path: str) -> _Text:
+    with open(path, encoding="utf-8", newline="") as file:
         text = file.read()
-    lines = text.split("\n")
-    return lines[:-1] if text.endswith("\n") else lines
+    newline = "\r\n" if "\r\n" in text else "\n"
+    if not text:
+        return _Text([], newline)
+    lines = text.split(newline)
+    return _Text(lines[:-1] if text.endswith(newline) else lines, newline)
 
 
-def unified_diff(path: str, before: list[str], after: list[str]) -> str:
-    return "".join(
+DIFF_CHARS = 64 * 1024  # of each file's diff, shown and returned: the writer's reply stays small
+
+
+def unified_diff(path: str, before: list[str], after: list[str], new_path: str | None = None) -> str:
+    diff = "".join(
         difflib.unified_diff(
-            [f"{line}\n" for line in before], [f"{line}\n" for line in after], f"a/{path}", f"b/{path}"
+            [f"{line}\n" for line in before], [f"{line}\n" for line in after], f"a/{path}", f"b/{new_path or path}"
         )
     )
+    return diff if len(diff) <= DIFF_CHARS else diff[:DIFF_CHARS] + "\n[… diff cut …]\n"
 
 
 def apply(text: str) -> list[dict]:
-    """Apply a patch in the current directory: every file is read and
-    checked first, then written. Each change as the ``fileChange`` item
-    shows it: path, kind, unified diff."""
-    planned: list[tuple[FileOperation, list[str] | None, list[str] | None]] = []
-    for operation in parse(text):
-        if operation.kind == "add":
-            if os.path.exists(operation.path):
-                raise PatchError(f"{operation.path}: already exists")
-            planned.append((operation, None, operation.added))
-        elif operation.kind == "delete":
-            planned.append((operation, _read_lines(operation.path), None))
-        else:
-            before = _read_lines(operation.path)
-            planned.append((operation, before, updated_lines(before, operation)))
+    """Apply a patch in the current directory. Every file is read and every
+    change computed first (a file changed twice in one patch changes twice);
+    then each new content goes to a temporary file beside its target, and
+    only once all are written are they renamed into place and the deleted
+    files removed. Each change as the ``fileChange`` item shows it."""
+    current: dict[str, _Text | None] = {}  # path -> its content as the patch has it so far (None: gone)
+
+    def content(path: str) -> _Text | None:
+        if path not in current:
+            current[path] = _read(path) if os.path.exists(path) else None
+        return current[path]
+
     changes = []
-    for operation, before, after in planned:
-        target = operation.move_path or operation.path
-        if after is None:
-            os.remove(operation.path)
+    for operation in parse(text):
+        before = content(operation.path)
+        if operation.kind == "add":
+            if before is not None:
+                raise PatchError(f"{operation.path}: already exists")
+            after: _Text | None = _Text(operation.added)
+        elif before is None:
+            raise PatchError(f"{operation.path}: no such file")
+        elif operation.kind == "delete":
+            after = None
         else:
-            directory = os.path.dirname(target)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            with open(target, "w", encoding="utf-8") as file:
-                file.write("\n".join(after) + "\n")
-            if operation.move_path and operation.move_path != operation.path:
-                os.remove(operation.path)
-        kind = (
-            {"type": operation.kind}
-            if operation.kind != "update"
-            else {"type": "update", "move_path": operation.move_path}
-        )
-        changes.append({"path": operation.path, "kind": kind, "diff": unified_diff(operation.path, before or [], after or [])})
+            after = _Text(updated_lines(before.lines, operation), before.newline)
+        target = operation.move_path or operation.path
+        if target != operation.path:
+            current[operation.path] = None
+        current[target] = after
+        kind = {"type": operation.kind} if operation.kind != "update" else {"type": "update", "move_path": operation.move_path}
+        diff = unified_diff(operation.path, before.lines if before else [], after.lines if after else [], target)
+        changes.append({"path": operation.path, "kind": kind, "diff": diff})
+    _write_all(current)
     return changes
+
+
+def _write_all(current: dict[str, _Text | None]) -> None:
+    staged: list[tuple[str, str]] = []
+    try:
+        for path, text in current.items():
+            if text is None:
+                continue
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, exist_ok=True)
+            temporary = os.path.join(directory, f".{os.path.basename(path)}.apply_patch.tmp")
+            with open(temporary, "w", encoding="utf-8", newline="") as file:
+                file.write(text.newline.join(text.lines) + (text.newline if text.lines else ""))
+            staged.append((temporary, path))
+    except BaseException:
+        for temporary, _ in staged:
+            os.remove(temporary)
+        raise
+    for temporary, path in staged:
+        os.replace(temporary, path)
+    for path, text in current.items():
+        if text is None and os.path.exists(path):
+            os.remove(path)
 
 
 def main() -> int:

@@ -88,8 +88,9 @@ def sandboxed_argv(
     namespace) covered, the hidden places covered; then the thread's
     directory and, under workspace-write, the writable roots bound in, by
     their real paths (a link cannot redirect a bind); then the server's own
-    files (``protected_paths``: its code, its database's directory) bound
-    read-only where a writable root would contain them, and the hidden places
+    files (``protected_paths``: its code, its database's directory) kept
+    read-only, whether a writable root contains them or lies inside them,
+    and the hidden places
     inside or equal to what was bound covered again. So a secret inside the
     workspace stays hidden while the rest of it shows."""
     if policy.mode not in (READ_ONLY, WORKSPACE_WRITE):
@@ -105,6 +106,8 @@ def sandboxed_argv(
     bound = [root]
     line += ["--ro-bind", root, root]
     writable = [os.path.realpath(path) for path in policy.writable_roots] if policy.mode == WORKSPACE_WRITE else []
+    # A writable root inside the server's own files stays read-only: they are never writable.
+    writable = [path for path in writable if not any(_inside_or_equal(path, protected) for protected in protected_paths)]
     for path in writable:
         line += ["--bind", path, path]
         bound.append(path)
