@@ -70,7 +70,7 @@ async def test_a_command_runs_in_the_workspace_and_the_model_is_asked_again_with
     assert done["params"]["item"]["aggregatedOutput"] == "made\n" and done["params"]["item"]["durationMs"] >= 0
 
     first, second = upstream.model_requests()[-2:]
-    assert [tool["name"] for tool in first.body["tools"]] == ["exec_command", "write_stdin"]
+    assert [tool["name"] for tool in first.body["tools"]] == ["exec_command", "write_stdin", "request_user_input"]
     assert "<cwd>" + str(workspace) in first.body["instructions"]
     call, output = second.body["input"][-2:]
     assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"cmd": "echo made > made.txt && cat made.txt"}
@@ -506,3 +506,18 @@ def test_patches_apply_as_codex_models_write_them(tmp_path, monkeypatch):
     with pytest.raises(PatchError, match="no such file"):
         apply("*** Begin Patch\n*** Add File: new.txt\n+x\n*** Delete File: missing.txt\n*** End Patch")
     assert not (tmp_path / "new.txt").exists()  # nothing of a refused patch is written
+
+
+async def test_the_model_asks_the_user_a_question_and_gets_the_first_answer(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    await start(client, thread, "ask[Which colour?]")
+    asked = await client.wait_for(lambda m: m.get("method") == "item/tool/requestUserInput" and "id" in m)
+    [question] = asked["params"]["questions"]
+    assert question["question"] == "Which colour?" and [o["label"] for o in question["options"]] == ["Red", "Blue"]
+    await client.send({"id": asked["id"], "result": {"answers": {"choice": {"answers": ["Blue"]}}}})
+    await client.notification("serverRequest/resolved", threadId=thread)
+    ended = await client.notification("turn/completed", threadId=thread)
+    assert ended["turn"]["status"] == "completed"
+    output = upstream.model_requests()[-1].body["input"][-1]["output"]
+    assert json.loads(output) == {"answers": {"choice": {"answers": ["Blue"]}}}

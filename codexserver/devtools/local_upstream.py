@@ -22,6 +22,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "bg[CMD]"         the same, yielding after 250 ms (a command left running: a background terminal)
     "*** Begin Patch" … "*** End Patch"  call exec_command with that patch, as `apply_patch <<'EOF'`
     "stdin[N:TEXT]"   call write_stdin on session N with TEXT (a newline added)
+    "ask[QUESTION]"   call request_user_input with QUESTION (options Red and Blue)
     "call:NAME"       call a tool NAME with no arguments (one the server does not have, say)
     "steps:N"         with exec[…]: call again until N calls were answered this turn
     anything else     stream "Hello" + " world" and complete
@@ -128,6 +129,13 @@ def _tool_step(text: str, body: dict) -> list[dict] | None:
         ("write_stdin", {"session_id": int(session), "chars": chars + "\n", "yield_time_ms": 500})
         for session, chars in re.findall(r"stdin\[(\d+):(.*?)\]", text)
     ]
+    calls += [
+        ("request_user_input", {"questions": [{
+            "id": "choice", "header": "Choice", "question": question,
+            "options": [{"label": "Red", "description": "warm"}, {"label": "Blue", "description": "cool"}],
+        }]})
+        for question in re.findall(r"ask\[(.+?)\]", text)
+    ]  # fmt: skip
     calls += [(name, {}) for name in re.findall(r"call:(\w+)", text)]
     calls += [
         ("exec_command", {"cmd": f"apply_patch <<'EOF'\n{patch}\nEOF"})

@@ -8,6 +8,7 @@ from typing import Any
 
 EXEC_COMMAND = "exec_command"
 WRITE_STDIN = "write_stdin"
+REQUEST_USER_INPUT = "request_user_input"
 
 DEFAULT_YIELD_MS = 10_000
 MIN_YIELD_MS, MAX_YIELD_MS = 250, 30_000
@@ -61,6 +62,40 @@ COMMAND_TOOLS: tuple[dict[str, Any], ...] = (
             "max_output_tokens": {"type": "number", "description": "Most output to return, in tokens."},
         },
         ["session_id"],
+    ),
+    _function(
+        REQUEST_USER_INPUT,
+        "Ask the user up to three short questions when you cannot go on without their choice; returns their answers.",
+        {
+            "questions": {
+                "type": "array",
+                "description": "The questions, one or a few.",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string", "description": "A stable id for the answer (snake_case)."},
+                        "header": {"type": "string", "description": "A short label, 12 characters at most."},
+                        "question": {"type": "string", "description": "The question, in one sentence."},
+                        "options": {
+                            "type": "array",
+                            "description": "Two or three choices, the one you suggest first.",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "label": {"type": "string", "description": "The choice, in a few words."},
+                                    "description": {"type": "string", "description": "What it means, in one sentence."},
+                                },
+                                "required": ["label", "description"],
+                                "additionalProperties": False,
+                            },
+                        },
+                    },
+                    "required": ["id", "header", "question", "options"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        ["questions"],
     ),
 )
 

@@ -11,14 +11,19 @@ from typing import Any
 
 from realtime.tools import commands
 from realtime.tools.commands import CallRefused, CommandContext, TurnCancelledByUser
-from realtime.tools.definitions import EXEC_COMMAND, WRITE_STDIN
+from realtime.tools.definitions import EXEC_COMMAND, REQUEST_USER_INPUT, WRITE_STDIN
+from realtime.tools.user_input import request_user_input
 
 from .stream_events import FunctionCall
 
 logger = logging.getLogger(__name__)
 
 ToolHandler = Callable[[CommandContext, str, dict[str, Any]], Awaitable[str]]
-TOOLS: dict[str, ToolHandler] = {EXEC_COMMAND: commands.exec_command, WRITE_STDIN: commands.write_stdin}
+TOOLS: dict[str, ToolHandler] = {
+    EXEC_COMMAND: commands.exec_command,
+    WRITE_STDIN: commands.write_stdin,
+    REQUEST_USER_INPUT: request_user_input,
+}
 
 
 async def run_calls(calls: list[FunctionCall], context: CommandContext | None) -> list[dict[str, Any]]:
