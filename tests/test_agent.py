@@ -521,3 +521,15 @@ async def test_the_model_asks_the_user_a_question_and_gets_the_first_answer(conn
     assert ended["turn"]["status"] == "completed"
     output = upstream.model_requests()[-1].body["input"][-1]["output"]
     assert json.loads(output) == {"answers": {"choice": {"answers": ["Blue"]}}}
+
+
+async def test_binary_output_is_stored_and_replayed_on_either_database(connect, upstream, workspace):
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    completed = await turn(client, thread, "exec[printf 'a\\000b\\377c']")  # NUL and invalid UTF-8
+    assert completed["turn"]["status"] == "completed"
+    [command] = commands_of(completed)
+    assert command["aggregatedOutput"] == "a\ufffdb\ufffdc"
+    assert (await turn(client, thread, "next"))["turn"]["status"] == "completed"  # the thread is free, its history good
+    read = await client.call("thread/read", {"threadId": thread, "includeTurns": True})
+    assert [t["status"] for t in read["thread"]["turns"]] == ["completed", "completed"]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from codexserver.loop_local import LoopLocal
+from realtime.store.storable_text import made_storable
 
 MAX_KEPT_OUTPUT = 1024 * 1024  # of a command's output kept in its item: half from the head, half the tail
 MAX_UNREAD_OUTPUT = 1024 * 1024  # not yet given to the model: the newest kept, the rest counted
@@ -137,7 +138,8 @@ class CommandSession:
         stdout = self.process.stdout
         while True:
             chunk = await stdout.read(READ_CHUNK)
-            text = decoder.decode(chunk, final=not chunk)
+            # A NUL (binary output) is replaced as it arrives: no database keeps one in text.
+            text = made_storable(decoder.decode(chunk, final=not chunk))
             if text:
                 self.kept.add(text)
                 self._keep_unread(text)

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from realtime.store.storable_text import made_storable
 from realtime.tools import commands
 from realtime.tools.commands import CallRefused, CommandContext, TurnCancelledByUser
 from realtime.tools.definitions import EXEC_COMMAND, REQUEST_USER_INPUT, WRITE_STDIN
@@ -34,7 +35,8 @@ async def run_calls(calls: list[FunctionCall], context: CommandContext | None) -
             running = [group.create_task(_run(call, context)) for call in calls]
     except* TurnCancelledByUser:
         raise TurnCancelledByUser from None
-    outputs = [task.result() for task in running]
+    # Stored and replayed: whatever a tool returned, nothing a database refuses.
+    outputs = [made_storable(task.result()) for task in running]
     return [
         {"type": "function_call_output", "call_id": call.call_id, "output": output}
         for call, output in zip(calls, outputs, strict=True)
