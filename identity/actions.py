@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
+from typing import TypeVar
 
 from channels.db import DatabaseSyncToAsync
 from django.conf import settings
@@ -32,6 +34,8 @@ from django.utils import timezone
 from .client_identity import ClientIdentity
 from .models import AccessToken, ConnectionIdentity, Principal, ServerBoot
 from .principals import AuthenticatedPrincipal, authenticate, tokens_configured
+
+T = TypeVar("T")
 
 
 @cache
@@ -112,9 +116,10 @@ def read_principal_state(token_ids: set[int], principal_ids: set[int], anonymous
     return PrincipalState(revoked, budgets, anonymous_open and tokens_configured())
 
 
-def _chunks(ids: set[int], size: int = 500) -> list[list[int]]:
-    ordered = sorted(ids)
-    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+def _chunks(ids: Iterable[T], size: int = 500) -> list[list[T]]:
+    """``ids`` 500 a statement: a long ``IN`` list stays under every backend's parameter limit."""
+    listed = list(ids)
+    return [listed[start : start + size] for start in range(0, len(listed), size)]
 
 
 def identity_fields(identity: ClientIdentity) -> dict:
@@ -195,13 +200,10 @@ def record_heartbeat(boot_id: uuid.UUID, live_connection_ids: frozenset[uuid.UUI
 
 
 def _set_disconnected_at(boot_id: uuid.UUID, connection_ids, value: datetime | None) -> int:
-    """One UPDATE per 500 ids: a long ``IN`` list stays under every backend's parameter limit."""
-    ids = [str(connection_id) for connection_id in connection_ids]
+    """One UPDATE per chunk of ids (``_chunks``)."""
     return sum(
-        ConnectionIdentity.objects.filter(boot_id=boot_id, connection_id__in=ids[start : start + 500]).update(
-            disconnected_at=value
-        )
-        for start in range(0, len(ids), 500)
+        ConnectionIdentity.objects.filter(boot_id=boot_id, connection_id__in=chunk).update(disconnected_at=value)
+        for chunk in _chunks(str(connection_id) for connection_id in connection_ids)
     )
 
 

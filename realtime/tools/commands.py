@@ -46,6 +46,7 @@ from .sandbox import (
     SandboxPolicy,
     SandboxUnavailable,
     bwrap_binary,
+    inside_or_equal,
     sandbox_environment,
     sandboxed_argv,
 )
@@ -89,9 +90,8 @@ def server_own_paths() -> tuple[str, ...]:
     and the directory of its SQLite database (a journal or WAL file written
     beside it would be applied to the database)."""
     paths = [str(settings.BASE_DIR)]
-    database = settings.DATABASES["default"]
-    if database["ENGINE"].endswith("sqlite3") and str(database["NAME"]) != ":memory:":
-        paths.append(os.path.dirname(os.path.abspath(str(database["NAME"]))))
+    if (database := _sqlite_file()) is not None:
+        paths.append(os.path.dirname(os.path.abspath(database)))
     return tuple(paths)
 
 
@@ -99,11 +99,17 @@ def server_private_paths() -> tuple[str, ...]:
     """What of the server no command may read, wherever the workspace is: its
     database files, its Codex home and its user's home (credentials)."""
     paths = [settings.CODEX_HOME, str(Path.home())]
+    if (database := _sqlite_file()) is not None:
+        paths += [database, f"{database}-wal", f"{database}-shm", f"{database}-journal"]
+    return tuple(paths)
+
+
+def _sqlite_file() -> str | None:
+    """The embedded default's database file, or None (PostgreSQL, or in memory)."""
     database = settings.DATABASES["default"]
     if database["ENGINE"].endswith("sqlite3") and str(database["NAME"]) != ":memory:":
-        name = str(database["NAME"])
-        paths += [name, f"{name}-wal", f"{name}-shm", f"{name}-journal"]
-    return tuple(paths)
+        return str(database["NAME"])
+    return None
 
 
 def _number(arguments: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
@@ -121,8 +127,7 @@ def _workdir(context: CommandContext, arguments: dict[str, Any]) -> str:
     if not isinstance(workdir, str) or not workdir:
         return context.cwd
     resolved = os.path.realpath(os.path.join(context.cwd, workdir))
-    root = os.path.realpath(context.cwd)
-    if os.path.commonpath([resolved, root]) != root:
+    if not inside_or_equal(resolved, context.cwd):
         raise CallRefused(f"workdir {workdir!r} is outside the thread's working directory {context.cwd}")
     if not os.path.isdir(resolved):
         raise CallRefused(f"workdir {workdir!r} is not a directory")
@@ -175,10 +180,7 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
         decision = await _ask(context, record, cmd, arguments)
         if decision in (DECLINE, CANCEL):
             record.item.update(status="declined")
-            record.completed_at_ms = now_ms()
-            context.add_item(record)
-            context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
-            context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
+            _announce_ended(context, record)
             if decision == CANCEL:
                 raise TurnCancelledByUser
             raise CallRefused("the user declined to run this command")
@@ -206,16 +208,21 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
         )
     except (SessionLimitReached, OSError) as exc:
         record.item.update(status="failed", aggregatedOutput=str(exc), durationMs=0)
-        record.completed_at_ms = now_ms()
-        context.add_item(record)
-        context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
-        context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
+        _announce_ended(context, record)
         raise CallRefused(f"the command could not start: {exc}") from None
     record.item["processId"] = str(session.id)
     context.add_item(record)
     context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
     session.record = record
     return await _yield(context, session, arguments, started, default_wait_ms=DEFAULT_YIELD_MS)
+
+
+def _announce_ended(context: CommandContext, record: ItemRecord) -> None:
+    """An item that ended before it ran (declined, or could not start): kept, started and completed at once."""
+    record.completed_at_ms = now_ms()
+    context.add_item(record)
+    context.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
+    context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
 
 
 async def write_stdin(context: CommandContext, call_id: str, arguments: dict[str, Any]) -> str:
@@ -365,7 +372,7 @@ async def apply_patch(context: CommandContext, call_id: str, patch: str) -> str:
     preview = [
         {
             "path": op.path,
-            "kind": {"type": op.kind} if op.kind != "update" else {"type": "update", "move_path": op.move_path},
+            "kind": op.change_kind(),
             "diff": unified_diff(op.path, [], op.added) if op.kind == "add" else "",
         }
         for op in operations
@@ -412,14 +419,13 @@ def _writable(context: CommandContext, targets: list[str]) -> bool:
     asking (a guess from their real paths: the sandbox itself decides, and a
     wrong guess only asks). The server's own files never are."""
     policy = context.policy
-    roots = [os.path.realpath(context.cwd)] if policy.mode == FULL_ACCESS else [os.path.realpath(r) for r in policy.writable_roots]
     if policy.mode == READ_ONLY:
         return False
-    for target in targets:
-        real = os.path.realpath(os.path.join(context.cwd, target))
-        if not any(os.path.commonpath([real, root]) == root for root in roots):
+    roots = (context.cwd,) if policy.mode == FULL_ACCESS else policy.writable_roots
+    for target in (os.path.join(context.cwd, target) for target in targets):
+        if not any(inside_or_equal(target, root) for root in roots):
             return False
-        if any(os.path.commonpath([real, os.path.realpath(p)]) == os.path.realpath(p) for p in context.protected_paths):
+        if any(inside_or_equal(target, protected) for protected in context.protected_paths):
             return False
     return True
 

@@ -54,6 +54,10 @@ class FileOperation:
     added: list[str] = field(default_factory=list)  # an added file's lines
     chunks: list[Chunk] = field(default_factory=list)
 
+    def change_kind(self) -> dict:
+        """The schema's ``PatchChangeKind``."""
+        return {"type": "update", "move_path": self.move_path} if self.kind == "update" else {"type": self.kind}
+
 
 def extract_patch(cmd: str) -> str | None:
     """The patch text of an ``apply_patch`` heredoc command, or None."""
@@ -215,9 +219,8 @@ def apply(text: str) -> list[dict]:
         if target != operation.path:
             current[operation.path] = None
         current[target] = after
-        kind = {"type": operation.kind} if operation.kind != "update" else {"type": "update", "move_path": operation.move_path}
         diff = unified_diff(operation.path, before.lines if before else [], after.lines if after else [], target)
-        changes.append({"path": operation.path, "kind": kind, "diff": diff})
+        changes.append({"path": operation.path, "kind": operation.change_kind(), "diff": diff})
     _write_all(current)
     return changes
 

@@ -107,15 +107,15 @@ def sandboxed_argv(
     line += ["--ro-bind", root, root]
     writable = [os.path.realpath(path) for path in policy.writable_roots] if policy.mode == WORKSPACE_WRITE else []
     # A writable root inside the server's own files stays read-only: they are never writable.
-    writable = [path for path in writable if not any(_inside_or_equal(path, protected) for protected in protected_paths)]
+    writable = [path for path in writable if not any(inside_or_equal(path, protected) for protected in protected_paths)]
     for path in writable:
         line += ["--bind", path, path]
         bound.append(path)
     for path in protected_paths:
-        if os.path.exists(path) and any(_inside_or_equal(path, writable_root) for writable_root in writable):
+        if os.path.exists(path) and any(inside_or_equal(path, writable_root) for writable_root in writable):
             line += ["--ro-bind", os.path.realpath(path), os.path.realpath(path)]
     # Bound back in, a directory shows what lies in it again: cover that again.
-    line += _hidden(tuple(path for path in hidden_paths if any(_inside_or_equal(path, place) for place in bound)))
+    line += _hidden(tuple(path for path in hidden_paths if any(inside_or_equal(path, place) for place in bound)))
     line += ["--chdir", workdir, "--clearenv"]
     for name, value in sandbox_environment(policy).items():
         line += ["--setenv", name, value]
@@ -135,7 +135,9 @@ def sandbox_environment(policy: SandboxPolicy, source: dict[str, str] | None = N
     return environment
 
 
-def _inside_or_equal(path: str, directory: str) -> bool:
+def inside_or_equal(path: str, directory: str) -> bool:
+    """Whether ``path`` is ``directory`` or lies in it, links resolved (a link
+    out of a directory is outside it)."""
     real, real_directory = os.path.realpath(path), os.path.realpath(directory)
     return os.path.commonpath([real, real_directory]) == real_directory
 

@@ -9,6 +9,9 @@ import os
 from django.conf import settings
 
 from identity.principals import AuthenticatedPrincipal
+from realtime.store.threads import Thread
+
+from .sandbox import WORKSPACE_WRITE, SandboxPolicy, inside_or_equal
 
 
 def workspace_roots(principal: AuthenticatedPrincipal) -> tuple[str, ...]:
@@ -18,14 +21,7 @@ def workspace_roots(principal: AuthenticatedPrincipal) -> tuple[str, ...]:
 def within_workspace(cwd: str, roots: tuple[str, ...]) -> bool:
     """Whether ``cwd`` is an existing directory inside one of ``roots``, links
     resolved (a link out of a root is outside it)."""
-    if not os.path.isdir(cwd):
-        return False
-    real = os.path.realpath(cwd)
-    for root in roots:
-        real_root = os.path.realpath(root)
-        if os.path.commonpath([real, real_root]) == real_root:
-            return True
-    return False
+    return os.path.isdir(cwd) and any(inside_or_equal(cwd, root) for root in roots)
 
 
 def outside_workspace_warning(cwd: str) -> str:
@@ -33,3 +29,9 @@ def outside_workspace_warning(cwd: str) -> str:
         f"{cwd} is not inside a workspace root of this server, so this thread is a conversation only: "
         "the model runs no commands here (see CODEX_WORKSPACE_ROOTS, or the principal's workspace roots)."
     )
+
+
+def thread_sandbox(thread: Thread) -> SandboxPolicy:
+    """The sandbox a thread's commands run in: its mode, its cwd writable under workspace-write."""
+    writable = (thread.cwd,) if thread.sandbox_mode == WORKSPACE_WRITE else ()
+    return SandboxPolicy(thread.sandbox_mode, writable, thread.network_access)

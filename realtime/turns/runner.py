@@ -29,7 +29,7 @@ from realtime.tools.commands import (
 )
 from realtime.tools.definitions import AGENT_INSTRUCTIONS, COMMAND_TOOLS, environment_context
 from realtime.tools.exec_sessions import command_sessions
-from realtime.tools.sandbox import WORKSPACE_WRITE, SandboxPolicy
+from realtime.tools.workspace import thread_sandbox
 
 from .stream_events import TurnEventTranslator
 from .tool_calls import aborted_output, run_calls
@@ -108,8 +108,7 @@ async def run_turn(turn_context: TurnContext) -> None:
         # stored turn ends, its commands stop, and the thread's other
         # subscribers are told.
         asyncio.current_task().uncancel()
-        command_sessions().kill_turns(thread.id, turn.id)
-        await command_sessions().ended(thread.id, turn.id, within=1.0)
+        await _stop_commands(thread, turn)
         # Cancelled while the finished stream drained: the reply is whole.
         status = COMPLETED if translator.completed else INTERRUPTED
     except UpstreamError as exc:
@@ -117,8 +116,7 @@ async def run_turn(turn_context: TurnContext) -> None:
         status, error = FAILED, _error(exc.turn_error())
     except TurnCancelledByUser:
         logger.info("turn %s cancelled at an approval", turn.id)
-        command_sessions().kill_turns(thread.id, turn.id)
-        await command_sessions().ended(thread.id, turn.id, within=1.0)
+        await _stop_commands(thread, turn)
         status = INTERRUPTED
     except ToolStepsExhausted as exc:
         logger.info("turn %s stopped: %s", turn.id, exc)
@@ -153,6 +151,12 @@ async def run_turn(turn_context: TurnContext) -> None:
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id, usage=usage)
 
 
+async def _stop_commands(thread: Thread, turn: Turn) -> None:
+    """The turn was stopped: its commands end now, each whole sandbox, within a second."""
+    command_sessions().kill_turns(thread.id, turn.id)
+    await command_sessions().ended(thread.id, turn.id, within=1.0)
+
+
 class ToolStepsExhausted(Exception):
     def __init__(self, steps: int):
         super().__init__(f"the model asked for tools {steps} times in one turn (CODEX_MAX_TOOL_STEPS); stopped there")
@@ -163,13 +167,11 @@ def _tool_context(turn_context: TurnContext, notify) -> CommandContext | None:
     thread, turn = turn_context.thread, turn_context.turn
     if not turn_context.tools_enabled:
         return None
-    mode = thread.sandbox_mode
-    policy = SandboxPolicy(mode, (thread.cwd,) if mode == WORKSPACE_WRITE else (), thread.network_access)
     return CommandContext(
         thread_id=thread.id,
         turn_id=turn.id,
         cwd=thread.cwd,
-        policy=policy,
+        policy=thread_sandbox(thread),
         approval_policy=thread.approval_policy,
         hidden_paths=server_private_paths(),
         protected_paths=server_own_paths(),

@@ -35,17 +35,18 @@ async def run_calls(calls: list[FunctionCall], context: CommandContext | None) -
             running = [group.create_task(_run(call, context)) for call in calls]
     except* TurnCancelledByUser:
         raise TurnCancelledByUser from None
-    # Stored and replayed: whatever a tool returned, nothing a database refuses.
-    outputs = [made_storable(task.result()) for task in running]
-    return [
-        {"type": "function_call_output", "call_id": call.call_id, "output": output}
-        for call, output in zip(calls, outputs, strict=True)
-    ]
+    return [function_call_output(call, task.result()) for call, task in zip(calls, running, strict=True)]
+
+
+def function_call_output(call: FunctionCall, output: str) -> dict[str, Any]:
+    """The model input item of a call's output. Stored and replayed: whatever
+    a tool returned, nothing a database refuses."""
+    return {"type": "function_call_output", "call_id": call.call_id, "output": made_storable(output)}
 
 
 def aborted_output(call: FunctionCall) -> dict[str, Any]:
     """The output of a call the turn stopped before it finished."""
-    return {"type": "function_call_output", "call_id": call.call_id, "output": "aborted: the turn was stopped"}
+    return function_call_output(call, "aborted: the turn was stopped")
 
 
 async def _run(call: FunctionCall, context: CommandContext | None) -> str:

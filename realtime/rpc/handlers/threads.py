@@ -13,8 +13,8 @@ from realtime.services.config import UpstreamConfig
 from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import Thread, Turn, new_id
 from realtime.tools.exec_sessions import command_sessions
-from realtime.tools.sandbox import FULL_ACCESS, MODES, READ_ONLY, WORKSPACE_WRITE, SandboxPolicy
-from realtime.tools.workspace import outside_workspace_warning, within_workspace, workspace_roots
+from realtime.tools.sandbox import FULL_ACCESS, MODES, READ_ONLY
+from realtime.tools.workspace import outside_workspace_warning, thread_sandbox, within_workspace, workspace_roots
 
 from ..params import (
     optional_bool,
@@ -38,9 +38,7 @@ MAX_PAGE = 100
 def _session_json(thread: Thread, turns: list[Turn] | None, running_elsewhere: bool = False) -> dict[str, Any]:
     """What ``thread/start`` and ``thread/resume`` answer: the thread and the
     effective settings its commands run with (PROTOCOL §11)."""
-    policy = SandboxPolicy(
-        thread.sandbox_mode, (thread.cwd,) if thread.sandbox_mode == WORKSPACE_WRITE else (), thread.network_access
-    )
+    policy = thread_sandbox(thread)
     return {
         "thread": thread.to_json(turns, running_elsewhere),
         "model": thread.model,
