@@ -44,6 +44,9 @@ class Command(BaseCommand):
         AppServerCommandLine().run(argv)
 
 
+UPGRADE_TIMEOUT_SECONDS = 20
+
+
 def daphne_argv(host: str, port: int, extra: list[str]) -> list[str]:
     """daphne's command line: the protocol's limits, then the operator's options."""
     return [
@@ -55,6 +58,12 @@ def daphne_argv(host: str, port: int, extra: list[str]) -> list[str]:
         "--ping-interval", "20",
         "--ping-timeout", "30",
         "--application-close-timeout", "10",
+        # An upgrade may wait this long for its row and channel (daphne's
+        # default is 5 s, then it drops the socket without an answer): in a
+        # reconnect storm (1,000 clients at once on 2 busy cores) the last
+        # upgrades queue past 5 s, and a dropped client only comes back to
+        # queue again.
+        "--websocket_connect_timeout", str(UPGRADE_TIMEOUT_SECONDS),
         # No fixed lifetime (daphne's default closes every socket after 24 h):
         # IDE sessions stay open for days; dead peers fail the ping (PROTOCOL §2).
         "--websocket_timeout", "-1",
