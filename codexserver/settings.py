@@ -260,6 +260,12 @@ CODEX_MAX_TOOL_STEPS = _env_number("CODEX_MAX_TOOL_STEPS", "100", int)
 CODEX_COMMAND_TIMEOUT = _env_number("CODEX_COMMAND_TIMEOUT", "600", float)
 # danger-full-access runs commands unsandboxed: refused unless the operator says so.
 CODEX_ALLOW_FULL_ACCESS = os.environ.get("CODEX_ALLOW_FULL_ACCESS") == "1"
+# The API's hosted web search, as Codex's web_search modes: "cached" (its
+# index only, Codex 0.169.0's default), "live" (the open web), "disabled".
+CODEX_WEB_SEARCH = _env_choice("CODEX_WEB_SEARCH", "cached", ("cached", "live", "disabled"))
+# A command session left running by a finished turn ends once its thread has
+# had no subscriber on this process for this long.
+CODEX_SESSION_IDLE_SECONDS = _env_number("CODEX_SESSION_IDLE_SECONDS", "600", float)
 # Where threads may work (absolute paths); a principal's own roots replace these.
 def _directory_served_from() -> list[str]:
     try:

@@ -98,14 +98,31 @@ async def test_a_tool_loop_recording_calls_a_tool_we_lack_and_the_loop_goes_on(c
     assert usage(seen)["totalTokens"] == 162  # the one response that reported usage
 
 
-async def test_web_search_recording_keeps_non_ascii_text_and_ignores_tool_items(client):
-    seen, done = await run_collecting(client, await client.start_thread(), "fixture:openai-web-search-tool.1")
+async def test_web_search_recording_shows_each_search_and_replays_it_next_turn(client, upstream):
+    thread = await client.start_thread()
+    seen, done = await run_collecting(client, thread, "fixture:openai-web-search-tool.1")
     assert done["turn"]["status"] == "completed"
     [reply] = completed_items(seen, "agentMessage")
     assert reply["text"].startswith("Here’s what’s notable in Berlin today") and "–" in reply["text"]
     assert len(completed_items(seen, "reasoning")) == 5
-    assert {p["item"]["type"] for p in of(seen, "item/started")} == {"userMessage", "reasoning", "agentMessage"}
+    # The hosted tool's four searches are webSearch items: empty while running, then what was searched.
+    started = [p["item"] for p in of(seen, "item/started") if p["item"]["type"] == "webSearch"]
+    assert len(started) == 4 and all(item["query"] == "" and item["action"] is None for item in started)
+    searches = completed_items(seen, "webSearch")
+    assert [item["id"] for item in searches] == [item["id"] for item in started]
+    assert searches[0]["query"] == "Berlin news today"
+    assert searches[0]["action"] == {"type": "search", "query": "Berlin news today", "queries": None}
     assert usage(seen) == {"inputTokens": 60093, "cachedInputTokens": 34560, "outputTokens": 4080, "reasoningOutputTokens": 3648, "totalTokens": 64173}
+    # The searches are offered (as Codex 0.169.0 offers them), and replayed without what they found.
+    body = upstream.model_requests()[-1].body
+    assert {"type": "web_search", "external_web_access": False} in body["tools"]
+    await run_collecting(client, thread, "and then?")
+    replayed = [item for item in upstream.model_requests()[-1].body["input"] if item.get("type") == "web_search_call"]
+    assert len(replayed) == 4
+    assert replayed[0] == {"type": "web_search_call", "status": "completed", "action": {"type": "search", "query": "Berlin news today"}}
+    read = await client.call("thread/read", {"threadId": thread, "includeTurns": True})
+    read_items = read["thread"]["turns"][0]["items"]
+    assert [item for item in read_items if item["type"] == "webSearch"] == searches
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,13 @@ COMMAND_TOOLS: tuple[dict[str, Any], ...] = (
     ),
 )
 
+def offered_tools(web_search: str) -> tuple[dict[str, Any], ...]:
+    """What a thread with tools offers the model: the server's own tools, and
+    the API's hosted search as Codex 0.169.0 offers it (``CODEX_WEB_SEARCH``)."""
+    hosted = () if web_search == "disabled" else ({"type": "web_search", "external_web_access": web_search == "live"},)
+    return (*COMMAND_TOOLS, *hosted)
+
+
 AGENT_INSTRUCTIONS = """\
 You are a coding agent working in the user's workspace through this server. \
 Use exec_command to inspect and change files and to run programs; prefer small, \

@@ -27,7 +27,7 @@ from realtime.tools.commands import (
     server_own_paths,
     server_private_paths,
 )
-from realtime.tools.definitions import AGENT_INSTRUCTIONS, COMMAND_TOOLS, environment_context
+from realtime.tools.definitions import AGENT_INSTRUCTIONS, environment_context
 from realtime.tools.exec_sessions import command_sessions
 from realtime.tools.workspace import thread_sandbox
 
@@ -61,6 +61,7 @@ class TurnContext:
     tools_enabled: bool = False
     max_tool_steps: int = 1
     full_access_allowed: bool = False
+    offered_tools: tuple[dict[str, Any], ...] = ()  # to the model, where tools are enabled
 
 
 async def run_turn(turn_context: TurnContext) -> None:
@@ -197,7 +198,7 @@ def _model_request(turn_context: TurnContext, steps: list[dict[str, Any]], tools
         input=[turn_context.user_message, *steps],
         instructions=instructions,
         output_schema=turn_context.output_schema,
-        tools=COMMAND_TOOLS if tools is not None else (),
+        tools=turn_context.offered_tools if tools is not None else (),
     )
 
 

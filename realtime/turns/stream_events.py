@@ -19,6 +19,7 @@ from realtime.store.threads import ItemRecord, Turn, new_id, now_ms
 
 AGENT_MESSAGE = "agentMessage"
 REASONING = "reasoning"
+WEB_SEARCH_CALL = "web_search_call"  # the hosted tool's item (PROTOCOL §11): a webSearch item
 PHASES = frozenset({"commentary", "partial_answer", "final_answer"})  # the schema's MessagePhase
 TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta")
 MAX_ITEM_ID_CHARS = 256  # the API's ids are a few dozen characters
@@ -73,6 +74,24 @@ class _Reasoning(_Item):
         return {"type": REASONING, "summary": summary, "encrypted_content": self.encrypted_content}
 
 
+@dataclass(eq=False)
+class _WebSearch(_Item):
+    """The API's hosted search: the upstream ran it; we show and replay it."""
+
+    action: dict[str, Any] | None = None  # the API's, as the done item said it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "webSearch", "query": _search_query(self.action), "action": _wire_action(self.action)}
+
+    def model_input(self) -> dict[str, Any] | None:
+        """Replayed as Codex does: what was searched, not what was found (the
+        sources are the upstream's; the model's reply already cites them)."""
+        if self.action is None:
+            return None
+        action = {key: value for key, value in self.action.items() if key in ("type", "query", "queries", "url", "pattern")}
+        return {"type": WEB_SEARCH_CALL, "status": "completed", "action": action}
+
+
 @dataclass(frozen=True, slots=True)
 class FunctionCall:
     """A tool call the model made; ``arguments`` is its JSON text, as sent."""
@@ -121,6 +140,8 @@ class TurnEventTranslator:
                 replay.append({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": item.text}]})
             elif isinstance(item, _Call) and key in self._calls:
                 replay.append(self._calls[key].model_input())
+            elif isinstance(item, _WebSearch) and (search := item.model_input()) is not None:
+                replay.append(search)
         return replay
 
     def end_response(self) -> list[dict[str, Any]]:
@@ -185,6 +206,14 @@ class TurnEventTranslator:
                 self._complete(message)
         elif item.get("type") == "function_call":
             self._function_call(key, item)
+        elif item.get("type") == WEB_SEARCH_CALL:
+            search = self._items.get(key)
+            if not isinstance(search, _WebSearch):
+                search = _WebSearch(*self._new_item(key))
+                self._start(key, search)
+            if done:
+                search.action = _search_action(item.get("action"))
+                self._complete(search)
         elif item.get("type") == REASONING:
             reasoning = self._reasoning_item(key)
             if isinstance(item.get("encrypted_content"), str):
@@ -242,7 +271,7 @@ class TurnEventTranslator:
         upstream_id = not key.startswith("output:") and len(key) <= MAX_ITEM_ID_CHARS and storable_str(key)
         return (key if upstream_id else new_id()), ItemRecord({}, now_ms())
 
-    def _start(self, key: str, item: _AgentMessage | _Reasoning) -> None:
+    def _start(self, key: str, item: _AgentMessage | _Reasoning | _WebSearch) -> None:
         self._items[key] = item
         item.record.item = item.to_json()
         self.turn.items.append(item.record)
@@ -294,3 +323,47 @@ def _fill_parts(parts: dict[int, list[str]], done: Any) -> None:
     for index, part in enumerate(done):
         if isinstance(part, dict) and isinstance(part.get("text"), str):
             parts[index] = [made_storable(part["text"])]
+
+
+# The API's web search action types (the schema names them in camelCase).
+SEARCH_ACTIONS = frozenset({"search", "open_page", "find_in_page"})
+
+
+def _search_action(action: Any) -> dict[str, Any] | None:
+    """The done item's action, kept to what the schema and a replay use, storable."""
+    if not isinstance(action, dict) or not isinstance(action.get("type"), str):
+        return None
+    kept: dict[str, Any] = {"type": action["type"] if action["type"] in SEARCH_ACTIONS else "other"}
+    for name in ("query", "url", "pattern"):
+        if isinstance(action.get(name), str):
+            kept[name] = made_storable(action[name])
+    if isinstance(action.get("queries"), list):
+        kept["queries"] = [made_storable(query) for query in action["queries"] if isinstance(query, str)]
+    return kept
+
+
+def _wire_action(action: dict[str, Any] | None) -> dict[str, Any] | None:
+    if action is None:
+        return None
+    kind = action["type"]
+    if kind == "search":
+        return {"type": "search", "query": action.get("query"), "queries": action.get("queries")}
+    if kind == "open_page":
+        return {"type": "openPage", "url": action.get("url")}
+    if kind == "find_in_page":
+        return {"type": "findInPage", "url": action.get("url"), "pattern": action.get("pattern")}
+    return {"type": "other"}
+
+
+def _search_query(action: dict[str, Any] | None) -> str:
+    """One line for the item's ``query``, as Codex shows a search."""
+    if action is None:
+        return ""
+    if action["type"] == "search":
+        queries = action.get("queries") or []
+        return action.get("query") or (queries[0] + (" ..." if len(queries) > 1 else "") if queries else "")
+    if action["type"] == "open_page":
+        return action.get("url") or ""
+    if action["type"] == "find_in_page":
+        return f"'{action.get('pattern') or ''}' in {action.get('url') or ''}"
+    return ""

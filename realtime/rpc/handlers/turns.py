@@ -12,6 +12,7 @@ from realtime.services.config import UpstreamConfig
 from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
 from realtime.store.turn_writes import WrittenButUnread
+from realtime.tools.definitions import offered_tools
 from realtime.tools.workspace import within_workspace, workspace_roots
 from realtime.turns.runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
 
@@ -143,6 +144,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         tools_enabled=not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal)),
         max_tool_steps=settings.CODEX_MAX_TOOL_STEPS,
         full_access_allowed=settings.CODEX_ALLOW_FULL_ACCESS,
+        offered_tools=offered_tools(settings.CODEX_WEB_SEARCH),
     )
 
     connection = context.connection
