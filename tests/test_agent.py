@@ -70,7 +70,7 @@ async def test_a_command_runs_in_the_workspace_and_the_model_is_asked_again_with
     assert done["params"]["item"]["aggregatedOutput"] == "made\n" and done["params"]["item"]["durationMs"] >= 0
 
     first, second = upstream.model_requests()[-2:]
-    assert [tool["name"] for tool in first.body["tools"]] == ["exec_command", "write_stdin", "request_user_input"]
+    assert [tool.get("name", tool["type"]) for tool in first.body["tools"]] == ["exec_command", "write_stdin", "request_user_input", "web_search"]
     assert "<cwd>" + str(workspace) in first.body["instructions"]
     call, output = second.body["input"][-2:]
     assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"cmd": "echo made > made.txt && cat made.txt"}
@@ -533,3 +533,95 @@ async def test_binary_output_is_stored_and_replayed_on_either_database(connect, 
     assert (await turn(client, thread, "next"))["turn"]["status"] == "completed"  # the thread is free, its history good
     read = await client.call("thread/read", {"threadId": thread, "includeTurns": True})
     assert [t["status"] for t in read["thread"]["turns"]] == ["completed", "completed"]
+
+
+LOOKUP_TOOLS = [
+    {
+        "type": "namespace",
+        "name": "notes",
+        "description": "The user's notes, kept by the client.",
+        "tools": [{"type": "function", "name": "lookup", "description": "Find a note.", "inputSchema": {"type": "object", "properties": {}}}],
+    },
+    {"type": "function", "name": "clock", "description": "The client's time.", "inputSchema": {"type": "object", "properties": {}}},
+]
+
+
+async def test_a_clients_dynamic_tools_are_offered_and_called_on_the_client_that_declared_them(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, dynamicTools=LOOKUP_TOOLS)
+    thread = started["thread"]["id"]
+    watcher = await connect()  # a second subscriber: it sees the item, it is never asked
+    await watcher.initialize("codex_ios", "1.0.0")
+    await watcher.call("thread/resume", {"threadId": thread})
+    await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "call:notes/lookup call:clock"}]})
+
+    asked = [await client.wait_for(lambda m: m.get("method") == "item/tool/call" and "id" in m) for _ in range(2)]
+    by_tool = {request["params"]["tool"]: request for request in asked}
+    assert by_tool["lookup"]["params"]["namespace"] == "notes" and by_tool["clock"]["params"]["namespace"] is None
+    assert by_tool["lookup"]["params"]["arguments"] == {} and by_tool["lookup"]["params"]["threadId"] == thread
+    await client.send({"id": by_tool["lookup"]["id"], "result": {"contentItems": [{"type": "inputText", "text": "milk"}], "success": True}})
+    await client.send({"id": by_tool["clock"]["id"], "error": {"code": -32000, "message": "no clock"}})
+    ended = await client.notification("turn/completed", threadId=thread)
+    assert ended["turn"]["status"] == "completed"
+
+    read = await client.call("thread/read", {"threadId": thread, "includeTurns": True})
+    calls = {item["tool"]: item for item in read["thread"]["turns"][-1]["items"] if item["type"] == "dynamicToolCall"}
+    assert calls["lookup"]["status"] == "completed" and calls["lookup"]["success"] is True
+    assert calls["lookup"]["contentItems"] == [{"type": "inputText", "text": "milk"}] and calls["lookup"]["namespace"] == "notes"
+    assert calls["clock"]["status"] == "failed" and calls["clock"]["success"] is False
+
+    first, second = upstream.model_requests()[-2:]
+    offered = {tool.get("name"): tool for tool in first.body["tools"]}
+    assert offered["notes"]["type"] == "namespace" and offered["notes"]["tools"][0]["name"] == "lookup"
+    assert offered["notes"]["tools"][0]["parameters"] == {"type": "object", "properties": {}}
+    assert offered["clock"]["type"] == "function"
+    [lookup_call] = [item for item in second.body["input"] if item.get("type") == "function_call" and item["name"] == "lookup"]
+    assert lookup_call["namespace"] == "notes"  # replayed as the model made it
+    outputs = {item["call_id"]: item["output"] for item in second.body["input"] if item.get("type") == "function_call_output"}
+    assert outputs[lookup_call["call_id"]] == "milk"
+    # The watcher saw the calls as items, and was never asked to run them.
+    assert not [m for m in watcher.inbox if m.get("method") == "item/tool/call"]
+
+
+async def test_a_dynamic_tool_of_a_client_that_left_fails_and_the_model_is_told(connect, upstream, workspace):
+    declarer, started = await agent(connect, workspace, dynamicTools=LOOKUP_TOOLS)
+    thread = started["thread"]["id"]
+    other = await connect()
+    await other.initialize("codex_ios", "1.0.0")
+    await other.call("thread/resume", {"threadId": thread})
+    await declarer.communicator.disconnect()
+    completed = await other.run_turn(thread, "call:clock")
+    assert completed["turn"]["status"] == "completed"
+    output = [item for item in upstream.model_requests()[-1].body["input"] if item.get("type") == "function_call_output"][-1]
+    assert output["output"] == "clock: the client that provides it has disconnected"
+
+
+@pytest.mark.parametrize(
+    "tools, why",
+    [
+        ("not a list", "dynamicTools must be an array"),
+        ([{"type": "function", "name": "exec_command", "description": "", "inputSchema": {}}], "is a tool of this server"),
+        ([{"type": "function", "name": "has space", "description": "", "inputSchema": {}}], "letters, digits"),
+        ([{"type": "function", "name": "x", "description": "", "inputSchema": "no"}], "inputSchema"),
+        ([LOOKUP_TOOLS[1], LOOKUP_TOOLS[1]], "twice"),
+    ],
+)
+async def test_bad_dynamic_tools_are_refused_with_invalid_params(connect, workspace, tools, why):
+    client = await connect()
+    await client.initialize("codex_vscode", "1.0.0")
+    error = (await client.request("thread/start", {"cwd": str(workspace), "dynamicTools": tools}))["error"]
+    assert error["code"] == -32602 and why in error["message"]
+
+
+async def test_an_interrupted_dynamic_tool_call_is_resolved_for_its_client(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, dynamicTools=LOOKUP_TOOLS)
+    thread = started["thread"]["id"]
+    turn_id = (await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "call:clock"}]}))["turn"]["id"]
+    asked = await client.wait_for(lambda m: m.get("method") == "item/tool/call" and "id" in m)
+    await client.call("turn/interrupt", {"threadId": thread, "turnId": turn_id})
+    resolved = await client.notification("serverRequest/resolved", threadId=thread)
+    assert resolved["requestId"] == asked["id"]
+    ended = await client.notification("turn/completed", threadId=thread)
+    assert ended["turn"]["status"] == "interrupted"
+    read = await client.call("thread/read", {"threadId": thread, "includeTurns": True})
+    [call] = [item for item in read["thread"]["turns"][-1]["items"] if item["type"] == "dynamicToolCall"]
+    assert call["status"] == "failed" and call["tool"] == "clock"

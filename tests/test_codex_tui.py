@@ -173,3 +173,23 @@ async def test_the_codex_tui_shows_a_command_asks_to_approve_it_and_shows_a_decl
         assert_no_error_banner(screen.split("declined.txt")[-1])
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
+
+
+async def test_the_codex_tui_runs_its_own_dynamic_tool_when_the_model_calls_it(daphne_server, upstream, codex_home, terminals):
+    workspace = Path(tempfile.mkdtemp(prefix="codexserver-tui-"))
+    try:
+        server = daphne_server(CODEX_WORKSPACE_ROOTS=str(workspace))
+        terminal = run_tui(terminals, server, codex_home)
+        # The TUI declares its codex_tui namespace in thread/start; the model calls one of them.
+        send_prompt(terminal, "call:codex_tui/list_threads")
+        terminal.wait_for_text("Called codex_tui.list_threads", timeout=30)
+        screen = terminal.wait_for_text("got: ", timeout=30)
+        assert_no_error_banner(screen)
+        # (The TUI also names the thread in an ephemeral thread of its own: a request without tools.)
+        first, second = [r for r in upstream.model_requests() if r.originator == "codex-tui" and "tools" in r.body][-2:]
+        [namespace] = [tool for tool in first.body["tools"] if tool.get("name") == "codex_tui"]
+        assert namespace["type"] == "namespace" and "list_threads" in [tool["name"] for tool in namespace["tools"]]
+        [output] = [item["output"] for item in second.body["input"] if item.get("type") == "function_call_output"]
+        assert '"threads"' in output  # what the TUI answered, from its own thread/list on this server
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)

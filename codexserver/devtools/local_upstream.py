@@ -24,6 +24,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "stdin[N:TEXT]"   call write_stdin on session N with TEXT (a newline added)
     "ask[QUESTION]"   call request_user_input with QUESTION (options Red and Blue)
     "call:NAME"       call a tool NAME with no arguments (one the server does not have, say)
+    "call:NS/NAME"    call the function NAME of the namespace NS (a client's dynamic tools)
     "steps:N"         with exec[…]: call again until N calls were answered this turn
     anything else     stream "Hello" + " world" and complete
 
@@ -86,10 +87,10 @@ def _last_user_text(body: dict) -> str:
     return ""
 
 
-def function_call_events(calls: list[tuple[str, dict]]) -> list[dict]:
-    """One response that calls each (tool name, arguments), side by side."""
+def function_call_events(calls: list[tuple]) -> list[dict]:
+    """One response that calls each (tool name, arguments[, namespace]), side by side."""
     events: list[dict] = [{"type": "response.created", "response": {"id": "resp_tools"}}]
-    for index, (name, arguments) in enumerate(calls):
+    for index, (name, arguments, *namespace) in enumerate(calls):
         item = {
             "id": f"fc_{uuid.uuid4().hex[:12]}",
             "type": "function_call",
@@ -97,6 +98,7 @@ def function_call_events(calls: list[tuple[str, dict]]) -> list[dict]:
             "call_id": f"call_{uuid.uuid4().hex[:12]}",
             "name": name,
             "arguments": "",
+            **({"namespace": namespace[0]} if namespace else {}),
         }
         text = json.dumps(arguments)
         events.append({"type": "response.output_item.added", "output_index": index, "item": item})
@@ -136,7 +138,8 @@ def _tool_step(text: str, body: dict) -> list[dict] | None:
         }]})
         for question in re.findall(r"ask\[(.+?)\]", text)
     ]  # fmt: skip
-    calls += [(name, {}) for name in re.findall(r"call:(\w+)", text)]
+    calls += [(name, {}) for name in re.findall(r"call:(\w+)(?![\w/])", text)]
+    calls += [(name, {}, namespace) for namespace, name in re.findall(r"call:(\w+)/(\w+)", text)]
     calls += [
         ("exec_command", {"cmd": f"apply_patch <<'EOF'\n{patch}\nEOF"})
         for patch in re.findall(r"\*\*\* Begin Patch.*?\*\*\* End Patch", text, re.DOTALL)

@@ -24,6 +24,7 @@ from identity.scope import identity_scope
 from realtime.fanout.thread_hub import thread_hub
 from realtime.services.upstream_errors import UpstreamError
 from realtime.store.threads import Thread
+from realtime.tools.dynamic_tools import ClientGone
 
 from . import protocol
 from .handlers import HANDLERS, INITIALIZE, INTERRUPT
@@ -67,6 +68,8 @@ class AppServerConnection:
         self._revoked = False
         # Server requests sent to it and not yet resolved: id → the channel of the process that asked.
         self.server_requests: dict[str, str | None] = {}
+        # Server requests to this connection alone (its dynamic tools' calls): id → its answer.
+        self._own_requests: dict[str, asyncio.Future] = {}
         self.identity: ClientIdentity | None = None
         self.opted_out: frozenset[str] = frozenset()
         self.threads: dict[str, Thread] = {}  # subscribed to
@@ -131,6 +134,11 @@ class AppServerConnection:
     def _take_client_response(self, response: ClientResponse) -> None:
         """The client answered a server request (an approval): to the process
         that asked; the first answer from any subscriber wins there."""
+        own = self._own_requests.pop(response.id, None) if isinstance(response.id, str) else None
+        if own is not None:
+            if not own.done():
+                own.set_result(response.result if response.error is None else None)
+            return
         if response.id not in self.server_requests:
             logger.debug("ignoring a client response to id %r", response.id)
             return
@@ -199,6 +207,29 @@ class AppServerConnection:
     def forget_server_request(self, request_id: str) -> None:
         self.server_requests.pop(request_id, None)
 
+    async def ask(self, method: str, params: dict[str, Any]) -> Any:
+        """A server request to this connection alone (a call of a tool it
+        declared): the answer's ``result``, None for an error answer.
+        ClientGone if it closes first; a request the turn stops waiting
+        for is resolved (``serverRequest/resolved``), as an approval is."""
+        if self._closed:
+            raise ClientGone
+        request_id = f"request-{uuid.uuid4()}"
+        answered = asyncio.get_running_loop().create_future()
+        self._own_requests[request_id] = answered
+        self.send({"id": request_id, "method": method, "params": params})
+        try:
+            return await answered
+        finally:
+            if self._own_requests.pop(request_id, None) is not None:  # stopped waiting: no answer is wanted now
+                self.notify("serverRequest/resolved", {"threadId": params.get("threadId"), "requestId": request_id})
+
+    def _fail_own_requests(self) -> None:
+        pending, self._own_requests = self._own_requests, {}
+        for answered in pending.values():
+            if not answered.done():
+                answered.set_exception(ClientGone())
+
     # --- tasks --------------------------------------------------------------
 
     def spawn(self, coro: Coroutine, name: str | None = None) -> asyncio.Task:
@@ -241,12 +272,14 @@ class AppServerConnection:
         meantime would read the rest of its stream for nobody: four flooding
         turns held the event loop for a second and more."""
         self._closed = True
+        self._fail_own_requests()
         for task in list(self._tasks):
             task.cancel()
 
     async def close(self) -> None:
         """Called at disconnect: cancel every task; their upstream streams close with them."""
         self._closed = True
+        self._fail_own_requests()
         live_connections.discard(self)
         try:
             tasks = list(self._tasks)

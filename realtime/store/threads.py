@@ -146,6 +146,9 @@ class Thread:
     network_access: bool = False
     approval_policy: Any = "on-request"  # "untrusted" | "on-request" | "never" | {"granular": {…}}
     ephemeral: bool = False  # never stored: not listed, and gone when unloaded
+    # The tools a client declared in thread/start (tools.dynamic_tools.DeclaredTools):
+    # this process's, never stored; they go with the connection that runs them.
+    dynamic_tools: Any = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)  # sub-second: list order needs it
     preview: str = ""

@@ -75,6 +75,20 @@ class CommandContext:
     # a server request to every subscriber of the thread, on every process: the first answer
     ask: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None
     full_access_allowed: bool = False  # CODEX_ALLOW_FULL_ACCESS: an approved escalation runs unsandboxed
+    dynamic_tools: Any = None  # the thread's DeclaredTools (dynamic_tools.py), if a client declared some
+
+    def start_item(self, item: dict[str, Any]) -> ItemRecord:
+        """A new item of the turn: kept with it, and announced."""
+        record = ItemRecord(item, now_ms())
+        self.add_item(record)
+        self.notify("item/started", {"item": record.item, "startedAtMs": record.started_at_ms})
+        return record
+
+    def complete_item(self, record: ItemRecord, item: dict[str, Any]) -> None:
+        record.item = item
+        record.completed_at_ms = now_ms()
+        self.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
+
 
 class CallRefused(Exception):
     """The call is not run; the message is what the model is told."""

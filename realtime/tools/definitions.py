@@ -99,11 +99,12 @@ COMMAND_TOOLS: tuple[dict[str, Any], ...] = (
     ),
 )
 
-def offered_tools(web_search: str) -> tuple[dict[str, Any], ...]:
-    """What a thread with tools offers the model: the server's own tools, and
-    the API's hosted search as Codex 0.169.0 offers it (``CODEX_WEB_SEARCH``)."""
+def offered_tools(web_search: str, dynamic: tuple[dict[str, Any], ...] = ()) -> tuple[dict[str, Any], ...]:
+    """What a thread with tools offers the model: the server's own tools, the
+    API's hosted search as Codex 0.169.0 offers it (``CODEX_WEB_SEARCH``),
+    and the tools its client declared."""
     hosted = () if web_search == "disabled" else ({"type": "web_search", "external_web_access": web_search == "live"},)
-    return (*COMMAND_TOOLS, *hosted)
+    return (*COMMAND_TOOLS, *hosted, *dynamic)
 
 
 AGENT_INSTRUCTIONS = """\

@@ -180,6 +180,7 @@ def _tool_context(turn_context: TurnContext, notify) -> CommandContext | None:
         add_item=turn.items.append,
         ask=functools.partial(thread_hub().ask, thread),
         full_access_allowed=turn_context.full_access_allowed,
+        dynamic_tools=thread.dynamic_tools,
     )
 
 

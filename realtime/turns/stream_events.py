@@ -99,9 +99,11 @@ class FunctionCall:
     call_id: str
     name: str
     arguments: str
+    namespace: str | None = None  # a call of a namespace's function (a client's dynamic tools)
 
     def model_input(self) -> dict[str, Any]:
-        return {"type": "function_call", "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        called = {"type": "function_call", "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        return called if self.namespace is None else {**called, "namespace": self.namespace}
 
 
 class TurnEventTranslator:
@@ -230,7 +232,8 @@ class TurnEventTranslator:
         call_id, name = item.get("call_id"), item.get("name")
         if isinstance(call_id, str) and call_id and isinstance(name, str):
             arguments = item.get("arguments") if isinstance(item.get("arguments"), str) else ""
-            self._calls[key] = FunctionCall(made_storable(call_id), made_storable(name), made_storable(arguments))
+            namespace = made_storable(item["namespace"]) if isinstance(item.get("namespace"), str) else None
+            self._calls[key] = FunctionCall(made_storable(call_id), made_storable(name), made_storable(arguments), namespace)
 
     def _text_delta(self, event: dict[str, Any]) -> None:
         delta = _text(event.get("delta"))

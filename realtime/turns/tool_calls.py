@@ -4,6 +4,7 @@ one output for the model, whatever happens to it (PROTOCOL §11)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ from realtime.store.storable_text import made_storable
 from realtime.tools import commands
 from realtime.tools.commands import CallRefused, CommandContext, TurnCancelledByUser
 from realtime.tools.definitions import EXEC_COMMAND, REQUEST_USER_INPUT, WRITE_STDIN
+from realtime.tools.dynamic_tools import call_dynamic_tool
 from realtime.tools.user_input import request_user_input
 
 from .stream_events import FunctionCall
@@ -38,10 +40,12 @@ async def run_calls(calls: list[FunctionCall], context: CommandContext | None) -
     return [function_call_output(call, task.result()) for call, task in zip(calls, running, strict=True)]
 
 
-def function_call_output(call: FunctionCall, output: str) -> dict[str, Any]:
-    """The model input item of a call's output. Stored and replayed: whatever
-    a tool returned, nothing a database refuses."""
-    return {"type": "function_call_output", "call_id": call.call_id, "output": made_storable(output)}
+def function_call_output(call: FunctionCall, output: str | list[dict[str, Any]]) -> dict[str, Any]:
+    """The model input item of a call's output (text, or content parts). Stored
+    and replayed: whatever a tool returned, nothing a database refuses."""
+    # Content parts come from dynamic_tools, which made each storable.
+    kept = made_storable(output) if isinstance(output, str) else output
+    return {"type": "function_call_output", "call_id": call.call_id, "output": kept}
 
 
 def aborted_output(call: FunctionCall) -> dict[str, Any]:
@@ -49,8 +53,11 @@ def aborted_output(call: FunctionCall) -> dict[str, Any]:
     return function_call_output(call, "aborted: the turn was stopped")
 
 
-async def _run(call: FunctionCall, context: CommandContext | None) -> str:
-    handler = TOOLS.get(call.name) if context is not None else None
+async def _run(call: FunctionCall, context: CommandContext | None) -> str | list[dict[str, Any]]:
+    handler = TOOLS.get(call.name) if context is not None and call.namespace is None else None
+    declared = context.dynamic_tools if context is not None else None
+    if handler is None and declared is not None and (dynamic := declared.find(call.namespace, call.name)) is not None:
+        handler = functools.partial(call_dynamic_tool, declared=declared, tool=dynamic)
     if handler is None:
         return f"unsupported call: {call.name} is not a tool of this server"
     try:

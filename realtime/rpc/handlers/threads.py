@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
@@ -12,6 +14,7 @@ from realtime.services import telemetry
 from realtime.services.config import UpstreamConfig
 from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import Thread, Turn, new_id
+from realtime.tools.dynamic_tools import ClientGone, DeclaredTools, parse_dynamic_tools
 from realtime.tools.exec_sessions import command_sessions
 from realtime.tools.sandbox import FULL_ACCESS, MODES, READ_ONLY
 from realtime.tools.workspace import outside_workspace_warning, thread_sandbox, within_workspace, workspace_roots
@@ -93,10 +96,36 @@ def _check_thread_limit(context, thread_id: str) -> None:
         raise JsonRpcError(INVALID_REQUEST, f"Thread limit reached ({settings.CODEX_MAX_THREADS_PER_CONNECTION} per connection)")
 
 
+def _dynamic_tools(params: dict[str, Any], connection) -> DeclaredTools | None:
+    """The tools the client declares for the thread, run by this connection."""
+    if params.get("dynamicTools") in (None, []):
+        return None
+    try:
+        tools, namespaces = parse_dynamic_tools(params["dynamicTools"])
+    except ValueError as exc:
+        raise JsonRpcError.invalid_params(str(exc)) from None
+    return DeclaredTools(tools, namespaces, ask=_asking(connection))
+
+
+def _asking(connection) -> Callable[[str, dict[str, Any]], Awaitable[Any]]:
+    """The declaring connection's server request, without keeping it alive:
+    the thread may outlive it here (another subscriber holds it)."""
+    declarer = weakref.ref(connection)
+
+    async def ask(method: str, params: dict[str, Any]) -> Any:
+        live = declarer()
+        if live is None:
+            raise ClientGone
+        return await live.ask(method, params)
+
+    return ask
+
+
 async def start_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     config = UpstreamConfig.from_settings()
     roots = workspace_roots(context.principal)
+    dynamic_tools = _dynamic_tools(params, context.connection)
     thread = Thread(
         id=new_id(),
         model=optional_stored_str(params, "model") or config.model,
@@ -112,6 +141,7 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
     _check_thread_limit(context, thread.id)
     await store_for(thread).create(thread)
     thread = await context.connection.subscribe(thread)
+    thread.dynamic_tools = dynamic_tools
     identity = context.identity
 
     connection = context.connection

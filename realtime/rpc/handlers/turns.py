@@ -144,7 +144,9 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         tools_enabled=not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal)),
         max_tool_steps=settings.CODEX_MAX_TOOL_STEPS,
         full_access_allowed=settings.CODEX_ALLOW_FULL_ACCESS,
-        offered_tools=offered_tools(settings.CODEX_WEB_SEARCH),
+        offered_tools=offered_tools(
+            settings.CODEX_WEB_SEARCH, thread.dynamic_tools.for_model() if thread.dynamic_tools is not None else ()
+        ),
     )
 
     connection = context.connection
