@@ -6,6 +6,7 @@ message any client gets is checked against the 0.169.0 schema (conftest)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import subprocess
@@ -70,7 +71,9 @@ async def test_a_command_runs_in_the_workspace_and_the_model_is_asked_again_with
     assert done["params"]["item"]["aggregatedOutput"] == "made\n" and done["params"]["item"]["durationMs"] >= 0
 
     first, second = upstream.model_requests()[-2:]
-    assert [tool.get("name", tool["type"]) for tool in first.body["tools"]] == ["exec_command", "write_stdin", "request_user_input", "web_search"]
+    assert [tool.get("name", tool["type"]) for tool in first.body["tools"]] == [
+        "exec_command", "write_stdin", "request_user_input", "view_image", "web_search"
+    ]  # fmt: skip
     assert "<cwd>" + str(workspace) in first.body["instructions"]
     call, output = second.body["input"][-2:]
     assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"cmd": "echo made > made.txt && cat made.txt"}
@@ -625,3 +628,39 @@ async def test_an_interrupted_dynamic_tool_call_is_resolved_for_its_client(conne
     read = await client.call("thread/read", {"threadId": thread, "includeTurns": True})
     [call] = [item for item in read["thread"]["turns"][-1]["items"] if item["type"] == "dynamicToolCall"]
     assert call["status"] == "failed" and call["tool"] == "clock"
+
+
+# The smallest PNG there is: one transparent pixel.
+PIXEL_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c63000100000500010d0a2db40000000049454e44ae426082"
+)
+
+
+async def test_view_image_shows_a_workspace_image_to_the_model_and_never_a_hidden_one(connect, upstream, workspace, settings, tmp_path):
+    (workspace / "pixel.png").write_bytes(PIXEL_PNG)
+    (workspace / "notes.txt").write_text("not an image")
+    (workspace / "big.png").write_bytes(PIXEL_PNG + b"\0" * (720 * 1024))
+    home = tmp_path / "codex-home"  # the server's own: hidden from every command
+    home.mkdir()
+    (home / "secret.png").write_bytes(PIXEL_PNG)
+    settings.CODEX_HOME = str(home)
+    client, started = await agent(connect, workspace, sandbox="read-only")
+    thread = started["thread"]["id"]
+
+    completed = await turn(client, thread, "view[pixel.png]")
+    [viewed] = [item for item in completed["turn"]["items"] if item["type"] == "imageView"]
+    assert viewed["path"] == str(workspace / "pixel.png")
+    [output] = [item["output"] for item in upstream.model_requests()[-1].body["input"] if item.get("type") == "function_call_output"]
+    assert output == [{"type": "input_image", "image_url": "data:image/png;base64," + base64.b64encode(PIXEL_PNG).decode()}]
+
+    for path, why in [
+        (home / "secret.png", "No such file"),
+        ("notes.txt", "is not a PNG, JPEG, GIF or WebP image"),
+        ("big.png", "is larger than 720 KiB"),
+        ("missing.png", "No such file"),
+    ]:
+        completed = await turn(client, thread, f"view[{path}]")
+        assert not [item for item in completed["turn"]["items"] if item["type"] == "imageView"]
+        output = upstream.model_requests()[-1].body["input"][-1]["output"]
+        assert why in output, output

@@ -25,6 +25,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "ask[QUESTION]"   call request_user_input with QUESTION (options Red and Blue)
     "call:NAME"       call a tool NAME with no arguments (one the server does not have, say)
     "call:NS/NAME"    call the function NAME of the namespace NS (a client's dynamic tools)
+    "view[PATH]"      call view_image on PATH
     "steps:N"         with exec[…]: call again until N calls were answered this turn
     anything else     stream "Hello" + " world" and complete
 
@@ -116,11 +117,19 @@ def calls_without_output(body: dict) -> list[str]:
     return [item.get("call_id") for item in items if item.get("type") == "function_call" and item.get("call_id") not in answered]
 
 
+def _said(output: Any) -> str:
+    """A call's output as the scripted model repeats it: text, or what its parts are."""
+    if isinstance(output, str):
+        return output
+    parts = [part.get("image_url", "")[:30] if part.get("type") == "input_image" else part.get("text", "") for part in output]
+    return "[" + ", ".join(parts) + "]"
+
+
 def _tool_step(text: str, body: dict) -> list[dict] | None:
     """The scripted agent: call tools as the user's text says, then say what they gave."""
     items = body.get("input") or []
     user_at = max((i for i, item in enumerate(items) if item.get("role") == "user"), default=-1)
-    outputs = [item.get("output", "") for item in items[user_at + 1 :] if item.get("type") == "function_call_output"]
+    outputs = [_said(item.get("output", "")) for item in items[user_at + 1 :] if item.get("type") == "function_call_output"]
     calls = [("exec_command", {"cmd": command}) for command in re.findall(r"(?<![a-z])exec\[(.+?)\]", text)]
     calls += [
         ("exec_command", {"cmd": command, "sandbox_permissions": "require_escalated", "justification": "scripted"})
@@ -138,6 +147,7 @@ def _tool_step(text: str, body: dict) -> list[dict] | None:
         }]})
         for question in re.findall(r"ask\[(.+?)\]", text)
     ]  # fmt: skip
+    calls += [("view_image", {"path": path}) for path in re.findall(r"view\[(.+?)\]", text)]
     calls += [(name, {}) for name in re.findall(r"call:(\w+)(?![\w/])", text)]
     calls += [(name, {}, namespace) for namespace, name in re.findall(r"call:(\w+)/(\w+)", text)]
     calls += [

@@ -463,21 +463,32 @@ def _complete_file_change(context: CommandContext, record: ItemRecord, status: s
 
 async def _run_patch_writer(context: CommandContext, policy: SandboxPolicy, patch: str) -> dict[str, Any]:
     python = shutil.which("python3", path=SANDBOX_PATH) or sys.executable
-    argv = [python, "-I", "-c", PATCH_WRITER]
+    _, output = await run_in_sandbox(context, policy, [python, "-I", "-c", PATCH_WRITER], "apply_patch", patch, PATCH_SECONDS)
+    lines = output.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"error": "the patch could not be applied: " + " ".join(lines)[-500:]}
+
+
+async def run_in_sandbox(
+    context: CommandContext, policy: SandboxPolicy, argv: list[str], name: str, stdin: str | None, seconds: float
+) -> tuple[int | None, str]:
+    """A helper program of the server's own (the patch writer, the image
+    reader), run in the turn's sandbox as any command is, so it sees and
+    writes only what a command could: its exit code (None if it did not end
+    in time) and its output."""
     launch, environment = _launch(argv, context.cwd, context, policy)
     session = await command_sessions().start(
-        launch, thread_id=context.thread_id, turn_id=context.turn_id, item_id="apply_patch", command="apply_patch",
-        cwd=context.cwd, env=environment, timeout=PATCH_SECONDS,
+        launch, thread_id=context.thread_id, turn_id=context.turn_id, item_id=name, command=name,
+        cwd=context.cwd, env=environment, timeout=seconds,
     )  # fmt: skip
     try:
-        await session.write(patch.encode("utf-8", "replace").decode())
+        if stdin is not None:
+            await session.write(stdin.encode("utf-8", "replace").decode())
         session.close_stdin()
-        await session.wait(PATCH_SECONDS)
+        await session.wait(seconds)
     finally:
         session.kill()
         command_sessions().forget(session)
-    output = session.kept.text().strip().splitlines()
-    try:
-        return json.loads(output[-1])
-    except (IndexError, ValueError):
-        return {"error": "the patch could not be applied: " + " ".join(output)[-500:]}
+    return session.exit_code, session.kept.text()

@@ -9,6 +9,7 @@ from typing import Any
 EXEC_COMMAND = "exec_command"
 WRITE_STDIN = "write_stdin"
 REQUEST_USER_INPUT = "request_user_input"
+VIEW_IMAGE = "view_image"
 
 DEFAULT_YIELD_MS = 10_000
 MIN_YIELD_MS, MAX_YIELD_MS = 250, 30_000
@@ -96,6 +97,12 @@ COMMAND_TOOLS: tuple[dict[str, Any], ...] = (
             }
         },
         ["questions"],
+    ),
+    _function(
+        VIEW_IMAGE,
+        "Look at an image file of the workspace (PNG, JPEG, GIF or WebP, up to 720 KiB).",
+        {"path": {"type": "string", "description": "The image's path, absolute or relative to the working directory."}},
+        ["path"],
     ),
 )
 

@@ -13,19 +13,21 @@ from typing import Any
 from realtime.store.storable_text import made_storable
 from realtime.tools import commands
 from realtime.tools.commands import CallRefused, CommandContext, TurnCancelledByUser
-from realtime.tools.definitions import EXEC_COMMAND, REQUEST_USER_INPUT, WRITE_STDIN
+from realtime.tools.definitions import EXEC_COMMAND, REQUEST_USER_INPUT, VIEW_IMAGE, WRITE_STDIN
 from realtime.tools.dynamic_tools import call_dynamic_tool
+from realtime.tools.images import view_image
 from realtime.tools.user_input import request_user_input
 
 from .stream_events import FunctionCall
 
 logger = logging.getLogger(__name__)
 
-ToolHandler = Callable[[CommandContext, str, dict[str, Any]], Awaitable[str]]
+ToolHandler = Callable[[CommandContext, str, dict[str, Any]], Awaitable[str | list[dict[str, Any]]]]
 TOOLS: dict[str, ToolHandler] = {
     EXEC_COMMAND: commands.exec_command,
     WRITE_STDIN: commands.write_stdin,
     REQUEST_USER_INPUT: request_user_input,
+    VIEW_IMAGE: view_image,
 }
 
 
