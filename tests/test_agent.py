@@ -664,3 +664,24 @@ async def test_view_image_shows_a_workspace_image_to_the_model_and_never_a_hidde
         assert not [item for item in completed["turn"]["items"] if item["type"] == "imageView"]
         output = upstream.model_requests()[-1].body["input"][-1]["output"]
         assert why in output, output
+
+
+async def test_a_background_terminal_ends_once_nobody_has_followed_its_thread_for_the_idle_time(
+    connect, upstream, workspace, settings
+):
+    settings.CODEX_SESSION_IDLE_SECONDS = 0.5  # read when the process's sweep starts, at the first connection
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    await turn(client, thread, "bg[sleep 302]")
+    await asyncio.sleep(1.5)  # followed: it lives on past the idle time
+    assert len((await client.call("thread/backgroundTerminals/list", {"threadId": thread}))["data"]) == 1
+    assert _processes("sleep 302") == 1
+
+    await client.call("thread/unsubscribe", {"threadId": thread})
+    for _ in range(40):
+        await asyncio.sleep(0.1)
+        if _processes("sleep 302") == 0:
+            break
+    assert _processes("sleep 302") == 0  # its whole sandbox ended
+    await client.call("thread/resume", {"threadId": thread})
+    assert (await client.call("thread/backgroundTerminals/list", {"threadId": thread}))["data"] == []

@@ -54,6 +54,7 @@ class ProcessLifecycle:
         self._start: asyncio.Future | None = None  # one run, shared by whoever asks first
         self._heartbeat: asyncio.Task | None = None
         self._principal_watch: asyncio.Task | None = None
+        self._session_sweep: asyncio.Task | None = None
 
     async def ensure_started(self) -> None:
         """Record the boot, close dead processes' rows and start beating; once.
@@ -78,6 +79,10 @@ class ProcessLifecycle:
         if self._principal_watch is None:
             self._principal_watch = asyncio.create_task(
                 self._watch_principals(), name="principal watch", context=contextvars.Context()
+            )
+        if self._session_sweep is None:
+            self._session_sweep = asyncio.create_task(
+                self._end_unwatched_sessions(), name="session sweep", context=contextvars.Context()
             )
 
     async def _close_dead_rows(self) -> None:
@@ -104,6 +109,23 @@ class ProcessLifecycle:
                     await self._announce(ended)
             except Exception as exc:  # the database is down: beat again later
                 logger.warning("heartbeat failed: %s", exc)
+
+    async def _end_unwatched_sessions(self) -> None:
+        """Background terminals do not outlive their thread's audience: once
+        nobody here has followed the thread for CODEX_SESSION_IDLE_SECONDS,
+        they end (PROTOCOL §11). Checked a few times within that span."""
+        idle = settings.CODEX_SESSION_IDLE_SECONDS
+        hub = thread_hub()
+
+        def watched(thread_id: str) -> bool:
+            thread = hub.get(thread_id)
+            return thread is not None and len(thread.subscribers) > 0
+
+        while True:
+            await asyncio.sleep(min(max(idle / 4, 0.05), 30.0))
+            ended = command_sessions().end_unwatched(watched, idle)
+            if ended:
+                logger.info("ended %d background terminal(s) of threads nobody followed for %gs", ended, idle)
 
     async def _watch_principals(self) -> None:
         """Every CODEX_PRINCIPAL_CHECK_SECONDS, for this process's live
@@ -159,7 +181,7 @@ class ProcessLifecycle:
             logger.error("shutdown steps did not finish within %ss", SHUTDOWN_SECONDS)
 
     async def _shut_down(self) -> None:
-        for loop_task in (self._heartbeat, self._principal_watch):
+        for loop_task in (self._heartbeat, self._principal_watch, self._session_sweep):
             if loop_task is not None:
                 loop_task.cancel()
         await command_sessions().stop_all()  # no command outlives its server (PROTOCOL §11)

@@ -77,6 +77,7 @@ class CommandSession:
     unread_dropped: int = 0  # characters the model never saw: more arrived than it polled
     exit_code: int | None = None
     on_output: Callable[[str], None] | None = None
+    detached: bool = False  # its turn ended: a background terminal, polled by later turns if at all
     record: Any = None  # its commandExecution item, completed when it ends
     _reader: asyncio.Task | None = None
     _watchdog: asyncio.TimerHandle | None = None  # kills it at CODEX_COMMAND_TIMEOUT, polled or not
@@ -165,6 +166,7 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self.by_thread: dict[str, dict[int, CommandSession]] = {}
+        self._unwatched_since: dict[str, float] = {}  # threads with sessions that nobody here follows
 
     def running_count(self) -> int:
         return sum(session.running for sessions in self.by_thread.values() for session in sessions.values())
@@ -232,6 +234,28 @@ class SessionRegistry:
         for session in self.of_thread(thread_id):
             if session.turn_id == turn_id:
                 session.on_output = None
+                session.detached = True
+
+    def end_unwatched(self, watched: Callable[[str], bool], idle_seconds: float) -> int:
+        """Background terminals of threads that nobody on this process has
+        followed for ``idle_seconds`` (CODEX_SESSION_IDLE_SECONDS) end, each
+        whole sandbox, and are forgotten: how many. A running turn's own
+        commands are its turn's to end."""
+        now, ended = time.monotonic(), 0
+        for thread_id in list(self.by_thread):
+            if not self.by_thread[thread_id]:
+                del self.by_thread[thread_id]  # (an empty entry: the thread's sessions were all forgotten)
+            if thread_id not in self.by_thread or watched(thread_id):
+                self._unwatched_since.pop(thread_id, None)
+                continue
+            if now - self._unwatched_since.setdefault(thread_id, now) < idle_seconds:
+                continue
+            for session in self.of_thread(thread_id):
+                if session.detached:
+                    session.kill()
+                    self.forget(session)
+                    ended += 1
+        return ended
 
     async def stop_all(self, within: float = 1.0) -> None:
         """Kill every session and wait for them to end (the server stops)."""
