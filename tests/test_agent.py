@@ -685,3 +685,49 @@ async def test_a_background_terminal_ends_once_nobody_has_followed_its_thread_fo
     assert _processes("sleep 302") == 0  # its whole sandbox ended
     await client.call("thread/resume", {"threadId": thread})
     assert (await client.call("thread/backgroundTerminals/list", {"threadId": thread}))["data"] == []
+
+
+async def test_turn_start_policies_apply_to_this_turn_and_stick_for_later_ones(connect, upstream, workspace, settings):
+    client, started = await agent(connect, workspace, sandbox="workspace-write")
+    thread = started["thread"]["id"]
+    refused = await client.request(
+        "turn/start", {"threadId": thread, "input": [{"type": "text", "text": "hi"}], "sandboxPolicy": {"type": "dangerFullAccess"}}
+    )
+    assert refused["error"]["code"] == -32602 and "CODEX_ALLOW_FULL_ACCESS" in refused["error"]["message"]
+
+    read_only = {"threadId": thread, "input": [{"type": "text", "text": "exec[touch one.txt]"}], "sandboxPolicy": {"type": "readOnly"}}
+    await client.call("turn/start", read_only)
+    assert (await client.notification("turn/completed", threadId=thread, timeout=20))["turn"]["status"] == "completed"
+    await turn(client, thread, "exec[touch two.txt]")  # no policy given: still read-only
+    assert not (workspace / "one.txt").exists() and not (workspace / "two.txt").exists()
+    assert "environment_context" in upstream.model_requests()[-1].body["instructions"]
+    assert "<sandbox_mode>read-only</sandbox_mode>" in upstream.model_requests()[-1].body["instructions"]
+
+    # Back to workspace-write with network access, and never asking: an escalation is refused, not asked.
+    writable = {
+        "threadId": thread, "approvalPolicy": "never",
+        "input": [{"type": "text", "text": f"exec[touch three.txt; echo > /dev/tcp/127.0.0.1/{upstream.port} && echo reached] escalate[touch four.txt]"}],
+        "sandboxPolicy": {"type": "workspaceWrite", "networkAccess": True, "writableRoots": ["/"]},
+    }  # fmt: skip
+    await client.call("turn/start", writable)
+    assert (await client.notification("turn/completed", threadId=thread, timeout=20))["turn"]["status"] == "completed"
+    assert (workspace / "three.txt").exists() and not (workspace / "four.txt").exists()
+    outputs = [item["output"] for item in upstream.model_requests()[-1].body["input"] if item.get("type") == "function_call_output"][-2:]
+    assert "reached" in outputs[0] and "not available under this thread's approval policy" in outputs[1]
+
+    from asgiref.sync import sync_to_async
+
+    from realtime.models import StoredThread
+
+    for _ in range(50):  # stored in the background: another process loading the thread finds it
+        row = await sync_to_async(StoredThread.objects.get)(thread_id=thread)
+        if row.approval_policy == "never":
+            break
+        await asyncio.sleep(0.05)
+    assert (row.sandbox_mode, row.network_access, row.approval_policy) == ("workspace-write", True, "never")
+    resumed = await client.call("thread/resume", {"threadId": thread})
+    assert resumed["approvalPolicy"] == "never"
+    assert resumed["sandbox"] == {
+        "type": "workspaceWrite", "writableRoots": [str(workspace)], "networkAccess": True,
+        "excludeTmpdirEnvVar": False, "excludeSlashTmp": False,
+    }  # fmt: skip

@@ -177,6 +177,14 @@ class DatabaseThreads:
 
     @staticmethod
     @database_sync_to_async
+    def set_policy(thread: Thread) -> None:
+        """The thread's sandbox and approval policy, as a turn/start changed them."""
+        StoredThread.objects.filter(thread_id=thread.id).update(
+            sandbox_mode=thread.sandbox_mode, network_access=thread.network_access, approval_policy=thread.approval_policy
+        )
+
+    @staticmethod
+    @database_sync_to_async
     def next_read_revision(thread: Thread) -> int:
         with transaction.atomic():
             StoredThread.objects.filter(thread_id=thread.id).update(read_revision=F("read_revision") + 1)
@@ -248,6 +256,10 @@ class MemoryThreads:
 
     @staticmethod
     async def set_model(thread: Thread, model: str) -> None:
+        pass
+
+    @staticmethod
+    async def set_policy(thread: Thread) -> None:
         pass
 
     @staticmethod

@@ -16,7 +16,6 @@ from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import Thread, Turn, new_id
 from realtime.tools.dynamic_tools import ClientGone, DeclaredTools, parse_dynamic_tools
 from realtime.tools.exec_sessions import command_sessions
-from realtime.tools.sandbox import FULL_ACCESS, MODES, READ_ONLY
 from realtime.tools.workspace import outside_workspace_warning, thread_sandbox, within_workspace, workspace_roots
 
 from ..params import (
@@ -29,11 +28,10 @@ from ..params import (
     require_storable,
     required_str,
 )
+from ..policy_params import approval_policy, sandbox_mode
 from ..protocol import INVALID_REQUEST, JsonRpcError
 
 MODEL_PROVIDER = "openai"
-ON_REQUEST = "on-request"
-APPROVAL_POLICIES = ("untrusted", ON_REQUEST, "never")
 DEFAULT_PAGE = 25
 MAX_PAGE = 100
 
@@ -63,31 +61,6 @@ def _cwd(params: dict[str, Any], roots: tuple[str, ...]) -> str:
     if cwd and os.path.isabs(cwd):
         return os.path.normpath(cwd)
     return roots[0] if roots else "/"
-
-
-def _sandbox_mode(params: dict[str, Any]) -> str:
-    mode = params.get("sandbox")
-    if mode is None:
-        return READ_ONLY
-    if mode not in MODES:
-        raise JsonRpcError.invalid_params(f"sandbox must be one of {', '.join(MODES)}")
-    if mode == FULL_ACCESS and not settings.CODEX_ALLOW_FULL_ACCESS:
-        raise JsonRpcError.invalid_params(
-            "sandbox danger-full-access is refused on this server (its operator has not set CODEX_ALLOW_FULL_ACCESS=1)"
-        )
-    return mode
-
-
-def _approval_policy(params: dict[str, Any]) -> Any:
-    policy = params.get("approvalPolicy")
-    if policy is None:
-        return ON_REQUEST
-    if policy in APPROVAL_POLICIES or (
-        isinstance(policy, dict) and set(policy) == {"granular"} and isinstance(policy["granular"], dict)
-        and all(isinstance(value, bool) for value in policy["granular"].values())
-    ):  # fmt: skip
-        return policy
-    raise JsonRpcError.invalid_params("approvalPolicy must be untrusted, on-request, never, or {granular: {…}}")
 
 
 def _check_thread_limit(context, thread_id: str) -> None:
@@ -134,8 +107,8 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
         originator=context.identity.originator,
         principal_id=context.principal.id,
         base_instructions=optional_stored_str(params, "baseInstructions"),
-        sandbox_mode=_sandbox_mode(params),
-        approval_policy=_approval_policy(params),
+        sandbox_mode=sandbox_mode(params),
+        approval_policy=approval_policy(params),
         ephemeral=bool(optional_bool(params, "ephemeral")),
     )
     _check_thread_limit(context, thread.id)

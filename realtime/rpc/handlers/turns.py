@@ -14,9 +14,17 @@ from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_
 from realtime.store.turn_writes import WrittenButUnread
 from realtime.tools.definitions import offered_tools
 from realtime.tools.workspace import within_workspace, workspace_roots
-from realtime.turns.runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
+from realtime.turns.runner import (
+    TurnContext,
+    end_in_background,
+    release_abandoned,
+    run_turn,
+    settle_turn,
+    user_message,
+)
 
 from ..params import optional_stored_str, params_object, require_storable, required_list, required_str
+from ..policy_params import approval_policy, turn_sandbox
 from ..protocol import INVALID_REQUEST, JsonRpcError
 
 
@@ -85,6 +93,18 @@ def _preview(user_inputs: list[dict[str, Any]]) -> str:
     return text[:PREVIEW_CHARS]
 
 
+def _apply_policy(thread, store, sandbox: tuple[str, bool] | None, approvals: Any) -> None:
+    """turn/start's sandboxPolicy and approvalPolicy: for this turn and the
+    thread's later ones, as in Codex (stored only when they change it)."""
+    before = (thread.sandbox_mode, thread.network_access, thread.approval_policy)
+    if sandbox is not None:
+        thread.sandbox_mode, thread.network_access = sandbox
+    if approvals is not None:
+        thread.approval_policy = approvals
+    if (thread.sandbox_mode, thread.network_access, thread.approval_policy) != before:
+        end_in_background(store.set_policy(thread), "a thread's sandbox and approval policy")
+
+
 async def start_turn(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread = context.subscribed_thread(required_str(params, "threadId"))
@@ -93,6 +113,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     output_schema = params.get("outputSchema")
     if output_schema is not None and not isinstance(output_schema, dict):
         raise JsonRpcError.invalid_params("outputSchema must be an object")
+    sandbox, approvals = turn_sandbox(params), approval_policy(params, default=None)
     if thread.active_turn is not None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
     if context.connection.running_turns >= settings.CODEX_MAX_RUNNING_TURNS_PER_CONNECTION:
@@ -127,6 +148,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     thread.active_turn = turn
     hub.hold(thread)
     thread.touch()
+    _apply_policy(thread, store, sandbox, approvals)
     turn_context = TurnContext(
         identity=context.identity,
         connection=context.connection,
