@@ -369,6 +369,7 @@ def test_only_commands_that_cannot_write_or_run_anything_count_as_reading():
 
 async def test_a_sessions_unread_output_and_life_are_bounded(workspace, monkeypatch):
     from realtime.tools import exec_sessions
+    from realtime.tools.commands import model_output
     from realtime.tools.sandbox import SandboxPolicy, bwrap_binary, sandboxed_argv
 
     monkeypatch.setattr(exec_sessions, "MAX_UNREAD_OUTPUT", 100_000)
@@ -382,6 +383,9 @@ async def test_a_sessions_unread_output_and_life_are_bounded(workspace, monkeypa
     await session.wait(5)  # killed at its timeout, polled or not
     assert not session.running and session.wall_seconds < 4
     assert session.take_unread().startswith("[… ")
+    # The model is told why it ended (it would take -9 for the command's own failure).
+    told = model_output(session, "", session.wall_seconds, 100)
+    assert "Process exited with code -9 (killed: it ran past this server's 1.5 s command timeout)" in told
 
 
 async def test_a_client_that_subscribes_while_an_approval_is_pending_is_asked_too(connect, upstream, workspace):

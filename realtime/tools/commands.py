@@ -350,6 +350,8 @@ def model_output(session: CommandSession, output: str, wall_seconds: float, max_
         if session.running
         else f"Process exited with code {session.exit_code}"
     )
+    if session.timed_out:  # the model should not take -9 for the command's own failure
+        state += f" (killed: it ran past this server's {session.timeout_seconds:g} s command timeout)"
     return (
         f"Chunk ID: {secrets.token_hex(3)}\n"
         f"Wall time: {wall_seconds:.4f} seconds\n"

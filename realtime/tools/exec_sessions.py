@@ -77,6 +77,8 @@ class CommandSession:
     unread_dropped: int = 0  # characters the model never saw: more arrived than it polled
     exit_code: int | None = None
     on_output: Callable[[str], None] | None = None
+    timed_out: bool = False  # killed for outliving CODEX_COMMAND_TIMEOUT
+    timeout_seconds: float = 0.0
     detached: bool = False  # its turn ended: a background terminal, polled by later turns if at all
     record: Any = None  # its commandExecution item, completed when it ends
     _reader: asyncio.Task | None = None
@@ -127,6 +129,11 @@ class CommandSession:
     def close_stdin(self) -> None:
         if self.process.stdin is not None and not self.process.stdin.is_closing():
             self.process.stdin.close()
+
+    def time_out(self, seconds: float) -> None:
+        if self.running:
+            self.timed_out, self.timeout_seconds = True, seconds
+            self.kill()
 
     def kill(self) -> None:
         """The whole sandbox: bubblewrap and every process in its namespace."""
@@ -203,7 +210,7 @@ class SessionRegistry:
         )
         session = CommandSession(next(self._ids), thread_id, turn_id, item_id, command, cwd, process, on_output=on_output)
         session._reader = asyncio.create_task(session._read(), name=f"command session {session.id}")
-        session._watchdog = asyncio.get_running_loop().call_later(timeout, session.kill)
+        session._watchdog = asyncio.get_running_loop().call_later(timeout, session.time_out, timeout)
         sessions[session.id] = session
         return session
 
