@@ -76,18 +76,25 @@ def start_peer(bench, workdir: Path) -> ServerProcess:
     return server.start()
 
 
-async def sequential_latency(ws_url: str, turns: int) -> float:
+CHAT_TURN = "flood:20:16"  # a reply of 20 deltas
+TOOL_TURN = "exec[true]"  # the model runs `true`, then answers with its output: two model requests
+
+
+async def sequential_latency(ws_url: str, turns: int, text: str = CHAT_TURN, **thread_params) -> float:
     async with connect(ws_url, max_size=None) as socket:
         client = SocketClient(socket)
         await client.initialize("bench_latency", "1.0.0")
-        thread = await client.start_thread()
-        await client.run_turn(thread, "warm up", timeout=60)
+        thread = await client.start_thread(**thread_params)
+        await client.run_turn(thread, text, timeout=60)  # warm up
         latencies = []
         for _ in range(turns):
             client.inbox.clear()
             started = time.perf_counter()
-            completed = await client.run_turn(thread, "flood:20:16", timeout=60)
+            completed = await client.run_turn(thread, text, timeout=60)
             assert completed["turn"]["status"] == "completed", completed
+            if text == TOOL_TURN:  # the command ran (the scripted model repeats its output): not refused
+                said = [item["text"] for item in completed["turn"]["items"] if item["type"] == "agentMessage"]
+                assert "Process exited with code 0" in said[-1], completed
             latencies.append(time.perf_counter() - started)
         await client.close()
         return statistics.median(latencies) * 1000
@@ -109,24 +116,34 @@ def compare(bench, workdir: Path) -> dict:
     if why_not:
         return {"skipped": why_not}
     version = subprocess.run([str(PEER_BIN), "--version"], capture_output=True, text=True).stdout.strip()
-    ours = bench.start("ours_peer")
+    workspace = workdir / "peer-workspace"  # where both run the tool turn's command, in their sandboxes
+    workspace.mkdir(exist_ok=True)
+    ours = bench.start("ours_peer", CODEX_WORKSPACE_ROOTS=str(workspace))
     peer = start_peer(bench, workdir)
     bench.servers.append(peer)
     turns = 10 if bench.quick else 30
     samples = {"ours": [], "peer": []}
-    for _ in range(2 if bench.quick else 3):
+    tool_samples = {"ours": [], "peer": []}
+    for _ in range(2 if bench.quick else 3):  # interleaved: both see the same machine
         for name, server in (("ours", ours), ("peer", peer)):
             samples[name].append(asyncio.run(sequential_latency(server.ws_url, turns)))
+            tool_samples[name].append(
+                asyncio.run(sequential_latency(server.ws_url, turns, TOOL_TURN, cwd=str(workspace), sandbox="read-only"))
+            )
     ours_wrong, ours_total, _ = asyncio.run(misattributed(bench, ours.ws_url))
     peer_wrong, peer_total, peer_seen = asyncio.run(misattributed(bench, peer.ws_url))
     bench.stop(ours)
     bench.stop(peer)
     ours_ms, peer_ms = statistics.median(samples["ours"]), statistics.median(samples["peer"])
+    ours_tool_ms, peer_tool_ms = statistics.median(tool_samples["ours"]), statistics.median(tool_samples["peer"])
     return {
         "version": version,
         "ours_median_ms": ours_ms,
         "peer_median_ms": peer_ms,
         "latency_ratio": ours_ms / peer_ms,
+        "ours_tool_turn_median_ms": ours_tool_ms,
+        "peer_tool_turn_median_ms": peer_tool_ms,
+        "tool_turn_latency_ratio": ours_tool_ms / peer_tool_ms,
         "ours_misattributed": ours_wrong,
         "ours_requests": ours_total,
         "peer_misattributed": peer_wrong,

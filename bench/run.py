@@ -16,7 +16,9 @@ is a ratio of two things measured together (these machines are noisy):
 4. relay throughput: deltas/s relayed vs a bare echo consumer's messages/s
    (daphne; uvicorn for reference);
 5. the peer: the real Codex app-server (npm @openai/codex 0.169.0) on the
-   same upstream: latency ratio and misattributed model requests;
+   same upstream: latency ratio of a chat turn and of a turn that runs one
+   command (`true`, each in its own sandbox; goal <= 0.5), and misattributed
+   model requests;
 6. isolation: a healthy client's turn latency while other clients stop
    reading in the middle of a flood (goal: within 1.5x);
 7. the thread store: turn latency at 50 connections on stored threads vs
@@ -29,7 +31,8 @@ is a ratio of two things measured together (these machines are noisy):
 
 1, 3, 6 and 7 run on the embedded default and again on PostgreSQL + Redis
 (the deployment's configuration; CODEX_BENCH_EMBEDDED_ONLY=1 skips it).
-`--only scale` runs 3 alone, `--only store` 7 and 8, `--only sandbox` 9.
+`--only scale` runs 3 alone, `--only store` 7 and 8, `--only sandbox` 9,
+`--only peer` 5.
 """
 
 from __future__ import annotations
@@ -229,6 +232,23 @@ def sandbox_start_cost(quick: bool) -> dict:
         shutil.rmtree(workspace, ignore_errors=True)
     result["ratio_p50"] = result["sandboxed"]["p50_ms"] / result["bare"]["p50_ms"]
     return result
+
+
+def print_peer_report(results: dict) -> None:
+    p = results["peer"]
+    if p.get("skipped"):
+        print(f"\n5. peer: skipped ({p['skipped']})")
+    else:
+        print(
+            f"\n5. peer (codex app-server {p['version']}): median turn {p['ours_median_ms']:.1f} ms ours vs"
+            f" {p['peer_median_ms']:.1f} ms peer = {p['latency_ratio']:.2f}; misattributed with 20 clients:"
+            f" ours {p['ours_misattributed']}, peer {p['peer_misattributed']} of {p['peer_requests']}"
+            f" (peer originators seen: {p['peer_originators_seen']})"
+        )
+        print(
+            f"   a turn running one command (`true`): {p['ours_tool_turn_median_ms']:.1f} ms ours vs"
+            f" {p['peer_tool_turn_median_ms']:.1f} ms peer = {p['tool_turn_latency_ratio']:.2f}"
+        )
 
 
 def print_sandbox_report(results: dict) -> None:
@@ -602,16 +622,7 @@ def print_report(results: dict) -> None:
         f"\n4. relay {r['relay_deltas_per_s']:.0f} deltas/s vs daphne echo {r['daphne_echo_per_s']:.0f} msg/s"
         f" = {r['relay_vs_echo_ratio']:.2f} (uvicorn echo {r['uvicorn_echo_per_s']:.0f} msg/s)"
     )
-    p = results["peer"]
-    if p.get("skipped"):
-        print(f"\n5. peer: skipped ({p['skipped']})")
-    else:
-        print(
-            f"\n5. peer (codex app-server {p['version']}): median turn {p['ours_median_ms']:.1f} ms ours vs"
-            f" {p['peer_median_ms']:.1f} ms peer = {p['latency_ratio']:.2f}; misattributed with 20 clients:"
-            f" ours {p['ours_misattributed']}, peer {p['peer_misattributed']} of {p['peer_requests']}"
-            f" (peer originators seen: {p['peer_originators_seen']})"
-        )
+    print_peer_report(results)
     for setup, iso in results["stalled_isolation"].items():
         print(
             f"\n6. a healthy client's turn ({setup}): {iso['healthy_alone_ms']:.1f} ms alone,"
@@ -714,6 +725,7 @@ def summary(results: dict) -> dict:
     return figures | {
         "relay_vs_echo_ratio": results["relay"]["relay_vs_echo_ratio"],
         "peer_latency_ratio": peer_result.get("latency_ratio"),
+        "tool_turn_peer_latency_ratio": peer_result.get("tool_turn_latency_ratio"),
         "peer_misattributed": peer_result.get("peer_misattributed"),
         "fan_out_p50_ms": results["fan_out"]["p50_ms"],
         "fan_out_busy_p50_ms": results["fan_out"]["busy"]["p50_ms"],
@@ -776,8 +788,9 @@ def main() -> int:
     parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
     parser.add_argument(
         "--only",
-        choices=("store", "scale", "overhead", "sandbox"),
-        help="run only the thread-store and fan-out benchmarks (7, 8), the scale run (3) or the scoping overhead (1)",
+        choices=("store", "scale", "overhead", "sandbox", "peer"),
+        help="run only the thread-store and fan-out benchmarks (7, 8), the scale run (3), the scoping overhead (1),"
+        " the sandbox (9) or the peer (5)",
     )
     args = parser.parse_args()  # --help prints and exits before anything is installed
     ensure_bench_requirements()
@@ -802,6 +815,10 @@ def main() -> int:
             if args.only == "sandbox":
                 results["sandbox"] = sandbox_start_cost(args.quick)
                 print_sandbox_report(results)
+                return 0
+            if args.only == "peer":
+                results["peer"] = peer.compare(bench, Path(workdir))
+                print_peer_report(results)
                 return 0
             if args.only == "scale":
                 results["scale"] = {setup: connection_scale(bench, setup) for setup in setups()}
