@@ -474,7 +474,11 @@ async def test_a_patch_through_a_link_out_of_the_workspace_writes_nothing_there(
 def test_the_patch_parser_refuses_what_does_not_apply():
     from realtime.tools.patches import PatchError, extract_patch, parse, updated_lines
 
-    assert extract_patch("apply_patch <<'EOF'\n*** Begin Patch\n*** End Patch\nEOF") == "*** Begin Patch\n*** End Patch"
+    assert extract_patch("apply_patch <<'EOF'\n*** Begin Patch\n*** End Patch\nEOF") == (None, "*** Begin Patch\n*** End Patch")
+    assert extract_patch("cd 'sub dir' && apply_patch <<EOF\n*** Begin Patch\n*** End Patch\nEOF") == (
+        "sub dir", "*** Begin Patch\n*** End Patch"
+    )
+    assert extract_patch("cd sub; apply_patch <<EOF\n*** Begin Patch\n*** End Patch\nEOF") is None
     assert extract_patch("cat <<'EOF'\nx\nEOF") is None
     with pytest.raises(PatchError, match="starts with"):
         parse("*** Add File: x\n+y")
@@ -735,3 +739,17 @@ async def test_turn_start_policies_apply_to_this_turn_and_stick_for_later_ones(c
         "type": "workspaceWrite", "writableRoots": [str(workspace)], "networkAccess": True,
         "excludeTmpdirEnvVar": False, "excludeSlashTmp": False,
     }  # fmt: skip
+
+
+async def test_a_patch_after_cd_applies_in_that_directory_and_never_outside_the_thread(connect, upstream, workspace):
+    (workspace / "sub").mkdir()
+    client, started = await agent(connect, workspace)
+    thread = started["thread"]["id"]
+    completed = await turn(client, thread, "cd sub && *** Begin Patch\n*** Add File: inner.txt\n+in sub\n*** End Patch")
+    assert (workspace / "sub" / "inner.txt").read_text() == "in sub\n"
+    [change] = [item for item in completed["turn"]["items"] if item["type"] == "fileChange"]
+    assert change["status"] == "completed" and change["changes"][0]["path"] == "inner.txt"
+
+    await turn(client, thread, "cd .. && *** Begin Patch\n*** Add File: escaped.txt\n+out\n*** End Patch")
+    assert not (workspace.parent / "escaped.txt").exists()
+    assert "outside the thread's working directory" in upstream.model_requests()[-1].body["input"][-1]["output"]

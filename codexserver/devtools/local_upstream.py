@@ -21,6 +21,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "escalate[CMD]"   the same, asking to run it outside the sandbox (require_escalated)
     "bg[CMD]"         the same, yielding after 250 ms (a command left running: a background terminal)
     "*** Begin Patch" … "*** End Patch"  call exec_command with that patch, as `apply_patch <<'EOF'`
+                      (after "cd DIR && ": as `cd DIR && apply_patch <<'EOF'`)
     "stdin[N:TEXT]"   call write_stdin on session N with TEXT (a newline added)
     "ask[QUESTION]"   call request_user_input with QUESTION (options Red and Blue)
     "call:NAME"       call a tool NAME with no arguments (one the server does not have, say)
@@ -151,8 +152,8 @@ def _tool_step(text: str, body: dict) -> list[dict] | None:
     calls += [(name, {}) for name in re.findall(r"call:(\w+)(?![\w/])", text)]
     calls += [(name, {}, namespace) for namespace, name in re.findall(r"call:(\w+)/(\w+)", text)]
     calls += [
-        ("exec_command", {"cmd": f"apply_patch <<'EOF'\n{patch}\nEOF"})
-        for patch in re.findall(r"\*\*\* Begin Patch.*?\*\*\* End Patch", text, re.DOTALL)
+        ("exec_command", {"cmd": f"{'cd ' + directory + ' && ' if directory else ''}apply_patch <<'EOF'\n{patch}\nEOF"})
+        for directory, patch in re.findall(r"(?:cd (\S+) && )?(\*\*\* Begin Patch.*?\*\*\* End Patch)", text, re.DOTALL)
     ]
     steps = re.search(r"steps:(\d+)", text)
     wanted = int(steps.group(1)) if steps else len(calls)

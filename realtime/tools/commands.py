@@ -8,6 +8,7 @@ the thread chose, its approval policy, the places to hide.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -169,9 +170,13 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
     cmd = arguments.get("cmd")
     if not isinstance(cmd, str) or not cmd.strip():
         raise CallRefused("exec_command needs cmd, a non-empty string")
-    patch = extract_patch(cmd)
-    if patch is not None:  # parsed and applied by the server, never through a shell
-        return await apply_patch(context, call_id, patch)
+    invocation = extract_patch(cmd)
+    if invocation is not None:  # parsed and applied by the server, never through a shell
+        directory, patch = invocation
+        workdir = _workdir(context, arguments)
+        if directory is not None:  # `cd DIR && apply_patch …`: inside the thread's directory too
+            workdir = _workdir(context, {"workdir": os.path.join(workdir, directory)})
+        return await apply_patch(dataclasses.replace(context, cwd=workdir), call_id, patch)
     escalated = arguments.get("sandbox_permissions") == "require_escalated"
     shell = arguments.get("shell") if isinstance(arguments.get("shell"), str) else DEFAULT_SHELL
     cwd = _workdir(context, arguments)

@@ -30,8 +30,13 @@ from dataclasses import dataclass, field
 BEGIN, END = "*** Begin Patch", "*** End Patch"
 ADD, DELETE, UPDATE, MOVE = "*** Add File: ", "*** Delete File: ", "*** Update File: ", "*** Move to: "
 END_OF_FILE = "*** End of File"
-# `apply_patch <<'EOF'` … `EOF`, as models send it through exec_command.
-INVOCATION = re.compile(r"^\s*(?:apply_patch|applypatch)\s*<<\s*['\"]?(\w+)['\"]?\s*\n(.*?)\n\1\s*$", re.DOTALL)
+# `apply_patch <<'EOF'` … `EOF`, as models send it through exec_command,
+# perhaps after `cd DIR &&` (a plain or single-quoted directory).
+INVOCATION = re.compile(
+    r"^\s*(?:cd\s+(?:'([^']*)'|([^\s'\"&;|]+))\s*&&\s*)?"
+    r"(?:apply_patch|applypatch)\s*<<\s*['\"]?(\w+)['\"]?\s*\n(.*?)\n\3\s*$",
+    re.DOTALL,
+)
 
 
 class PatchError(ValueError):
@@ -59,10 +64,14 @@ class FileOperation:
         return {"type": "update", "move_path": self.move_path} if self.kind == "update" else {"type": self.kind}
 
 
-def extract_patch(cmd: str) -> str | None:
-    """The patch text of an ``apply_patch`` heredoc command, or None."""
+def extract_patch(cmd: str) -> tuple[str | None, str] | None:
+    """(the directory it first changes to, or None; the patch text) of an
+    ``apply_patch`` heredoc command, or None for any other command."""
     match = INVOCATION.match(cmd)
-    return match.group(2) if match else None
+    if match is None:
+        return None
+    directory = match.group(1) if match.group(1) is not None else match.group(2)
+    return directory, match.group(4)
 
 
 def parse(text: str) -> list[FileOperation]:
