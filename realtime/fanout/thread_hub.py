@@ -18,7 +18,11 @@ the channel of the process running it (recorded with the turn's lock).
 A *server request* of a thread (an approval, PROTOCOL §11) goes the same way
 to every subscriber, carrying the channel of the process that asked; the
 first answer from any of them goes back there and wins, and every
-subscriber then hears ``serverRequest/resolved``.
+subscriber then hears ``serverRequest/resolved``. A connection that
+subscribes while one is open is asked too, wherever it was asked: each
+process keeps the open requests of the threads it follows (its own, and
+those it heard from others), and a process that joins a thread's group
+asks the group for the open ones it missed.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 DELTA_SUFFIXES = ("/delta", "Delta")  # item/agentMessage/delta, item/reasoning/summaryTextDelta, …
 EVENTS, INTERRUPT, ANSWER = "thread.events", "turn.interrupt", "server.answer"
+# A process that just joined a thread's group asks for its open server requests; the askers answer.
+OPEN_REQUESTS_QUERY, OPEN_REQUESTS = "server.open_requests_query", "server.open_requests"
 RESOLVED = "serverRequest/resolved"
 MAX_BATCH = 200  # notifications per group send
 # Notifications waiting for the layer (Redis slow or down) past which deltas
@@ -91,6 +97,9 @@ class ThreadHub:
         self._start: asyncio.Future | None = None
         self._outgoing: list[tuple[str, str, dict[str, Any], list[Any]]] = []
         self._asked: dict[str, PendingRequest] = {}  # this process's server requests awaiting their first answer
+        # Other processes' open server requests of threads followed here: id → (thread, asking channel, method, params).
+        self._heard: dict[str, tuple[str, str, str, dict[str, Any]]] = {}
+        self._sending: set[asyncio.Future] = set()
         self._wake = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.dropped_deltas = 0
@@ -135,9 +144,13 @@ class ThreadHub:
                 thread.subscribers.discard(connection)
                 self.release_if_unused(thread)
                 raise
-        for request_id, pending in self._asked.items():  # it may answer a question still open
-            if newly and pending.thread_id == thread.id and not pending.answered.done():
-                connection.send_server_request(request_id, self.channel, pending.method, pending.params)
+        if newly:  # it may answer a question still open, asked here or elsewhere
+            for request_id, pending in self._asked.items():
+                if pending.thread_id == thread.id and not pending.answered.done():
+                    connection.send_server_request(request_id, self.channel, pending.method, pending.params)
+            for request_id, (thread_id, asked_by, method, params) in list(self._heard.items()):
+                if thread_id == thread.id:
+                    connection.send_server_request(request_id, asked_by, method, params)
         return thread
 
     async def unsubscribe(self, thread: Thread, connection: AppServerConnection) -> None:
@@ -171,9 +184,14 @@ class ThreadHub:
                 await self.ensure_started()
                 async with self._membership_calls:
                     await self.layer.group_add(group_name(thread_id), self.channel)
+                    # Requests asked before we joined reached nobody here: ask for them.
+                    await self.layer.group_send(
+                        group_name(thread_id), {"type": OPEN_REQUESTS_QUERY, "thread": thread_id, "origin": self.channel}
+                    )
                 self._joined.add(thread_id)
             elif not wanted and thread_id in self._joined:
                 self._joined.discard(thread_id)
+                self._forget_heard(thread_id)
                 async with self._membership_calls:
                     await self.layer.group_discard(group_name(thread_id), self.channel)
 
@@ -316,11 +334,52 @@ class ThreadHub:
             return
         if message["type"] == EVENTS and message.get("origin") != self.channel:
             for method, params, *request in message["events"]:
-                deliver(thread, method, params, pace_setter=None, request=request[0] if request else None)
+                request = request[0] if request else None
+                if request and request[0] in self._heard:
+                    continue  # already had from the group's answer to our query
+                self._hear(thread.id, method, params, request)
+                deliver(thread, method, params, pace_setter=None, request=request)
+        elif message["type"] == OPEN_REQUESTS_QUERY and message.get("origin") != self.channel:
+            self._answer_open_requests_query(thread.id, message["origin"])
+        elif message["type"] == OPEN_REQUESTS:
+            for request_id, asked_by, method, params in message.get("requests", ()):
+                if request_id not in self._heard:
+                    self._hear(thread.id, method, params, [request_id, asked_by])
+                    deliver(thread, method, params, pace_setter=None, request=[request_id, asked_by])
         elif message["type"] == INTERRUPT:
             turn = thread.active_turn
             if turn is not None and turn.id == message.get("turn"):
                 turn.interrupt()
+
+    def _hear(self, thread_id: str, method: str, params: dict[str, Any], request: list[Any] | None) -> None:
+        """Keep another process's open server requests until they are resolved."""
+        if request:
+            self._heard[request[0]] = (thread_id, request[1], method, params)
+        elif method == RESOLVED:
+            self._heard.pop(params.get("requestId"), None)
+
+    def _forget_heard(self, thread_id: str) -> None:
+        for request_id in [request_id for request_id, heard in self._heard.items() if heard[0] == thread_id]:
+            del self._heard[request_id]
+
+    def _answer_open_requests_query(self, thread_id: str, origin: str) -> None:
+        requests = [
+            [request_id, self.channel, pending.method, pending.params]
+            for request_id, pending in self._asked.items()
+            if pending.thread_id == thread_id and not pending.answered.done()
+        ]
+        if requests:
+            reply = {"type": OPEN_REQUESTS, "thread": thread_id, "requests": requests}
+            sending = asyncio.ensure_future(self._send_to(origin, reply))
+            self._sending.add(sending)  # the loop keeps only weak references to tasks
+            sending.add_done_callback(self._sending.discard)
+
+    async def _send_to(self, channel: str, message: dict[str, Any]) -> None:
+        try:
+            async with self._membership_calls:
+                await self.layer.send(channel, message)
+        except Exception as exc:  # Redis down: that process's new subscribers are not asked
+            logger.warning("could not send %s to %s: %s", message["type"], channel, exc)
 
     async def interrupt_elsewhere(self, channel: str, thread: Thread, turn_id: str) -> None:
         async with self._membership_calls:  # many clients may press stop at once

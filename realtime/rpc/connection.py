@@ -199,8 +199,8 @@ class AppServerConnection:
 
     def send_server_request(self, request_id: str, asked_by: str | None, method: str, params: dict[str, Any]) -> None:
         """A request of the server's own (an approval), answered by a ClientResponse."""
-        if self._closed:
-            return
+        if self._closed or request_id in self.server_requests:
+            return  # (one it was sent already, heard twice across processes)
         self.server_requests[request_id] = asked_by
         self.send({"id": request_id, "method": method, "params": params})
 
