@@ -1,6 +1,6 @@
 """daphne, tuned for the app-server: the one place we reach into its internals.
 
-Five gaps in stock daphne 4.2 matter to us:
+Six gaps in stock daphne 4.2 matter to us:
 - it refuses every WebSocket upgrade with 403; we need 401 for a missing
   bearer token. ASGI's "websocket.http.response" extension lets the consumer
   choose the status, so we advertise and implement it.
@@ -17,6 +17,9 @@ Five gaps in stock daphne 4.2 matter to us:
   the socket's push producer and hold each ``websocket.send`` while Twisted
   says its write buffer is full, so the consumer's bounded outbox fills and
   the slow client is dropped (PROTOCOL §3) instead of the process growing.
+- its access log writes each request's path and query as they came, past
+  the logging formatter that redacts secrets; we pass it through the same
+  redaction and escaping (``RedactedAccessLog``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import gc
 import logging
 
 from autobahn.twisted.websocket import ConnectionDeny
+from daphne.access import AccessLogGenerator
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from daphne.ws_protocol import WebSocketProtocol
@@ -33,6 +37,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from codexserver.log_format import escape_controls, redact_secrets
 from realtime.transport.upgrade_policy import DENIAL_EXTENSION
 
 logger = logging.getLogger(__name__)
@@ -132,7 +137,28 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
         logger.debug("WebSocket %s denied with HTTP %d", self.client_addr, status)
 
 
+class RedactedAccessLog:
+    """daphne's access log, written where the operator chose, but through our
+    redaction and escaping: its lines carry the request's path and query
+    (``GET /healthz?api_key=sk-…``; a ``%0a`` in a path is a newline)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        line = redact_secrets(escape_controls(text.removesuffix("\n")))
+        return self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 class AppServerDaphne(Server):
+    def __init__(self, *args, action_logger=None, **kwargs):
+        if isinstance(action_logger, AccessLogGenerator):
+            action_logger.stream = RedactedAccessLog(action_logger.stream)
+        super().__init__(*args, action_logger=action_logger, **kwargs)
+
     async def handle_reply(self, protocol, message):
         if message.get("type") == "websocket.send" and isinstance(protocol, AppServerWebSocketProtocol):
             await protocol.wait_writable()

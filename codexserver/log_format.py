@@ -4,7 +4,11 @@
 ``originator`` of the identity scope it was emitted in (``-`` outside one), so
 a line from a turn's background task names the connection it belongs to.
 ``RedactingFormatter`` removes the API key, the WebSocket auth token and any
-issued token from the final text, tracebacks included.
+issued token from the final text, tracebacks included, and keeps one record
+one line: control characters in a message (a client's ``model`` with a
+newline and an escape, echoed in an upstream's error) are escaped, and each
+line of a traceback is marked as the record's continuation, so no value can
+forge a line of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +45,30 @@ class IdentityLogFilter(logging.Filter):
         return True
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+CONTINUATION = "\n  | "  # how a traceback's lines follow their record
+
+
+def escape_controls(text: str) -> str:
+    return CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def _continued(text: str) -> str:
+    """A traceback or stack's lines, each marked as part of the record above."""
+    return CONTINUATION.join(escape_controls(line) for line in text.split("\n")).removeprefix(CONTINUATION)
+
+
 class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return redact_secrets(super().format(record))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return "  | " + _continued(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "  | " + _continued(super().formatStack(stack_info))

@@ -43,7 +43,8 @@ CLOSE_GRACE_SECONDS = 5.0
 live_connections: weakref.WeakSet[AppServerConnection] = weakref.WeakSet()
 
 
-CLOSE_POLICY_VIOLATION = 1008  # its token was revoked (PROTOCOL §12)
+CLOSE_POLICY_VIOLATION = 1008  # its token was revoked (PROTOCOL §12), or it never initialized
+MAX_REFUSED_BEFORE_INITIALIZE = 5
 
 
 class AppServerConnection:
@@ -76,6 +77,7 @@ class AppServerConnection:
         self.own_turns: set = set()  # turns this connection started that have not ended
         self._tasks: set[asyncio.Task] = set()
         self._requests_in_flight = 0
+        self._refused_before_initialize = 0
         self._closed = False
         live_connections.add(self)
 
@@ -108,6 +110,7 @@ class AppServerConnection:
             message = protocol.parse_message(text)
         except JsonRpcError as error:
             self.send_error(error.request_id, error)
+            self._count_refusal()
             return
         if isinstance(message, Request):
             await self._handle_request(message)
@@ -121,6 +124,7 @@ class AppServerConnection:
             await self._run_request(request)
         elif self.identity is None:
             self.send_error(request.id, JsonRpcError.not_initialized())
+            self._count_refusal()
         elif request.method != INTERRUPT and (
             self.outbox.overloaded or self._requests_in_flight >= settings.CODEX_MAX_REQUESTS_IN_FLIGHT
         ):
@@ -155,27 +159,47 @@ class AppServerConnection:
 
     async def _run_request(self, request: Request) -> None:
         context = RequestContext(self, request)
-        try:
-            handler = HANDLERS.get(request.method)
-            if handler is None:
-                raise JsonRpcError.method_not_found(request.method)
-            with self._identity_scope():
+        # The scope covers the failure's log line too: it names whose request failed.
+        with self._identity_scope():
+            try:
+                handler = HANDLERS.get(request.method)
+                if handler is None:
+                    raise JsonRpcError.method_not_found(request.method)
                 result = await handler(context, request.params)
-        except JsonRpcError as error:
-            self.send_error(request.id, error)
-        except UpstreamError as error:
-            self.send_error(request.id, JsonRpcError.upstream_failure(error.message, error.codex_error_info))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("request %s failed", request.method)
-            self.send_error(request.id, JsonRpcError.internal_error())
-        else:
-            # One reply per id, always: work after the reply can fail, but
-            # never answer the request a second time.
-            self.send(protocol.response(request.id, result))
-            with self._identity_scope():
-                context.run_after_reply()
+            except JsonRpcError as error:
+                self._refuse(request, error)
+                return
+            except UpstreamError as error:
+                self.send_error(request.id, JsonRpcError.upstream_failure(error.message, error.codex_error_info))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("request %s failed", request.method)
+                self._refuse(request, JsonRpcError.internal_error())
+                return
+        # One reply per id, always: work after the reply can fail, but
+        # never answer the request a second time.
+        self.send(protocol.response(request.id, result))
+        with self._identity_scope():
+            context.run_after_reply()
+
+    def _refuse(self, request: Request, error: JsonRpcError) -> None:
+        self.send_error(request.id, error)
+        if request.method == INITIALIZE:
+            self._count_refusal()
+
+    def _count_refusal(self) -> None:
+        """A frame refused before the connection initialized: a client that
+        cannot say who it is, again and again, is closed (1008)."""
+        if self.identity is not None:
+            return
+        self._refused_before_initialize += 1
+        if self._refused_before_initialize == MAX_REFUSED_BEFORE_INITIALIZE:
+            logger.info("closing connection %s: %d frames refused before initialize", self.connection_id, MAX_REFUSED_BEFORE_INITIALIZE)
+            self.abandon()
+            if self._close_socket is not None:
+                self._close_socket(CLOSE_POLICY_VIOLATION)
 
     def _identity_scope(self) -> AbstractContextManager:
         # The one place a request enters its scope; `initialize` runs before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 from realtime.store.storable_text import storable
@@ -43,6 +44,22 @@ def optional_stored_str(params: dict[str, Any], name: str) -> str | None:
     """``optional_str`` for a value the database keeps (``storable``)."""
     value = optional_str(params, name)
     return None if value is None else require_storable(value, name)
+
+
+MAX_MODEL_CHARS = 256  # the stored column's length (realtime.models)
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def optional_model(params: dict[str, Any]) -> str | None:
+    """``model``: a name, not text. An upstream echoes it in its errors, which
+    are logged and sent to every subscriber: no control characters in it."""
+    model = optional_str(params, "model")
+    if model is None:
+        return None
+    require_storable(model, "model")
+    if len(model) > MAX_MODEL_CHARS or CONTROL_CHARACTERS.search(model):
+        raise JsonRpcError.invalid_params(f"model must be a name of at most {MAX_MODEL_CHARS} characters, without control characters")
+    return model
 
 
 def require_storable(value: T, name: str) -> T:

@@ -19,6 +19,10 @@ UPSTREAM_ERROR = -32000
 SERVER_OVERLOADED = -32001
 
 MAX_FRAME_BYTES = 1024 * 1024
+# Nesting a message may have: far past any the schema describes (a dynamic
+# tool's input schema is the deepest), far short of what makes a recursive
+# walk of it (storing, logging, schema checks) run out of stack.
+MAX_JSON_DEPTH = 64
 
 
 class JsonRpcError(Exception):
@@ -142,9 +146,28 @@ def parse_message(frame: str) -> Message:
         raise JsonRpcError.invalid_request("missing method", request_id)
     if not isinstance(method, str):
         raise JsonRpcError.invalid_request("method must be a string", request_id)
+    if nesting_exceeds(obj, MAX_JSON_DEPTH):
+        error = JsonRpcError.invalid_params(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        error.request_id = request_id if has_id else None
+        raise error
     if not has_id:
         return Notification(method, obj.get("params"))
     return Request(request_id, method, obj.get("params"))
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays and objects in ``value`` nest deeper than ``limit``;
+    walked without recursion, whatever the depth."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def encode(message: dict[str, Any]) -> str:

@@ -12,13 +12,19 @@ REPLACEMENT = "\ufffd"
 
 
 def storable(value: Any) -> bool:
-    """Whether every string in ``value`` (a JSON value) can be stored."""
-    if isinstance(value, str):
-        return storable_str(value)
-    if isinstance(value, dict):
-        return all(storable(key) and storable(item) for key, item in value.items())
-    if isinstance(value, list):
-        return all(storable(item) for item in value)
+    """Whether every string in ``value`` (a JSON value) can be stored; walked
+    without recursion, however deep it nests."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not storable_str(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return True
 
 

@@ -160,14 +160,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         await asyncio.shield(self._row_closed)
 
     async def _refuse(self, status: int) -> None:
-        # Without the denial-response extension an ASGI server can only say 403.
-        if DENIAL_EXTENSION in self.scope.get("extensions", {}):
-            await self.base_send(
-                {"type": "websocket.http.response.start", "status": status, "headers": refusal_headers(status)}
-            )
-            await self.base_send({"type": "websocket.http.response.body", "body": HTTPStatus(status).phrase.encode()})
-        else:
-            await self.close()
+        await refuse_upgrade(self.scope, self.base_send, status)
 
     async def _send_text(self, text: str) -> None:
         await self.send(text_data=text)
@@ -187,3 +180,19 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         """Close from a synchronous callback (the outbox's, a task's)."""
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_task(self.close(code=code))
+
+
+async def refuse_upgrade(scope: dict, send, status: int) -> None:
+    """Refuse a WebSocket upgrade with ``status``. Without the denial-response
+    extension an ASGI server can only say 403."""
+    if DENIAL_EXTENSION in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": refusal_headers(status)})
+        await send({"type": "websocket.http.response.body", "body": HTTPStatus(status).phrase.encode()})
+    else:
+        await send({"type": "websocket.close"})
+
+
+async def no_such_path(scope: dict, receive, send) -> None:
+    """An upgrade anywhere but ``/``: 404, before any auth."""
+    if (await receive())["type"] == "websocket.connect":
+        await refuse_upgrade(scope, send, HTTPStatus.NOT_FOUND)

@@ -21,6 +21,7 @@ from realtime.tools.workspace import outside_workspace_warning, thread_sandbox, 
 from ..params import (
     optional_bool,
     optional_int,
+    optional_model,
     optional_stored_str,
     optional_str,
     optional_str_list,
@@ -101,7 +102,7 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
     dynamic_tools = _dynamic_tools(params, context.connection)
     thread = Thread(
         id=new_id(),
-        model=optional_stored_str(params, "model") or config.model,
+        model=optional_model(params) or config.model,
         model_provider=MODEL_PROVIDER,
         cwd=_cwd(params, roots),
         originator=context.identity.originator,
@@ -133,7 +134,7 @@ async def resume_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread_id = required_str(params, "threadId")
     _check_thread_limit(context, thread_id)
-    model = optional_stored_str(params, "model")
+    model = optional_model(params)
     exclude_turns = optional_bool(params, "excludeTurns")  # read first: a bad param must not leave it subscribed
     found, running_elsewhere = await context.stored_thread(thread_id)
     # Subscribed before the turns are read: nothing that ends after the read is missed.

@@ -23,7 +23,7 @@ from realtime.turns.runner import (
     user_message,
 )
 
-from ..params import optional_stored_str, params_object, require_storable, required_list, required_str
+from ..params import optional_model, params_object, require_storable, required_list, required_str
 from ..policy_params import approval_policy, turn_sandbox
 from ..protocol import INVALID_REQUEST, JsonRpcError
 
@@ -109,7 +109,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread = context.subscribed_thread(required_str(params, "threadId"))
     parts, user_inputs = _read_input(required_list(params, "input"))
-    model = optional_stored_str(params, "model")
+    model = optional_model(params)
     output_schema = params.get("outputSchema")
     if output_schema is not None and not isinstance(output_schema, dict):
         raise JsonRpcError.invalid_params("outputSchema must be an object")

@@ -1,0 +1,129 @@
+"""One client cannot hurt the others (issue 26): what a hostile client sends
+is refused with a clear error, never costs the process its stack or its log's
+truth, and never reaches another client's view of the server."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from codexserver.log_format import IdentityLogFilter, RedactingFormatter
+from realtime.rpc import handlers
+from realtime.rpc.connection import MAX_REFUSED_BEFORE_INITIALIZE
+from realtime.rpc.protocol import MAX_JSON_DEPTH
+from tests.conftest import TEST_API_KEY
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def nested(depth: int) -> dict:
+    """An object ``depth`` levels deep."""
+    value: dict = {}
+    for _ in range(depth):
+        value = {"deeper": value}
+    return value
+
+
+async def test_deep_nesting_is_invalid_params_and_the_connection_goes_on(connect):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    # 400 levels made the storable-text walk overflow the stack (-32603 and a traceback per frame).
+    for depth in (MAX_JSON_DEPTH + 1, 400):
+        error = (await client.request("thread/start", {"config": nested(depth)}))["error"]
+        assert error["code"] == -32602 and f"nested deeper than {MAX_JSON_DEPTH} levels" in error["message"]
+    # Deeper than the JSON decoder itself goes: a parse error.
+    await client.send_raw('{"id": 9, "method": "thread/start", "params": ' + '{"a": ' * 5_000 + "{}" + "}" * 5_000 + "}")
+    error = await client.wait_for(lambda m: m.get("error", {}).get("code") == -32700)
+    assert "nesting too deep" in error["error"]["message"]
+    assert (await client.request("model/list", {}))["result"]["data"]
+
+
+async def test_a_client_refused_initialize_again_and_again_is_closed(connect):
+    client = await connect()
+    deep = {"clientInfo": {"name": "codex_ios", "version": "1"}, "capabilities": nested(400)}
+    for _ in range(MAX_REFUSED_BEFORE_INITIALIZE):
+        await client.send({"id": 1, "method": "initialize", "params": deep})
+    closed = await client.communicator.receive_output(timeout=5)
+    while closed["type"] != "websocket.close":
+        closed = await client.communicator.receive_output(timeout=5)
+    assert closed["code"] == 1008
+
+
+@pytest.mark.parametrize("model", ["gpt\n2026-12-06 10:00:00 INFO forged line", "gpt\x1b[31m", "g" * 257])
+async def test_a_model_name_with_control_characters_or_past_its_column_is_refused(connect, model):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    error = (await client.request("thread/start", {"model": model}))["error"]
+    assert error["code"] == -32602 and "model" in error["message"]
+    thread = await client.start_thread()
+    error = (await client.request("turn/start", {"threadId": thread, "model": model, "input": [{"type": "text", "text": "hi"}]}))["error"]
+    assert error["code"] == -32602
+
+
+def test_no_logged_value_can_forge_a_line_of_its_own():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter("%(levelname)s [conn=%(connection_id)s] %(message)s"))
+    handler.addFilter(IdentityLogFilter())
+    logger = logging.getLogger("tests.forging")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("upstream said %s", "unknown model gpt\n2026-12-06 INFO [conn=x] forged\x1b[2J\u2028")
+        try:
+            raise ValueError("bad model\nINFO [conn=y] forged too")
+        except ValueError:
+            logger.exception("turn failed")
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "WARNING [conn=-] upstream said unknown model gpt\\n2026-12-06 INFO [conn=x] forged\\x1b[2J\\u2028"
+    assert lines[1] == "ERROR [conn=-] turn failed"
+    assert all(line.startswith("  | ") for line in lines[2:]) and lines[-1] == "  | INFO [conn=y] forged too"
+
+
+async def test_a_failed_request_is_logged_as_its_connections(connect, monkeypatch):
+    async def broken(context, params):
+        raise RuntimeError("listing broke")
+
+    monkeypatch.setitem(handlers.HANDLERS, "model/list", broken)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter("%(originator)s %(message)s"))
+    handler.addFilter(IdentityLogFilter())
+    logging.getLogger("realtime.rpc.connection").addHandler(handler)
+    try:
+        client = await connect()
+        await client.initialize("codex_ios", "1.4.0")
+        assert (await client.request("model/list", {}))["error"]["code"] == -32603
+    finally:
+        logging.getLogger("realtime.rpc.connection").removeHandler(handler)
+    assert stream.getvalue().startswith("codex_ios request model/list failed")
+
+
+@pytest.mark.e2e
+async def test_an_upgrade_elsewhere_is_404_and_the_access_log_keeps_no_secret(daphne_server):
+    server = daphne_server(daphne_args=("--access-log", "-"))
+    with pytest.raises(InvalidStatus) as refused:
+        async with ws_connect(f"ws://127.0.0.1:{server.port}/elsewhere"):
+            pass
+    assert refused.value.response.status_code == 404
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        await http.get(f"/healthz?api_key={TEST_API_KEY}")
+        await http.get("/nowhere%0a127.0.0.1%20-%20-%20[forged]")  # daphne logs the path unquoted
+    async with ws_connect(server.ws_url) as websocket:  # the server is well and answers
+        await websocket.send(json.dumps({"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "a", "version": "1"}}}))
+        assert "result" in json.loads(await websocket.recv())
+        await websocket.close()
+    with pytest.raises(ConnectionClosed):
+        await websocket.recv()
+    log = server.log()
+    assert TEST_API_KEY not in log and "[redacted]" in log
+    assert "\n127.0.0.1 - - [forged]" not in log and "\\n127.0.0.1 - - [forged]" in log
+    assert "ERROR" not in log and "Traceback" not in log
