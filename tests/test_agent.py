@@ -727,11 +727,7 @@ async def test_turn_start_policies_apply_to_this_turn_and_stick_for_later_ones(c
 
     from realtime.models import StoredThread
 
-    for _ in range(50):  # stored in the background: another process loading the thread finds it
-        row = await sync_to_async(StoredThread.objects.get)(thread_id=thread)
-        if row.approval_policy == "never":
-            break
-        await asyncio.sleep(0.05)
+    row = await sync_to_async(StoredThread.objects.get)(thread_id=thread)  # stored with the lock: any process finds it
     assert (row.sandbox_mode, row.network_access, row.approval_policy) == ("workspace-write", True, "never")
     resumed = await client.call("thread/resume", {"threadId": thread})
     assert resumed["approvalPolicy"] == "never"
@@ -739,6 +735,16 @@ async def test_turn_start_policies_apply_to_this_turn_and_stick_for_later_ones(c
         "type": "workspaceWrite", "writableRoots": [str(workspace)], "networkAccess": True,
         "excludeTmpdirEnvVar": False, "excludeSlashTmp": False,
     }  # fmt: skip
+
+    # Another process's turn/start made it read-only: the next turn here runs under that, and an
+    # override of the approval policy alone keeps it (this process's copy is not written back).
+    await sync_to_async(StoredThread.objects.filter(thread_id=thread).update)(sandbox_mode="read-only", network_access=False)
+    untrusted = {"threadId": thread, "approvalPolicy": "on-request", "input": [{"type": "text", "text": "exec[touch five.txt]"}]}
+    await client.call("turn/start", untrusted)
+    assert (await client.notification("turn/completed", threadId=thread, timeout=20))["turn"]["status"] == "completed"
+    assert not (workspace / "five.txt").exists()
+    row = await sync_to_async(StoredThread.objects.get)(thread_id=thread)
+    assert (row.sandbox_mode, row.network_access, row.approval_policy) == ("read-only", False, "on-request")
 
 
 async def test_a_patch_after_cd_applies_in_that_directory_and_never_outside_the_thread(connect, upstream, workspace):

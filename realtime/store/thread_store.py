@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from datetime import datetime
+from typing import Any
 
 from django.db import transaction
 from django.db.models import F
@@ -27,7 +28,15 @@ from realtime.models import StoredItem, StoredThread, StoredTurn
 
 from . import turn_writes
 from .threads import IN_PROGRESS, ItemRecord, Thread, Turn
-from .turn_writes import BeginTurn, CreateThread, FinishTurn, lock_until, mark_interrupted, with_lock_state
+from .turn_writes import (
+    BeginTurn,
+    CreateThread,
+    FinishTurn,
+    ThreadPolicy,
+    lock_until,
+    mark_interrupted,
+    with_lock_state,
+)
 
 
 def _seconds(moment: datetime) -> float:
@@ -118,18 +127,27 @@ class DatabaseThreads:
 
     @staticmethod
     def begin_turn(
-        thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> Awaitable[tuple[str, str, int, str | None] | None]:
+        thread: Thread,
+        turn: Turn,
+        channel: str | None,
+        lock_seconds: float,
+        max_history_bytes: int,
+        model: str | None,
+        sandbox: tuple[str, bool] | None = None,
+        approvals: Any = None,
+    ) -> Awaitable[tuple[str, str, int, str | None, ThreadPolicy] | None]:
         """Take the thread's turn lock and store the turn with its user message;
-        ``model`` (the request's override) sticks for later turns.
+        ``model``, ``sandbox`` and ``approvals`` (the request's overrides)
+        stick for later turns.
 
-        Gives the history to replay before it (a JSON array's text), the thread's model as stored
-        (another process may have changed it), the turn's row key and the
-        turn whose lapsed lock it took over, or None when another turn holds
-        the lock. A lock that lapsed (its process died) is taken over, and the
+        Gives the history to replay before it (a JSON array's text), the
+        thread's model and policy as stored (another process may have changed
+        them) with the overrides applied, the turn's row key and the turn
+        whose lapsed lock it took over, or None when another turn holds the
+        lock. A lock that lapsed (its process died) is taken over, and the
         turn it held is marked interrupted.
         """
-        return turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model))
+        return turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model, sandbox, approvals))
 
     @staticmethod
     @database_sync_to_async
@@ -174,14 +192,6 @@ class DatabaseThreads:
     @database_sync_to_async
     def set_model(thread: Thread, model: str) -> None:
         StoredThread.objects.filter(thread_id=thread.id).update(model=model)
-
-    @staticmethod
-    @database_sync_to_async
-    def set_policy(thread: Thread) -> None:
-        """The thread's sandbox and approval policy, as a turn/start changed them."""
-        StoredThread.objects.filter(thread_id=thread.id).update(
-            sandbox_mode=thread.sandbox_mode, network_access=thread.network_access, approval_policy=thread.approval_policy
-        )
 
     @staticmethod
     @database_sync_to_async
@@ -230,13 +240,21 @@ class MemoryThreads:
 
     @staticmethod
     async def begin_turn(
-        thread: Thread, turn: Turn, channel: str | None, lock_seconds: float, max_history_bytes: int, model: str | None
-    ) -> tuple[str, str, None, None] | None:
+        thread: Thread,
+        turn: Turn,
+        channel: str | None,
+        lock_seconds: float,
+        max_history_bytes: int,
+        model: str | None,
+        sandbox: tuple[str, bool] | None = None,
+        approvals: Any = None,
+    ) -> tuple[str, str, None, None, ThreadPolicy] | None:
         if thread.active_turn is not None:
             return None
         history = thread.history(max_history_bytes)
         thread.turns.append(turn)
-        return history, model or thread.model, None, None
+        mode, network = sandbox or (thread.sandbox_mode, thread.network_access)
+        return history, model or thread.model, None, None, (mode, network, thread.approval_policy if approvals is None else approvals)
 
     @staticmethod
     async def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> bool:
@@ -256,10 +274,6 @@ class MemoryThreads:
 
     @staticmethod
     async def set_model(thread: Thread, model: str) -> None:
-        pass
-
-    @staticmethod
-    async def set_policy(thread: Thread) -> None:
         pass
 
     @staticmethod

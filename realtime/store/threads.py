@@ -177,6 +177,9 @@ class Thread:
         """Take what other processes may have changed since this one loaded it."""
         self.model, self.preview = stored.model, stored.preview
         self.updated_at, self.read_revision = stored.updated_at, stored.read_revision
+        if self.active_turn is None:  # a running turn's commands keep the policy it started with
+            self.sandbox_mode, self.network_access = stored.sandbox_mode, stored.network_access
+            self.approval_policy = stored.approval_policy
 
     def add_usage(self, usage: dict[str, int]) -> None:
         for name, value in usage.items():

@@ -56,6 +56,11 @@ JSON_TEXT_COLUMNS = {"model_input"}
 END_FIELDS = ["status", "error", "completed_at_ms", "model_input", "input_bytes", "has_usage", *USAGE_FIELDS.values()]
 
 
+# A thread's sandbox mode, network access and approval policy (PROTOCOL §11).
+ThreadPolicy = tuple[str, bool, Any]
+POLICY_COLUMNS = ("sandbox_mode", "network_access", "approval_policy")
+
+
 @dataclass(eq=False)
 class BeginTurn:
     thread: Thread
@@ -64,6 +69,10 @@ class BeginTurn:
     lock_seconds: float
     max_history_bytes: int
     model: str | None  # the request's override; it sticks for later turns
+    # turn/start's sandboxPolicy as (mode, network access) and approvalPolicy:
+    # overrides of the stored ones, which stick too (None: keep the stored).
+    sandbox: tuple[str, bool] | None = None
+    approvals: Any = None
 
 
 @dataclass(eq=False)
@@ -155,6 +164,7 @@ class _ThreadRow:
     preview: str
     running_turn_id: str | None
     held: bool  # a turn runs and its lock has not lapsed
+    policy: ThreadPolicy  # as stored: another process's turn/start may have changed it
 
 
 def _marks(count: int) -> str:
@@ -414,14 +424,18 @@ def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str,
     ids = sorted(thread_ids)
     found = _rows(
         f"SELECT id, thread_id, model, preview, running_turn_id, "
-        f"running_turn_id IS NOT NULL AND (lock_expires_at IS NULL OR lock_expires_at >= {now_sql}) "
+        f"running_turn_id IS NOT NULL AND (lock_expires_at IS NULL OR lock_expires_at >= {now_sql}), "
+        f"sandbox_mode, network_access, approval_policy "
         f"FROM {THREADS} WHERE thread_id IN ({_marks(len(ids))}) ORDER BY id"
         + (" FOR UPDATE" if connection.features.has_select_for_update else ""),
         [*now_params, *ids],
     )
+    approvals = StoredThread._meta.get_field("approval_policy")
     return {
-        thread_id: _ThreadRow(pk, model, preview, running, bool(held))
-        for pk, thread_id, model, preview, running, held in found
+        thread_id: _ThreadRow(
+            pk, model, preview, running, bool(held), (mode, bool(network), approvals.from_db_value(approval, None, connection))
+        )
+        for pk, thread_id, model, preview, running, held, mode, network, approval in found
     }
 
 
@@ -504,10 +518,11 @@ def finish(
 
 def begin(
     starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> Callable[[], list[tuple[str, str, int, str | None] | None]]:
+) -> Callable[[], list[tuple[str, str, int, str | None, ThreadPolicy] | None]]:
     """Take each thread's lock and store its turn: (history to replay, the
     thread's model, the turn's row key, the turn whose lapsed lock it took
-    over), or None where another turn holds the lock; to read once committed."""
+    over, the thread's policy), or None where another turn holds the lock;
+    to read once committed."""
     now_sql, now_params = now
     taken: list[tuple[BeginTurn, _ThreadRow]] = []
     lapsed_turns: dict[int, str] = {}  # by start: the turn whose lapsed lock it takes over
@@ -520,6 +535,10 @@ def begin(
         row.running_turn_id, row.held = start.turn.id, True
         row.model = start.model or row.model
         row.preview = row.preview or start.thread.preview
+        mode, network, approvals = row.policy
+        if start.sandbox is not None:
+            mode, network = start.sandbox
+        row.policy = (mode, network, approvals if start.approvals is None else start.approvals)
         taken.append((start, row))
     if not taken:
         return lambda: [None] * len(starts)
@@ -528,14 +547,16 @@ def begin(
     expiries = {seconds: _sql_of(lock_until(seconds)) for seconds in {start.lock_seconds for start, _ in taken}}
     expiry_sql, _ = next(iter(expiries.values()))
     assignments = f"running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql}, " + ", ".join(
-        f"{column} = %s" for column in ("running_turn_id", "model", "preview")
+        f"{column} = %s" for column in ("running_turn_id", "model", "preview", *POLICY_COLUMNS)
     )
     with connection.cursor() as cursor:
         cursor.executemany(
             f"UPDATE {THREADS} SET {assignments} WHERE id = %s",
             [
                 [start.channel, *expiries[start.lock_seconds][1], *now_params]
-                + [row.running_turn_id, row.model, row.preview, row.pk]
+                + [row.running_turn_id, row.model, row.preview]
+                + _prepared(StoredThread, list(POLICY_COLUMNS), list(row.policy))
+                + [row.pk]
                 for start, row in taken
             ],
         )
@@ -545,10 +566,11 @@ def begin(
     _insert_first_items(taken)
     histories = _histories_later(taken)
 
-    def begun() -> list[tuple[str, str, int, str | None] | None]:
+    def begun() -> list[tuple[str, str, int, str | None, ThreadPolicy] | None]:
         pks, earlier = turn_pks(), histories()
         by_start = {
-            id(start): (earlier[row.pk], row.model, pks[start.turn.id], lapsed_turns.get(id(start))) for start, row in taken
+            id(start): (earlier[row.pk], row.model, pks[start.turn.id], lapsed_turns.get(id(start)), row.policy)
+            for start, row in taken
         }
         return [by_start.get(id(start)) for start in starts]
 

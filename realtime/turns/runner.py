@@ -291,19 +291,18 @@ async def background_endings_finished() -> None:
         await asyncio.wait(pending)
 
 
-def end_in_background(coro, what: str = "the end of a turn") -> None:
-    """Store ``what`` without waiting, and before the server stops."""
+def end_in_background(coro) -> None:
     ending = asyncio.ensure_future(coro)
     _endings.add(ending)
-    ending.add_done_callback(functools.partial(_ended, what=what))
+    ending.add_done_callback(_ended)
 
 
-def _ended(ending: asyncio.Future, what: str) -> None:
+def _ended(ending: asyncio.Future) -> None:
     _endings.discard(ending)
     if not ending.cancelled() and ending.exception() is not None:
         # Said here, not as asyncio's "exception was never retrieved" whenever
         # the future happens to be collected. The thread's lock lapses on its own.
-        logger.error("could not store %s in the background", what, exc_info=ending.exception())
+        logger.error("could not store the end of a turn in the background", exc_info=ending.exception())
 
 
 def release_abandoned(thread: Thread, turn: Turn, store) -> None:

@@ -14,14 +14,7 @@ from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_
 from realtime.store.turn_writes import WrittenButUnread
 from realtime.tools.definitions import offered_tools
 from realtime.tools.workspace import within_workspace, workspace_roots
-from realtime.turns.runner import (
-    TurnContext,
-    end_in_background,
-    release_abandoned,
-    run_turn,
-    settle_turn,
-    user_message,
-)
+from realtime.turns.runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
 
 from ..params import optional_model, params_object, require_storable, required_list, required_str
 from ..policy_params import approval_policy, turn_sandbox
@@ -93,18 +86,6 @@ def _preview(user_inputs: list[dict[str, Any]]) -> str:
     return text[:PREVIEW_CHARS]
 
 
-def _apply_policy(thread, store, sandbox: tuple[str, bool] | None, approvals: Any) -> None:
-    """turn/start's sandboxPolicy and approvalPolicy: for this turn and the
-    thread's later ones, as in Codex (stored only when they change it)."""
-    before = (thread.sandbox_mode, thread.network_access, thread.approval_policy)
-    if sandbox is not None:
-        thread.sandbox_mode, thread.network_access = sandbox
-    if approvals is not None:
-        thread.approval_policy = approvals
-    if (thread.sandbox_mode, thread.network_access, thread.approval_policy) != before:
-        end_in_background(store.set_policy(thread), "a thread's sandbox and approval policy")
-
-
 async def start_turn(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread = context.subscribed_thread(required_str(params, "threadId"))
@@ -131,7 +112,10 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     await hub.ensure_started()  # its channel is where turn/interrupt from elsewhere arrives
     begin = asyncio.ensure_future(
         # like Codex: a model override sticks for later turns
-        store.begin_turn(thread, turn, hub.channel, settings.CODEX_TURN_LOCK_SECONDS, settings.CODEX_MAX_HISTORY_BYTES, model)
+        store.begin_turn(
+            thread, turn, hub.channel, settings.CODEX_TURN_LOCK_SECONDS, settings.CODEX_MAX_HISTORY_BYTES, model,
+            sandbox, approvals,
+        )  # fmt: skip
     )
     try:
         begun = await asyncio.shield(begin)
@@ -144,11 +128,12 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         raise
     if begun is None:
         raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
-    history, thread.model, turn.row_id, taken_over = begun
+    # The model and policy as stored, the overrides applied (another process's turn/start may have changed them).
+    history, thread.model, turn.row_id, taken_over, policy = begun
+    thread.sandbox_mode, thread.network_access, thread.approval_policy = policy
     thread.active_turn = turn
     hub.hold(thread)
     thread.touch()
-    _apply_policy(thread, store, sandbox, approvals)
     turn_context = TurnContext(
         identity=context.identity,
         connection=context.connection,
