@@ -478,7 +478,9 @@ def test_the_patch_parser_refuses_what_does_not_apply():
     assert extract_patch("cd 'sub dir' && apply_patch <<EOF\n*** Begin Patch\n*** End Patch\nEOF") == (
         "sub dir", "*** Begin Patch\n*** End Patch"
     )
+    assert extract_patch('cd "a b" && apply_patch <<EOF\n*** Begin Patch\n*** End Patch\nEOF')[0] == "a b"
     assert extract_patch("cd sub; apply_patch <<EOF\n*** Begin Patch\n*** End Patch\nEOF") is None
+    assert extract_patch('cd "$(id)" && apply_patch <<EOF\n*** Begin Patch\n*** End Patch\nEOF') is None
     assert extract_patch("cat <<'EOF'\nx\nEOF") is None
     with pytest.raises(PatchError, match="starts with"):
         parse("*** Add File: x\n+y")
@@ -759,3 +761,34 @@ async def test_a_patch_after_cd_applies_in_that_directory_and_never_outside_the_
     await turn(client, thread, "cd .. && *** Begin Patch\n*** Add File: escaped.txt\n+out\n*** End Patch")
     assert not (workspace.parent / "escaped.txt").exists()
     assert "outside the thread's working directory" in upstream.model_requests()[-1].body["input"][-1]["output"]
+
+
+def test_a_dynamic_tool_is_found_by_its_exact_namespace_first_and_an_image_is_never_cut():
+    from realtime.tools.dynamic_tools import MAX_OUTPUT_CHARS, DeclaredTools, _answer, parse_dynamic_tools
+
+    tools, namespaces = parse_dynamic_tools([
+        {"type": "function", "name": "search", "description": "", "inputSchema": {}},
+        {"type": "namespace", "name": "docs", "description": "", "tools": [
+            {"type": "function", "name": "search", "description": "", "inputSchema": {}},
+            {"type": "function", "name": "open", "description": "", "inputSchema": {}},
+        ]},
+    ])  # fmt: skip
+    declared = DeclaredTools(tools, namespaces, ask=None)
+    assert declared.find(None, "search").namespace is None and declared.find("docs", "search").namespace == "docs"
+    assert declared.find(None, "open").namespace == "docs" and declared.find("other", "search") is None
+
+    huge = "data:image/png;base64," + "A" * MAX_OUTPUT_CHARS
+    content, success = _answer({"contentItems": [{"type": "inputText", "text": "x"}, {"type": "inputImage", "imageUrl": huge}]})
+    assert success and content == [{"type": "inputText", "text": "x"}, {"type": "inputText", "text": "[an image too large to keep was left out]"}]
+
+
+async def test_view_image_on_a_full_access_thread_still_never_shows_a_hidden_file(connect, upstream, workspace, settings, tmp_path):
+    settings.CODEX_ALLOW_FULL_ACCESS = True
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    (home / "secret.png").write_bytes(PIXEL_PNG)
+    settings.CODEX_HOME = str(home)
+    client, started = await agent(connect, workspace, sandbox="danger-full-access")
+    completed = await turn(client, started["thread"]["id"], f"view[{home / 'secret.png'}]")
+    assert not [item for item in completed["turn"]["items"] if item["type"] == "imageView"]
+    assert "No such file" in upstream.model_requests()[-1].body["input"][-1]["output"]

@@ -49,6 +49,7 @@ DELTA_SUFFIXES = ("/delta", "Delta")  # item/agentMessage/delta, item/reasoning/
 EVENTS, INTERRUPT, ANSWER = "thread.events", "turn.interrupt", "server.answer"
 # A process that just joined a thread's group asks for its open server requests; the askers answer.
 OPEN_REQUESTS_QUERY, OPEN_REQUESTS = "server.open_requests_query", "server.open_requests"
+MAX_RESOLVED_KEPT = 4096  # resolved request ids remembered, so a late answer to our query is not taken as open
 RESOLVED = "serverRequest/resolved"
 MAX_BATCH = 200  # notifications per group send
 # Notifications waiting for the layer (Redis slow or down) past which deltas
@@ -100,6 +101,7 @@ class ThreadHub:
         # Other processes' open server requests of threads followed here: id → (thread, asking channel, method, params).
         self._heard: dict[str, tuple[str, str, str, dict[str, Any]]] = {}
         self._sending: set[asyncio.Future] = set()
+        self._resolved: dict[str, None] = {}  # the latest resolved requests' ids, oldest first
         self._wake = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.dropped_deltas = 0
@@ -184,11 +186,14 @@ class ThreadHub:
                 await self.ensure_started()
                 async with self._membership_calls:
                     await self.layer.group_add(group_name(thread_id), self.channel)
-                    # Requests asked before we joined reached nobody here: ask for them.
-                    await self.layer.group_send(
-                        group_name(thread_id), {"type": OPEN_REQUESTS_QUERY, "thread": thread_id, "origin": self.channel}
-                    )
                 self._joined.add(thread_id)
+                # Requests asked before we joined reached nobody here: ask for them.
+                query = {"type": OPEN_REQUESTS_QUERY, "thread": thread_id, "origin": self.channel}
+                try:
+                    async with self._membership_calls:
+                        await self.layer.group_send(group_name(thread_id), query)
+                except Exception as exc:  # Redis down: a question asked elsewhere meanwhile is not re-sent here
+                    logger.warning("could not ask for the open requests of thread %s: %s", thread_id, exc)
             elif not wanted and thread_id in self._joined:
                 self._joined.discard(thread_id)
                 self._forget_heard(thread_id)
@@ -343,7 +348,7 @@ class ThreadHub:
             self._answer_open_requests_query(thread.id, message["origin"])
         elif message["type"] == OPEN_REQUESTS:
             for request_id, asked_by, method, params in message.get("requests", ()):
-                if request_id not in self._heard:
+                if request_id not in self._heard and request_id not in self._resolved:
                     self._hear(thread.id, method, params, [request_id, asked_by])
                     deliver(thread, method, params, pace_setter=None, request=[request_id, asked_by])
         elif message["type"] == INTERRUPT:
@@ -352,11 +357,20 @@ class ThreadHub:
                 turn.interrupt()
 
     def _hear(self, thread_id: str, method: str, params: dict[str, Any], request: list[Any] | None) -> None:
-        """Keep another process's open server requests until they are resolved."""
+        """Keep another process's open server requests until they are
+        resolved, or their turn ends (its process may have died unresolved)."""
         if request:
-            self._heard[request[0]] = (thread_id, request[1], method, params)
+            if request[0] not in self._resolved:  # (an answer to our query, late)
+                self._heard[request[0]] = (thread_id, request[1], method, params)
         elif method == RESOLVED:
             self._heard.pop(params.get("requestId"), None)
+            self._resolved[params.get("requestId")] = None
+            if len(self._resolved) > MAX_RESOLVED_KEPT:
+                self._resolved.pop(next(iter(self._resolved)))
+        elif method == "turn/completed":
+            ended = (params.get("turn") or {}).get("id")
+            for request_id in [rid for rid, heard in self._heard.items() if heard[3].get("turnId") == ended]:
+                del self._heard[request_id]
 
     def _forget_heard(self, thread_id: str) -> None:
         for request_id in [request_id for request_id, heard in self._heard.items() if heard[0] == thread_id]:

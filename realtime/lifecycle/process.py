@@ -117,13 +117,17 @@ class ProcessLifecycle:
         idle = settings.CODEX_SESSION_IDLE_SECONDS
         hub = thread_hub()
 
-        def watched(thread_id: str) -> bool:
+        def watched(thread_id: str) -> bool:  # a subscriber here, or a turn running here (which may poll them)
             thread = hub.get(thread_id)
-            return thread is not None and len(thread.subscribers) > 0
+            return thread is not None and (len(thread.subscribers) > 0 or thread.active_turn is not None)
 
         while True:
             await asyncio.sleep(min(max(idle / 4, 0.05), 30.0))
-            ended = command_sessions().end_unwatched(watched, idle)
+            try:
+                ended = command_sessions().end_unwatched(watched, idle)
+            except Exception:  # the sweep goes on: a stuck terminal would outlive its audience for good
+                logger.exception("could not end unwatched background terminals")
+                continue
             if ended:
                 logger.info("ended %d background terminal(s) of threads nobody followed for %gs", ended, idle)
 

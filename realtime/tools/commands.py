@@ -8,7 +8,6 @@ the thread chose, its approval policy, the places to hide.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import secrets
@@ -176,7 +175,7 @@ async def exec_command(context: CommandContext, call_id: str, arguments: dict[st
         workdir = _workdir(context, arguments)
         if directory is not None:  # `cd DIR && apply_patch …`: inside the thread's directory too
             workdir = _workdir(context, {"workdir": os.path.join(workdir, directory)})
-        return await apply_patch(dataclasses.replace(context, cwd=workdir), call_id, patch)
+        return await apply_patch(context, call_id, patch, workdir)
     escalated = arguments.get("sandbox_permissions") == "require_escalated"
     shell = arguments.get("shell") if isinstance(arguments.get("shell"), str) else DEFAULT_SHELL
     cwd = _workdir(context, arguments)
@@ -380,7 +379,7 @@ PATCH_WRITER = Path(__file__).with_name("patches.py").read_text()  # run inside 
 PATCH_SECONDS = 30.0
 
 
-async def apply_patch(context: CommandContext, call_id: str, patch: str) -> str:
+async def apply_patch(context: CommandContext, call_id: str, patch: str, workdir: str | None = None) -> str:
     """A ``fileChange`` item; the patch applied inside the thread's sandbox
     (the kernel keeps its writes where the sandbox allows, whatever links
     the workspace holds). A change the sandbox would not allow asks the
@@ -400,7 +399,8 @@ async def apply_patch(context: CommandContext, call_id: str, patch: str) -> str:
     ]
     record = ItemRecord({"id": call_id, "type": "fileChange", "changes": preview, "status": "inProgress"}, now_ms())
     targets = [path for op in operations for path in (op.path, op.move_path) if path]
-    writable = _writable(context, targets)
+    workdir = workdir or context.cwd  # the patch's paths are relative to it; the sandbox stays the thread's
+    writable = _writable(context, targets, workdir)
     ask = not writable or context.approval_policy == "untrusted"  # untrusted: every change asks
     if ask and approval_needed(context.approval_policy, "apply_patch", True, False) == REFUSE:
         raise CallRefused("apply_patch: these files are outside what this thread may write, and it may not ask")
@@ -416,7 +416,7 @@ async def apply_patch(context: CommandContext, call_id: str, patch: str) -> str:
                 raise CallRefused("the user declined these file changes")
         # Never unsandboxed, even where full access is allowed: hidden files stay hidden from a diff.
         policy = context.policy if writable and context.policy.mode == WORKSPACE_WRITE else _workspace_writable(context)
-        result = await _run_patch_writer(context, policy, patch)
+        result = await _run_patch_writer(context, policy, patch, workdir)
     except BaseException:
         if record.item["status"] == "inProgress":
             _complete_file_change(context, record, "failed")
@@ -435,7 +435,7 @@ async def apply_patch(context: CommandContext, call_id: str, patch: str) -> str:
     return f"Success. Updated the following files:\n{listed}\n"
 
 
-def _writable(context: CommandContext, targets: list[str]) -> bool:
+def _writable(context: CommandContext, targets: list[str], workdir: str) -> bool:
     """Whether the thread's sandbox would let these paths be written without
     asking (a guess from their real paths: the sandbox itself decides, and a
     wrong guess only asks). The server's own files never are."""
@@ -443,7 +443,7 @@ def _writable(context: CommandContext, targets: list[str]) -> bool:
     if policy.mode == READ_ONLY:
         return False
     roots = (context.cwd,) if policy.mode == FULL_ACCESS else policy.writable_roots
-    for target in (os.path.join(context.cwd, target) for target in targets):
+    for target in (os.path.join(workdir, target) for target in targets):
         if not any(inside_or_equal(target, root) for root in roots):
             return False
         if any(inside_or_equal(target, protected) for protected in context.protected_paths):
@@ -468,9 +468,10 @@ def _complete_file_change(context: CommandContext, record: ItemRecord, status: s
     context.notify("item/completed", {"item": record.item, "completedAtMs": record.completed_at_ms})
 
 
-async def _run_patch_writer(context: CommandContext, policy: SandboxPolicy, patch: str) -> dict[str, Any]:
+async def _run_patch_writer(context: CommandContext, policy: SandboxPolicy, patch: str, workdir: str) -> dict[str, Any]:
     python = shutil.which("python3", path=SANDBOX_PATH) or sys.executable
-    _, output = await run_in_sandbox(context, policy, [python, "-I", "-c", PATCH_WRITER], "apply_patch", patch, PATCH_SECONDS)
+    argv = [python, "-I", "-c", PATCH_WRITER]
+    _, output = await run_in_sandbox(context, policy, argv, "apply_patch", patch, PATCH_SECONDS, workdir)
     lines = output.strip().splitlines()
     try:
         return json.loads(lines[-1])
@@ -479,16 +480,24 @@ async def _run_patch_writer(context: CommandContext, policy: SandboxPolicy, patc
 
 
 async def run_in_sandbox(
-    context: CommandContext, policy: SandboxPolicy, argv: list[str], name: str, stdin: str | None, seconds: float
+    context: CommandContext,
+    policy: SandboxPolicy,
+    argv: list[str],
+    name: str,
+    stdin: str | None,
+    seconds: float,
+    workdir: str | None = None,
 ) -> tuple[int | None, str]:
     """A helper program of the server's own (the patch writer, the image
     reader), run in the turn's sandbox as any command is, so it sees and
     writes only what a command could: its exit code (None if it did not end
-    in time) and its output."""
-    launch, environment = _launch(argv, context.cwd, context, policy)
+    in time) and its output. It runs in ``workdir`` (a directory inside the
+    thread's, the thread's if omitted); the sandbox is the thread's either way."""
+    workdir = workdir or context.cwd
+    launch, environment = _launch(argv, workdir, context, policy)
     session = await command_sessions().start(
         launch, thread_id=context.thread_id, turn_id=context.turn_id, item_id=name, command=name,
-        cwd=context.cwd, env=environment, timeout=seconds,
+        cwd=workdir, env=environment, timeout=seconds,
     )  # fmt: skip
     try:
         if stdin is not None:

@@ -71,9 +71,12 @@ class DeclaredTools:
         return tuple(offered)
 
     def find(self, namespace: str | None, name: str) -> DynamicTool | None:
-        """The tool a call names; a call without its namespace finds a tool of
-        that name if only one namespace has it."""
-        matches = [tool for tool in self.tools if tool.name == name and namespace in (None, tool.namespace)]
+        """The tool a call names: exactly, else (a call without its namespace)
+        the one namespace's tool of that name, if only one has it."""
+        exact = [tool for tool in self.tools if tool.name == name and tool.namespace == namespace]
+        if exact or namespace is not None:
+            return exact[0] if exact else None
+        matches = [tool for tool in self.tools if tool.name == name]
         return matches[0] if len(matches) == 1 else None
 
 
@@ -184,7 +187,11 @@ def _answer(answer: Any) -> tuple[list[dict[str, Any]], bool]:
         field = {"inputText": "text", "inputImage": "imageUrl"}.get(kind)
         if field is None or not isinstance(part.get(field), str):
             continue  # audio and unknown kinds: the model could not take them as a call's output
-        value = made_storable(part[field][: max(budget, 0)])
+        if kind == "inputImage" and len(part[field]) > budget:
+            # A cut URL is no image, and the API would refuse it in every later turn's history.
+            content.append({"type": "inputText", "text": "[an image too large to keep was left out]"})
+            continue
+        value = made_storable(part[field][:budget])
         budget -= len(value)
         content.append({"type": kind, field: value})
         if budget <= 0:

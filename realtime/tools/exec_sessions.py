@@ -79,7 +79,7 @@ class CommandSession:
     on_output: Callable[[str], None] | None = None
     timed_out: bool = False  # killed for outliving CODEX_COMMAND_TIMEOUT
     timeout_seconds: float = 0.0
-    detached: bool = False  # its turn ended: a background terminal, polled by later turns if at all
+    detached_at: float | None = None  # (monotonic) its turn ended: a background terminal, polled by later turns if at all
     record: Any = None  # its commandExecution item, completed when it ends
     _reader: asyncio.Task | None = None
     _watchdog: asyncio.TimerHandle | None = None  # kills it at CODEX_COMMAND_TIMEOUT, polled or not
@@ -241,13 +241,14 @@ class SessionRegistry:
         for session in self.of_thread(thread_id):
             if session.turn_id == turn_id:
                 session.on_output = None
-                session.detached = True
+                session.detached_at = time.monotonic()
 
     def end_unwatched(self, watched: Callable[[str], bool], idle_seconds: float) -> int:
         """Background terminals of threads that nobody on this process has
-        followed for ``idle_seconds`` (CODEX_SESSION_IDLE_SECONDS) end, each
-        whole sandbox, and are forgotten: how many. A running turn's own
-        commands are its turn's to end."""
+        followed (no subscriber, no turn running) for ``idle_seconds``
+        (CODEX_SESSION_IDLE_SECONDS), and that have been background
+        terminals that long, end, each whole sandbox, and are forgotten: how
+        many. A running turn's own commands are its turn's to end."""
         now, ended = time.monotonic(), 0
         for thread_id in list(self.by_thread):
             if not self.by_thread[thread_id]:
@@ -258,7 +259,7 @@ class SessionRegistry:
             if now - self._unwatched_since.setdefault(thread_id, now) < idle_seconds:
                 continue
             for session in self.of_thread(thread_id):
-                if session.detached:
+                if session.detached_at is not None and now - session.detached_at >= idle_seconds:
                     session.kill()
                     self.forget(session)
                     ended += 1

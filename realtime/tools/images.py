@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from .commands import CallRefused, CommandContext, run_in_sandbox
+from .sandbox import FULL_ACCESS, READ_ONLY, SandboxPolicy
 
 IMAGE_VIEW = "imageView"
 # Sent to the model as a data URL in the call's output, stored with the turn
@@ -39,8 +40,10 @@ async def view_image(context: CommandContext, call_id: str, arguments: dict[str,
     if not isinstance(path, str) or not path or "\0" in path:
         raise CallRefused("view_image needs path, the image file's path")
     path = os.path.normpath(os.path.join(context.cwd, path))
+    # Read-only even where the thread has full access: a hidden file stays hidden from it too.
+    policy = context.policy if context.policy.mode != FULL_ACCESS else SandboxPolicy(READ_ONLY)
     exit_code, output = await run_in_sandbox(
-        context, context.policy, ["/bin/bash", "-c", READER, "view_image", str(MAX_IMAGE_BYTES + 1), path],
+        context, policy, ["/bin/bash", "-c", READER, "view_image", str(MAX_IMAGE_BYTES + 1), path],
         "view_image", None, READ_SECONDS,
     )  # fmt: skip
     if exit_code != 0:

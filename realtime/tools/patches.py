@@ -31,10 +31,10 @@ BEGIN, END = "*** Begin Patch", "*** End Patch"
 ADD, DELETE, UPDATE, MOVE = "*** Add File: ", "*** Delete File: ", "*** Update File: ", "*** Move to: "
 END_OF_FILE = "*** End of File"
 # `apply_patch <<'EOF'` … `EOF`, as models send it through exec_command,
-# perhaps after `cd DIR &&` (a plain or single-quoted directory).
+# perhaps after `cd DIR &&` (plain or quoted; nothing a shell would expand).
 INVOCATION = re.compile(
-    r"^\s*(?:cd\s+(?:'([^']*)'|([^\s'\"&;|]+))\s*&&\s*)?"
-    r"(?:apply_patch|applypatch)\s*<<\s*['\"]?(\w+)['\"]?\s*\n(.*?)\n\3\s*$",
+    r"^\s*(?:cd\s+(?:'(?P<single>[^']*)'|\"(?P<double>[^\"$`\\]*)\"|(?P<plain>[^\s'\"&;|$`\\]+))\s*&&\s*)?"
+    r"(?:apply_patch|applypatch)\s*<<\s*['\"]?(?P<end>\w+)['\"]?\s*\n(?P<patch>.*?)\n(?P=end)\s*$",
     re.DOTALL,
 )
 
@@ -70,8 +70,8 @@ def extract_patch(cmd: str) -> tuple[str | None, str] | None:
     match = INVOCATION.match(cmd)
     if match is None:
         return None
-    directory = match.group(1) if match.group(1) is not None else match.group(2)
-    return directory, match.group(4)
+    directory = next((match[kind] for kind in ("single", "double", "plain") if match[kind] is not None), None)
+    return directory, match["patch"]
 
 
 def parse(text: str) -> list[FileOperation]:

@@ -88,7 +88,7 @@ def _asking(connection) -> Callable[[str, dict[str, Any]], Awaitable[Any]]:
 
     async def ask(method: str, params: dict[str, Any]) -> Any:
         live = declarer()
-        if live is None:
+        if live is None or params.get("threadId") not in live.threads:  # gone, or no longer following it
             raise ClientGone
         return await live.ask(method, params)
 
