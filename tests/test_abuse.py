@@ -127,3 +127,11 @@ async def test_an_upgrade_elsewhere_is_404_and_the_access_log_keeps_no_secret(da
     assert TEST_API_KEY not in log and "[redacted]" in log
     assert "\n127.0.0.1 - - [forged]" not in log and "\\n127.0.0.1 - - [forged]" in log
     assert "ERROR" not in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("params, field", [({"cwd": "/" + "d" * 5000}, "cwd"), ({"baseInstructions": "b" * 300_000}, "baseInstructions")])
+async def test_what_a_thread_stores_of_the_client_is_bounded(connect, params, field):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    error = (await client.request("thread/start", params))["error"]
+    assert error["code"] == -32602 and error["message"].startswith(f"Invalid params: {field} must be at most")

@@ -42,3 +42,26 @@ async def test_a_stopped_reader_stops_being_waited_for_and_overflows():
     assert overflowed == [True]
     assert loop.time() - started < 2  # waited for one stall, not one per message
     writer.cancel()
+
+
+async def test_a_reader_that_never_reads_large_replies_is_dropped_at_the_byte_bound():
+    never = asyncio.Event()
+
+    async def stuck_send(text):
+        await never.wait()
+
+    overflowed = []
+    outbox = Outbox(stuck_send, on_overflow=lambda: overflowed.append(True), max_bytes=1_000_000)
+    writer = asyncio.create_task(outbox.run())
+    await asyncio.sleep(0)
+    big = {"data": "x" * 300_000}
+    outbox.put(big)  # taken by the writer, stuck sending
+    await asyncio.sleep(0)
+    for _ in range(3):
+        outbox.put(big)
+    assert overflowed == [] and outbox.queued_bytes > 900_000 and outbox.overloaded
+    outbox.put(big)  # past a million bytes queued: far fewer than the message bound
+    assert overflowed == [True] and outbox.queued_bytes == 0 and len(outbox) == 0
+    outbox.put(big)  # nothing more is queued for a dropped client
+    assert len(outbox) == 0
+    writer.cancel()

@@ -40,9 +40,12 @@ def _str(params: dict[str, Any], name: str) -> str:
     return value
 
 
-def optional_stored_str(params: dict[str, Any], name: str) -> str | None:
-    """``optional_str`` for a value the database keeps (``storable``)."""
+def optional_stored_str(params: dict[str, Any], name: str, max_chars: int | None = None) -> str | None:
+    """``optional_str`` for a value the database keeps (``storable``), at
+    most ``max_chars`` long: it is stored, and sent back in every listing."""
     value = optional_str(params, name)
+    if value is not None and max_chars is not None and len(value) > max_chars:
+        raise JsonRpcError.invalid_params(f"{name} must be at most {max_chars} characters")
     return None if value is None else require_storable(value, name)
 
 

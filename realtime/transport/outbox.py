@@ -2,7 +2,8 @@
 
 Every frame to the client (replies and notifications) passes through here, so
 order is kept and a client that stops reading costs a bounded amount of memory:
-past ``capacity`` queued messages the connection is dropped (PROTOCOL §3).
+past ``capacity`` queued messages, or ``MAX_QUEUED_BYTES`` of them, the
+connection is dropped (PROTOCOL §3).
 
 A slow client is not a stopped one: a streaming turn waits in
 ``wait_for_room`` while the queue is above the overload threshold, so the
@@ -23,9 +24,12 @@ from realtime.rpc.protocol import encode
 logger = logging.getLogger(__name__)
 
 OUTBOX_CAPACITY = 1024
-# Above this many queued messages, new requests are refused with -32001
-# instead of adding to a backlog the client is not draining.
+# Above this many queued messages (or half the bytes), new requests are
+# refused with -32001 instead of adding to a backlog the client is not draining.
 OVERLOAD_THRESHOLD = OUTBOX_CAPACITY // 2
+# Bytes queued for one client: a message count alone let a client that never
+# read queue 511 replies of 31 MB each.
+MAX_QUEUED_BYTES = 32 * 1024 * 1024
 
 
 class Outbox:
@@ -35,10 +39,13 @@ class Outbox:
         on_overflow: Callable[[], None],
         capacity: int = OUTBOX_CAPACITY,
         stall_seconds: float = 10.0,
+        max_bytes: int = MAX_QUEUED_BYTES,
     ):
         self._send_text = send_text
         self._on_overflow = on_overflow
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=capacity)
+        self._max_bytes = max_bytes
+        self.queued_bytes = 0  # encoded as ASCII: characters are bytes
         self._overflowed = False
         self._stall_seconds = stall_seconds
         self._sent = 0
@@ -49,7 +56,7 @@ class Outbox:
 
     @property
     def overloaded(self) -> bool:
-        return self._queue.qsize() >= OVERLOAD_THRESHOLD
+        return self._queue.qsize() >= OVERLOAD_THRESHOLD or self.queued_bytes >= self._max_bytes // 2
 
     def __len__(self) -> int:
         return self._queue.qsize()
@@ -57,12 +64,23 @@ class Outbox:
     def put(self, message: dict[str, Any]) -> None:
         if self._overflowed:
             return
+        text = encode(message)
+        if self.queued_bytes + len(text) > self._max_bytes and self.queued_bytes:
+            self._overflow(f"{self.queued_bytes} bytes")
+            return
         try:
-            self._queue.put_nowait(encode(message))
+            self._queue.put_nowait(text)
         except asyncio.QueueFull:
-            self._overflowed = True
-            logger.warning("outbound queue full (%d messages): disconnecting slow client", self._queue.maxsize)
-            self._on_overflow()
+            self._overflow(f"{self._queue.maxsize} messages")
+            return
+        self.queued_bytes += len(text)
+
+    def _overflow(self, how_full: str) -> None:
+        self._overflowed = True
+        logger.warning("outbound queue full (%s): disconnecting slow client", how_full)
+        self._queue = asyncio.Queue()  # what it held goes now, not when the socket closes
+        self.queued_bytes = 0
+        self._on_overflow()
 
     async def wait_for_room(self) -> None:
         """Hold a producer while the queue is above the overload threshold and
@@ -96,6 +114,7 @@ class Outbox:
         """The writer task: sends queued frames in order until cancelled."""
         while True:
             text = await self._queue.get()
+            self.queued_bytes -= len(text)
             await self._send_text(text)
             self._sent += 1
             if not self.overloaded:

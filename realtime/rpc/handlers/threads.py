@@ -33,6 +33,9 @@ from ..policy_params import approval_policy, sandbox_mode
 from ..protocol import INVALID_REQUEST, JsonRpcError
 
 MODEL_PROVIDER = "openai"
+# What a thread stores of the client's (and sends back in every listing) is bounded.
+MAX_CWD_CHARS = 4096  # PATH_MAX
+MAX_INSTRUCTIONS_CHARS = 256 * 1024
 DEFAULT_PAGE = 25
 MAX_PAGE = 100
 
@@ -58,7 +61,7 @@ def _cwd(params: dict[str, Any], roots: tuple[str, ...]) -> str:
     """The thread's working directory: the client's when absolute, else the
     first workspace root (the Codex TUI in --remote mode sends none, then
     uses the one answered)."""
-    cwd = optional_stored_str(params, "cwd")
+    cwd = optional_stored_str(params, "cwd", MAX_CWD_CHARS)
     if cwd and os.path.isabs(cwd):
         return os.path.normpath(cwd)
     return roots[0] if roots else "/"
@@ -107,7 +110,7 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
         cwd=_cwd(params, roots),
         originator=context.identity.originator,
         principal_id=context.principal.id,
-        base_instructions=optional_stored_str(params, "baseInstructions"),
+        base_instructions=optional_stored_str(params, "baseInstructions", MAX_INSTRUCTIONS_CHARS),
         sandbox_mode=sandbox_mode(params),
         approval_policy=approval_policy(params),
         ephemeral=bool(optional_bool(params, "ephemeral")),
