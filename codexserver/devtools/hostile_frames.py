@@ -185,7 +185,12 @@ class _Connection:
         marker = f"sync-{self._syncs}"
         self._synced[marker] = asyncio.Event()
         await self.socket.send(json.dumps({"id": marker, "method": "no/such"}))
-        await asyncio.wait_for(self._synced[marker].wait(), timeout)
+        synced = asyncio.ensure_future(self._synced[marker].wait())
+        # The server may close the connection instead (a client that never initializes is closed).
+        done, _ = await asyncio.wait([synced, self.reader], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        synced.cancel()
+        if not done:
+            raise TimeoutError(f"no reply to {marker} within {timeout}s")
 
     async def send(self, frame: Frame) -> None:
         if frame.invalid_utf8_text:
@@ -208,21 +213,30 @@ async def _drive_connection(ws_url: str, frames, budget: list[int], report: Fuzz
             if rng.random() < 0.7:  # most connections get past initialize
                 await socket.send(json.dumps({"id": "init", "method": "initialize", "params": {"clientInfo": {"name": f"fuzz_{seed}", "version": "1"}}}))
             try:
-                for sent, frame in enumerate(frames(rng, connection.thread_ids), 1):
-                    if budget[0] <= 0:
-                        break
-                    budget[0] -= 1
-                    report.frames_sent += 1
-                    await connection.send(frame)
-                    if frame.closes_connection:
-                        await asyncio.wait_for(asyncio.shield(connection.reader), 10)
-                        break
-                    if sent % SYNC_EVERY == 0:
-                        await connection.sync()
-                if not connection.reader.done():
-                    await connection.sync()
+                await _send_frames(connection, frames(rng, connection.thread_ids), budget, report)
             finally:
                 await connection.close()
+
+
+async def _send_frames(connection: _Connection, frames, budget: list[int], report: FuzzReport) -> None:
+    try:
+        for sent, frame in enumerate(frames, 1):
+            if budget[0] <= 0:
+                break
+            budget[0] -= 1
+            report.frames_sent += 1
+            await connection.send(frame)
+            if frame.closes_connection:
+                await asyncio.wait_for(asyncio.shield(connection.reader), 10)
+                break
+            if sent % SYNC_EVERY == 0:
+                await connection.sync()
+            if connection.reader.done():  # the server closed it
+                break
+        if not connection.reader.done():
+            await connection.sync()
+    except ConnectionClosed:  # the server closed it (1007, 1008, 1009): the next connection goes on
+        pass
 
 
 async def fuzz_server(ws_url: str, frames: int, connections: int = 8, seed: int = 0) -> FuzzReport:
