@@ -4,6 +4,7 @@ truth, and never reaches another client's view of the server."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -135,3 +136,42 @@ async def test_what_a_thread_stores_of_the_client_is_bounded(connect, params, fi
     await client.initialize("codex_ios", "1.4.0")
     error = (await client.request("thread/start", params))["error"]
     assert error["code"] == -32602 and error["message"].startswith(f"Invalid params: {field} must be at most")
+
+
+async def test_pipelined_interrupts_are_all_answered_but_run_a_few_at_a_time(connect, monkeypatch):
+    from realtime.rpc import connection as rpc_connection
+    from realtime.rpc.handlers import INTERRUPT
+
+    running, most = 0, 0
+    interrupt = handlers.HANDLERS[INTERRUPT]
+
+    async def counted(context, params):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.01)
+            return await interrupt(context, params)
+        finally:
+            running -= 1
+
+    monkeypatch.setitem(handlers.HANDLERS, INTERRUPT, counted)
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    for index in range(200):
+        await client.send({"id": f"i{index}", "method": INTERRUPT, "params": {"threadId": thread, "turnId": "none"}})
+    for index in range(200):  # each answered (an error: no such turn), none refused as overloaded
+        reply = await client.wait_for(lambda m, wanted=f"i{index}": m.get("id") == wanted, timeout=10)
+        assert reply.get("error", {}).get("code") != -32001
+    assert most <= rpc_connection.MAX_INTERRUPTS_IN_FLIGHT + 1  # (and one read inline)
+    # Another request still gets through.
+    assert (await client.request("model/list", {}))["result"]["data"]
+
+
+async def test_an_originators_filter_is_bounded(connect):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    error = (await client.request("thread/list", {"originators": [f"o{index}" for index in range(101)]}))["error"]
+    assert error["code"] == -32602 and "at most 100 names" in error["message"]
+    assert "result" in await client.request("thread/list", {"originators": ["codex_ios"] * 100})

@@ -45,6 +45,9 @@ live_connections: weakref.WeakSet[AppServerConnection] = weakref.WeakSet()
 
 CLOSE_POLICY_VIOLATION = 1008  # its token was revoked (PROTOCOL §12), or it never initialized
 MAX_REFUSED_BEFORE_INITIALIZE = 5
+# turn/interrupt requests of one connection running side by side: one per
+# running turn (CODEX_MAX_RUNNING_TURNS_PER_CONNECTION's default).
+MAX_INTERRUPTS_IN_FLIGHT = 16
 
 
 class AppServerConnection:
@@ -77,6 +80,7 @@ class AppServerConnection:
         self.own_turns: set = set()  # turns this connection started that have not ended
         self._tasks: set[asyncio.Task] = set()
         self._requests_in_flight = 0
+        self._interrupts_in_flight = 0
         self._refused_before_initialize = 0
         self._closed = False
         live_connections.add(self)
@@ -125,10 +129,18 @@ class AppServerConnection:
         elif self.identity is None:
             self.send_error(request.id, JsonRpcError.not_initialized())
             self._count_refusal()
-        elif request.method != INTERRUPT and (
-            self.outbox.overloaded or self._requests_in_flight >= settings.CODEX_MAX_REQUESTS_IN_FLIGHT
-        ):
-            # Never for turn/interrupt (PROTOCOL §3): it is what relieves the pressure.
+        elif request.method == INTERRUPT:
+            # Always accepted (PROTOCOL §3: it is what relieves the pressure),
+            # but a few at a time are all anyone needs: past those, the next
+            # runs before this connection's next frame is read (5,000
+            # pipelined ones all ran at once before).
+            if self._interrupts_in_flight >= MAX_INTERRUPTS_IN_FLIGHT:
+                await self._run_request(request)
+                return
+            self._interrupts_in_flight += 1
+            task = self.spawn(self._run_request(request), name=f"request {request.method}")
+            task.add_done_callback(self._interrupt_done)
+        elif self.outbox.overloaded or self._requests_in_flight >= settings.CODEX_MAX_REQUESTS_IN_FLIGHT:
             self.send_error(request.id, JsonRpcError.overloaded())
         else:
             self._requests_in_flight += 1
@@ -152,6 +164,9 @@ class AppServerConnection:
 
     def _request_done(self, task: asyncio.Task) -> None:
         self._requests_in_flight -= 1
+
+    def _interrupt_done(self, task: asyncio.Task) -> None:
+        self._interrupts_in_flight -= 1
 
     def _handle_notification(self, notification: Notification) -> None:
         # `initialized` needs no reply; other client notifications are not used yet.
