@@ -189,6 +189,47 @@ class AppServerDaphne(Server):
     def _tune_websocket_factory(self) -> None:
         self.ws_factory.protocol = AppServerWebSocketProtocol
         self.ws_factory.setProtocolOptions(failByDrop=False)
+        build = self.http_factory.buildProtocol
+        self.http_factory.buildProtocol = lambda addr: with_deadline(build(addr))
+
+
+def with_deadline(protocol):
+    """The protocol, its first request head under a deadline."""
+    if protocol is not None:
+        request_head_deadline(protocol)
+    return protocol
+
+
+def request_head_deadline(channel) -> None:
+    """Abort a connection whose first request head is not whole within
+    CODEX_REQUEST_HEAD_SECONDS of its accept. Twisted restarts its idle
+    timeout at every byte, so a client sending one every 20 s held its
+    socket (and a file descriptor) for good: 260 of them made real upgrades
+    and /healthz fail on a 256-descriptor limit."""
+    from django.conf import settings
+
+    channel = getattr(channel, "_channel", channel)  # (Twisted's protocol-switching proxy holds the HTTP channel)
+    received, lost = channel.allHeadersReceived, channel.connectionLost
+
+    def stop_deadline() -> None:
+        if deadline.active():
+            deadline.cancel()
+
+    def all_headers_received():
+        stop_deadline()
+        received()
+
+    def connection_lost(reason):
+        stop_deadline()
+        lost(reason)
+
+    def expire():
+        if channel.transport is not None:
+            logger.info("closing a connection that sent no whole request within %gs", settings.CODEX_REQUEST_HEAD_SECONDS)
+            channel.transport.abortConnection()
+
+    channel.allHeadersReceived, channel.connectionLost = all_headers_received, connection_lost
+    deadline = reactor.callLater(settings.CODEX_REQUEST_HEAD_SECONDS, expire)
 
 
 def tune_garbage_collector() -> None:

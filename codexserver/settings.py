@@ -276,6 +276,15 @@ def _directory_served_from() -> list[str]:
 
 CODEX_WORKSPACE_ROOTS = [os.path.abspath(root) for root in _env_list("CODEX_WORKSPACE_ROOTS")] or _directory_served_from()
 
+# WebSockets one process holds, and one peer address holds (behind a proxy
+# without --proxy-headers, every client has the proxy's address; 0: no cap).
+CODEX_MAX_CONNECTIONS = _env_number("CODEX_MAX_CONNECTIONS", "10000", int)
+CODEX_MAX_CONNECTIONS_PER_PEER = _env_number("CODEX_MAX_CONNECTIONS_PER_PEER", "2500", int)
+# Seconds a new TCP connection has to send its whole request head (the
+# WebSocket upgrade's, or an HTTP request's): a client trickling a byte at a
+# time would otherwise hold a socket for good.
+CODEX_REQUEST_HEAD_SECONDS = _env_number("CODEX_REQUEST_HEAD_SECONDS", "10", float)
+
 # Seconds a client may read nothing while a turn waits for it to drain its
 # queue; after that the queue fills and the client is dropped (1013).
 CODEX_CLIENT_STALL_TIMEOUT = _env_number("CODEX_CLIENT_STALL_TIMEOUT", "10", float)

@@ -175,3 +175,64 @@ async def test_an_originators_filter_is_bounded(connect):
     error = (await client.request("thread/list", {"originators": [f"o{index}" for index in range(101)]}))["error"]
     assert error["code"] == -32602 and "at most 100 names" in error["message"]
     assert "result" in await client.request("thread/list", {"originators": ["codex_ios"] * 100})
+
+
+@pytest.mark.e2e
+async def test_a_request_head_trickled_a_byte_at_a_time_is_cut_off(daphne_server):
+    server = daphne_server(CODEX_REQUEST_HEAD_SECONDS="1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    closed = False
+    for _ in range(8):  # a header byte every half second: never idle, never done
+        await asyncio.sleep(0.5)
+        try:
+            writer.write(b"X")
+            await writer.drain()
+        except ConnectionError:
+            closed = True
+            break
+        if reader.at_eof() or (await _closed(reader)):
+            closed = True
+            break
+    assert closed and loop.time() - started < 3.5
+    writer.close()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:  # whole requests go on
+        assert (await http.get("/healthz")).status_code == 200
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(1), 0.01) == b""
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.e2e
+async def test_connections_past_the_per_peer_cap_are_refused_with_429(daphne_server):
+    server = daphne_server(CODEX_MAX_CONNECTIONS_PER_PEER="2")
+    async with ws_connect(server.ws_url), ws_connect(server.ws_url):
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(server.ws_url):
+                pass
+        assert refused.value.response.status_code == 429
+    async with ws_connect(server.ws_url) as again:  # places are given back when connections close
+        await again.send(json.dumps({"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "a", "version": "1"}}}))
+        assert "result" in json.loads(await again.recv())
+
+
+async def test_connections_past_the_process_cap_are_refused_with_503(connect, settings):
+    from channels.testing import WebsocketCommunicator
+
+    from codexserver.asgi import application
+
+    settings.CODEX_MAX_CONNECTIONS = 2
+    first, second = await connect(), await connect()
+    await first.initialize("codex_ios", "1")
+    third = WebsocketCommunicator(application, "/")
+    connected, status = await third.connect()
+    assert not connected
+    await second.communicator.disconnect()
+    fourth = await connect()
+    await fourth.initialize("codex_ios", "1")

@@ -44,7 +44,7 @@ live_connections: weakref.WeakSet[AppServerConnection] = weakref.WeakSet()
 
 
 CLOSE_POLICY_VIOLATION = 1008  # its token was revoked (PROTOCOL §12), or it never initialized
-MAX_REFUSED_BEFORE_INITIALIZE = 5
+MAX_REFUSED_BEFORE_INITIALIZE = 16  # frames refused before initialize, then the connection is closed
 # turn/interrupt requests of one connection running side by side: one per
 # running turn (CODEX_MAX_RUNNING_TURNS_PER_CONNECTION's default).
 MAX_INTERRUPTS_IN_FLIGHT = 16

@@ -19,6 +19,7 @@ from realtime.lifecycle.process import process_lifecycle
 from realtime.rpc.connection import AppServerConnection
 from realtime.rpc.protocol import MAX_FRAME_BYTES, JsonRpcError
 
+from .connection_limits import SERVICE_UNAVAILABLE, connection_limits
 from .outbox import Outbox
 from .upgrade_policy import (
     DENIAL_EXTENSION,
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
-SERVICE_UNAVAILABLE = 503
 
 
 class DatabaseUnavailable(Exception):
@@ -72,6 +72,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
     _writer: asyncio.Task | None = None
     _closing: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
     _row_closed: asyncio.Future | None = None
+    _counted_peer: tuple[str | None] | None = None  # (its address,) while it holds a place (connection_limits)
 
     async def dispatch(self, message):
         # channels retires the database connections of asgiref's shared thread
@@ -90,6 +91,25 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             logger.info("refused a WebSocket upgrade with HTTP %d", refusal)
             await self._refuse(refusal)
             return
+        peer = _peer_address(self.scope)
+        refusal = connection_limits().admit(peer)
+        if refusal is not None:
+            logger.info("refused a WebSocket upgrade with HTTP %d: too many connections", refusal)
+            await self._refuse(refusal)
+            return
+        self._counted_peer = (peer,)
+        try:
+            await self._open(peer)
+        finally:
+            if self.connection is None:  # refused, or failed: it holds no place
+                self._uncount()
+
+    def _uncount(self) -> None:
+        if self._counted_peer is not None:
+            connection_limits().release(self._counted_peer[0])
+            self._counted_peer = None
+
+    async def _open(self, peer: str | None) -> None:
         bearer, gate = bearer_token(self.scope), token_gate()
         if gate.refuses(bearer):
             logger.info("refused a WebSocket upgrade with HTTP %d: no valid token", UNAUTHORIZED)
@@ -97,7 +117,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             return
         connection_id = uuid.uuid4()
         try:
-            principal = await self._open_row(connection_id, bearer)
+            principal = await self._open_row(connection_id, bearer, peer)
         except DatabaseUnavailable:
             await self._refuse(SERVICE_UNAVAILABLE)
             return
@@ -114,7 +134,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         self._writer = outbox.start()
         self._writer.add_done_callback(self._writer_stopped)
 
-    async def _open_row(self, connection_id: uuid.UUID, bearer: str | None) -> AuthenticatedPrincipal | None:
+    async def _open_row(self, connection_id: uuid.UUID, bearer: str | None, peer: str | None) -> AuthenticatedPrincipal | None:
         """Check the token and write the connection's row: the principal, or
         None when the token is refused. Raises DatabaseUnavailable when the
         database or the channel layer is down: the upgrade is refused rather
@@ -128,7 +148,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
                 connection_id,
                 settings.CODEX_SERVER_INSTANCE,
                 lifecycle.boot_id,
-                _peer_address(self.scope),
+                peer,
                 bearer,
             )
         except Exception as exc:
@@ -151,6 +171,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
 
     async def disconnect(self, code):
         """Called when the socket has closed, whichever side closed it."""
+        self._uncount()
         if self.connection is None:
             return
         # The row first, and shielded: daphne cancels a consumer that is slow

@@ -1,0 +1,47 @@
+"""How many WebSockets this process holds, and how many of them one peer
+address holds (issue 26): past ``CODEX_MAX_CONNECTIONS`` an upgrade is
+refused with 503, past ``CODEX_MAX_CONNECTIONS_PER_PEER`` for its address
+with 429, before any token or row is looked at. Upgrades still in progress
+count, so a burst cannot slip past the check all at once."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from django.conf import settings
+
+from codexserver.loop_local import LoopLocal
+
+TOO_MANY_REQUESTS = 429
+SERVICE_UNAVAILABLE = 503
+
+
+class ConnectionLimits:
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_peer: Counter[str | None] = Counter()
+
+    def admit(self, peer: str | None) -> int | None:
+        """Count one more connection of ``peer``, or the status to refuse it with."""
+        if self.total >= settings.CODEX_MAX_CONNECTIONS:
+            return SERVICE_UNAVAILABLE
+        per_peer = settings.CODEX_MAX_CONNECTIONS_PER_PEER
+        if per_peer and peer is not None and self.by_peer[peer] >= per_peer:
+            return TOO_MANY_REQUESTS
+        self.total += 1
+        self.by_peer[peer] += 1
+        return None
+
+    def release(self, peer: str | None) -> None:
+        self.total -= 1
+        self.by_peer[peer] -= 1
+        if not self.by_peer[peer]:
+            del self.by_peer[peer]
+
+
+_limits: LoopLocal[ConnectionLimits] = LoopLocal(ConnectionLimits)
+
+
+def connection_limits() -> ConnectionLimits:
+    """This process's (this event loop's) count."""
+    return _limits.get()
