@@ -285,6 +285,11 @@ CODEX_MAX_CONNECTIONS_PER_PEER = _env_number("CODEX_MAX_CONNECTIONS_PER_PEER", "
 # time would otherwise hold a socket for good.
 CODEX_REQUEST_HEAD_SECONDS = _env_number("CODEX_REQUEST_HEAD_SECONDS", "10", float)
 
+# Closed connection rows older than this many days are deleted (0: kept for good).
+CODEX_CONNECTION_ROW_RETENTION_DAYS = _env_number("CODEX_CONNECTION_ROW_RETENTION_DAYS", "90", float)
+# Realtime calls one connection may hold open at once (each an upstream call and socket).
+CODEX_MAX_REALTIME_CALLS_PER_CONNECTION = _env_number("CODEX_MAX_REALTIME_CALLS_PER_CONNECTION", "4", int)
+
 # Seconds a client may read nothing while a turn waits for it to drain its
 # queue; after that the queue fills and the client is dropped (1013).
 CODEX_CLIENT_STALL_TIMEOUT = _env_number("CODEX_CLIENT_STALL_TIMEOUT", "10", float)

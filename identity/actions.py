@@ -236,6 +236,21 @@ def close_rows_of_dead_processes(
 
 
 @database_sync_to_async
+def prune_closed_rows(closed_before: datetime, batch: int = 5_000) -> int:
+    """Delete connection rows closed before ``closed_before``
+    (CODEX_CONNECTION_ROW_RETENTION_DAYS), a batch at a time: every
+    connection writes one, and nothing else ever removes them."""
+    pruned = 0
+    while True:
+        ids = list(
+            ConnectionIdentity.objects.filter(disconnected_at__lt=closed_before).values_list("pk", flat=True)[:batch]
+        )
+        if not ids:
+            return pruned
+        pruned += ConnectionIdentity.objects.filter(pk__in=ids).delete()[0]
+
+
+@database_sync_to_async
 def record_boot_stopped(boot_id: uuid.UUID) -> int:
     """At shutdown: close this process's rows still open, and its boot."""
     now = timezone.now()

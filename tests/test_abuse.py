@@ -236,3 +236,42 @@ async def test_connections_past_the_process_cap_are_refused_with_503(connect, se
     await second.communicator.disconnect()
     fourth = await connect()
     await fourth.initialize("codex_ios", "1")
+
+
+async def test_realtime_calls_are_bounded_per_connection(connect, upstream, settings):
+    settings.CODEX_MAX_REALTIME_CALLS_PER_CONNECTION = 2
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    threads = [await client.start_thread() for _ in range(3)]
+    for thread in threads[:2]:
+        await client.call("thread/realtime/start", {"threadId": thread, "sdp": "v=0"})
+    refused = (await client.request("thread/realtime/start", {"threadId": threads[2], "sdp": "v=0"}))["error"]
+    assert refused["code"] == -32600 and "Realtime call limit reached (2 per connection)" in refused["message"]
+    await client.call("thread/realtime/stop", {"threadId": threads[0]})
+    await client.call("thread/realtime/start", {"threadId": threads[2], "sdp": "v=0"})  # a place was given back
+
+
+async def test_connection_rows_closed_past_the_retention_are_deleted(settings):
+    from datetime import timedelta
+    from uuid import uuid4
+
+    from asgiref.sync import sync_to_async
+    from django.utils import timezone
+
+    from identity.actions import prune_closed_rows
+    from identity.models import ConnectionIdentity
+    from identity.principals import local_principal
+
+    principal = await sync_to_async(local_principal)()
+    now = timezone.now()
+
+    def make(closed_days_ago):
+        closed = None if closed_days_ago is None else now - timedelta(days=closed_days_ago)
+        return ConnectionIdentity.objects.create(
+            connection_id=uuid4(), principal=principal, server_instance="x", connected_at=now - timedelta(days=400), disconnected_at=closed
+        )
+
+    old, recent, still_open = [await sync_to_async(make)(days) for days in (100, 10, None)]
+    assert await prune_closed_rows(now - timedelta(days=90), batch=1) == 1
+    left = set(await sync_to_async(lambda: list(ConnectionIdentity.objects.values_list("pk", flat=True)))())
+    assert left == {recent.pk, still_open.pk}

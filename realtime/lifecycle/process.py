@@ -22,6 +22,7 @@ from django.utils import timezone
 from codexserver.loop_local import LoopLocal
 from identity.actions import (
     close_rows_of_dead_processes,
+    prune_closed_rows,
     read_principal_state,
     record_boot_started,
     record_boot_stopped,
@@ -45,6 +46,7 @@ ENDINGS_SECONDS = 3.0
 # A row of ours older than this with no live connection behind it is closed
 # (younger ones may belong to an upgrade still in progress).
 ORPHAN_ROW_AGE = timedelta(seconds=60)
+PRUNE_INTERVAL = timedelta(hours=1)
 
 
 class ProcessLifecycle:
@@ -55,6 +57,7 @@ class ProcessLifecycle:
         self._heartbeat: asyncio.Task | None = None
         self._principal_watch: asyncio.Task | None = None
         self._session_sweep: asyncio.Task | None = None
+        self._pruned_at = None  # when this process last pruned old connection rows
 
     async def ensure_started(self) -> None:
         """Record the boot, close dead processes' rows and start beating; once.
@@ -103,12 +106,25 @@ class ProcessLifecycle:
                 if changed:
                     logger.info("set %d of this process's connection rows straight", changed)
                 await self._close_dead_rows()
+                await self._prune_old_rows()
                 ended = await end_abandoned_turns()
                 if ended:
                     logger.info("marked %d turn(s) of stopped processes interrupted", len(ended))
                     await self._announce(ended)
             except Exception as exc:  # the database is down: beat again later
                 logger.warning("heartbeat failed: %s", exc)
+
+    async def _prune_old_rows(self) -> None:
+        """Once an hour: connection rows closed longer ago than
+        CODEX_CONNECTION_ROW_RETENTION_DAYS go (0 keeps them for good)."""
+        days = settings.CODEX_CONNECTION_ROW_RETENTION_DAYS
+        now = timezone.now()
+        if not days or (self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL):
+            return
+        self._pruned_at = now
+        pruned = await prune_closed_rows(now - timedelta(days=days))
+        if pruned:
+            logger.info("deleted %d connection row(s) closed more than %g days ago", pruned, days)
 
     async def _end_unwatched_sessions(self) -> None:
         """Background terminals do not outlive their thread's audience: once

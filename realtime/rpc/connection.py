@@ -78,6 +78,7 @@ class AppServerConnection:
         self.opted_out: frozenset[str] = frozenset()
         self.threads: dict[str, Thread] = {}  # subscribed to
         self.own_turns: set = set()  # turns this connection started that have not ended
+        self.realtime_sessions: set = set()  # its realtime calls, starting or open
         self._tasks: set[asyncio.Task] = set()
         self._requests_in_flight = 0
         self._interrupts_in_flight = 0

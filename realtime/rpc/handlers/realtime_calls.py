@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+from django.conf import settings
 from websockets.exceptions import ConnectionClosed
 
 from realtime.services import realtime_calls, upstream_errors
@@ -30,14 +31,20 @@ async def start_realtime(context, params: Any) -> dict[str, Any]:
     sdp = _offer_sdp(params)
     if thread.realtime is not None:
         raise JsonRpcError(INVALID_REQUEST, "Realtime already started for this thread")
+    connection = context.connection
+    limit = settings.CODEX_MAX_REALTIME_CALLS_PER_CONNECTION
+    if len(connection.realtime_sessions) >= limit:  # each holds an upstream call and socket
+        raise JsonRpcError(INVALID_REQUEST, f"Realtime call limit reached ({limit} per connection)")
     session = thread.realtime = RealtimeSession()
-    identity, config, connection = context.identity, UpstreamConfig.from_settings(), context.connection
+    connection.realtime_sessions.add(session)
+    identity, config = context.identity, UpstreamConfig.from_settings()
     try:
         call = await realtime_calls.create_call(identity, sdp, config)
         async with upstream_errors.websocket_failures(config.api_base_url):
             socket = await realtime_calls.open_sideband(identity, call.call_id, config)
     except BaseException:
         thread.realtime = None
+        connection.realtime_sessions.discard(session)
         raise
     session.call_id = call.call_id
     session.task = connection.spawn(_hold_sideband(connection, thread, session, socket), name=f"sideband {call.call_id}")
@@ -71,6 +78,7 @@ async def _hold_sideband(connection, thread: Thread, session: RealtimeSession, s
     except ConnectionClosed:
         pass
     finally:
+        connection.realtime_sessions.discard(session)
         await socket.close()
         if thread.realtime is session:
             thread.realtime = None
