@@ -126,6 +126,8 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
     def failHandshake(self, reason, code=400, responseHeaders=None):
         # autobahn's ConnectionDeny carries no headers; a denial's own (a
         # 401's WWW-Authenticate) are added here.
+        if code == 400 and reason.startswith("HTTP Origin header invalid"):
+            code = 403  # an Origin that is no URL is just one more Origin not allowed (PROTOCOL §2)
         return super().failHandshake(reason, code, [*(responseHeaders or ()), *self._denial_headers])
 
     def _deny(self, status: int, reason: str) -> None:
@@ -188,7 +190,10 @@ class AppServerDaphne(Server):
 
     def _tune_websocket_factory(self) -> None:
         self.ws_factory.protocol = AppServerWebSocketProtocol
-        self.ws_factory.setProtocolOptions(failByDrop=False)
+        # `Origin: null` (a sandboxed page, a file) goes to the application,
+        # which refuses it with 403 unless CODEX_ALLOWED_ORIGINS lists it;
+        # daphne's options made autobahn answer 400 itself.
+        self.ws_factory.setProtocolOptions(failByDrop=False, allowNullOrigin=True)
         build = self.http_factory.buildProtocol
         self.http_factory.buildProtocol = lambda addr: with_deadline(build(addr))
 

@@ -275,3 +275,27 @@ async def test_connection_rows_closed_past_the_retention_are_deleted(settings):
     assert await prune_closed_rows(now - timedelta(days=90), batch=1) == 1
     left = set(await sync_to_async(lambda: list(ConnectionIdentity.objects.values_list("pk", flat=True)))())
     assert left == {recent.pk, still_open.pk}
+
+
+def test_wrong_admin_passwords_lock_that_user_out_from_that_address(client, django_user_model, settings):
+    django_user_model.objects.create_superuser("admin", "admin@example.com", "right-password")
+    for attempt in range(1, settings.AXES_FAILURE_LIMIT + 1):
+        response = client.post("/admin/login/", {"username": "admin", "password": "wrong", "next": "/admin/"})
+        # The form again ("please enter the correct…"), and at the limit, locked out.
+        assert response.status_code == (429 if attempt == settings.AXES_FAILURE_LIMIT else 200)
+    locked = client.post("/admin/login/", {"username": "admin", "password": "right-password", "next": "/admin/"})
+    assert locked.status_code == 429  # even the right password, until the cool-off ends
+    other = client.post(
+        "/admin/login/", {"username": "admin", "password": "right-password", "next": "/admin/"}, REMOTE_ADDR="10.0.0.2"
+    )
+    assert other.status_code == 302  # the same user from another address is not locked out
+
+
+@pytest.mark.e2e
+async def test_a_null_or_malformed_origin_is_refused_with_403_like_any_other(daphne_server):
+    server = daphne_server()
+    for origin in ("null", "not a url"):
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(server.ws_url, origin=origin):
+                pass
+        assert refused.value.response.status_code == 403, origin
