@@ -299,3 +299,32 @@ async def test_a_null_or_malformed_origin_is_refused_with_403_like_any_other(dap
             async with ws_connect(server.ws_url, origin=origin):
                 pass
         assert refused.value.response.status_code == 403, origin
+
+
+async def test_one_connection_runs_only_a_few_store_reads_at_once(connect, monkeypatch):
+    from realtime.rpc.connection import MAX_STORE_READS_IN_FLIGHT
+    from realtime.store.thread_store import DatabaseThreads
+
+    running, most = 0, 0
+    page = DatabaseThreads.page
+
+    async def counted(*args, **kwargs):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.02)
+            return await page(*args, **kwargs)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(DatabaseThreads, "page", staticmethod(counted))
+    flooder, other = await connect(), await connect()
+    await flooder.initialize("codex_ios", "1.4.0")
+    await other.initialize("codex_vscode", "1.0.0")
+    for index in range(30):
+        await flooder.send({"id": f"l{index}", "method": "thread/list", "params": {}})
+    assert "result" in await other.request("thread/list", {}, timeout=2)  # another client is not queued behind them
+    for index in range(30):
+        await flooder.wait_for(lambda m, wanted=f"l{index}": m.get("id") == wanted, timeout=10)
+    assert most <= MAX_STORE_READS_IN_FLIGHT + 1  # the flooder's few, and the other client's one

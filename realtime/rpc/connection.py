@@ -27,7 +27,7 @@ from realtime.store.threads import Thread
 from realtime.tools.dynamic_tools import ClientGone
 
 from . import protocol
-from .handlers import HANDLERS, INITIALIZE, INTERRUPT
+from .handlers import HANDLERS, INITIALIZE, INTERRUPT, STORE_READS
 from .protocol import ClientResponse, JsonRpcError, Notification, Request
 from .request_context import RequestContext
 
@@ -48,6 +48,8 @@ MAX_REFUSED_BEFORE_INITIALIZE = 16  # frames refused before initialize, then the
 # turn/interrupt requests of one connection running side by side: one per
 # running turn (CODEX_MAX_RUNNING_TURNS_PER_CONNECTION's default).
 MAX_INTERRUPTS_IN_FLIGHT = 16
+# Store reads (handlers.STORE_READS) of one connection running at once.
+MAX_STORE_READS_IN_FLIGHT = 2
 
 
 class AppServerConnection:
@@ -82,6 +84,7 @@ class AppServerConnection:
         self._tasks: set[asyncio.Task] = set()
         self._requests_in_flight = 0
         self._interrupts_in_flight = 0
+        self._store_reads = asyncio.Semaphore(MAX_STORE_READS_IN_FLIGHT)
         self._refused_before_initialize = 0
         self._closed = False
         live_connections.add(self)
@@ -181,7 +184,11 @@ class AppServerConnection:
                 handler = HANDLERS.get(request.method)
                 if handler is None:
                     raise JsonRpcError.method_not_found(request.method)
-                result = await handler(context, request.params)
+                if request.method in STORE_READS:
+                    async with self._store_reads:
+                        result = await handler(context, request.params)
+                else:
+                    result = await handler(context, request.params)
             except JsonRpcError as error:
                 self._refuse(request, error)
                 return

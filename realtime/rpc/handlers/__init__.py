@@ -43,3 +43,10 @@ HANDLERS: dict[str, Handler] = {
     "app/list": listings.list_app_connectors,
     "plugin/list": listings.list_plugin_entries,
 }
+
+# Requests that read the store (and on SQLite share its one thread with every
+# upgrade's row and every turn's writes): a connection runs only a few at
+# once, so one client's flood of listings cannot queue ahead of everyone.
+STORE_READS = frozenset(
+    {"thread/resume", "thread/list", "thread/read", "thread/turns/list", "thread/items/list", "thread/goal/get"}
+)
