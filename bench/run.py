@@ -27,12 +27,15 @@ is a ratio of two things measured together (these machines are noisy):
 8. fan-out: when a subscriber on a second process receives each delta,
    after the subscriber on the turn's own process (goal: <= 5 ms p50);
 9. the sandbox: what starting a command (`true`) under bubblewrap costs,
-   p50 and p99, against the same command started without it, interleaved.
+   p50 and p99, against the same command started without it, interleaved;
+10. abuse: one hostile client (never reading, flooding the store, nesting,
+   trickling request heads) beside 50 well-behaved ones: their p50 and p99
+   turn latency with it vs without (goal <= 1.2), the server's RSS after.
 
 1, 3, 6 and 7 run on the embedded default and again on PostgreSQL + Redis
 (the deployment's configuration; CODEX_BENCH_EMBEDDED_ONLY=1 skips it).
 `--only scale` runs 3 alone, `--only store` 7 and 8, `--only sandbox` 9,
-`--only peer` 5.
+`--only peer` 5, `--only abuse` 10.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ django.setup()
 import httpx  # noqa: E402
 from websockets.asyncio.client import connect  # noqa: E402
 
-from bench import peer  # noqa: E402
+from bench import abuse, peer  # noqa: E402
 from codexserver.devtools.attribution_load import (  # noqa: E402
     LoadReport,
     close_clients,
@@ -632,6 +635,7 @@ def print_report(results: dict) -> None:
         )
     print_store_report(results)
     print_sandbox_report(results)
+    abuse.print_abuse_report(results)
     print()
     print(json.dumps(summary(results), indent=2))
 
@@ -732,6 +736,9 @@ def summary(results: dict) -> dict:
         "sandbox_start_p50_ms": results["sandbox"]["sandboxed"]["p50_ms"],
         "sandbox_start_p99_ms": results["sandbox"]["sandboxed"]["p99_ms"],
         "sandbox_start_ratio": results["sandbox"]["ratio_p50"],
+        **{f"abuse_{attack}_p50_ratio": results["abuse"][attack]["p50_ratio"] for attack in abuse.ATTACKS},
+        **{f"abuse_{attack}_p99_ratio": results["abuse"][attack]["p99_ratio"] for attack in abuse.ATTACKS},
+        **{f"abuse_{attack}_rss_after_ratio": results["abuse"][attack]["rss_after_ratio"] for attack in abuse.ATTACKS},
     }
 
 
@@ -788,9 +795,9 @@ def main() -> int:
     parser.add_argument("--skip-peer", action="store_true", help="do not install or run the Codex app-server")
     parser.add_argument(
         "--only",
-        choices=("store", "scale", "overhead", "sandbox", "peer"),
+        choices=("store", "scale", "overhead", "sandbox", "peer", "abuse"),
         help="run only the thread-store and fan-out benchmarks (7, 8), the scale run (3), the scoping overhead (1),"
-        " the sandbox (9) or the peer (5)",
+        " the sandbox (9), the peer (5) or abuse (10)",
     )
     args = parser.parse_args()  # --help prints and exits before anything is installed
     ensure_bench_requirements()
@@ -816,6 +823,12 @@ def main() -> int:
                 results["sandbox"] = sandbox_start_cost(args.quick)
                 print_sandbox_report(results)
                 return 0
+            if args.only == "abuse":
+                results["abuse"] = abuse.abuse_isolation(bench)
+                abuse.print_abuse_report(results)
+                if args.json:
+                    args.json.write_text(json.dumps(results, indent=2, default=str))
+                return 0
             if args.only == "peer":
                 results["peer"] = peer.compare(bench, Path(workdir))
                 print_peer_report(results)
@@ -832,6 +845,7 @@ def main() -> int:
             results["thread_store"] = thread_store_cost(bench)
             results["fan_out"] = fan_out(bench)
             results["sandbox"] = sandbox_start_cost(args.quick)
+            results["abuse"] = abuse.abuse_isolation(bench)
             results["peer"] = {"skipped": "--skip-peer"} if args.skip_peer else peer.compare(bench, Path(workdir))
         finally:
             bench.close()
