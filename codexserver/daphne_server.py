@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from urllib.parse import unquote_plus
 
 from autobahn.twisted.websocket import ConnectionDeny
 from daphne.access import AccessLogGenerator
@@ -148,7 +149,8 @@ class RedactedAccessLog:
         self.stream = stream
 
     def write(self, text: str) -> int:
-        line = redact_secrets(escape_controls(text.removesuffix("\n")))
+        # Decoded first: a secret in a query string arrives percent-encoded.
+        line = redact_secrets(escape_controls(unquote_plus(text.removesuffix("\n"))))
         return self.stream.write(line + "\n")
 
     def flush(self) -> None:
@@ -199,33 +201,44 @@ class AppServerDaphne(Server):
 
 
 def with_deadline(protocol):
-    """The protocol, its first request head under a deadline."""
+    """The protocol, each of its requests under a deadline."""
     if protocol is not None:
-        request_head_deadline(protocol)
+        request_deadline(getattr(protocol, "_channel", protocol))  # (Twisted's proxy holds the HTTP channel)
     return protocol
 
 
-def request_head_deadline(channel) -> None:
-    """Abort a connection whose first request head is not whole within
-    CODEX_REQUEST_HEAD_SECONDS of its accept. Twisted restarts its idle
-    timeout at every byte, so a client sending one every 20 s held its
-    socket (and a file descriptor) for good: 260 of them made real upgrades
-    and /healthz fail on a 256-descriptor limit."""
+def request_deadline(channel) -> None:
+    """Abort a connection whose request (head and body; the WebSocket
+    upgrade's included) is not whole within CODEX_REQUEST_HEAD_SECONDS of
+    its accept, or of the previous request's end on a kept-alive one.
+    Twisted restarts its idle timeout at every byte, so a client sending one
+    every 20 s held its socket (and a file descriptor) for good: 260 of them
+    made real upgrades and /healthz fail on a 256-descriptor limit."""
     from django.conf import settings
 
-    channel = getattr(channel, "_channel", channel)  # (Twisted's protocol-switching proxy holds the HTTP channel)
-    received, lost = channel.allHeadersReceived, channel.connectionLost
+    content_received, request_done, lost = channel.allContentReceived, channel.requestDone, channel.connectionLost
+    deadline = None
 
-    def stop_deadline() -> None:
-        if deadline.active():
+    def arm() -> None:
+        nonlocal deadline
+        deadline = reactor.callLater(settings.CODEX_REQUEST_HEAD_SECONDS, expire)
+
+    def disarm() -> None:
+        if deadline is not None and deadline.active():
             deadline.cancel()
 
-    def all_headers_received():
-        stop_deadline()
-        received()
+    def all_content_received():
+        disarm()
+        content_received()
+
+    def on_request_done(request):
+        request_done(request)
+        if channel.transport is not None and channel.transport.connected:  # kept alive: the next one is timed too
+            disarm()
+            arm()
 
     def connection_lost(reason):
-        stop_deadline()
+        disarm()
         lost(reason)
 
     def expire():
@@ -233,8 +246,10 @@ def request_head_deadline(channel) -> None:
             logger.info("closing a connection that sent no whole request within %gs", settings.CODEX_REQUEST_HEAD_SECONDS)
             channel.transport.abortConnection()
 
-    channel.allHeadersReceived, channel.connectionLost = all_headers_received, connection_lost
-    deadline = reactor.callLater(settings.CODEX_REQUEST_HEAD_SECONDS, expire)
+    channel.allContentReceived, channel.requestDone, channel.connectionLost = (
+        all_content_received, on_request_done, connection_lost,
+    )  # fmt: skip
+    arm()
 
 
 def tune_garbage_collector() -> None:

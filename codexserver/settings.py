@@ -93,9 +93,15 @@ MIDDLEWARE = [
 # and answered 429, the right password included.
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 AXES_FAILURE_LIMIT = _env_number("CODEX_ADMIN_LOGIN_FAILURES", "5", int)
+if AXES_FAILURE_LIMIT < 1:
+    raise ImproperlyConfigured(f"CODEX_ADMIN_LOGIN_FAILURES={AXES_FAILURE_LIMIT}: must be at least 1 (0 would lock out every login)")
 AXES_COOLOFF_TIME = _env_number("CODEX_ADMIN_LOCKOUT_HOURS", "0.25", float)
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
+# A locked-out pair's cool-off is not restarted by more failures: a stranger
+# who knows the user name (behind a proxy, everyone shares its address) could
+# otherwise keep the account locked for good.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 
 # Behind a TLS-terminating proxy (README, Deployment): cookies only over
 # HTTPS, and the proxy's X-Forwarded-Proto says whether a request was.

@@ -237,17 +237,12 @@ def close_rows_of_dead_processes(
 
 @database_sync_to_async
 def prune_closed_rows(closed_before: datetime, batch: int = 5_000) -> int:
-    """Delete connection rows closed before ``closed_before``
-    (CODEX_CONNECTION_ROW_RETENTION_DAYS), a batch at a time: every
-    connection writes one, and nothing else ever removes them."""
-    pruned = 0
-    while True:
-        ids = list(
-            ConnectionIdentity.objects.filter(disconnected_at__lt=closed_before).values_list("pk", flat=True)[:batch]
-        )
-        if not ids:
-            return pruned
-        pruned += ConnectionIdentity.objects.filter(pk__in=ids).delete()[0]
+    """Delete up to ``batch`` connection rows closed before ``closed_before``
+    (CODEX_CONNECTION_ROW_RETENTION_DAYS): every connection writes one, and
+    nothing else ever removes them. One batch a call, so a first prune of a
+    large table never holds up its caller (the heartbeat) for long."""
+    ids = list(ConnectionIdentity.objects.filter(disconnected_at__lt=closed_before).values_list("pk", flat=True)[:batch])
+    return ConnectionIdentity.objects.filter(pk__in=ids).delete()[0] if ids else 0
 
 
 @database_sync_to_async

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from codexserver.log_format import IdentityLogFilter, RedactingFormatter
 from realtime.rpc import handlers
-from realtime.rpc.connection import MAX_REFUSED_BEFORE_INITIALIZE
+from realtime.rpc.connection import MAX_REFUSED_INITIALIZES
 from realtime.rpc.protocol import MAX_JSON_DEPTH
 from tests.conftest import TEST_API_KEY
 
@@ -48,7 +48,7 @@ async def test_deep_nesting_is_invalid_params_and_the_connection_goes_on(connect
 async def test_a_client_refused_initialize_again_and_again_is_closed(connect):
     client = await connect()
     deep = {"clientInfo": {"name": "codex_ios", "version": "1"}, "capabilities": nested(400)}
-    for _ in range(MAX_REFUSED_BEFORE_INITIALIZE):
+    for _ in range(MAX_REFUSED_INITIALIZES):
         await client.send({"id": 1, "method": "initialize", "params": deep})
     closed = await client.communicator.receive_output(timeout=5)
     while closed["type"] != "websocket.close":
@@ -272,7 +272,8 @@ async def test_connection_rows_closed_past_the_retention_are_deleted(settings):
         )
 
     old, recent, still_open = [await sync_to_async(make)(days) for days in (100, 10, None)]
-    assert await prune_closed_rows(now - timedelta(days=90), batch=1) == 1
+    assert await prune_closed_rows(now - timedelta(days=90), batch=5) == 1
+    assert await prune_closed_rows(now - timedelta(days=90), batch=5) == 0
     left = set(await sync_to_async(lambda: list(ConnectionIdentity.objects.values_list("pk", flat=True)))())
     assert left == {recent.pk, still_open.pk}
 
@@ -328,3 +329,37 @@ async def test_one_connection_runs_only_a_few_store_reads_at_once(connect, monke
     for index in range(30):
         await flooder.wait_for(lambda m, wanted=f"l{index}": m.get("id") == wanted, timeout=10)
     assert most <= MAX_STORE_READS_IN_FLIGHT + 1  # the flooder's few, and the other client's one
+
+
+@pytest.mark.e2e
+async def test_a_kept_alive_connection_is_timed_for_its_next_request_too(daphne_server):
+    server = daphne_server(CODEX_REQUEST_HEAD_SECONDS="1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert b"200" in await asyncio.wait_for(reader.readline(), 5)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # the next head, never finished
+    loop = asyncio.get_running_loop()
+    started, closed = loop.time(), False
+    while not closed and loop.time() - started < 5:
+        try:
+            writer.write(b"X")
+            await asyncio.sleep(0.2)
+            closed = reader.at_eof() or await _closed(reader)
+        except ConnectionError:  # aborted: reset
+            closed = True
+    assert closed and loop.time() - started < 3
+    writer.close()
+
+
+def test_an_ipv6_host_counts_as_its_64_and_an_unknown_address_only_toward_the_process(settings):
+    from realtime.transport.connection_limits import ConnectionLimits
+
+    settings.CODEX_MAX_CONNECTIONS_PER_PEER, settings.CODEX_MAX_CONNECTIONS = 2, 5
+    limits = ConnectionLimits()
+    assert limits.admit("2001:db8::1") is None and limits.admit("2001:db8::ffff:2") is None
+    assert limits.admit("2001:db8::3") == 429  # the same /64
+    assert limits.admit("2001:db8:0:1::1") is None  # another /64
+    assert limits.admit(None) is None and limits.admit(None) is None
+    assert limits.admit(None) == 503  # the process cap still holds
+    limits.release("2001:db8::1")
+    assert limits.admit("2001:db8::4") is None

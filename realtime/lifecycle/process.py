@@ -47,6 +47,7 @@ ENDINGS_SECONDS = 3.0
 # (younger ones may belong to an upgrade still in progress).
 ORPHAN_ROW_AGE = timedelta(seconds=60)
 PRUNE_INTERVAL = timedelta(hours=1)
+PRUNE_BATCH = 5_000
 
 
 class ProcessLifecycle:
@@ -58,6 +59,7 @@ class ProcessLifecycle:
         self._principal_watch: asyncio.Task | None = None
         self._session_sweep: asyncio.Task | None = None
         self._pruned_at = None  # when this process last pruned old connection rows
+        self._more_to_prune = False
 
     async def ensure_started(self) -> None:
         """Record the boot, close dead processes' rows and start beating; once.
@@ -115,14 +117,15 @@ class ProcessLifecycle:
                 logger.warning("heartbeat failed: %s", exc)
 
     async def _prune_old_rows(self) -> None:
-        """Once an hour: connection rows closed longer ago than
-        CODEX_CONNECTION_ROW_RETENTION_DAYS go (0 keeps them for good)."""
+        """Hourly, a batch a beat until none is left: connection rows closed
+        longer ago than CODEX_CONNECTION_ROW_RETENTION_DAYS go (0 keeps them)."""
         days = settings.CODEX_CONNECTION_ROW_RETENTION_DAYS
         now = timezone.now()
-        if not days or (self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL):
+        if not days or (not self._more_to_prune and self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL):
             return
         self._pruned_at = now
-        pruned = await prune_closed_rows(now - timedelta(days=days))
+        pruned = await prune_closed_rows(now - timedelta(days=days), PRUNE_BATCH)
+        self._more_to_prune = pruned == PRUNE_BATCH
         if pruned:
             logger.info("deleted %d connection row(s) closed more than %g days ago", pruned, days)
 

@@ -44,7 +44,7 @@ live_connections: weakref.WeakSet[AppServerConnection] = weakref.WeakSet()
 
 
 CLOSE_POLICY_VIOLATION = 1008  # its token was revoked (PROTOCOL §12), or it never initialized
-MAX_REFUSED_BEFORE_INITIALIZE = 16  # frames refused before initialize, then the connection is closed
+MAX_REFUSED_INITIALIZES = 16  # initialize requests refused on one connection, then it is closed
 # turn/interrupt requests of one connection running side by side: one per
 # running turn (CODEX_MAX_RUNNING_TURNS_PER_CONNECTION's default).
 MAX_INTERRUPTS_IN_FLIGHT = 16
@@ -84,8 +84,8 @@ class AppServerConnection:
         self._tasks: set[asyncio.Task] = set()
         self._requests_in_flight = 0
         self._interrupts_in_flight = 0
-        self._store_reads = asyncio.Semaphore(MAX_STORE_READS_IN_FLIGHT)
-        self._refused_before_initialize = 0
+        self.store_reads = asyncio.Semaphore(MAX_STORE_READS_IN_FLIGHT)
+        self._refused_initializes = 0
         self._closed = False
         live_connections.add(self)
 
@@ -117,8 +117,9 @@ class AppServerConnection:
         try:
             message = protocol.parse_message(text)
         except JsonRpcError as error:
-            self.send_error(error.request_id, error)
-            self._count_refusal()
+            self.send_error(error.request_id, error)  # (a frame it could not read leaves it open: PROTOCOL §3)
+            if error.method == INITIALIZE:  # (one nested too deep)
+                self._count_refusal()
             return
         if isinstance(message, Request):
             await self._handle_request(message)
@@ -132,7 +133,6 @@ class AppServerConnection:
             await self._run_request(request)
         elif self.identity is None:
             self.send_error(request.id, JsonRpcError.not_initialized())
-            self._count_refusal()
         elif request.method == INTERRUPT:
             # Always accepted (PROTOCOL §3: it is what relieves the pressure),
             # but a few at a time are all anyone needs: past those, the next
@@ -185,7 +185,7 @@ class AppServerConnection:
                 if handler is None:
                     raise JsonRpcError.method_not_found(request.method)
                 if request.method in STORE_READS:
-                    async with self._store_reads:
+                    async with self.store_reads:
                         result = await handler(context, request.params)
                 else:
                     result = await handler(context, request.params)
@@ -213,13 +213,13 @@ class AppServerConnection:
             self._count_refusal()
 
     def _count_refusal(self) -> None:
-        """A frame refused before the connection initialized: a client that
-        cannot say who it is, again and again, is closed (1008)."""
+        """An ``initialize`` refused: a client that cannot say who it is, again
+        and again, is closed (1008)."""
         if self.identity is not None:
             return
-        self._refused_before_initialize += 1
-        if self._refused_before_initialize == MAX_REFUSED_BEFORE_INITIALIZE:
-            logger.info("closing connection %s: %d frames refused before initialize", self.connection_id, MAX_REFUSED_BEFORE_INITIALIZE)
+        self._refused_initializes += 1
+        if self._refused_initializes == MAX_REFUSED_INITIALIZES:
+            logger.info("closing connection %s: initialize refused %d times", self.connection_id, MAX_REFUSED_INITIALIZES)
             self.abandon()
             if self._close_socket is not None:
                 self._close_socket(CLOSE_POLICY_VIOLATION)

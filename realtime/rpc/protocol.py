@@ -34,6 +34,7 @@ class JsonRpcError(Exception):
         self.message = message
         self.data = data
         self.request_id = request_id
+        self.method: Any = None  # of the request refused, where it could be read
 
     def to_error(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -140,16 +141,16 @@ def parse_message(frame: str) -> Message:
     if has_id and not is_request_id(request_id):
         raise JsonRpcError.invalid_request("id must be a string or an integer")
     method = obj.get("method")
+    if nesting_exceeds(obj, MAX_JSON_DEPTH):  # requests and a client's answers alike
+        error = JsonRpcError.invalid_params(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        error.request_id, error.method = (request_id if has_id else None), method
+        raise error
     if method is None:
         if has_id and ("result" in obj or "error" in obj):
             return ClientResponse(request_id, obj)
         raise JsonRpcError.invalid_request("missing method", request_id)
     if not isinstance(method, str):
         raise JsonRpcError.invalid_request("method must be a string", request_id)
-    if nesting_exceeds(obj, MAX_JSON_DEPTH):
-        error = JsonRpcError.invalid_params(f"nested deeper than {MAX_JSON_DEPTH} levels")
-        error.request_id = request_id if has_id else None
-        raise error
     if not has_id:
         return Notification(method, obj.get("params"))
     return Request(request_id, method, obj.get("params"))

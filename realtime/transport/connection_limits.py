@@ -6,6 +6,7 @@ count, so a burst cannot slip past the check all at once."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter
 
 from django.conf import settings
@@ -25,18 +26,27 @@ class ConnectionLimits:
         """Count one more connection of ``peer``, or the status to refuse it with."""
         if self.total >= settings.CODEX_MAX_CONNECTIONS:
             return SERVICE_UNAVAILABLE
-        per_peer = settings.CODEX_MAX_CONNECTIONS_PER_PEER
-        if per_peer and peer is not None and self.by_peer[peer] >= per_peer:
+        per_peer, key = settings.CODEX_MAX_CONNECTIONS_PER_PEER, peer_key(peer)
+        if per_peer and key is not None and self.by_peer[key] >= per_peer:
             return TOO_MANY_REQUESTS
         self.total += 1
-        self.by_peer[peer] += 1
+        self.by_peer[key] += 1
         return None
 
     def release(self, peer: str | None) -> None:
+        key = peer_key(peer)
         self.total -= 1
-        self.by_peer[peer] -= 1
-        if not self.by_peer[peer]:
-            del self.by_peer[peer]
+        self.by_peer[key] -= 1
+        if not self.by_peer[key]:
+            del self.by_peer[key]
+
+
+def peer_key(peer: str | None) -> str | None:
+    """Whose connections count together: an IPv4 address, or an IPv6 /64
+    (one host is given a whole /64, and could otherwise be 2^64 peers)."""
+    if peer is None or ":" not in peer:
+        return peer
+    return str(ipaddress.ip_network(f"{peer}/64", strict=False))
 
 
 _limits: LoopLocal[ConnectionLimits] = LoopLocal(ConnectionLimits)

@@ -74,6 +74,17 @@ class AppServerConsumer(AsyncWebsocketConsumer):
     _row_closed: asyncio.Future | None = None
     _counted_peer: tuple[str | None] | None = None  # (its address,) while it holds a place (connection_limits)
 
+    async def __call__(self, scope, receive, send):
+        # However the consumer ends: daphne cancels one still busy 10 s after
+        # its socket closed, and channels then calls no disconnect; the
+        # connection's place and its tasks must not outlive it.
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._uncount()
+            if self.connection is not None:
+                self.connection.abandon()
+
     async def dispatch(self, message):
         # channels retires the database connections of asgiref's shared thread
         # before every message: a thread round trip per frame, spent on a
