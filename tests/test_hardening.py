@@ -222,3 +222,23 @@ def test_frames_that_arrive_after_the_connection_closed_start_nothing():
         return started
 
     assert asyncio.run(run()) == []  # nothing that a later close would have to cancel
+
+
+@pytest.mark.e2e
+async def test_an_interrupt_from_a_client_that_stopped_reading_mid_stream_is_honoured(daphne_server, upstream):
+    # Issue 24, 8: the reply {} came, yet the turn streamed on to its end (and billed) as completed.
+    server = daphne_server()
+    async with ws_connect(server.ws_url, max_queue=1, max_size=None) as websocket:
+        client = SocketClient(websocket)
+        await client.initialize("slow_reader", "1")
+        thread = await client.start_thread()
+        turn = (await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "flood:100000:64"}]}))["turn"]
+        websocket.transport.pause_reading()  # the client stops reading the stream
+        await asyncio.sleep(4)
+        await websocket.send(json.dumps({"id": "stop", "method": "turn/interrupt", "params": {"threadId": thread, "turnId": turn["id"]}}))
+        await asyncio.sleep(1)
+        websocket.transport.resume_reading()
+        completed = await client.notification("turn/completed", threadId=thread, timeout=30)
+        assert completed["turn"]["status"] == "interrupted"
+    streamed = [r for r in upstream.records if r.kind == "closed" and r.path.endswith("/responses")]
+    assert streamed  # the upstream stream was closed, not read to its end
