@@ -352,3 +352,25 @@ async def test_a_turn_on_another_clients_thread_is_sent_and_stored_under_its_own
         lambda: list(StoredTurn.objects.filter(thread__thread_id=thread).order_by("started_at_ms").values_list("originator", flat=True))
     )()
     assert stored == ["codex_vscode", "codex_ios"]
+
+
+async def test_two_turn_starts_back_to_back_on_an_ephemeral_thread_run_one(connect, upstream, monkeypatch):
+    hub_type = type(thread_hub())
+    ensure_started = hub_type.ensure_started
+
+    async def slower(self):  # a moment between the check and the claim, as on a busy server
+        await asyncio.sleep(0.01)
+        await ensure_started(self)
+
+    monkeypatch.setattr(hub_type, "ensure_started", slower)
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread(ephemeral=True)
+    for request_id in ("a", "b"):
+        await client.send({"id": request_id, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "slow:20"}]}})
+    replies = [await client.wait_for(lambda m, wanted=wanted: m.get("id") == wanted) for wanted in ("a", "b")]
+    assert ["result" in reply for reply in replies] == [True, False]
+    assert replies[1]["error"] == {"code": -32600, "message": "Turn already in progress"}
+    completed = await client.notification("turn/completed", threadId=thread, timeout=10)
+    assert completed["turn"]["id"] == replies[0]["result"]["turn"]["id"]
+    assert (await client.run_turn(thread))["turn"]["status"] == "completed"  # and the thread is free after it

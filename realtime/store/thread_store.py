@@ -251,6 +251,9 @@ class MemoryThreads:
     ) -> tuple[str, str, None, None, ThreadPolicy] | None:
         if thread.active_turn is not None:
             return None
+        # Claimed here, before the caller's next await: two turn/starts sent
+        # back to back both passed the check and both ran (issue 24, 5).
+        thread.active_turn = turn
         history = thread.history(max_history_bytes)
         thread.turns.append(turn)
         mode, network = sandbox or (thread.sandbox_mode, thread.network_access)

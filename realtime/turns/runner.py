@@ -310,6 +310,8 @@ def release_abandoned(thread: Thread, turn: Turn, store) -> None:
     left, or what its batch returned was lost): store it interrupted and free
     the thread."""
     turn.finish(INTERRUPTED, None)
+    if thread.active_turn is turn:  # (an ephemeral thread's claim is its lock)
+        thread.active_turn = None
     end_in_background(store.finish_turn(thread, turn, first_new_item=1))
 
 
