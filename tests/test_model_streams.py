@@ -169,6 +169,8 @@ async def test_an_incomplete_response_ends_the_turn_at_once_keeping_its_text(cli
     assert reply["text"] == "partial text"
     [error] = of(seen, "error")
     assert error["willRetry"] is False
+    # What the incomplete response was billed counts toward the thread's and the principal's usage.
+    assert usage(seen)["totalTokens"] == 10
 
 
 async def test_the_turns_usage_reaches_telemetry_under_the_turns_identity(client, upstream):

@@ -374,3 +374,13 @@ async def test_two_turn_starts_back_to_back_on_an_ephemeral_thread_run_one(conne
     completed = await client.notification("turn/completed", threadId=thread, timeout=10)
     assert completed["turn"]["id"] == replies[0]["result"]["turn"]["id"]
     assert (await client.run_turn(thread))["turn"]["status"] == "completed"  # and the thread is free after it
+
+
+@pytest.mark.parametrize("cursor", ["²", "9" * 5000, "-1", "1.5", 7])
+async def test_a_cursor_this_server_never_gave_is_invalid_params(connect, cursor):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    for method, params in [("thread/list", {}), ("thread/turns/list", {"threadId": thread})]:
+        error = (await client.request(method, {**params, "cursor": cursor}))["error"]
+        assert error["code"] == -32602 and "cursor" in error["message"]

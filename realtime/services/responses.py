@@ -96,10 +96,11 @@ async def stream_model_response(
                     if completed:
                         continue  # nothing after the end counts
                     kind = event.get("type")
-                    if kind in FAILED_EVENTS:
+                    if kind in FAILED_EVENTS or kind == INCOMPLETE:
+                        yield event  # its usage was billed, and counts (the translator shows nothing of it)
+                        if kind == INCOMPLETE:
+                            raise upstream_errors.incomplete_response(event.get("response"))
                         raise upstream_errors.failed_response(_error_of(event))
-                    if kind == INCOMPLETE:
-                        raise upstream_errors.incomplete_response(event.get("response"))
                     started = started or kind not in NOT_CLIENT_OUTPUT
                     yield event
                     completed = kind == COMPLETED

@@ -172,8 +172,9 @@ class TurnEventTranslator:
             self._reasoning_delta(event, "summary_index", "summary", "item/reasoning/summaryTextDelta", "summaryIndex")
         elif kind == "response.reasoning_text.delta":
             self._reasoning_delta(event, "content_index", "content", "item/reasoning/textDelta", "contentIndex")
-        elif kind == "response.completed":
-            self.completed = True
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            # An incomplete or failed response was billed too: its usage counts (issue 24, 9).
+            self.completed = self.completed or kind == "response.completed"
             response = _object(event.get("response"))
             if isinstance(response.get("usage"), dict):
                 self.usages.append(response["usage"])

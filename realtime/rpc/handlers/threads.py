@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -37,6 +38,7 @@ MODEL_PROVIDER = "openai"
 MAX_CWD_CHARS = 4096  # PATH_MAX
 MAX_INSTRUCTIONS_CHARS = 256 * 1024
 MAX_ORIGINATOR_FILTER = 100
+CURSOR = re.compile(r"[0-9]{1,12}")  # an offset, as _next_cursor writes it
 DEFAULT_PAGE = 25
 MAX_PAGE = 100
 
@@ -166,7 +168,12 @@ def _window(params: dict[str, Any]) -> tuple[int, int]:
     """(offset, limit) of the page asked for; the cursor is an opaque offset."""
     limit = min(optional_int(params, "limit") or DEFAULT_PAGE, MAX_PAGE)
     cursor = params.get("cursor")
-    return (int(cursor) if isinstance(cursor, str) and cursor.isdigit() else 0), limit
+    if cursor is None:
+        return 0, limit
+    # str.isdigit() takes "²" and five thousand digits, which int() or the database then refused (-32603).
+    if not isinstance(cursor, str) or not CURSOR.fullmatch(cursor):
+        raise JsonRpcError.invalid_params("cursor must be one this server answered (nextCursor)")
+    return int(cursor), limit
 
 
 def _next_cursor(offset: int, page_length: int, more: bool) -> str | None:
