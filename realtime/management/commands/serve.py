@@ -38,7 +38,10 @@ class Command(BaseCommand):
             raise CommandError(refusal)
         argv = daphne_argv(host, port, daphne_args)
         if not settings.OPENAI_API_KEY:
-            self.stderr.write("warning: OPENAI_API_KEY is not set: model turns will fail with `unauthorized`")
+            self.stderr.write(
+                f"warning: OPENAI_API_KEY is not set: model requests go to {settings.CODEX_API_BASE_URL} without a key "
+                "(the OpenAI API answers 401, so turns fail `unauthorized`; with no network, they fail to connect)"
+            )
         _check_can_listen(host, port)
         self.stdout.write(f"codexserver listening on ws://{host}:{port}/ (admin at http://{host}:{port}/admin/)")
         AppServerCommandLine().run(argv)
