@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import sqlite3
 
 import httpx
@@ -237,3 +238,30 @@ async def test_with_the_channel_layer_down_upgrades_are_refused_with_503_and_no_
     server.stop()
     log = server.log()
     assert "Traceback" not in log and "Task was destroyed" not in log
+
+
+async def test_serve_with_a_local_model_answers_offline(tmp_path):
+    from codexserver.devtools.server_process import ServerProcess, migrate
+
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "hello.txt").write_text("hi there\n")
+    env = {
+        "PATH": os.environ["PATH"], "HOME": str(tmp_path),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'offline.sqlite3'}", "CODEX_WORKSPACE_ROOTS": str(workspace),
+    }  # fmt: skip: no OPENAI_API_KEY, no upstream at all
+    migrate(env)
+    server = ServerProcess(env, tmp_path / "offline.log", command=["manage.py", "serve", "--port", "{port}", "--local-model"])
+    server.start()
+    try:
+        assert "LOCAL MODEL" in server.log()
+        async with ws_connect(server.ws_url) as websocket:
+            client = SocketClient(websocket)
+            await client.initialize("offline_user", "1")
+            thread = await client.start_thread()
+            chat = await client.run_turn(thread, "hi")
+            assert [i["text"] for i in chat["turn"]["items"] if i["type"] == "agentMessage"] == ["Hello world"]
+            command = await client.run_turn(thread, "exec[cat hello.txt]", timeout=30)
+            assert any("hi there" in (i.get("aggregatedOutput") or "") for i in command["turn"]["items"])
+    finally:
+        server.stop()

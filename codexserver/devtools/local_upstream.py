@@ -42,7 +42,7 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,9 +198,10 @@ def response_events(text: str, deltas: list[str], item_id: str | None = None) ->
 class UpstreamServer:
     """Runs in its own thread and event loop, so any test (sync or async) can use it."""
 
-    def __init__(self, fixtures_dir: Path | None = None):
+    def __init__(self, fixtures_dir: Path | None = None, max_records: int | None = None):
         self.fixtures_dir = fixtures_dir
-        self.records: list[Recorded] = []
+        # A server that runs for days (serve --local-model) keeps only the newest requests.
+        self.records: list[Recorded] | deque[Recorded] = [] if max_records is None else deque(maxlen=max_records)
         self._lock = threading.Lock()
         self.abandoned_requests = 0  # model requests whose client left before sending them whole
         self._failures: Counter[str] = Counter()

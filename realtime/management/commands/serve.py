@@ -27,17 +27,25 @@ class Command(BaseCommand):
             "is the local principal and sees its threads",
         )
         parser.add_argument(
+            "--local-model",
+            action="store_true",
+            help="answer every model request from a scripted local model in this process (no network, no key): "
+            "to try the server and its clients offline; never for real work",
+        )
+        parser.add_argument(
             "daphne_args", nargs="*", help="further daphne options, after `--` (e.g. -- --proxy-headers)"
         )
 
-    def handle(self, *args, host, port, daphne_args, allow_unauthenticated=False, **options):
+    def handle(self, *args, host, port, daphne_args, allow_unauthenticated=False, local_model=False, **options):
         from codexserver.daphne_server import AppServerCommandLine
 
         refusal = refusal_to_listen(host, allow_unauthenticated, daphne_args)
         if refusal is not None:
             raise CommandError(refusal)
         argv = daphne_argv(host, port, daphne_args)
-        if not settings.OPENAI_API_KEY:
+        if local_model:
+            self._use_local_model()
+        elif not settings.OPENAI_API_KEY:
             self.stderr.write(
                 f"warning: OPENAI_API_KEY is not set: model requests go to {settings.CODEX_API_BASE_URL} without a key "
                 "(the OpenAI API answers 401, so turns fail `unauthorized`; with no network, they fail to connect)"
@@ -45,6 +53,22 @@ class Command(BaseCommand):
         _check_can_listen(host, port)
         self.stdout.write(f"codexserver listening on ws://{host}:{port}/ (admin at http://{host}:{port}/admin/)")
         AppServerCommandLine().run(argv)
+
+    def _use_local_model(self) -> None:
+        """Every upstream (model, realtime, telemetry, connectors) is the
+        local scripted one (codexserver/devtools/local_upstream.py), started
+        in this process: "hi" gets "Hello world", `exec[ls]` runs `ls`, and
+        its docstring lists the rest."""
+        from codexserver.devtools.local_upstream import UpstreamServer
+
+        upstream = UpstreamServer(max_records=1000).start()
+        settings.CODEX_API_BASE_URL = upstream.api_base_url
+        settings.CODEX_CHATGPT_BASE_URL = upstream.chatgpt_base_url
+        settings.OPENAI_API_KEY = settings.OPENAI_API_KEY or "local-model"
+        self.stderr.write(
+            f"LOCAL MODEL: every model request is answered by a scripted local model at {upstream.api_base_url}, "
+            "not by OpenAI (try `hi`, or `exec[ls]` to see a command run). For trying the server offline only."
+        )
 
 
 UPGRADE_TIMEOUT_SECONDS = 20
