@@ -22,9 +22,11 @@ def test_demo_prints_requests_attributed_to_their_own_client():
     assert len(lines) >= 10
     for line in lines:
         if "(codex_ios; 1.4.0)" in line:
-            assert " codex_ios " in line and "codex_ios/" in line
+            assert " codex_ios      codex_ios " in line and "codex_ios/" in line  # caused by, and carried
         else:
-            assert "(codex-backend; 2.0.0)" in line and " codex_cli_rs " in line
+            assert "(codex-backend; 2.0.0)" in line and " codex-backend  codex_cli_rs " in line
+    assert sum("analytics-events" in line for line in lines) == 2  # each client's telemetry
+    assert f"requests checked: {len(lines)}, carrying another client's identity: 0" in out
     assert sum("/v1/responses" in line for line in lines) == 2
     rows = out.split("ConnectionIdentity rows", 1)[1]
     assert "codex-backend  codex_cli_rs  True" in rows and "codex_ios      codex_ios     False" in rows

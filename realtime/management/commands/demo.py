@@ -55,41 +55,56 @@ class Command(BaseCommand):
             self.stdout.write(f"local upstream (canned replies, no network): {upstream.url}")
             self.stdout.write(f"app-server (daphne): {server.ws_url}\n")
             try:
-                asyncio.run(self._run_clients(server))
+                caused = asyncio.run(self._run_clients(server, upstream))
             finally:
                 server.stop()
                 upstream.stop()
-            self._print_requests(upstream)
+            self._print_requests(upstream, caused)
             self._print_rows(database)
 
-    async def _run_clients(self, server: ServerProcess) -> None:
+    async def _run_clients(self, server: ServerProcess, upstream: UpstreamServer) -> list[tuple[str, str]]:
+        """Each client acts in turn; returns, for each request the upstream
+        received, (the client that caused it, the User-Agent it must carry)."""
+        caused: list[tuple[str, str]] = []
         async with connect(server.ws_url) as first, connect(server.ws_url) as second:
             clients = [SocketClient(first), SocketClient(second)]
+            user_agents = {}
             for client, (name, version) in zip(clients, CLIENTS):  # backend first, on purpose
                 result = await client.initialize(name, version)
+                user_agents[name] = result["userAgent"]
                 self.stdout.write(f"{name:<15} initialized, userAgent = {result['userAgent']}")
             for client, (name, _) in zip(clients, CLIENTS):
-                thread = await client.start_thread()
-                completed = await client.run_turn(thread, f"hello from {name}")
-                call = await client.call("thread/realtime/start", {"threadId": thread, "sdp": f"v=0\r\no={name}\r\n"})
-                apps = await client.call("app/list", {})
-                reply = "".join(m["params"]["delta"] for m in client.inbox if m.get("method") == "item/agentMessage/delta")
-                self.stdout.write(
-                    f"{name:<15} turn {completed['turn']['status']}: {reply!r}; "
-                    f"realtime call {call['callId']}; apps {[a['id'] for a in apps['data']]}"
-                )
-                await client.call("thread/realtime/stop", {"threadId": thread})
-            await asyncio.sleep(0.3)  # let the telemetry flush
+                before = len(_sent(upstream))
+                await self._act(client, name)
+                caused += [(name, user_agents[name])] * (len(_sent(upstream)) - before)
+        return caused
 
-    def _print_requests(self, upstream: UpstreamServer) -> None:
-        self.stdout.write("\nEvery request the upstream received, with the identity it carried:\n")
-        rows = [("#", "request", "originator", "User-Agent")]
-        for number, record in enumerate((r for r in upstream.records if r.kind != "closed"), 1):
+    async def _act(self, client: SocketClient, name: str) -> None:
+        """A turn, a realtime call and an app listing; its telemetry flushed before the next client acts."""
+        thread = await client.start_thread()
+        completed = await client.run_turn(thread, f"hello from {name}")
+        call = await client.call("thread/realtime/start", {"threadId": thread, "sdp": f"v=0\r\no={name}\r\n"})
+        apps = await client.call("app/list", {})
+        reply = "".join(m["params"]["delta"] for m in client.inbox if m.get("method") == "item/agentMessage/delta")
+        self.stdout.write(
+            f"{name:<15} turn {completed['turn']['status']}: {reply!r}; "
+            f"realtime call {call['callId']}; apps {[a['id'] for a in apps['data']]}"
+        )
+        await client.call("thread/realtime/stop", {"threadId": thread})
+        await asyncio.sleep(0.3)  # let the telemetry flush
+
+    def _print_requests(self, upstream: UpstreamServer, caused: list[tuple[str, str]]) -> None:
+        self.stdout.write("\nEvery request the upstream received, the client that caused it, and the identity it carried:\n")
+        rows = [("#", "request", "caused by", "originator", "User-Agent")]
+        wrong = 0
+        for number, (record, (client, user_agent)) in enumerate(zip(_sent(upstream), caused, strict=True), 1):
             target = f"{record.method} {record.path}" + (f"?{record.query}" if record.query else "")
             if record.kind == "ws-message":
                 target = f"  ws message {record.body.get('type')} on {record.path}"
-            rows.append((str(number), target, record.originator or "-", record.user_agent or "-"))
+            rows.append((str(number), target, client, record.originator or "-", record.user_agent or "-"))
+            wrong += record.user_agent != user_agent or record.originator != user_agent.split("/", 1)[0]
         self._table(rows)
+        self.stdout.write(f"\nrequests checked: {len(caused)}, carrying another client's identity: {wrong}")
 
     def _print_rows(self, database: Path) -> None:
         self.stdout.write("\nConnectionIdentity rows:\n")
@@ -108,3 +123,8 @@ class Command(BaseCommand):
             self.stdout.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
             if index == 0:
                 self.stdout.write("  ".join("-" * width for width in widths))
+
+
+def _sent(upstream: UpstreamServer) -> list:
+    """What the upstream received (a stream's end is not a request)."""
+    return [record for record in upstream.records if record.kind != "closed"]
