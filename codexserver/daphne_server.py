@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from urllib.parse import unquote_plus
+from urllib.parse import unquote
 
 from autobahn.twisted.websocket import ConnectionDeny
 from daphne.access import AccessLogGenerator
@@ -149,8 +149,8 @@ class RedactedAccessLog:
         self.stream = stream
 
     def write(self, text: str) -> int:
-        # Decoded first: a secret in a query string arrives percent-encoded.
-        line = redact_secrets(escape_controls(unquote_plus(text.removesuffix("\n"))))
+        # Redacted as it came and once decoded: a secret in a query string may arrive percent-encoded.
+        line = redact_secrets(escape_controls(unquote(redact_secrets(text.removesuffix("\n")))))
         return self.stream.write(line + "\n")
 
     def flush(self) -> None:
@@ -210,45 +210,44 @@ def with_deadline(protocol):
 def request_deadline(channel) -> None:
     """Abort a connection whose request (head and body; the WebSocket
     upgrade's included) is not whole within CODEX_REQUEST_HEAD_SECONDS of
-    its accept, or of the previous request's end on a kept-alive one.
-    Twisted restarts its idle timeout at every byte, so a client sending one
-    every 20 s held its socket (and a file descriptor) for good: 260 of them
-    made real upgrades and /healthz fail on a 256-descriptor limit."""
+    its first byte (of the accept, for the first). Twisted restarts its
+    idle timeout at every byte, so a client sending one every 20 s held its
+    socket (and a file descriptor) for good: 260 of them made real upgrades
+    and /healthz fail on a 256-descriptor limit. A request being answered is
+    never cut: the deadline is off from its last byte to its response's end."""
     from django.conf import settings
 
-    content_received, request_done, lost = channel.allContentReceived, channel.requestDone, channel.connectionLost
+    data_received, content_received, lost = channel.dataReceived, channel.allContentReceived, channel.connectionLost
     deadline = None
 
     def arm() -> None:
         nonlocal deadline
-        deadline = reactor.callLater(settings.CODEX_REQUEST_HEAD_SECONDS, expire)
+        if deadline is None or not deadline.active():
+            deadline = reactor.callLater(settings.CODEX_REQUEST_HEAD_SECONDS, expire)
 
     def disarm() -> None:
         if deadline is not None and deadline.active():
             deadline.cancel()
 
+    def on_data(data):
+        if not channel._handlingRequest:  # (a kept-alive connection's next request is starting)
+            arm()
+        data_received(data)
+
     def all_content_received():
         disarm()
         content_received()
-
-    def on_request_done(request):
-        request_done(request)
-        if channel.transport is not None and channel.transport.connected:  # kept alive: the next one is timed too
-            disarm()
-            arm()
 
     def connection_lost(reason):
         disarm()
         lost(reason)
 
     def expire():
-        if channel.transport is not None:
+        if channel.transport is not None and not channel._handlingRequest:
             logger.info("closing a connection that sent no whole request within %gs", settings.CODEX_REQUEST_HEAD_SECONDS)
             channel.transport.abortConnection()
 
-    channel.allContentReceived, channel.requestDone, channel.connectionLost = (
-        all_content_received, on_request_done, connection_lost,
-    )  # fmt: skip
+    channel.dataReceived, channel.allContentReceived, channel.connectionLost = on_data, all_content_received, connection_lost
     arm()
 
 

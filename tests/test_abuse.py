@@ -363,3 +363,7 @@ def test_an_ipv6_host_counts_as_its_64_and_an_unknown_address_only_toward_the_pr
     assert limits.admit(None) == 503  # the process cap still holds
     limits.release("2001:db8::1")
     assert limits.admit("2001:db8::4") is None
+    # IPv4 clients of a dual-stack listener are each their own address, not all one "::/64".
+    settings.CODEX_MAX_CONNECTIONS = 100
+    assert limits.admit("::ffff:10.0.0.1") is None and limits.admit("::ffff:10.0.0.1") is None
+    assert limits.admit("::ffff:10.0.0.2") is None and limits.admit("10.0.0.1") == 429

@@ -792,3 +792,16 @@ async def test_view_image_on_a_full_access_thread_still_never_shows_a_hidden_fil
     completed = await turn(client, started["thread"]["id"], f"view[{home / 'secret.png'}]")
     assert not [item for item in completed["turn"]["items"] if item["type"] == "imageView"]
     assert "No such file" in upstream.model_requests()[-1].body["input"][-1]["output"]
+
+
+async def test_a_client_answer_nested_too_deep_is_taken_as_an_error_answer_and_the_turn_goes_on(connect, upstream, workspace):
+    client, started = await agent(connect, workspace, dynamicTools=LOOKUP_TOOLS)
+    thread = started["thread"]["id"]
+    await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "call:clock"}]})
+    asked = await client.wait_for(lambda m: m.get("method") == "item/tool/call" and "id" in m)
+    deep = '{"a": ' * 100 + "{}" + "}" * 100
+    await client.send_raw('{"id": "%s", "result": {"contentItems": [], "success": true, "extra": %s}}' % (asked["id"], deep))
+    ended = await client.notification("turn/completed", threadId=thread, timeout=10)
+    assert ended["turn"]["status"] == "completed"
+    output = [i for i in upstream.model_requests()[-1].body["input"] if i.get("type") == "function_call_output"][-1]
+    assert output["output"] == "the client answered the tool call with an error"

@@ -25,7 +25,7 @@ def test_demo_prints_requests_attributed_to_their_own_client():
             assert " codex_ios      codex_ios " in line and "codex_ios/" in line  # caused by, and carried
         else:
             assert "(codex-backend; 2.0.0)" in line and " codex-backend  codex_cli_rs " in line
-    assert sum("analytics-events" in line for line in lines) == 2  # each client's telemetry
+    assert {"codex-backend", "codex_ios"} == {line.split()[3] for line in lines if "analytics-events" in line}  # each one's telemetry
     assert f"requests checked: {len(lines)}, carrying another client's identity: 0" in out
     assert sum("/v1/responses" in line for line in lines) == 2
     rows = out.split("ConnectionIdentity rows", 1)[1]

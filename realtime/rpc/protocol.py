@@ -142,7 +142,11 @@ def parse_message(frame: str) -> Message:
         raise JsonRpcError.invalid_request("id must be a string or an integer")
     method = obj.get("method")
     if nesting_exceeds(obj, MAX_JSON_DEPTH):  # requests and a client's answers alike
-        error = JsonRpcError.invalid_params(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        message = f"nested deeper than {MAX_JSON_DEPTH} levels"
+        if method is None and has_id and ("result" in obj or "error" in obj):
+            # An answer to a server request: taken as an error answer, so what waits for it goes on.
+            return ClientResponse(request_id, {"id": request_id, "error": {"code": INVALID_PARAMS, "message": message}})
+        error = JsonRpcError.invalid_params(message)
         error.request_id, error.method = (request_id if has_id else None), method
         raise error
     if method is None:

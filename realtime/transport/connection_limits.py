@@ -46,7 +46,10 @@ def peer_key(peer: str | None) -> str | None:
     (one host is given a whole /64, and could otherwise be 2^64 peers)."""
     if peer is None or ":" not in peer:
         return peer
-    return str(ipaddress.ip_network(f"{peer}/64", strict=False))
+    address = ipaddress.ip_address(peer)
+    if address.ipv4_mapped is not None:  # an IPv4 client of a dual-stack listener
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 _limits: LoopLocal[ConnectionLimits] = LoopLocal(ConnectionLimits)

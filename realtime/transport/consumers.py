@@ -32,6 +32,8 @@ from .upgrade_policy import (
 
 logger = logging.getLogger(__name__)
 
+_closing: set[asyncio.Future] = set()  # connections closed after their consumer was cancelled
+
 CLOSE_MESSAGE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TRY_AGAIN_LATER = 1013
@@ -76,14 +78,16 @@ class AppServerConsumer(AsyncWebsocketConsumer):
 
     async def __call__(self, scope, receive, send):
         # However the consumer ends: daphne cancels one still busy 10 s after
-        # its socket closed, and channels then calls no disconnect; the
-        # connection's place and its tasks must not outlive it.
+        # its socket closed, and channels then calls no disconnect. Its place,
+        # its row, its tasks, its writer and its subscriptions must not outlive it.
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._uncount()
-            if self.connection is not None:
-                self.connection.abandon()
+            if self.connection is not None and self._row_closed is None:
+                ending = asyncio.ensure_future(self._close_connection())
+                _closing.add(ending)  # the loop keeps only weak references to tasks
+                ending.add_done_callback(_closing.discard)
 
     async def dispatch(self, message):
         # channels retires the database connections of asgiref's shared thread
@@ -185,6 +189,9 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         self._uncount()
         if self.connection is None:
             return
+        await self._close_connection()
+
+    async def _close_connection(self) -> None:
         # The row first, and shielded: daphne cancels a consumer that is slow
         # to finish, and the close must not be lost with it.
         self._row_closed = asyncio.ensure_future(record_connection_closed(self.connection.connection_id))

@@ -76,6 +76,7 @@ class Command(BaseCommand):
             for client, (name, _) in zip(clients, CLIENTS):
                 before = len(_sent(upstream))
                 await self._act(client, name)
+                await _settled(upstream, before)  # its telemetry too, before the next client acts
                 caused += [(name, user_agents[name])] * (len(_sent(upstream)) - before)
         return caused
 
@@ -91,20 +92,21 @@ class Command(BaseCommand):
             f"realtime call {call['callId']}; apps {[a['id'] for a in apps['data']]}"
         )
         await client.call("thread/realtime/stop", {"threadId": thread})
-        await asyncio.sleep(0.3)  # let the telemetry flush
 
     def _print_requests(self, upstream: UpstreamServer, caused: list[tuple[str, str]]) -> None:
         self.stdout.write("\nEvery request the upstream received, the client that caused it, and the identity it carried:\n")
         rows = [("#", "request", "caused by", "originator", "User-Agent")]
         wrong = 0
-        for number, (record, (client, user_agent)) in enumerate(zip(_sent(upstream), caused, strict=True), 1):
+        sent = _sent(upstream)
+        caused = caused + [("?", "")] * (len(sent) - len(caused))  # (none expected: counted as wrong if any)
+        for number, (record, (client, user_agent)) in enumerate(zip(sent, caused), 1):
             target = f"{record.method} {record.path}" + (f"?{record.query}" if record.query else "")
             if record.kind == "ws-message":
                 target = f"  ws message {record.body.get('type')} on {record.path}"
             rows.append((str(number), target, client, record.originator or "-", record.user_agent or "-"))
             wrong += record.user_agent != user_agent or record.originator != user_agent.split("/", 1)[0]
         self._table(rows)
-        self.stdout.write(f"\nrequests checked: {len(caused)}, carrying another client's identity: {wrong}")
+        self.stdout.write(f"\nrequests checked: {len(sent)}, carrying another client's identity: {wrong}")
 
     def _print_rows(self, database: Path) -> None:
         self.stdout.write("\nConnectionIdentity rows:\n")
@@ -128,3 +130,16 @@ class Command(BaseCommand):
 def _sent(upstream: UpstreamServer) -> list:
     """What the upstream received (a stream's end is not a request)."""
     return [record for record in upstream.records if record.kind != "closed"]
+
+
+async def _settled(upstream: UpstreamServer, before: int, quiet: float = 0.5, most: float = 10.0) -> None:
+    """Until the client's telemetry has arrived and nothing more came for ``quiet`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline, last, still_since = loop.time() + most, -1, loop.time()
+    while loop.time() < deadline:
+        sent = _sent(upstream)[before:]
+        if len(sent) != last:
+            last, still_since = len(sent), loop.time()
+        elif any("analytics-events" in record.path for record in sent) and loop.time() - still_since >= quiet:
+            return
+        await asyncio.sleep(0.05)

@@ -199,7 +199,7 @@ async def interrupt_turn(context, params: Any) -> dict[str, Any]:
     # Elsewhere, if anywhere: a store read, in the connection's few store-read places.
     async with context.connection.store_reads:
         running = await store_for(thread).running_turn(thread)
-        if running is None or running[0] != turn_id or running[1] is None:
-            raise JsonRpcError.invalid_params("turnId is not the thread's running turn")
-        await thread_hub().interrupt_elsewhere(running[1], thread, turn_id)
+    if running is None or running[0] != turn_id or running[1] is None:
+        raise JsonRpcError.invalid_params("turnId is not the thread's running turn")
+    await thread_hub().interrupt_elsewhere(running[1], thread, turn_id)
     return {}
