@@ -367,3 +367,16 @@ def test_an_ipv6_host_counts_as_its_64_and_an_unknown_address_only_toward_the_pr
     settings.CODEX_MAX_CONNECTIONS = 100
     assert limits.admit("::ffff:10.0.0.1") is None and limits.admit("::ffff:10.0.0.1") is None
     assert limits.admit("::ffff:10.0.0.2") is None and limits.admit("10.0.0.1") == 429
+
+
+async def test_the_connection_that_started_a_realtime_call_hears_it_closed_whoever_stops_it(connect, upstream):
+    owner, other = await connect(), await connect()
+    await owner.initialize("codex_ios", "1.4.0")
+    await other.initialize("codex_vscode", "1.0.0")
+    thread = await owner.start_thread()
+    await other.call("thread/resume", {"threadId": thread})
+    call = await owner.call("thread/realtime/start", {"threadId": thread, "sdp": "v=0"})
+    assert await other.call("thread/realtime/stop", {"threadId": thread}) == {}
+    for client in (owner, other):
+        closed = await client.notification("thread/realtime/closed", threadId=thread)
+        assert closed["callId"] == call["callId"] and closed["reason"] == "stopped"

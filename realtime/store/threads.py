@@ -130,6 +130,7 @@ class RealtimeSession:
 
     call_id: str | None = None  # None while the call is being created
     task: asyncio.Task | None = None
+    notify_owner: Any = None  # the starting connection's notify: it hears the call close, whoever stops it
 
 
 @dataclass(eq=False)

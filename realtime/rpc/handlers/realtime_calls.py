@@ -47,6 +47,7 @@ async def start_realtime(context, params: Any) -> dict[str, Any]:
         connection.realtime_sessions.discard(session)
         raise
     session.call_id = call.call_id
+    session.notify_owner = connection.notify
     session.task = connection.spawn(_hold_sideband(connection, thread, session, socket), name=f"sideband {call.call_id}")
 
     def announce() -> None:
@@ -95,7 +96,13 @@ async def stop_realtime(context, params: Any) -> dict[str, Any]:
     thread.realtime = None
     session.task.cancel()
     await asyncio.wait([session.task])
-    context.after_reply(
-        lambda: context.notify("thread/realtime/closed", _closed(thread, session, "stopped"))
-    )
+
+    def announce() -> None:
+        # Another subscriber may stop it: the connection that started it hears too.
+        closed = _closed(thread, session, "stopped")
+        context.notify("thread/realtime/closed", closed)
+        if session.notify_owner is not None and session.notify_owner != context.connection.notify:
+            session.notify_owner("thread/realtime/closed", closed)
+
+    context.after_reply(announce)
     return {}
