@@ -312,6 +312,11 @@ CODEX_REQUEST_HEAD_SECONDS = _env_number("CODEX_REQUEST_HEAD_SECONDS", "10", flo
 
 # Closed connection rows older than this many days are deleted (0: kept for good).
 CODEX_CONNECTION_ROW_RETENTION_DAYS = _env_number("CODEX_CONNECTION_ROW_RETENTION_DAYS", "90", float)
+# Frames of one connection read a second (bursts of as many): past that its
+# next frame, and its socket, wait. The Codex TUI sends about 15 at start-up.
+CODEX_MAX_FRAMES_PER_SECOND = _env_number("CODEX_MAX_FRAMES_PER_SECOND", "200", float)
+if CODEX_MAX_FRAMES_PER_SECOND <= 0:
+    raise ImproperlyConfigured("CODEX_MAX_FRAMES_PER_SECOND must be above 0")
 # Realtime calls one connection may hold open at once (each an upstream call and socket).
 CODEX_MAX_REALTIME_CALLS_PER_CONNECTION = _env_number("CODEX_MAX_REALTIME_CALLS_PER_CONNECTION", "4", int)
 

@@ -380,3 +380,20 @@ async def test_the_connection_that_started_a_realtime_call_hears_it_closed_whoev
     for client in (owner, other):
         closed = await client.notification("thread/realtime/closed", threadId=thread)
         assert closed["callId"] == call["callId"] and closed["reason"] == "stopped"
+
+
+async def test_a_client_flooding_frames_is_read_at_its_pace_and_the_others_are_not(connect, settings):
+    settings.CODEX_MAX_FRAMES_PER_SECOND = 50
+    flooder, other = await connect(), await connect()
+    await flooder.initialize("codex_ios", "1.4.0")
+    await other.initialize("codex_vscode", "1.0.0")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for index in range(125):
+        await flooder.send({"id": index, "method": "model/list", "params": {}})
+    answered = loop.time()
+    assert "result" in await other.request("model/list", {}, timeout=1)  # not behind the flood
+    assert loop.time() - answered < 1
+    await flooder.wait_for(lambda m: m.get("id") == 124, timeout=10)
+    assert loop.time() - started >= 1.4  # a burst of 50, then 50 a second: each frame answered, none refused
+    assert not [m for m in flooder.inbox if "error" in m]

@@ -86,6 +86,7 @@ class AppServerConnection:
         self._interrupts_in_flight = 0
         self.store_reads = asyncio.Semaphore(MAX_STORE_READS_IN_FLIGHT)
         self._refused_initializes = 0
+        self._frame_tokens, self._tokens_at = float(settings.CODEX_MAX_FRAMES_PER_SECOND), 0.0
         self._closed = False
         live_connections.add(self)
 
@@ -114,6 +115,7 @@ class AppServerConnection:
     async def handle_frame(self, text: str) -> None:
         if self._closed:  # closing (the server's shutdown): nothing new may start
             return
+        await self._pace()
         try:
             message = protocol.parse_message(text)
         except JsonRpcError as error:
@@ -127,6 +129,21 @@ class AppServerConnection:
             self._handle_notification(message)
         elif isinstance(message, ClientResponse):
             self._take_client_response(message)
+
+    async def _pace(self) -> None:
+        """At most CODEX_MAX_FRAMES_PER_SECOND frames of this connection are
+        read a second (bursts of as many allowed): past that, its next frame
+        waits, and so does its socket, so a client flooding cheap requests
+        slows itself, not the process's other connections. Nothing is refused."""
+        rate = settings.CODEX_MAX_FRAMES_PER_SECOND
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._frame_tokens = min(rate, self._frame_tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._frame_tokens < 1:
+            await asyncio.sleep((1 - self._frame_tokens) / rate)
+            self._frame_tokens, self._tokens_at = 1.0, loop.time()
+        self._frame_tokens -= 1
 
     async def _handle_request(self, request: Request) -> None:
         if request.method == INITIALIZE:
