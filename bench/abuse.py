@@ -195,8 +195,8 @@ def abuse_isolation(bench) -> dict:
     asyncio.run(_well_behaved_latencies(server.ws_url, 1))  # warm up
     results: dict = {}
     for attack in ATTACKS:
-        rss_before = server.rss_bytes()
         alone = asyncio.run(_well_behaved_latencies(server.ws_url, turns_each))
+        rss_before = server.rss_bytes()  # after the same clients' own round: what the attacker adds
         attacked, rss_during = asyncio.run(_under_attack(server.ws_url, attack, turns_each, server))
         time.sleep(2)  # what the attacker held is given back
         rss_after = server.rss_bytes()
