@@ -384,3 +384,51 @@ async def test_a_cursor_this_server_never_gave_is_invalid_params(connect, cursor
     for method, params in [("thread/list", {}), ("thread/turns/list", {"threadId": thread})]:
         error = (await client.request(method, {**params, "cursor": cursor}))["error"]
         assert error["code"] == -32602 and "cursor" in error["message"]
+
+
+async def test_a_turn_end_the_database_fails_to_take_is_tried_again_and_told_once(connect, upstream, monkeypatch):
+    # Issue 24, 1: one OperationalError at the end lost the turn, and the client heard two stories.
+    from django.db import OperationalError
+
+    from realtime.store.thread_store import DatabaseThreads
+    from realtime.turns import runner as turn_runner
+
+    monkeypatch.setattr(turn_runner, "END_RETRY_DELAYS", (0.05, 0.05, 0.05))
+    finish, failures = DatabaseThreads.finish_turn, [OperationalError("database is locked")] * 2
+
+    def flaky(thread, turn, first_new_item):
+        if failures:
+            raise failures.pop()
+        return finish(thread, turn, first_new_item)
+
+    monkeypatch.setattr(DatabaseThreads, "finish_turn", staticmethod(flaky))
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    completed = await client.run_turn(thread, "hi")
+    assert completed["turn"]["status"] == "completed" and failures == []
+    turns = (await client.call("thread/read", {"threadId": thread, "includeTurns": True}))["thread"]["turns"]
+    assert [turn["status"] for turn in turns] == ["completed"]  # stored as told
+
+
+async def test_a_turn_end_never_stored_is_not_announced_and_the_sweep_ends_it_once(connect, upstream, monkeypatch, settings):
+    from django.db import OperationalError
+
+    from realtime.store.thread_store import DatabaseThreads
+    from realtime.turns import runner as turn_runner
+
+    settings.CODEX_HEARTBEAT_INTERVAL, settings.CODEX_TURN_LOCK_SECONDS = 0.2, 1.0
+    monkeypatch.setattr(turn_runner, "END_RETRY_DELAYS", (0.05,))
+
+    def down(thread, turn, first_new_item):
+        raise OperationalError("the database is down")
+
+    monkeypatch.setattr(DatabaseThreads, "finish_turn", staticmethod(down))
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "hi"}]})
+    ended = await client.notification("turn/completed", threadId=thread, timeout=10)
+    assert ended["turn"]["status"] == "interrupted"  # what the store holds, told by the sweep
+    await asyncio.sleep(1.0)
+    assert not [m for m in client.inbox if m.get("method") == "turn/completed"]  # and told once

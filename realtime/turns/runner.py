@@ -142,6 +142,11 @@ async def run_turn(turn_context: TurnContext) -> None:
     # Stored before anyone hears the turn ended: a client that reads the
     # thread on turn/completed finds it there, from any process.
     total = await _store_end(turn_context)
+    if total is None:
+        # Its end could not be stored: nobody is told an outcome the store
+        # does not hold. Its lock lapses, and the sweep ends it interrupted,
+        # for every subscriber on every process: one story, told once.
+        return
     # The turn as stored: without usage, and failed, if its output was not.
     if turn.usage is not None:
         token_usage_params = {"last": turn.usage, "total": total, "modelContextWindow": None}
@@ -203,15 +208,21 @@ def _model_request(turn_context: TurnContext, steps: list[dict[str, Any]], tools
     )
 
 
-async def _store_end(turn_context: TurnContext) -> dict[str, int]:
+# The database's faults at a turn's end (locked, down, a dropped connection)
+# are tried again, a few seconds in all: well inside the turn's lock.
+END_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+async def _store_end(turn_context: TurnContext) -> dict[str, int] | None:
     """Write the turn's end and free the thread, even if cancelled meanwhile
-    (the connection closing); returns the thread's running usage total."""
+    (the connection closing); returns the thread's running usage total, or
+    None when the end could not be stored."""
     thread, turn = turn_context.thread, turn_context.turn
     thread.active_turn = None
     thread.trim(turn_context.max_history_bytes)
     thread.touch()
     try:
-        return await _written(turn_context.store.finish_turn(thread, turn, first_new_item=1))
+        return await _end_written(turn_context)
     except ONE_WRITES_FAULT as exc:
         if isinstance(exc, NotStored):
             logger.error("could not store the end of turn %s: %r", turn.id, exc, exc_info=exc)
@@ -224,14 +235,40 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int]:
         )
         _drop_output(turn)
     except Exception:
-        # The turn ran; only its record is lost. Its lock lapses on its own.
-        logger.exception("could not store the end of turn %s", turn.id)
-        return dict(turn.usage or {})
+        logger.exception("could not store the end of turn %s; its lock will lapse and the sweep end it", turn.id)
+        return None
     try:
-        return await _written(turn_context.store.finish_turn(thread, turn, first_new_item=1))
+        return await _end_written(turn_context)
     except Exception:
-        logger.exception("could not store the end of turn %s", turn.id)
-        return {}
+        logger.exception("could not store the end of turn %s; its lock will lapse and the sweep end it", turn.id)
+        return None
+
+
+async def _end_written(turn_context: TurnContext) -> dict[str, int]:
+    """The turn's end, written; a fault of the database's (not of the turn's
+    own rows) is tried again after each of END_RETRY_DELAYS."""
+    thread, turn = turn_context.thread, turn_context.turn
+    for delay in (*END_RETRY_DELAYS, None):
+        try:
+            return await _written(turn_context.store.finish_turn(thread, turn, first_new_item=1))
+        except ONE_WRITES_FAULT:
+            raise
+        except Exception as exc:
+            if delay is None:
+                raise
+            logger.warning("could not store the end of turn %s (%s); trying again in %gs", turn.id, type(exc).__name__, delay)
+            await _pause(delay)
+    raise AssertionError("unreachable")
+
+
+async def _pause(seconds: float) -> None:
+    """Sleep, even if cancelled meanwhile: the turn is ending anyway, and its end must be stored."""
+    pause = asyncio.ensure_future(asyncio.sleep(seconds))
+    while not pause.done():
+        try:
+            await asyncio.shield(pause)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()
 
 
 async def _written(write: Awaitable[Any]) -> Any:
@@ -316,7 +353,8 @@ def release_abandoned(thread: Thread, turn: Turn, store) -> None:
 
 
 async def _end_unstarted(turn_context: TurnContext) -> None:
-    await _store_end(turn_context)
+    if await _store_end(turn_context) is None:
+        return  # not stored: the sweep ends it, once
     _announce_end(turn_context.thread, turn_context.turn, functools.partial(thread_hub().publish, turn_context.thread))
 
 
