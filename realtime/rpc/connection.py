@@ -201,10 +201,7 @@ class AppServerConnection:
                 handler = HANDLERS.get(request.method)
                 if handler is None:
                     raise JsonRpcError.method_not_found(request.method)
-                if request.method in STORE_READS:
-                    async with self.store_reads:
-                        result = await handler(context, request.params)
-                else:
+                async with self.store_reads if request.method in STORE_READS else nullcontext():
                     result = await handler(context, request.params)
             except JsonRpcError as error:
                 self._refuse(request, error)

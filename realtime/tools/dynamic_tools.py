@@ -21,7 +21,7 @@ from typing import Any
 
 from realtime.store.storable_text import made_storable
 
-from .commands import CallRefused, CommandContext
+from .commands import CommandContext
 from .definitions import COMMAND_TOOLS
 
 DYNAMIC_TOOL_CALL = "dynamicToolCall"
@@ -208,5 +208,3 @@ def _model_output(content: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
         for part in content
     ]
 
-
-__all__ = ["CallRefused", "ClientGone", "DeclaredTools", "DynamicTool", "call_dynamic_tool", "parse_dynamic_tools"]

@@ -74,7 +74,8 @@ class AppServerConsumer(AsyncWebsocketConsumer):
     _writer: asyncio.Task | None = None
     _closing: asyncio.Task | None = None  # held: the loop keeps only weak references to tasks
     _row_closed: asyncio.Future | None = None
-    _counted_peer: tuple[str | None] | None = None  # (its address,) while it holds a place (connection_limits)
+    _peer: str | None = None
+    _holds_place = False  # counted in connection_limits, under _peer
 
     async def __call__(self, scope, receive, send):
         # However the consumer ends: daphne cancels one still busy 10 s after
@@ -112,7 +113,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             logger.info("refused a WebSocket upgrade with HTTP %d: too many connections", refusal)
             await self._refuse(refusal)
             return
-        self._counted_peer = (peer,)
+        self._peer, self._holds_place = peer, True
         try:
             await self._open(peer)
         finally:
@@ -120,9 +121,9 @@ class AppServerConsumer(AsyncWebsocketConsumer):
                 self._uncount()
 
     def _uncount(self) -> None:
-        if self._counted_peer is not None:
-            connection_limits().release(self._counted_peer[0])
-            self._counted_peer = None
+        if self._holds_place:
+            self._holds_place = False
+            connection_limits().release(self._peer)
 
     async def _open(self, peer: str | None) -> None:
         bearer, gate = bearer_token(self.scope), token_gate()

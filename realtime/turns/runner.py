@@ -257,23 +257,14 @@ async def _end_written(turn_context: TurnContext) -> dict[str, int]:
             if delay is None:
                 raise
             logger.warning("could not store the end of turn %s (%s); trying again in %gs", turn.id, type(exc).__name__, delay)
-            await _pause(delay)
+            await _written(asyncio.sleep(delay))  # (waited out even if cancelled meanwhile)
     raise AssertionError("unreachable")
 
 
-async def _pause(seconds: float) -> None:
-    """Sleep, even if cancelled meanwhile: the turn is ending anyway, and its end must be stored."""
-    pause = asyncio.ensure_future(asyncio.sleep(seconds))
-    while not pause.done():
-        try:
-            await asyncio.shield(pause)
-        except asyncio.CancelledError:
-            asyncio.current_task().uncancel()
-
-
 async def _written(write: Awaitable[Any]) -> Any:
-    """A store write's outcome, waited for even if cancelled meanwhile: the
-    turn is ending anyway, and its end must be told."""
+    """A store write's outcome (or a pause before trying it again), waited
+    for even if cancelled meanwhile: the turn is ending anyway, and its end
+    must be told."""
     written = asyncio.ensure_future(write)
     while not written.done():
         try:
