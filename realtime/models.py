@@ -39,6 +39,9 @@ class StoredThread(models.Model):
     created_at = models.DateTimeField()
     updated_at = models.DateTimeField(db_index=True)
     read_revision = models.PositiveIntegerField(default=0)
+    # The sequence number of its newest turn, assigned by the database as the
+    # turn's lock is taken: turns are ordered by it, never by a host's clock.
+    turn_sequence = models.PositiveBigIntegerField(default=0)
     # The deployment-wide turn lock: the running turn, the channel of the
     # process running it (turn/interrupt from elsewhere goes there) and when
     # the lock lapses unless that process keeps extending it.
@@ -71,6 +74,9 @@ class StoredTurn(models.Model):
     originator = models.CharField(max_length=256, db_index=True)
     connection_id = models.UUIDField()
     status = models.CharField(max_length=16)
+    # Its place in its thread (1, 2, …; ``StoredThread.turn_sequence``): the
+    # conversation's order, whatever the clocks of the hosts that ran it say.
+    sequence = models.PositiveBigIntegerField(default=0)
     error = models.JSONField(null=True, blank=True)
     started_at_ms = models.BigIntegerField()
     completed_at_ms = models.BigIntegerField(null=True, blank=True)
@@ -87,7 +93,11 @@ class StoredTurn(models.Model):
 
     class Meta:
         verbose_name = "turn"
-        indexes = [models.Index(fields=["thread", "started_at_ms"], name="turns_of_thread")]
+        indexes = [
+            models.Index(fields=["thread", "sequence"], name="turns_of_thread_in_order"),
+            # The admin's turn list, newest first, and its usage per client.
+            models.Index(fields=["-started_at_ms"], name="turns_newest_first"),
+        ]
 
     def __str__(self) -> str:
         return self.turn_id

@@ -103,7 +103,7 @@ async def test_a_lapsed_lock_is_taken_over_in_a_batch_and_its_turn_ends_interrup
     await write_in_one_batch([turn_writes.BeginTurn(thread, dead, "gone", -1, 1 << 20, None)])  # lapsed at once
     taker = new_turn()
     (begun,) = await write_in_one_batch([begin(thread, taker)])
-    assert begun[3] == dead.id  # whose end the taker's subscribers are to hear
+    assert begun[3] == (dead.id, "gone")  # whose end the taker's subscribers are to hear, and where it ran
     statuses = dict(
         await database_sync_to_async(
             lambda: list(StoredTurn.objects.filter(thread__thread_id=thread.id).values_list("turn_id", "status"))

@@ -30,9 +30,9 @@ from . import turn_writes
 from .threads import IN_PROGRESS, ItemRecord, Thread, Turn
 from .turn_writes import (
     BeginTurn,
+    Begun,
     CreateThread,
     FinishTurn,
-    ThreadPolicy,
     lock_until,
     mark_interrupted,
     with_lock_state,
@@ -73,6 +73,7 @@ def _turn_from_row(row: StoredTurn, items: list[StoredItem]) -> Turn:
         completed_at_ms=row.completed_at_ms,
         error=row.error,
         usage=row.usage(),
+        sequence=row.sequence,
     )
 
 
@@ -121,9 +122,45 @@ class DatabaseThreads:
 
     @staticmethod
     @database_sync_to_async
-    def turns(thread: Thread) -> list[Turn]:
-        """Every turn of the thread, oldest first, with its items."""
-        return _with_items(StoredTurn.objects.filter(thread__thread_id=thread.id).order_by("started_at_ms", "id"))
+    def turns(thread: Thread, newest: int) -> list[Turn]:
+        """The thread's ``newest`` turns, oldest first, with their items."""
+        rows = StoredTurn.objects.filter(thread__thread_id=thread.id).order_by("-sequence")[:newest]
+        return _with_items(rows)[::-1]
+
+    @staticmethod
+    @database_sync_to_async
+    def turn_page(thread: Thread, ascending: bool, after: int | None, limit: int, with_items: bool) -> tuple[list[Turn], bool]:
+        """One page of the thread's turns in their order, after the one numbered
+        ``after`` (the previous page's last), and whether more follow: the
+        database pages by the turns' sequence, so a page costs the same at
+        any depth and a turn started meanwhile never shifts it."""
+        rows = StoredTurn.objects.filter(thread__thread_id=thread.id).order_by("sequence" if ascending else "-sequence")
+        if after is not None:
+            rows = rows.filter(sequence__gt=after) if ascending else rows.filter(sequence__lt=after)
+        if with_items:
+            found = _with_items(rows[: limit + 1])
+        else:
+            found = [_turn_from_row(row, []) for row in rows.defer("model_input")[: limit + 1]]
+        return found[:limit], len(found) > limit
+
+    @staticmethod
+    @database_sync_to_async
+    def item_page(
+        thread: Thread, turn_id: str | None, ascending: bool, offset: int, limit: int
+    ) -> tuple[list[tuple[str, ItemRecord]], bool]:
+        """One page of the thread's items, (turn id, item), in the turns' order
+        and each turn's; only ``turn_id``'s if given; and whether more follow."""
+        rows = StoredItem.objects.filter(turn__thread__thread_id=thread.id)
+        if turn_id is not None:
+            rows = rows.filter(turn__turn_id=turn_id)
+        order = ("turn__sequence", "position") if ascending else ("-turn__sequence", "-position")
+        found = list(
+            rows.order_by(*order).values_list("turn__turn_id", "item", "started_at_ms", "completed_at_ms")[
+                offset : offset + limit + 1
+            ]
+        )
+        page = [(turn, ItemRecord(item, started, completed)) for turn, item, started, completed in found[:limit]]
+        return page, len(found) > limit
 
     @staticmethod
     def begin_turn(
@@ -135,7 +172,7 @@ class DatabaseThreads:
         model: str | None,
         sandbox: tuple[str, bool] | None = None,
         approvals: Any = None,
-    ) -> Awaitable[tuple[str, str, int, str | None, ThreadPolicy] | None]:
+    ) -> Awaitable[Begun | None]:
         """Take the thread's turn lock and store the turn with its user message;
         ``model``, ``sandbox`` and ``approvals`` (the request's overrides)
         stick for later turns.
@@ -143,9 +180,10 @@ class DatabaseThreads:
         Gives the history to replay before it (a JSON array's text), the
         thread's model and policy as stored (another process may have changed
         them) with the overrides applied, the turn's row key and the turn
-        whose lapsed lock it took over, or None when another turn holds the
-        lock. A lock that lapsed (its process died) is taken over, and the
-        turn it held is marked interrupted.
+        whose lapsed lock it took over with its process's channel, or None
+        when another turn holds the lock. A lock that lapsed (its process
+        died, or stopped) is taken over, and the turn it held is marked
+        interrupted.
         """
         return turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model, sandbox, approvals))
 
@@ -235,8 +273,25 @@ class MemoryThreads:
         pass
 
     @staticmethod
-    async def turns(thread: Thread) -> list[Turn]:
-        return list(thread.turns)
+    async def turns(thread: Thread, newest: int) -> list[Turn]:
+        return thread.turns[-newest:]
+
+    @staticmethod
+    async def turn_page(thread: Thread, ascending: bool, after: int | None, limit: int, with_items: bool) -> tuple[list[Turn], bool]:
+        """As the database's, numbering the turns by their place in the thread."""
+        ordered = thread.turns if ascending else thread.turns[::-1]
+        if after is not None:
+            ordered = [turn for turn in ordered if (turn.sequence > after if ascending else turn.sequence < after)]
+        return ordered[:limit], len(ordered) > limit
+
+    @staticmethod
+    async def item_page(
+        thread: Thread, turn_id: str | None, ascending: bool, offset: int, limit: int
+    ) -> tuple[list[tuple[str, ItemRecord]], bool]:
+        entries = [(turn.id, record) for turn in thread.turns if turn_id in (None, turn.id) for record in turn.items]
+        if not ascending:
+            entries.reverse()
+        return entries[offset : offset + limit], offset + limit < len(entries)
 
     @staticmethod
     async def begin_turn(
@@ -248,13 +303,14 @@ class MemoryThreads:
         model: str | None,
         sandbox: tuple[str, bool] | None = None,
         approvals: Any = None,
-    ) -> tuple[str, str, None, None, ThreadPolicy] | None:
+    ) -> Begun | None:
         if thread.active_turn is not None:
             return None
         # Claimed here, before the caller's next await: two turn/starts sent
         # back to back both passed the check and both ran (issue 24, 5).
         thread.active_turn = turn
         history = thread.history(max_history_bytes)
+        turn.sequence = thread.turns[-1].sequence + 1 if thread.turns else 1
         thread.turns.append(turn)
         mode, network = sandbox or (thread.sandbox_mode, thread.network_access)
         return history, model or thread.model, None, None, (mode, network, thread.approval_policy if approvals is None else approvals)

@@ -97,6 +97,7 @@ class Turn:
     input_bytes: int = 0
     task: asyncio.Task | None = None
     row_id: int | None = None  # its StoredTurn's key once stored: its end then needs no lookup
+    sequence: int = 0  # its place in its thread, as the database numbered it (stored threads only)
 
     def interrupt(self) -> None:
         if self.task is not None:

@@ -59,6 +59,10 @@ END_FIELDS = ["status", "error", "completed_at_ms", "model_input", "input_bytes"
 # A thread's sandbox mode, network access and approval policy (PROTOCOL §11).
 ThreadPolicy = tuple[str, bool, Any]
 POLICY_COLUMNS = ("sandbox_mode", "network_access", "approval_policy")
+# What a turn's start gives back: the history to replay, the thread's model,
+# the turn's row key, the turn whose lapsed lock it took and that turn's
+# process's channel, and the thread's policy.
+Begun = tuple[str, str, int | None, tuple[str, str | None] | None, ThreadPolicy]
 
 
 @dataclass(eq=False)
@@ -107,9 +111,13 @@ def mark_interrupted(turn_ids: list[str]) -> None:
     None at all is no statement: PostgreSQL refuses an empty ``IN ()``."""
     if not turn_ids:
         return
+    # Never before it started: the host that started it may have a clock ahead of this one's.
+    now = now_ms()
     _run(
-        f"UPDATE {TURNS} SET status = %s, completed_at_ms = %s WHERE status = %s AND turn_id IN ({_marks(len(turn_ids))})",
-        [INTERRUPTED, now_ms(), IN_PROGRESS, *turn_ids],
+        f"UPDATE {TURNS} SET status = %s, "
+        f"completed_at_ms = CASE WHEN started_at_ms > %s THEN started_at_ms ELSE %s END "
+        f"WHERE status = %s AND turn_id IN ({_marks(len(turn_ids))})",
+        [INTERRUPTED, now, now, IN_PROGRESS, *turn_ids],
     )
 
 
@@ -126,6 +134,7 @@ TURN_COLUMNS = [
     "originator",
     "connection_id",
     "status",
+    "sequence",
     "error",
     "started_at_ms",
     "completed_at_ms",
@@ -137,7 +146,7 @@ TURN_COLUMNS = [
 ITEM_COLUMNS = ["turn_id", "position", "item_type", "item", "started_at_ms", "completed_at_ms"]
 THREAD_COLUMNS = [
     "thread_id", "principal_id", "model", "model_provider", "cwd", "originator", "base_instructions", "preview",
-    "created_at", "updated_at", "read_revision", "sandbox_mode", "network_access", "approval_policy",
+    "created_at", "updated_at", "read_revision", "sandbox_mode", "network_access", "approval_policy", "turn_sequence",
 ]  # fmt: skip
 # At most this many writes in one batch: a statement names each write's
 # thread or turn at most once, within SQLite's oldest parameter limit (999).
@@ -149,6 +158,12 @@ ONE_WRITES_FAULT = (IntegrityError, DataError, LookupError, ValueError, TypeErro
 
 class NotStored(LookupError):
     """The write names a thread or turn that is not in the database."""
+
+
+class TurnLost(Exception):
+    """The turn's end was not written: it had lost its thread's lock, and
+    whoever took the lock (another process's turn, or the sweep) already
+    stored it interrupted and told its subscribers. That is its one story."""
 
 
 class WrittenButUnread(Exception):
@@ -163,7 +178,9 @@ class _ThreadRow:
     model: str
     preview: str
     running_turn_id: str | None
+    running_channel: str | None  # of the process running it: a takeover interrupts it there
     held: bool  # a turn runs and its lock has not lapsed
+    sequence: int  # of its newest turn (``StoredThread.turn_sequence``)
     policy: ThreadPolicy  # as stored: another process's turn/start may have changed it
 
 
@@ -412,7 +429,7 @@ def _insert_threads(threads: list[Thread]) -> None:
                 THREAD_COLUMNS,
                 [thread.id, thread.principal_id, thread.model, thread.model_provider, thread.cwd, thread.originator,
                  thread.base_instructions, thread.preview, created, created, thread.read_revision,
-                 thread.sandbox_mode, thread.network_access, thread.approval_policy],
+                 thread.sandbox_mode, thread.network_access, thread.approval_policy, 0],
             )  # fmt: skip
         )
     insert_each(THREADS, THREAD_COLUMNS, rows)
@@ -423,9 +440,9 @@ def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str,
     now_sql, now_params = now
     ids = sorted(thread_ids)
     found = _rows(
-        f"SELECT id, thread_id, model, preview, running_turn_id, "
+        f"SELECT id, thread_id, model, preview, running_turn_id, running_channel, "
         f"running_turn_id IS NOT NULL AND (lock_expires_at IS NULL OR lock_expires_at >= {now_sql}), "
-        f"sandbox_mode, network_access, approval_policy "
+        f"turn_sequence, sandbox_mode, network_access, approval_policy "
         f"FROM {THREADS} WHERE thread_id IN ({_marks(len(ids))}) ORDER BY id"
         + (" FOR UPDATE" if connection.features.has_select_for_update else ""),
         [*now_params, *ids],
@@ -433,9 +450,10 @@ def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str,
     approvals = StoredThread._meta.get_field("approval_policy")
     return {
         thread_id: _ThreadRow(
-            pk, model, preview, running, bool(held), (mode, bool(network), approvals.from_db_value(approval, None, connection))
-        )
-        for pk, thread_id, model, preview, running, held, mode, network, approval in found
+            pk, model, preview, running, channel, bool(held), sequence,
+            (mode, bool(network), approvals.from_db_value(approval, None, connection)),
+        )  # fmt: skip
+        for pk, thread_id, model, preview, running, channel, held, sequence, mode, network, approval in found
     }
 
 
@@ -460,18 +478,27 @@ def add_principal_usage(spent: dict[int, int]) -> None:
 
 def finish(
     ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> Callable[[], list[dict[str, int]]]:
+) -> Callable[[], list[dict[str, int] | TurnLost]]:
     """Store each turn's end and free its thread; each thread's usage summed
-    over its turns, to read once committed."""
+    over its turns, to read once committed.
+
+    Fenced by the lock: a turn that no longer holds its thread's lock (a
+    takeover or the sweep ended it interrupted, in a batch that locked the
+    same row) is not written over: its outcome is ``TurnLost``. Its end that
+    this very write stored before (a retry after its batch's reply was lost)
+    is not written twice."""
     now_sql, now_params = now
     turn_pks = {end.turn.id: end.turn.row_id for end in ends if end.turn.row_id is not None}
     if unknown := [end.turn.id for end in ends if end.turn.row_id is None]:  # a client left mid-start
         turn_pks |= _turn_pks(unknown)
-    turn_rows, item_rows, freed = [], [], []
     for end in ends:
-        turn, pk = end.turn, turn_pks.get(end.turn.id)
-        if pk is None or end.thread.id not in rows:
-            raise NotStored(f"turn {turn.id} of thread {end.thread.id} is not stored")
+        if turn_pks.get(end.turn.id) is None or end.thread.id not in rows:
+            raise NotStored(f"turn {end.turn.id} of thread {end.thread.id} is not stored")
+    settled = _settled_elsewhere([end for end in ends if rows[end.thread.id].running_turn_id != end.turn.id])
+    writing = [end for end in ends if id(end) not in settled]
+    turn_rows, item_rows, freed = [], [], []
+    for end in writing:
+        turn, pk = end.turn, turn_pks[end.turn.id]
         usage = turn.usage or {}
         ended = [
             turn.status,
@@ -489,50 +516,85 @@ def finish(
             freed.append(row.pk)
     update_each(TURNS, END_FIELDS, turn_rows)
     insert_each(ITEMS, ITEM_COLUMNS, item_rows)
-    add_principal_usage(_usage_by_principal(ends))
-    touched = sorted({rows[end.thread.id].pk for end in ends})
+    add_principal_usage(_usage_by_principal(writing))
     if freed:
         _run(
             f"UPDATE {THREADS} SET running_turn_id = NULL, running_channel = NULL, lock_expires_at = NULL, "
             f"updated_at = {now_sql} WHERE id IN ({_marks(len(freed))})",
             [*now_params, *freed],
         )
-    kept = [pk for pk in touched if pk not in freed]  # turns that lost their lock still touch their thread
+    kept = sorted({rows[end.thread.id].pk for end in writing} - set(freed))  # ended in progress, never locked again
     if kept:
         _run(f"UPDATE {THREADS} SET updated_at = {now_sql} WHERE id IN ({_marks(len(kept))})", [*now_params, *kept])
+    told = sorted({rows[end.thread.id].pk for end in ends if settled.get(id(end)) is None})
     sums = ", ".join(f"SUM({column})" for column in USAGE_FIELDS.values())
-    summed = _rows_later(
-        f"SELECT thread_id, {sums} FROM {TURNS} WHERE has_usage AND thread_id IN ({_marks(len(touched))}) "
-        "GROUP BY thread_id",
-        touched,
+    summed = (
+        _rows_later(
+            f"SELECT thread_id, {sums} FROM {TURNS} WHERE has_usage AND thread_id IN ({_marks(len(told))}) "
+            "GROUP BY thread_id",
+            told,
+        )
+        if told
+        else list
     )
 
-    def totals() -> list[dict[str, int]]:
+    def totals() -> list[dict[str, int] | TurnLost]:
         by_thread = {thread_pk: dict(zip(USAGE_FIELDS, sums, strict=True)) for thread_pk, *sums in summed()}
         return [
-            {name: int(by_thread.get(rows[end.thread.id].pk, {}).get(name) or 0) for name in USAGE_FIELDS} for end in ends
+            settled.get(id(end))
+            or {name: int(by_thread.get(rows[end.thread.id].pk, {}).get(name) or 0) for name in USAGE_FIELDS}
+            for end in ends
         ]
 
     return totals
 
 
+def _settled_elsewhere(ends: list[FinishTurn]) -> dict[int, TurnLost | None]:
+    """Of ends whose turn does not hold its thread's lock: those stored
+    already, by id of the end: ``TurnLost`` where another ended the turn,
+    None where this same end was (its earlier try committed). Those still in
+    progress are not here: nobody told another story, so they are written."""
+    if not ends:
+        return {}
+    stored = {
+        turn_id: (status, completed)
+        for turn_id, status, completed in _rows(
+            f"SELECT turn_id, status, completed_at_ms FROM {TURNS} WHERE turn_id IN ({_marks(len(ends))})",
+            [end.turn.id for end in ends],
+        )
+    }
+    settled: dict[int, TurnLost | None] = {}
+    for end in ends:
+        status, completed = stored[end.turn.id]
+        if status == IN_PROGRESS:
+            continue
+        if (status, completed) == (end.turn.status, end.turn.completed_at_ms):
+            settled[id(end)] = None
+        else:
+            settled[id(end)] = TurnLost(f"turn {end.turn.id} lost its thread's lock and was stored {status} by another")
+    return settled
+
+
 def begin(
     starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> Callable[[], list[tuple[str, str, int, str | None, ThreadPolicy] | None]]:
-    """Take each thread's lock and store its turn: (history to replay, the
-    thread's model, the turn's row key, the turn whose lapsed lock it took
-    over, the thread's policy), or None where another turn holds the lock;
-    to read once committed."""
+) -> Callable[[], list[Begun | None]]:
+    """Take each thread's lock and store its turn, numbered next in its
+    thread: (history to replay, the thread's model, the turn's row key, the
+    turn whose lapsed lock it took over and its process's channel, the
+    thread's policy), or None where another turn holds the lock; to read
+    once committed."""
     now_sql, now_params = now
     taken: list[tuple[BeginTurn, _ThreadRow]] = []
-    lapsed_turns: dict[int, str] = {}  # by start: the turn whose lapsed lock it takes over
+    lapsed_turns: dict[int, tuple[str, str | None]] = {}  # by start: the turn whose lapsed lock it takes, its channel
     for start in starts:
         row = rows.get(start.thread.id)
         if row is None or row.held:
             continue
         if row.running_turn_id:
-            lapsed_turns[id(start)] = row.running_turn_id
-        row.running_turn_id, row.held = start.turn.id, True
+            lapsed_turns[id(start)] = (row.running_turn_id, row.running_channel)
+        row.running_turn_id, row.running_channel, row.held = start.turn.id, start.channel, True
+        row.sequence += 1
+        start.turn.sequence = row.sequence
         row.model = start.model or row.model
         row.preview = row.preview or start.thread.preview
         mode, network, approvals = row.policy
@@ -547,26 +609,26 @@ def begin(
     expiries = {seconds: _sql_of(lock_until(seconds)) for seconds in {start.lock_seconds for start, _ in taken}}
     expiry_sql, _ = next(iter(expiries.values()))
     assignments = f"running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql}, " + ", ".join(
-        f"{column} = %s" for column in ("running_turn_id", "model", "preview", *POLICY_COLUMNS)
+        f"{column} = %s" for column in ("running_turn_id", "turn_sequence", "model", "preview", *POLICY_COLUMNS)
     )
     with connection.cursor() as cursor:
         cursor.executemany(
             f"UPDATE {THREADS} SET {assignments} WHERE id = %s",
             [
                 [start.channel, *expiries[start.lock_seconds][1], *now_params]
-                + [row.running_turn_id, row.model, row.preview]
+                + [row.running_turn_id, row.sequence, row.model, row.preview]
                 + _prepared(StoredThread, list(POLICY_COLUMNS), list(row.policy))
                 + [row.pk]
                 for start, row in taken
             ],
         )
     if lapsed_turns:
-        mark_interrupted(list(lapsed_turns.values()))
+        mark_interrupted([turn_id for turn_id, _ in lapsed_turns.values()])
     turn_pks = _insert_turns(taken)
     _insert_first_items(taken)
     histories = _histories_later(taken)
 
-    def begun() -> list[tuple[str, str, int, str | None, ThreadPolicy] | None]:
+    def begun() -> list[Begun | None]:
         pks, earlier = turn_pks(), histories()
         by_start = {
             id(start): (earlier[row.pk], row.model, pks[start.turn.id], lapsed_turns.get(id(start)), row.policy)
@@ -590,6 +652,7 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dic
                 start.turn.originator,
                 start.turn.connection_id,
                 start.turn.status,
+                start.turn.sequence,
                 None,
                 start.turn.started_at_ms,
                 None,
@@ -656,10 +719,10 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], 
     thread_pks = [row.pk for _, row in taken]
     earlier = _rows_later(
         f"SELECT thread_id, model_input, input_bytes FROM ("
-        f"  SELECT thread_id, model_input, input_bytes, started_at_ms, id, SUM(input_bytes) OVER ("
-        f"    PARTITION BY thread_id ORDER BY started_at_ms DESC, id DESC) AS bytes_so_far"
+        f"  SELECT thread_id, model_input, input_bytes, sequence, SUM(input_bytes) OVER ("
+        f"    PARTITION BY thread_id ORDER BY sequence DESC) AS bytes_so_far"
         f"  FROM {TURNS} WHERE input_bytes > 0 AND thread_id IN ({_marks(len(thread_pks))})"
-        f") AS earlier WHERE bytes_so_far <= %s ORDER BY thread_id, started_at_ms DESC, id DESC",
+        f") AS earlier WHERE bytes_so_far <= %s ORDER BY thread_id, sequence DESC",
         [*thread_pks, most],
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from realtime.services.upstream_errors import UpstreamError
 from realtime.store.storable_text import made_storable
 from realtime.store.thread_store import DatabaseThreads, MemoryThreads
 from realtime.store.threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
-from realtime.store.turn_writes import ONE_WRITES_FAULT, NotStored
+from realtime.store.turn_writes import ONE_WRITES_FAULT, NotStored, TurnLost
 from realtime.tools.commands import (
     CommandContext,
     TurnCancelledByUser,
@@ -31,6 +32,7 @@ from realtime.tools.definitions import AGENT_INSTRUCTIONS, environment_context
 from realtime.tools.exec_sessions import command_sessions
 from realtime.tools.workspace import thread_sandbox
 
+from .lease import Lease
 from .stream_events import TurnEventTranslator
 from .tool_calls import aborted_output, run_calls
 
@@ -55,8 +57,11 @@ class TurnContext:
     config: UpstreamConfig
     max_history_bytes: int
     lock_seconds: float
+    lease: Lease  # until when this process may act for the thread, as far as it knows
     output_schema: dict[str, Any] | None = None
-    taken_over: str | None = None  # the turn of a dead process whose lapsed lock this one took
+    # The turn whose lapsed lock this one took, and its process's channel
+    # (dead, or stopped past its lease: if it wakes, it is told to stop).
+    taken_over: tuple[str, str | None] | None = None
     # The thread's cwd lies in its principal's workspace: the model may run commands there.
     tools_enabled: bool = False
     max_tool_steps: int = 1
@@ -67,7 +72,7 @@ class TurnContext:
 async def run_turn(turn_context: TurnContext) -> None:
     connection, thread, turn = turn_context.connection, turn_context.thread, turn_context.turn
     if turn_context.taken_over is not None:  # its end is heard before this turn starts
-        await _announce_taken_over(thread, turn_context.taken_over)
+        await _announce_taken_over(thread, *turn_context.taken_over)
     # Every subscriber sees the turn; the one that started it sets the pace.
     notify = functools.partial(thread_hub().publish, thread, pace_setter=connection)
     notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
@@ -90,6 +95,8 @@ async def run_turn(turn_context: TurnContext) -> None:
             ) as events:
                 async for event in events:
                     await connection.outbox.wait_for_room()  # a slow client slows the stream
+                    if turn_context.lease.lapsed:
+                        raise LeaseLapsed(turn.id)
                     translator.feed(event)
             calls = translator.function_calls
             if not calls:
@@ -97,6 +104,8 @@ async def run_turn(turn_context: TurnContext) -> None:
             if step == turn_context.max_tool_steps:
                 raise ToolStepsExhausted(step)
             steps += translator.end_response()  # what the model said: kept whatever happens next
+            if turn_context.lease.lapsed:
+                raise LeaseLapsed(turn.id)
             try:
                 steps += await run_calls(calls, tools)
             except BaseException:
@@ -104,11 +113,15 @@ async def run_turn(turn_context: TurnContext) -> None:
                 # API would refuse the history the next turn replays.
                 steps += [aborted_output(call) for call in calls]
                 raise
-    except asyncio.CancelledError:
-        # turn/interrupt, or the starting connection closed: either way the
-        # stored turn ends, its commands stop, and the thread's other
+    except (asyncio.CancelledError, LeaseLapsed) as stopped:
+        # turn/interrupt, the starting connection closed, or the lock's lease
+        # ran out: either way the stored turn ends (unless whoever took the
+        # lock ended it), its commands stop, and the thread's other
         # subscribers are told.
-        asyncio.current_task().uncancel()
+        if isinstance(stopped, asyncio.CancelledError):
+            asyncio.current_task().uncancel()
+        else:
+            logger.warning("%s", stopped)
         await _stop_commands(thread, turn)
         # Cancelled while the finished stream drained: the reply is whole.
         status = COMPLETED if translator.completed else INTERRUPTED
@@ -161,6 +174,11 @@ async def _stop_commands(thread: Thread, turn: Turn) -> None:
     """The turn was stopped: its commands end now, each whole sandbox, within a second."""
     command_sessions().kill_turns(thread.id, turn.id)
     await command_sessions().ended(thread.id, turn.id, within=1.0)
+
+
+class LeaseLapsed(Exception):
+    def __init__(self, turn_id: str):
+        super().__init__(f"turn {turn_id} outlived its lock's lease (its process was stopped, or its database unreachable); stopped")
 
 
 class ToolStepsExhausted(Exception):
@@ -223,6 +241,9 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int] | None:
     thread.touch()
     try:
         return await _end_written(turn_context)
+    except TurnLost as exc:
+        logger.warning("%s; its end is the one already told", exc)
+        return None
     except ONE_WRITES_FAULT as exc:
         if isinstance(exc, NotStored):
             logger.error("could not store the end of turn %s: %r", turn.id, exc, exc_info=exc)
@@ -251,7 +272,7 @@ async def _end_written(turn_context: TurnContext) -> dict[str, int]:
     for delay in (*END_RETRY_DELAYS, None):
         try:
             return await _written(turn_context.store.finish_turn(thread, turn, first_new_item=1))
-        except ONE_WRITES_FAULT:
+        except (TurnLost, *ONE_WRITES_FAULT):
             raise
         except Exception as exc:
             if delay is None:
@@ -283,17 +304,26 @@ def _drop_output(turn: Turn) -> None:
 
 
 async def _keep_lock(turn_context: TurnContext) -> None:
-    """Extend the thread's turn lock while the turn runs, well before it lapses."""
+    """Extend the thread's turn lock while the turn runs, well before it
+    lapses; a turn whose lease runs out unextended stops itself, before
+    another process may take the lock over."""
+    lease, turn = turn_context.lease, turn_context.turn
     while True:
-        await asyncio.sleep(turn_context.lock_seconds / 3)
+        await asyncio.sleep(max(0.0, min(turn_context.lock_seconds / 3, lease.remaining())))
+        if lease.lapsed:
+            logger.warning("turn %s could not extend its thread's lock in time; interrupting it", turn.id)
+            turn.interrupt()
+            return
+        asked_at = time.monotonic()
         try:
-            if not await turn_context.store.keep_lock(turn_context.thread, turn_context.turn, turn_context.lock_seconds):
+            if not await turn_context.store.keep_lock(turn_context.thread, turn, turn_context.lock_seconds):
                 # Another process may already run a turn of this thread: one at a time.
-                logger.warning("turn %s lost its thread's lock; interrupting it", turn_context.turn.id)
-                turn_context.turn.interrupt()
+                logger.warning("turn %s lost its thread's lock; interrupting it", turn.id)
+                turn.interrupt()
                 return
-        except Exception as exc:  # the database is down: try again before the lock lapses
-            logger.warning("could not extend the lock of turn %s: %s", turn_context.turn.id, exc)
+            lease.extended(asked_at)
+        except Exception as exc:  # the database is down: try again before the lease runs out
+            logger.warning("could not extend the lock of turn %s: %s", turn.id, exc)
 
 
 def settle_turn(turn_context: TurnContext) -> None:
@@ -327,7 +357,9 @@ def end_in_background(coro) -> None:
 
 def _ended(ending: asyncio.Future) -> None:
     _endings.discard(ending)
-    if not ending.cancelled() and ending.exception() is not None:
+    if not ending.cancelled() and isinstance(ending.exception(), TurnLost):
+        logger.warning("%s; its end is the one already told", ending.exception())
+    elif not ending.cancelled() and ending.exception() is not None:
         # Said here, not as asyncio's "exception was never retrieved" whenever
         # the future happens to be collected. The thread's lock lapses on its own.
         logger.error("could not store the end of a turn in the background", exc_info=ending.exception())
@@ -370,7 +402,15 @@ def announce_dead_processes_turn(thread: Thread, turn: Turn, idle: bool) -> None
         hub.publish(thread, "thread/status/changed", {"threadId": thread.id, "status": {"type": "idle"}})
 
 
-async def _announce_taken_over(thread: Thread, turn_id: str) -> None:
+async def _announce_taken_over(thread: Thread, turn_id: str, channel: str | None) -> None:
+    """The turn whose lapsed lock this one took was stored interrupted: its
+    subscribers hear it, and its process, if it was only stopped and wakes,
+    is told to stop it (its lease has run out too, and its end is fenced)."""
+    if channel is not None:
+        try:
+            await thread_hub().interrupt_elsewhere(channel, thread, turn_id)
+        except Exception as exc:  # Redis down: its lease stops it
+            logger.warning("could not tell the process of turn %s to stop it: %s", turn_id, exc)
     try:
         turn = await DatabaseThreads.turn(turn_id)
     except Exception as exc:  # the database is down: they find it interrupted on reading

@@ -38,7 +38,11 @@ MODEL_PROVIDER = "openai"
 MAX_CWD_CHARS = 4096  # PATH_MAX
 MAX_INSTRUCTIONS_CHARS = 256 * 1024
 MAX_ORIGINATOR_FILTER = 100
-CURSOR = re.compile(r"[0-9]{1,12}")  # an offset, as _next_cursor writes it
+CURSOR = re.compile(r"[0-9]{1,12}")  # as this server writes them
+# thread/resume and thread/read's includeTurns give the newest this many
+# turns with their items: one reply never carries an unbounded history.
+# Older ones are paged with thread/turns/list.
+MAX_TURNS_IN_A_THREAD = 100
 DEFAULT_PAGE = 25
 MAX_PAGE = 100
 
@@ -149,7 +153,7 @@ async def resume_thread(context, params: Any) -> dict[str, Any]:
     if model:
         thread.model = model
         await store.set_model(thread, model)
-    turns = None if exclude_turns else await store.turns(thread)
+    turns = None if exclude_turns else await store.turns(thread, MAX_TURNS_IN_A_THREAD)
     return _session_json(thread, turns, running_elsewhere)
 
 
@@ -165,7 +169,9 @@ async def unsubscribe_thread(context, params: Any) -> dict[str, Any]:
 
 
 def _window(params: dict[str, Any]) -> tuple[int, int]:
-    """(offset, limit) of the page asked for; the cursor is an opaque offset."""
+    """(cursor, limit) of the page asked for. The cursor is opaque: a number
+    this server answered (an offset, or for turns the last one's place in its
+    thread); 0 for the first page."""
     limit = min(optional_int(params, "limit") or DEFAULT_PAGE, MAX_PAGE)
     cursor = params.get("cursor")
     if cursor is None:
@@ -209,35 +215,37 @@ async def list_threads(context, params: Any) -> dict[str, Any]:
 async def read_thread(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread, running = await context.stored_thread(required_str(params, "threadId"))
-    turns = await store_for(thread).turns(thread) if optional_bool(params, "includeTurns") else None
+    turns = await store_for(thread).turns(thread, MAX_TURNS_IN_A_THREAD) if optional_bool(params, "includeTurns") else None
     return {"thread": thread.to_json(turns, running)}
 
 
 async def list_thread_turns(context, params: Any) -> dict[str, Any]:
+    """Newest first unless asked otherwise, as Codex pages a long history. The
+    cursor is the last turn's place in its thread: the next page starts
+    past it, however many turns start meanwhile."""
     params = params_object(params)
     thread, _ = await context.stored_thread(required_str(params, "threadId"))
-    turns = await store_for(thread).turns(thread)
-    if params.get("sortDirection") != "asc":
-        turns.reverse()  # newest first, as Codex pages a long history
-    page, next_cursor = _page(params, turns)
+    ascending = params.get("sortDirection") == "asc"
+    after, limit = _window(params)
+    after = None if params.get("cursor") is None else after
     include_items = params.get("itemsView") != "notLoaded"
-    return {"data": [turn.to_json(include_items) for turn in page], "nextCursor": next_cursor, "backwardsCursor": None}
+    page, more = await store_for(thread).turn_page(thread, ascending, after, limit, include_items)
+    return {
+        "data": [turn.to_json(include_items) for turn in page],
+        "nextCursor": str(page[-1].sequence) if more and page else None,
+        "backwardsCursor": None,
+    }
 
 
 async def list_thread_items(context, params: Any) -> dict[str, Any]:
     params = params_object(params)
     thread, _ = await context.stored_thread(required_str(params, "threadId"))
     turn_id = optional_str(params, "turnId")
-    entries = [
-        record.entry_json(turn.id)
-        for turn in await store_for(thread).turns(thread)
-        if turn_id is None or turn.id == turn_id
-        for record in turn.items
-    ]
-    if params.get("sortDirection") == "desc":
-        entries.reverse()
-    page, next_cursor = _page(params, entries)
-    return {"data": page, "nextCursor": next_cursor, "backwardsCursor": None}
+    offset, limit = _window(params)
+    ascending = params.get("sortDirection") != "desc"
+    found, more = await store_for(thread).item_page(thread, turn_id, ascending, offset, limit)
+    page = [record.entry_json(turn) for turn, record in found]
+    return {"data": page, "nextCursor": _next_cursor(offset, len(page), more), "backwardsCursor": None}
 
 
 async def list_loaded_threads(context, params: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_
 from realtime.store.turn_writes import WrittenButUnread
 from realtime.tools.definitions import offered_tools
 from realtime.tools.workspace import within_workspace, workspace_roots
+from realtime.turns.lease import Lease
 from realtime.turns.runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
 
 from ..params import optional_model, params_object, require_storable, required_list, required_str
@@ -110,10 +111,12 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     store = store_for(thread)
     hub = thread_hub()
     await hub.ensure_started()  # its channel is where turn/interrupt from elsewhere arrives
+    lock_seconds = settings.CODEX_TURN_LOCK_SECONDS
+    lease = Lease.forever() if thread.ephemeral else Lease.asked_now(lock_seconds)  # asked for from here
     begin = asyncio.ensure_future(
         # like Codex: a model override sticks for later turns
         store.begin_turn(
-            thread, turn, hub.channel, settings.CODEX_TURN_LOCK_SECONDS, settings.CODEX_MAX_HISTORY_BYTES, model,
+            thread, turn, hub.channel, lock_seconds, settings.CODEX_MAX_HISTORY_BYTES, model,
             sandbox, approvals,
         )  # fmt: skip
     )
@@ -145,7 +148,8 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         user_item=user_item,
         config=UpstreamConfig.from_settings(),
         max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
-        lock_seconds=settings.CODEX_TURN_LOCK_SECONDS,
+        lock_seconds=lock_seconds,
+        lease=lease,
         output_schema=output_schema,
         taken_over=taken_over,
         tools_enabled=not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal)),
