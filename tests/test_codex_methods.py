@@ -5,7 +5,12 @@ checks every result and notification against the Codex schema."""
 from __future__ import annotations
 
 import pytest
+from channels.db import database_sync_to_async
 
+from identity.principals import local_principal
+from realtime.store import turn_writes
+from realtime.store.thread_store import DatabaseThreads
+from realtime.store.threads import ItemRecord, Turn, new_id, now_ms
 from tests.conftest import TEST_API_KEY
 from tests.wire_schema import known_request_methods
 
@@ -132,6 +137,38 @@ async def test_a_turn_is_stored_and_read_back_by_read_turns_and_items(connect):
     assert items["data"][0]["item"]["type"] == "userMessage" and items["data"][0]["turnId"] == turn["id"]
     rest = await client.call("thread/items/list", {"threadId": thread_id, "cursor": items["nextCursor"]})
     assert [e["item"]["text"] for e in rest["data"]] == ["Hello world"] and rest["nextCursor"] is None
+
+
+async def test_resume_and_read_give_the_newest_hundred_turns_and_the_rest_page_by_their_place(connect):
+    """Issue 24, 3: one frame never carries an unbounded history; paging a
+    long thread's turns goes by their place in it, in the database."""
+    client = await connect()
+    await client.initialize(*TUI)
+    thread_id = (await client.call("thread/start", THREAD_START))["thread"]["id"]
+    principal = await database_sync_to_async(local_principal)()
+    thread, _ = await DatabaseThreads.load(thread_id, principal.pk)
+    turn_ids = []
+    for _ in range(103):
+        turn = Turn(new_id(), originator="codex-tui", connection_id=str(new_id()))
+        turn.items.append(ItemRecord({"id": new_id(), "type": "userMessage", "content": []}, now_ms(), now_ms()))
+        turn.finish("completed", None)
+        start = turn_writes.BeginTurn(thread, turn, None, 30, 1 << 20, None)
+        end = turn_writes.FinishTurn(thread, turn, 1)
+        await database_sync_to_async(turn_writes.write_turns)([start])
+        await database_sync_to_async(turn_writes.write_turns)([end])
+        turn_ids.append(turn.id)
+
+    resumed = await client.call("thread/resume", {"threadId": thread_id})
+    assert [turn["id"] for turn in resumed["thread"]["turns"]] == turn_ids[3:]  # the newest, oldest first
+    read = await client.call("thread/read", {"threadId": thread_id, "includeTurns": True})
+    assert len(read["thread"]["turns"]) == 100 and read["thread"]["turns"][0]["items"][0]["type"] == "userMessage"
+    paged, cursor = [], None
+    while True:
+        page = await client.call("thread/turns/list", {"threadId": thread_id, "cursor": cursor, "limit": 40, "itemsView": "notLoaded"})
+        paged += [turn["id"] for turn in page["data"]]
+        if (cursor := page["nextCursor"]) is None:
+            break
+    assert paged == turn_ids[::-1]
 
 
 async def test_thread_list_is_newest_first_pages_and_filters_by_originator(connect):

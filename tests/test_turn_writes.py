@@ -254,3 +254,112 @@ async def test_the_sweep_frees_a_lapsed_lock_whose_turn_had_already_ended_and_an
     await database_sync_to_async(lambda: StoredTurn.objects.filter(turn_id=turn.id).update(status=COMPLETED))()
     assert await end_abandoned_turns() == []
     assert await DatabaseThreads.running_turn(thread) is None
+
+
+async def statuses_of(thread: Thread) -> dict[str, str]:
+    return dict(
+        await database_sync_to_async(
+            lambda: list(StoredTurn.objects.filter(thread__thread_id=thread.id).values_list("turn_id", "status"))
+        )()
+    )
+
+
+async def tokens_used() -> int:
+    return (await DatabaseThreads.usage_and_budget(OWNER["id"]))[0]
+
+
+async def test_a_turn_that_lost_its_lock_to_a_takeover_cannot_write_its_end_over_the_interrupted_one():
+    """Issue 24, 2 and 6: its process was stopped past its lease; another took
+    the thread over and stored it interrupted. Waking, it finishes: refused,
+    so nobody is told a second outcome, and its tokens are not counted."""
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    sleeper = new_turn()
+    (begun,) = await write_in_one_batch([turn_writes.BeginTurn(thread, sleeper, "stopped", -1, 1 << 20, None)])
+    sleeper.row_id = begun[2]
+    taker = new_turn()
+    await write_in_one_batch([begin(thread, taker)])
+    used = await tokens_used()
+
+    (outcome,) = await write_in_one_batch([turn_writes.FinishTurn(thread, ended(sleeper, "woke up"), 1)])
+
+    assert isinstance(outcome, turn_writes.TurnLost)
+    assert await statuses_of(thread) == {sleeper.id: INTERRUPTED, taker.id: "inProgress"}
+    assert await DatabaseThreads.running_turn(thread) == (taker.id, "channel")  # the taker keeps its lock
+    assert await tokens_used() == used
+    stored = await DatabaseThreads.turn(sleeper.id)
+    assert [record.item["type"] for record in stored.items] == ["userMessage"]  # none of its output
+
+
+async def test_an_end_written_again_after_its_reply_was_lost_is_not_written_twice():
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    turn = new_turn()
+    (begun,) = await write_in_one_batch([begin(thread, turn)])
+    turn.row_id = begun[2]
+    end = turn_writes.FinishTurn(thread, ended(turn, "once"), 1)
+    (first,) = await write_in_one_batch([end])
+    (again,) = await write_in_one_batch([end])  # the first batch's reply never came back
+    assert first == again and first["totalTokens"] == 15
+    assert await tokens_used() == 15  # counted once
+    assert await statuses_of(thread) == {turn.id: COMPLETED}
+
+
+async def test_turns_are_numbered_by_the_database_and_replayed_in_that_order_whatever_the_hosts_clocks_say():
+    """Issue 24, 4: the second turn ran on a host whose clock is an hour
+    behind; the model still gets the conversation in the order it happened,
+    and turns/list gives it in that order."""
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    skew = -3_600_000
+    for number, words in enumerate(["first", "second", "third"]):
+        turn = new_turn(words)
+        turn.started_at_ms += skew if number == 1 else 0
+        (begun,) = await write_in_one_batch([begin(thread, turn)])
+        assert turn.sequence == number + 1
+        turn.row_id = begun[2]
+        await write_in_one_batch([turn_writes.FinishTurn(thread, ended(turn, words), 1)])
+    (begun,) = await write_in_one_batch([begin(thread, new_turn())])
+    assert [part["content"][0]["text"] for part in json.loads(begun[0])] == ["first", "second", "third"]
+    page, more = await DatabaseThreads.turn_page(thread, True, None, 10, with_items=False)
+    assert [turn.sequence for turn in page] == [1, 2, 3, 4] and not more
+
+
+async def test_a_turn_swept_by_a_host_whose_clock_is_behind_never_ends_before_it_started():
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    ahead = new_turn()
+    ahead.started_at_ms += 3_600_000  # its host's clock is an hour ahead of this one's
+    await write_in_one_batch([turn_writes.BeginTurn(thread, ahead, "gone", -1, 1 << 20, None)])
+    await write_in_one_batch([begin(thread, new_turn())])  # takes over, storing it interrupted
+    stored = await DatabaseThreads.turn(ahead.id)
+    assert stored.status == INTERRUPTED and stored.to_json()["durationMs"] == 0
+
+
+async def test_turns_and_items_are_paged_in_the_database_and_a_new_turn_never_shifts_a_page():
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+
+    async def one_turn(words: str) -> Turn:
+        turn = new_turn(words)
+        (begun,) = await write_in_one_batch([begin(thread, turn)])
+        turn.row_id = begun[2]
+        turn.items.append(ItemRecord({"id": new_id(), "type": "agentMessage", "text": words}, now_ms(), now_ms()))
+        await write_in_one_batch([turn_writes.FinishTurn(thread, ended(turn, words), 1)])
+        return turn
+
+    turns = [await one_turn(f"turn {number}") for number in range(5)]
+    first, more = await DatabaseThreads.turn_page(thread, False, None, 2, with_items=True)
+    assert [turn.id for turn in first] == [turns[4].id, turns[3].id] and more
+    assert [record.item["type"] for record in first[0].items] == ["userMessage", "agentMessage"]
+    await one_turn("started between two pages")
+    second, more = await DatabaseThreads.turn_page(thread, False, first[-1].sequence, 2, with_items=False)
+    assert [turn.id for turn in second] == [turns[2].id, turns[1].id] and more and second[0].items == []
+    items, more = await DatabaseThreads.item_page(thread, None, True, 2, 3)
+    assert [(turn, record.item["type"]) for turn, record in items] == [
+        (turns[1].id, "userMessage"), (turns[1].id, "agentMessage"), (turns[2].id, "userMessage"),
+    ] and more  # fmt: skip
+    items, more = await DatabaseThreads.item_page(thread, turns[0].id, False, 0, 10)
+    assert [record.item["type"] for _, record in items] == ["agentMessage", "userMessage"] and not more
+    newest = await DatabaseThreads.turns(thread, 2)
+    assert [turn.id for turn in newest][0] == turns[4].id and len(newest) == 2  # oldest first
