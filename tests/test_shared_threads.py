@@ -176,3 +176,58 @@ async def test_subscribers_elsewhere_hear_a_dead_processs_turn_end_once_its_lock
         ended = await turn_ended(phone, dead_turn, timeout=LOCK_SECONDS + 1 + 3)  # the lock, a heartbeat, a margin
         assert ended["status"] == "interrupted" and ended["items"][0]["type"] == "userMessage"
         await phone.notification("thread/status/changed", threadId=thread, status={"type": "idle"})
+
+
+def of_turn(messages: list[dict], turn_id: str, method: str) -> list[dict]:
+    return [
+        m for m in messages
+        if m.get("method") == method and (m["params"].get("turnId") or m["params"].get("turn", {}).get("id")) == turn_id
+    ]  # fmt: skip
+
+
+async def test_a_process_stopped_past_its_lease_and_resumed_tells_no_second_story(postgres_database, daphne_server):  # noqa: F811
+    """Issue 24, 2 and 6: the turn's process is stopped (SIGSTOP) past its
+    lock's lease, another process takes the thread over and its subscribers
+    hear the turn end interrupted; resumed (SIGCONT), the stopped process
+    neither streams into the thread again nor announces a second end, and
+    the taker's turn runs to its end."""
+    fast = {
+        "REDIS_URL": REDIS_URL,
+        "CODEX_TURN_LOCK_SECONDS": str(LOCK_SECONDS),
+        "CODEX_HEARTBEAT_INTERVAL": "1",
+        "CODEX_HEARTBEAT_TIMEOUT": "3",
+    }
+    sleeper, survivor = daphne_server(postgres_database, **fast), daphne_server(postgres_database, **fast)
+    async with client_of(survivor, "codex_ios") as phone, client_of(sleeper, "codex_vscode") as desktop:
+        thread = await desktop.start_thread()
+        await phone.call("thread/resume", {"threadId": thread})
+        old = (await desktop.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:100"}]}))["turn"]
+        await phone.notification("item/agentMessage/delta", threadId=thread)
+        sleeper.process.send_signal(signal.SIGSTOP)
+        try:
+            # The lock lapses; the survivor's sweep or the phone's next turn/start ends the old turn.
+            ended = await turn_ended(phone, old["id"], timeout=LOCK_SECONDS + 1 + 3)
+            assert ended["status"] == "interrupted"
+            start = {"threadId": thread, "input": [{"type": "text", "text": "slow:30"}]}
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while "error" in (answer := await phone.request("turn/start", start)):
+                assert loop.time() < deadline, answer
+                await asyncio.sleep(0.2)
+            new = answer["result"]["turn"]
+        finally:
+            sleeper.process.send_signal(signal.SIGCONT)
+        phone.inbox.clear()
+        assert (await turn_ended(phone, new["id"], timeout=10))["status"] == "completed"
+        await asyncio.sleep(1)  # anything the woken process still says arrives meanwhile
+        heard = list(phone.inbox)
+        assert of_turn(heard, old["id"], "item/agentMessage/delta") == []
+        assert of_turn(heard, old["id"], "turn/completed") == []  # its end was told once, before it woke
+        # The desktop, on the woken process, is told the old turn ended once too (by the takeover).
+        await turn_ended(desktop, old["id"])
+        await asyncio.sleep(0.5)
+        assert of_turn(desktop.inbox, old["id"], "turn/completed") == []
+
+    with psycopg.connect(postgres_database) as db:
+        stored = db.execute("select turn_id, status from realtime_storedturn order by sequence").fetchall()
+    assert stored == [(old["id"], "interrupted"), (new["id"], "completed")]
