@@ -144,6 +144,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "max_size": CODEX_DB_WRITE_THREADS + 4,
         "timeout": 30,
     }
+    # Each connection is checked as the pool hands it out (an empty query):
+    # after PostgreSQL restarts, fails over or drops sessions, the pool's
+    # connections are dead, and without this each failed one request.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL and IMMEDIATE transactions let several processes share the file
     # without "database is locked" under concurrent connects.

@@ -231,3 +231,26 @@ async def test_a_process_stopped_past_its_lease_and_resumed_tells_no_second_stor
     with psycopg.connect(postgres_database) as db:
         stored = db.execute("select turn_id, status from realtime_storedturn order by sequence").fetchall()
     assert stored == [(old["id"], "interrupted"), (new["id"], "completed")]
+
+
+async def test_a_process_whose_database_connections_were_dropped_answers_its_next_reads(postgres_database, daphne_server):  # noqa: F811
+    """Issue 24, 6: PostgreSQL restarted, failed over, or an operator ran
+    pg_terminate_backend: the pooled connections are dead, and the next
+    reads and turns get fresh ones instead of -32603."""
+    server = daphne_server(postgres_database, REDIS_URL=REDIS_URL)
+    async with client_of(server, "codex_vscode") as client:
+        thread = await client.start_thread()
+        assert (await client.run_turn(thread, "before"))["turn"]["status"] == "completed"
+        name = postgres_database.rsplit("/", 1)[1]
+        with psycopg.connect(postgres_database, autocommit=True) as admin:
+            dropped = admin.execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity where datname = %s and pid <> pg_backend_pid()",
+                [name],
+            ).fetchall()
+        assert dropped, "the server held no connection to drop"
+        for _ in range(3):  # more than one pooled connection may be dead
+            read = await client.request("thread/read", {"threadId": thread, "includeTurns": True})
+            assert "result" in read, read
+        listed = await client.call("thread/list", {})
+        assert [t["id"] for t in listed["data"]] == [thread]
+        assert (await client.run_turn(thread, "after"))["turn"]["status"] == "completed"
