@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,19 +40,35 @@ def redis_host(url: str) -> dict[str, Any]:
     }
 
 
-# Which of the groups (KEYS) have a member other than the sender (ARGV[1]):
-# a 1 or 0 for each, read in one call, each in O(log n).
+# Which of the groups (KEYS) have a live member other than the sender
+# (ARGV[1]): a 1 or 0 for each, read in one call, each in O(log n). Live:
+# joined or refreshed after ARGV[2] (now less the group expiry), as
+# channels_redis's group_send counts them; a dead process's channel stops
+# counting once it has not refreshed for that long.
 GROUPS_WITH_OTHERS = """
 local found = {}
+local since = '(' .. ARGV[2]
 for index, key in ipairs(KEYS) do
-  local members = redis.call('ZCARD', key)
-  if redis.call('ZSCORE', key, ARGV[1]) then
+  local members = redis.call('ZCOUNT', key, since, '+inf')
+  local own = redis.call('ZSCORE', key, ARGV[1])
+  if own and tonumber(own) > tonumber(ARGV[2]) then
     members = members - 1
   end
   found[index] = members > 0 and 1 or 0
 end
 return found
 """
+# Join (or stay in) each group (KEYS) as the channel ARGV[1] at time ARGV[2],
+# each group kept ARGV[3] seconds: group_add's two commands for many groups
+# in one call.
+REFRESH_GROUPS = """
+for index, key in ipairs(KEYS) do
+  redis.call('ZADD', key, ARGV[2], ARGV[1])
+  redis.call('EXPIRE', key, ARGV[3])
+end
+return #KEYS
+"""
+REFRESH_CHUNK = 500  # groups a call
 
 
 @dataclass
@@ -64,6 +81,23 @@ class Membership:
 
 class ResilientRedisChannelLayer(RedisChannelLayer):
     _groups_script: AsyncScript | None = None
+    _refresh_script: AsyncScript | None = None
+    faults = 0  # Redis faults seen so far: after one, the thread hub joins its groups again at once
+
+    async def refresh_groups(self, groups: list[str], channel: str) -> None:
+        """Join every one of ``groups`` again, now: after a Redis restart or
+        flush the groups are gone, and a member that stops refreshing
+        (its process died) stops counting after ``group_expiry``."""
+        by_host: dict[int, list[str]] = {}
+        for group in groups:
+            by_host.setdefault(self.consistent_hash(group), []).append(group)
+        for index, on_host in by_host.items():
+            connection = self.connection(index)
+            if self._refresh_script is None:
+                self._refresh_script = connection.register_script(REFRESH_GROUPS)
+            for first in range(0, len(on_host), REFRESH_CHUNK):
+                keys = [self._group_key(group) for group in on_host[first : first + REFRESH_CHUNK]]
+                await self._refresh_script(keys=keys, args=[channel, time.time(), self.group_expiry], client=connection)
 
     async def groups_with_others(self, groups: list[str], sender: str) -> Membership:
         """Which of ``groups`` have a member other than ``sender`` (a
@@ -100,7 +134,9 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         connection = self.connection(index)
         if self._groups_script is None:  # hashed once; EVALSHA, loaded into a server on first use there
             self._groups_script = connection.register_script(GROUPS_WITH_OTHERS)
-        return await self._groups_script(keys=[self._group_key(group) for group in groups], args=[sender], client=connection)
+        return await self._groups_script(
+            keys=[self._group_key(group) for group in groups], args=[sender, time.time() - self.group_expiry], client=connection
+        )
 
     async def receive(self, channel: str) -> dict:
         delay = RETRY_FIRST_DELAY
@@ -112,6 +148,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
                     # redis-py turns a cancellation that lands mid-read into a
                     # connection error; retrying would never let the task stop.
                     raise asyncio.CancelledError from exc
+                self.faults += 1
                 if delay == RETRY_FIRST_DELAY:
                     logger.warning("channel layer receive failed (%s: %s); retrying", type(exc).__name__, exc)
                 await asyncio.sleep(delay)

@@ -166,6 +166,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
 
 REDIS_URL = os.environ.get("REDIS_URL")
+# How long a process's channel stays in a thread's group without rejoining:
+# a live process rejoins every quarter of it; a dead one's leaves within it.
+CODEX_CHANNEL_GROUP_EXPIRY_SECONDS = _env_number("CODEX_CHANNEL_GROUP_EXPIRY_SECONDS", "60", int)
+if CODEX_CHANNEL_GROUP_EXPIRY_SECONDS < 4:
+    raise ImproperlyConfigured("CODEX_CHANNEL_GROUP_EXPIRY_SECONDS must be at least 4")
 if REDIS_URL:
     from codexserver.channel_layers import redis_host  # imports channels_redis: only for a Redis layer
 
@@ -174,7 +179,7 @@ if REDIS_URL:
             "BACKEND": "codexserver.channel_layers.ResilientRedisChannelLayer",
             # capacity: messages a channel holds before sends to it are
             # dropped; a process channel takes every thread's batches.
-            "CONFIG": {"hosts": [redis_host(REDIS_URL)], "capacity": 1000},
+            "CONFIG": {"hosts": [redis_host(REDIS_URL)], "capacity": 1000, "group_expiry": CODEX_CHANNEL_GROUP_EXPIRY_SECONDS},
         }
     }
 else:

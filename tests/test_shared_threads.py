@@ -4,11 +4,15 @@ serve`` processes sharing this machine's PostgreSQL and Redis."""
 import asyncio
 import contextlib
 import signal
+import socket
+import subprocess
+import time
 
 import psycopg
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
+from codexserver.devtools.server_process import free_port
 from tests.rpc_client import SocketClient
 from tests.test_scale_out import REDIS_URL, postgres_database  # noqa: F401 (a fixture)
 
@@ -254,3 +258,104 @@ async def test_a_process_whose_database_connections_were_dropped_answers_its_nex
         listed = await client.call("thread/list", {})
         assert [t["id"] for t in listed["data"]] == [thread]
         assert (await client.run_turn(thread, "after"))["turn"]["status"] == "completed"
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on its own port, that it may restart:
+    never the machine's, which other tests and processes share."""
+
+    def __init__(self, directory):
+        self.port, self.directory, self.process = free_port(), directory, None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                if probe.recv(16).startswith(b"+PONG"):
+                    return
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+    def command(self, *words: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as connection:
+            connection.sendall(("*%d\r\n" % len(words) + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)).encode())
+            return connection.recv(65536)
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    redis = PrivateRedis(tmp_path)
+    redis.start()
+    yield redis
+    redis.stop()
+
+
+GROUP_EXPIRY = 8  # for the tests below: processes rejoin every 2 s, a dead one's channel leaves within 8
+
+
+async def test_after_redis_restarts_every_process_hears_the_others_again(postgres_database, daphne_server, private_redis):  # noqa: F811
+    """Issue 24, 7: a restart empties every group; each process joins its
+    groups again soon after it sees Redis fail, instead of believing for an
+    hour that it is still in them."""
+    env = {"REDIS_URL": private_redis.url, "CODEX_CHANNEL_GROUP_EXPIRY_SECONDS": str(3600)}  # only the fault may rejoin
+    one, two = daphne_server(postgres_database, **env), daphne_server(postgres_database, **env)
+    async with client_of(one, "codex_vscode") as desktop, client_of(two, "codex_ios") as phone:
+        thread = await desktop.start_thread()
+        await phone.call("thread/resume", {"threadId": thread})
+        turn = (await desktop.run_turn(thread, "before the restart"))["turn"]
+        await turn_ended(phone, turn["id"])
+
+        private_redis.stop()
+        await asyncio.sleep(1)
+        private_redis.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:  # a turn that ends before the processes have rejoined is not heard by the phone
+            turn = (await desktop.run_turn(thread, "after the restart"))["turn"]
+            with contextlib.suppress(TimeoutError):
+                await turn_ended(phone, turn["id"], timeout=1)
+                break
+            assert loop.time() < deadline, "the phone's process never heard the desktop's again"
+
+
+async def test_a_dead_processs_channel_leaves_its_groups_within_the_expiry(postgres_database, daphne_server, private_redis):  # noqa: F811
+    """Issue 24, 7: a process killed -9 never leaves its groups; its channel
+    stops counting once it has not rejoined for the group expiry, so the
+    other processes stop sending it every event of those threads."""
+    env = {"REDIS_URL": private_redis.url, "CODEX_CHANNEL_GROUP_EXPIRY_SECONDS": str(GROUP_EXPIRY)}
+    doomed, survivor = daphne_server(postgres_database, **env), daphne_server(postgres_database, **env)
+    async with client_of(survivor, "codex_ios") as phone:
+        thread = await phone.start_thread()
+        async with client_of(doomed, "codex_vscode") as desktop:
+            await desktop.call("thread/resume", {"threadId": thread})
+            turn = (await phone.run_turn(thread, "both hear this"))["turn"]
+            await turn_ended(desktop, turn["id"])
+            doomed.process.send_signal(signal.SIGKILL)
+            doomed.process.wait()
+
+        def queued_for_the_dead() -> int:
+            # A process's channel holds what was sent to it and not read (channels_redis: a sorted set per process,
+            # "asgithreads.…!", gone once empty).
+            keys = [key for key in private_redis.command("KEYS", "asgithreads.*").split(b"\r\n") if key.startswith(b"asgi")]
+            return sum(int(private_redis.command("ZCARD", key.decode())[1:].split(b"\r\n")[0]) for key in keys)
+
+        # Kept streaming: once the dead channel has lapsed, nothing more is queued for it.
+        await asyncio.sleep(GROUP_EXPIRY + 1)
+        before = queued_for_the_dead()
+        for words in ("nobody else", "still nobody"):
+            assert (await phone.run_turn(thread, words))["turn"]["status"] == "completed"
+        assert queued_for_the_dead() == before

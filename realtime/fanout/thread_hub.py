@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,8 +56,11 @@ MAX_BATCH = 200  # notifications per group send
 # Notifications waiting for the layer (Redis slow or down) past which deltas
 # are dropped for the other processes; item/completed still carries the text.
 MAX_PENDING = 10_000
-# channels_redis forgets group members after a day: a member refreshes well before.
-GROUP_REFRESH_SECONDS = 3600
+# A process rejoins its groups every quarter of the layer's group expiry
+# (CODEX_CHANNEL_GROUP_EXPIRY_SECONDS), so a live member never lapses and a
+# dead one stops counting within the expiry; and within this long of a Redis
+# fault (a restart or a flush empties every group, silently).
+REJOIN_CHECK_SECONDS = 1.0
 # Group joins and leaves in flight at once. Each holds one of the layer's
 # pooled Redis connections, and redis-py refuses the 101st outright
 # ("Too many connections"): 2,000 clients starting threads at once failed
@@ -294,6 +298,7 @@ class ThreadHub:
         try:
             membership = await self.layer.groups_with_others([group_name(thread_id) for thread_id in events], self.channel)
         except Exception as exc:  # Redis down: those subscribers miss these events
+            self.layer.faults += 1
             logger.warning("could not publish the events of %d thread(s): %s", len(events), exc)
             return
         _stop_if_cancelled()
@@ -318,6 +323,7 @@ class ThreadHub:
                         group_name(thread_id), {"type": EVENTS, "origin": self.channel, "thread": thread_id, "events": run}
                     )
                 except Exception as exc:  # Redis down: those subscribers miss these events
+                    self.layer.faults += 1
                     logger.warning("could not publish %d event(s) of thread %s: %s", len(run), thread_id, exc)
                 _stop_if_cancelled()
 
@@ -400,13 +406,25 @@ class ThreadHub:
             await self.layer.send(channel, {"type": INTERRUPT, "thread": thread.id, "turn": turn_id})
 
     async def _refresh(self) -> None:
+        """Stay in the followed threads' groups: join them all again every
+        quarter of the group expiry, and at once after a Redis fault (after
+        a restart or flush the hub would otherwise believe it is in groups
+        that are gone, and hear nothing from other processes)."""
+        interval = self.layer.group_expiry / 4
+        last, faults = time.monotonic(), self.layer.faults
         while True:
-            await asyncio.sleep(GROUP_REFRESH_SECONDS)
-            for thread_id in list(self._joined):
-                try:
-                    await self.layer.group_add(group_name(thread_id), self.channel)
-                except Exception as exc:
-                    logger.warning("could not refresh the group of thread %s: %s", thread_id, exc)
+            await asyncio.sleep(REJOIN_CHECK_SECONDS)
+            if self.layer.faults == faults and time.monotonic() - last < interval:
+                continue
+            faults = self.layer.faults
+            try:
+                await self.layer.refresh_groups([group_name(thread_id) for thread_id in self._joined], self.channel)
+                last = time.monotonic()
+            except Exception as exc:
+                self.layer.faults += 1  # tried again in a second
+                if time.monotonic() - last >= interval:
+                    logger.warning("could not join the groups of %d thread(s) again: %s", len(self._joined), exc)
+                    last = time.monotonic()
 
     async def stop(self) -> None:
         """Stop the receiver, publisher and refresher, and close the layer's
