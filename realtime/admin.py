@@ -1,9 +1,10 @@
 """Read-only admin for stored threads and turns (PROTOCOL §9).
 
 The turn list answers the question attribution exists for: which client used
-how many tokens. Above the list, usage totals per originator (over the turns
-the filters select); each turn shows who started it (originator, connection),
-its status, timing and token counts.
+how many tokens. Above the list, usage totals per originator and client name
+(over the turns the filters select: infrastructure clients share an
+originator); each turn shows who started it (originator, client,
+connection), its status, timing and token counts.
 """
 
 from datetime import datetime
@@ -26,7 +27,7 @@ def _time_ms(value: int | None) -> str:
 @admin.register(StoredThread)
 class StoredThreadAdmin(ReadOnlyAdmin):
     list_display = (
-        "thread", "principal", "preview", "originator", "model", "turn_count", "created", "updated", "running_turn_id",
+        "thread", "principal", "preview", "originator", "model", "turns", "created", "updated", "running_turn_id",
     )  # fmt: skip
     list_display_links = ("thread",)
     search_fields = ("=thread_id", "=principal__name", "=originator", "preview")
@@ -34,16 +35,13 @@ class StoredThreadAdmin(ReadOnlyAdmin):
     show_full_result_count = False
     list_per_page = 100
 
-    def get_queryset(self, request):
-        return super().get_queryset(request).annotate(turn_count=Count("turns"))
-
     @admin.display(description="thread")
     def thread(self, row: StoredThread) -> str:
         return row.thread_id[:8]
 
-    @admin.display(description="turns", ordering="turn_count")
-    def turn_count(self, row: StoredThread) -> int:
-        return row.turn_count
+    @admin.display(description="turns", ordering="turn_sequence")
+    def turns(self, row: StoredThread) -> int:
+        return row.turn_sequence  # its newest turn's number: no count over the turns table
 
     @admin.display(description="created", ordering="created_at")
     def created(self, row: StoredThread) -> str:
@@ -72,6 +70,7 @@ class StoredTurnAdmin(ReadOnlyAdmin):
         "thread_link",
         "principal",
         "originator",
+        "client_name",
         "connection",
         "status",
         "started",
@@ -85,7 +84,13 @@ class StoredTurnAdmin(ReadOnlyAdmin):
     search_fields = ("=turn_id", "=thread__thread_id", "=principal__name", "=originator", "=connection_id")
     list_select_related = ("thread", "principal")
     ordering = ("-started_at_ms",)
-    exclude = ("model_input",)  # encrypted reasoning: large, and of no use to read
+    # Times as times, not milliseconds; model_input (encrypted reasoning) is large and of no use to read.
+    fields = (
+        "turn_id", "thread", "principal", "sequence", "originator", "client_name", "connection_id", "status", "error",
+        "started", "completed", "duration", "input_tokens", "cached_input_tokens", "output_tokens",
+        "reasoning_output_tokens", "total_tokens",
+    )  # fmt: skip
+    readonly_fields = fields
     inlines = (StoredItemInline,)
     show_full_result_count = False
     list_per_page = 100
@@ -99,9 +104,9 @@ class StoredTurnAdmin(ReadOnlyAdmin):
         if changelist is not None:
             response.context_data["usage_by_originator"] = (
                 changelist.queryset.order_by()
-                .values("originator")
+                .values("originator", "client_name")
                 .annotate(turns=Count("id"), **{name: Sum(column) for name, column in USAGE_FIELDS.items()})
-                .order_by("-totalTokens", "originator")[:ORIGINATORS_SHOWN]
+                .order_by("-totalTokens", "originator", "client_name")[:ORIGINATORS_SHOWN]
             )
         return response
 
@@ -120,6 +125,10 @@ class StoredTurnAdmin(ReadOnlyAdmin):
     @admin.display(description="started", ordering="started_at_ms")
     def started(self, row: StoredTurn) -> str:
         return _time_ms(row.started_at_ms)
+
+    @admin.display(description="completed")
+    def completed(self, row: StoredTurn) -> str:
+        return _time_ms(row.completed_at_ms)
 
     @admin.display(description="duration")
     def duration(self, row: StoredTurn) -> str:

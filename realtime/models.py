@@ -72,6 +72,8 @@ class StoredTurn(models.Model):
     principal = models.ForeignKey(Principal, on_delete=models.PROTECT, related_name="turns")
     # Identity is the request's: the connection that sent turn/start.
     originator = models.CharField(max_length=256, db_index=True)
+    # and its clientInfo.name: infrastructure clients share an originator (PROTOCOL §5).
+    client_name = models.CharField(max_length=256, blank=True, default="")
     connection_id = models.UUIDField()
     status = models.CharField(max_length=16)
     # Its place in its thread (1, 2, …; ``StoredThread.turn_sequence``): the
@@ -122,3 +124,6 @@ class StoredItem(models.Model):
         verbose_name = "item"
         ordering = ["turn_id", "position"]
         constraints = [models.UniqueConstraint(fields=["turn", "position"], name="one_item_per_position")]
+
+    def __str__(self) -> str:
+        return f"{self.position}: {self.item_type}"

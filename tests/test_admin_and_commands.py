@@ -147,3 +147,35 @@ def test_changelist_at_100000_rows_uses_a_fixed_number_of_queries_and_the_open_f
     assert "identity_conn_open_first" in plan, plan
     listed = list(ConnectionIdentity.objects.order_by(*ConnectionIdentityAdmin.ordering).values_list("disconnected_at", flat=True)[:10_001])
     assert all(value is None for value in listed[:10_000]) and listed[10_000] is not None  # open first
+
+
+def test_turn_admin_splits_usage_per_client_shows_times_and_items_by_name_and_filters_only_present_originators(admin_client):
+    """Issue 24, 12: two infrastructure clients share codex_cli_rs's
+    originator; the operator still tells their usage apart."""
+    from realtime.models import StoredItem, StoredThread, StoredTurn
+
+    principal = local_principal()
+    thread = StoredThread.objects.create(
+        thread_id=str(uuid.uuid4()), principal=principal, model="m", model_provider="openai", cwd="/",
+        originator="codex_cli_rs", created_at=timezone.now(), updated_at=timezone.now(), turn_sequence=3,
+    )  # fmt: skip
+    for number, client in enumerate(["codex_app_server_daemon", "codex-backend", "codex-backend"], start=1):
+        turn = StoredTurn.objects.create(
+            turn_id=str(uuid.uuid4()), thread=thread, principal=principal, originator="codex_cli_rs", client_name=client,
+            connection_id=uuid.uuid4(), status="completed", sequence=number, started_at_ms=1_796_000_000_000,
+            completed_at_ms=1_796_000_002_500, has_usage=True, total_tokens=10 * number,
+        )  # fmt: skip
+        StoredItem.objects.create(turn=turn, position=0, item_type="userMessage", item={}, started_at_ms=0)
+
+    page = admin_client.get(reverse("admin:realtime_storedturn_changelist")).content.decode()
+    usage = page[page.index('id="usage-by-originator"') :]
+    assert "<td>codex_cli_rs</td><td>codex-backend</td><td>2</td>" in usage
+    assert "<td>codex_cli_rs</td><td>codex_app_server_daemon</td><td>1</td>" in usage
+    filters = page[page.index("By originator") :] if "By originator" in page else page
+    assert "?originator=codex_cli_rs" in filters and "?originator=codex_ios" not in filters  # no rows of codex_ios
+
+    detail = admin_client.get(reverse("admin:realtime_storedturn_change", args=[turn.pk])).content.decode()
+    assert "Started at ms" not in detail and "2026-" in detail and "2.5 s" in detail
+    assert "StoredItem object" not in detail and "0: userMessage" in detail
+    threads = admin_client.get(reverse("admin:realtime_storedthread_changelist")).content.decode()
+    assert '<td class="field-turns">3</td>' in threads

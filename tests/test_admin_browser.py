@@ -154,8 +154,9 @@ def test_operator_sees_who_ran_each_turn_and_token_usage_per_originator(daphne_s
         if (cells := [cell.text for cell in row.find_elements(By.TAG_NAME, "td")])
     }
     assert set(usage) == {"codex_ios", "codex_vscode"}
-    ios_turns, ios_total = int(usage["codex_ios"][0]), int(usage["codex_ios"][-1])
-    vscode_turns, vscode_total = int(usage["codex_vscode"][0]), int(usage["codex_vscode"][-1])
+    assert usage["codex_ios"][0] == "codex_ios"  # the client's name beside its originator
+    ios_turns, ios_total = int(usage["codex_ios"][1]), int(usage["codex_ios"][-1])
+    vscode_turns, vscode_total = int(usage["codex_vscode"][1]), int(usage["codex_vscode"][-1])
     assert (ios_turns, vscode_turns) == (2, 1) and ios_total == 2 * vscode_total > 0
     turns = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
     assert len(turns) == 3 and all("completed" in row.text for row in turns)

@@ -432,3 +432,20 @@ async def test_a_turn_end_never_stored_is_not_announced_and_the_sweep_ends_it_on
     assert ended["turn"]["status"] == "interrupted"  # what the store holds, told by the sweep
     await asyncio.sleep(1.0)
     assert not [m for m in client.inbox if m.get("method") == "turn/completed"]  # and told once
+
+
+async def test_thread_start_without_cwd_works_after_the_servers_own_directory_was_deleted(
+    connect, tmp_path, monkeypatch, settings
+):
+    """Issue 24, 9: the directory the server was started in, its default
+    workspace, is gone (a deploy replaced it); a thread/start without cwd
+    still answers."""
+    gone = tmp_path / "release-1"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    settings.CODEX_WORKSPACE_ROOTS = [str(gone)]
+    gone.rmdir()
+    client = await connect()
+    await client.initialize("codex_vscode")
+    started = await client.request("thread/start", {})
+    assert "result" in started, started

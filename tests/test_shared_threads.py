@@ -359,3 +359,17 @@ async def test_a_dead_processs_channel_leaves_its_groups_within_the_expiry(postg
         for words in ("nobody else", "still nobody"):
             assert (await phone.run_turn(thread, words))["turn"]["status"] == "completed"
         assert queued_for_the_dead() == before
+
+
+async def test_a_thread_start_whose_group_join_fails_leaves_no_thread_behind(postgres_database, daphne_server, private_redis):  # noqa: F811
+    """Issue 24, 9: Redis is down when a client starts a thread: it gets an
+    error, and no thread it was never told of appears in its list later."""
+    server = daphne_server(postgres_database, REDIS_URL=private_redis.url)
+    async with client_of(server, "codex_vscode") as client:
+        await client.start_thread()  # the process's channel is open
+        private_redis.stop()
+        refused = await client.request("thread/start", {}, timeout=30)
+        assert refused["error"]["code"] == -32603, refused
+        private_redis.start()
+        listed = await client.call("thread/list", {})
+        assert len(listed["data"]) == 1

@@ -35,6 +35,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='storedturn',
+            name='client_name',
+            field=models.CharField(blank=True, default='', max_length=256),
+        ),
+        migrations.AddField(
+            model_name='storedturn',
             name='sequence',
             field=models.PositiveBigIntegerField(default=0),
         ),

@@ -66,6 +66,7 @@ def _turn_from_row(row: StoredTurn, items: list[StoredItem]) -> Turn:
     return Turn(
         row.turn_id,
         originator=row.originator,
+        client_name=row.client_name,
         connection_id=str(row.connection_id),
         status=row.status,
         items=[ItemRecord(item.item, item.started_at_ms, item.completed_at_ms) for item in items],

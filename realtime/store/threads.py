@@ -84,6 +84,7 @@ class Turn:
     id: str
     originator: str
     connection_id: str
+    client_name: str = ""  # the starting connection's clientInfo.name
     status: str = IN_PROGRESS
     items: list[ItemRecord] = field(default_factory=list)
     started_at_ms: int = field(default_factory=now_ms)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import weakref
@@ -123,8 +125,15 @@ async def start_thread(context, params: Any) -> dict[str, Any]:
         ephemeral=bool(optional_bool(params, "ephemeral")),
     )
     _check_thread_limit(context, thread.id)
-    await store_for(thread).create(thread)
+    # In its group before its row exists: a join that fails (Redis down)
+    # leaves no thread its client was never told of.
     thread = await context.connection.subscribe(thread)
+    try:
+        await store_for(thread).create(thread)
+    except BaseException:
+        with contextlib.suppress(Exception):  # (its own failure is not the one to report)
+            await asyncio.shield(context.connection.unsubscribe(thread))
+        raise
     thread.dynamic_tools = dynamic_tools
     identity = context.identity
 

@@ -101,7 +101,12 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     if context.connection.running_turns >= settings.CODEX_MAX_RUNNING_TURNS_PER_CONNECTION:
         raise JsonRpcError.overloaded()
     await _check_budget(context)
-    turn = Turn(new_id(), originator=context.identity.originator, connection_id=str(context.connection.connection_id))
+    turn = Turn(
+        new_id(),
+        originator=context.identity.originator,
+        client_name=context.identity.client_name,
+        connection_id=str(context.connection.connection_id),
+    )
     started = now_ms()
     user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
     turn.items.append(user_item)
