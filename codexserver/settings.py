@@ -130,6 +130,10 @@ TEMPLATES = [
 
 # Threads writing ConnectionIdentity rows (PostgreSQL; SQLite uses one).
 CODEX_DB_WRITE_THREADS = _env_number("CODEX_DB_WRITE_THREADS", "8", int)
+# Threads reading threads, turns and items for clients, apart from the writers.
+CODEX_DB_READ_THREADS = _env_number("CODEX_DB_READ_THREADS", "2", int)
+if CODEX_DB_READ_THREADS < 1:
+    raise ImproperlyConfigured("CODEX_DB_READ_THREADS must be at least 1")
 DATABASES = {
     "default": dj_database_url.config(
         default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}", conn_max_age=0
@@ -140,8 +144,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # PostgreSQL backend start each (PROTOCOL §7 rows at every connect/close).
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
-        # every row-writer thread keeps one, plus the request and admin threads
-        "max_size": CODEX_DB_WRITE_THREADS + 4,
+        # every row-writer and store-reader thread keeps one, plus the request and admin threads
+        "max_size": CODEX_DB_WRITE_THREADS + CODEX_DB_READ_THREADS + 4,
         "timeout": 30,
     }
     # Each connection is checked as the pool hands it out (an empty query):

@@ -44,10 +44,24 @@ def row_writers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="row-writer")
 
 
+@cache
+def store_readers() -> ThreadPoolExecutor:
+    """Threads reading threads, turns and items for clients: a client paging
+    a long thread never delays a turn's start, lock extension or end, which
+    go to the row writers (one thread on SQLite, whose WAL lets these read
+    beside it)."""
+    return ThreadPoolExecutor(max_workers=settings.CODEX_DB_READ_THREADS, thread_name_prefix="store-reader")
+
+
 def close_row_writer_connections() -> None:
-    """Close the connection each row-writer thread holds (tests drop the
-    database after this; a stopping process lets its sessions go)."""
-    pool = row_writers()
+    """Close the connection each row-writer and store-reader thread holds
+    (tests drop the database after this; a stopping process lets its
+    sessions go)."""
+    for pool in (row_writers(), store_readers()):
+        _close_connections_of(pool)
+
+
+def _close_connections_of(pool: ThreadPoolExecutor) -> None:
     threads = pool._max_workers
     barrier = threading.Barrier(threads)
 
@@ -65,6 +79,15 @@ def database_sync_to_async(func):
 
     def call(*args, **kwargs):
         return DatabaseSyncToAsync(func, thread_sensitive=False, executor=row_writers())(*args, **kwargs)
+
+    return call
+
+
+def database_read_to_async(func):
+    """The same, on the store readers' threads: for reads only."""
+
+    def call(*args, **kwargs):
+        return DatabaseSyncToAsync(func, thread_sensitive=False, executor=store_readers())(*args, **kwargs)
 
     return call
 

@@ -363,3 +363,31 @@ async def test_turns_and_items_are_paged_in_the_database_and_a_new_turn_never_sh
     assert [record.item["type"] for _, record in items] == ["agentMessage", "userMessage"] and not more
     newest = await DatabaseThreads.turns(thread, 2)
     assert [turn.id for turn in newest][0] == turns[4].id and len(newest) == 2  # oldest first
+
+
+async def test_a_turn_starts_keeps_its_lock_and_ends_while_every_store_reader_is_busy():
+    """Issue 24, 3: clients paging long threads occupy the store's readers;
+    the turn writes and lock extensions, on the row writers, never queue
+    behind them."""
+    import threading
+
+    from identity.actions import store_readers
+
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    release = threading.Event()
+    busy = [asyncio.wrap_future(store_readers().submit(release.wait, 30)) for _ in range(store_readers()._max_workers * 4)]
+    try:
+        turn = new_turn()
+        begun = await asyncio.wait_for(DatabaseThreads.begin_turn(thread, turn, "channel", 30, 1 << 20, None), 5)
+        turn.row_id = begun[2]
+        assert await asyncio.wait_for(DatabaseThreads.keep_lock(thread, turn, 30), 5)
+        total = await asyncio.wait_for(DatabaseThreads.finish_turn(thread, ended(turn, "done"), 1), 5)
+        assert total["totalTokens"] == 15
+        reading = asyncio.ensure_future(DatabaseThreads.turn(turn.id))
+        await asyncio.sleep(0.1)
+        assert not reading.done()  # reads do wait for a reader
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
+    assert (await reading).status == COMPLETED

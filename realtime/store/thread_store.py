@@ -22,7 +22,7 @@ from django.db import transaction
 from django.db.models import F
 from django.db.models.functions import Now
 
-from identity.actions import database_sync_to_async
+from identity.actions import database_read_to_async, database_sync_to_async
 from identity.models import Principal
 from realtime.models import StoredItem, StoredThread, StoredTurn
 
@@ -100,7 +100,7 @@ class DatabaseThreads:
         return turn_writes.submit(CreateThread(thread))
 
     @staticmethod
-    @database_sync_to_async
+    @database_read_to_async
     def load(thread_id: str, principal_id: int) -> tuple[Thread, bool] | None:
         """The thread, if it is ``principal_id``'s, and whether a turn runs on
         it anywhere. Another principal's thread is not found, by the same
@@ -109,7 +109,7 @@ class DatabaseThreads:
         return None if row is None else (_thread_from_row(row), _running(row))
 
     @staticmethod
-    @database_sync_to_async
+    @database_read_to_async
     def page(
         principal_id: int, originators: list[str] | None, ascending: bool, offset: int, limit: int
     ) -> tuple[list[tuple[Thread, bool]], bool]:
@@ -122,14 +122,14 @@ class DatabaseThreads:
         return [(_thread_from_row(row), _running(row)) for row in found[:limit]], len(found) > limit
 
     @staticmethod
-    @database_sync_to_async
+    @database_read_to_async
     def turns(thread: Thread, newest: int) -> list[Turn]:
         """The thread's ``newest`` turns, oldest first, with their items."""
         rows = StoredTurn.objects.filter(thread__thread_id=thread.id).order_by("-sequence")[:newest]
         return _with_items(rows)[::-1]
 
     @staticmethod
-    @database_sync_to_async
+    @database_read_to_async
     def turn_page(thread: Thread, ascending: bool, after: int | None, limit: int, with_items: bool) -> tuple[list[Turn], bool]:
         """One page of the thread's turns in their order, after the one numbered
         ``after`` (the previous page's last), and whether more follow: the
@@ -145,7 +145,7 @@ class DatabaseThreads:
         return found[:limit], len(found) > limit
 
     @staticmethod
-    @database_sync_to_async
+    @database_read_to_async
     def item_page(
         thread: Thread, turn_id: str | None, ascending: bool, offset: int, limit: int
     ) -> tuple[list[tuple[str, ItemRecord]], bool]:
@@ -189,7 +189,7 @@ class DatabaseThreads:
         return turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model, sandbox, approvals))
 
     @staticmethod
-    @database_sync_to_async
+    @database_read_to_async
     def turn(turn_id: str) -> Turn | None:
         """One stored turn, with its items."""
         found = _with_items(StoredTurn.objects.filter(turn_id=turn_id))
@@ -212,7 +212,7 @@ class DatabaseThreads:
         return turn_writes.submit(FinishTurn(thread, turn, first_new_item))
 
     @staticmethod
-    @database_sync_to_async
+    @database_read_to_async
     def running_turn(thread: Thread) -> tuple[str, str | None] | None:
         """(turn id, channel of its process) of the turn running on the thread, if any."""
         row = with_lock_state(StoredThread.objects.filter(thread_id=thread.id)).first()
@@ -221,7 +221,7 @@ class DatabaseThreads:
         return row.running_turn_id, row.running_channel
 
     @staticmethod
-    @database_sync_to_async
+    @database_read_to_async
     def usage_and_budget(principal_id: int) -> tuple[int, int | None]:
         """Tokens the principal's turns used (stored and ephemeral), and its budget, as now stored."""
         found = Principal.objects.filter(pk=principal_id).values_list("tokens_used", "token_budget").first()
