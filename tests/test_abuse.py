@@ -18,6 +18,7 @@ from codexserver.log_format import IdentityLogFilter, RedactingFormatter
 from realtime.rpc import handlers
 from realtime.rpc.connection import MAX_REFUSED_INITIALIZES
 from realtime.rpc.protocol import MAX_JSON_DEPTH
+from realtime.transport.connection_limits import COOL_OFF_SECONDS
 from tests.conftest import TEST_API_KEY
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,6 +55,29 @@ async def test_a_client_refused_initialize_again_and_again_is_closed(connect):
     while closed["type"] != "websocket.close":
         closed = await client.communicator.receive_output(timeout=5)
     assert closed["code"] == 1008
+
+
+@pytest.mark.e2e
+async def test_a_peer_closed_for_never_initializing_is_refused_for_a_moment(daphne_server):
+    """Reconnecting in a loop to retry a refused initialize cost an upgrade
+    and two row writes each time: that peer waits COOL_OFF_SECONDS first."""
+    server = daphne_server()
+    deep = {"clientInfo": {"name": "codex_ios", "version": "1"}, "capabilities": nested(400)}
+    async with ws_connect(server.ws_url) as socket:
+        for _ in range(MAX_REFUSED_INITIALIZES):
+            await socket.send(json.dumps({"id": 1, "method": "initialize", "params": deep}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await socket.recv()
+        assert closed.value.rcvd.code == 1008
+    with pytest.raises(InvalidStatus) as refused:
+        async with ws_connect(server.ws_url):
+            pass
+    assert refused.value.response.status_code == 429
+    await asyncio.sleep(COOL_OFF_SECONDS)
+    async with ws_connect(server.ws_url) as again:
+        await again.send(json.dumps({"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "a", "version": "1"}}}))
+        assert "result" in json.loads(await again.recv())
 
 
 @pytest.mark.parametrize("model", ["gpt\n2026-12-06 10:00:00 INFO forged line", "gpt\x1b[31m", "g" * 257])
@@ -397,3 +421,19 @@ async def test_a_client_flooding_frames_is_read_at_its_pace_and_the_others_are_n
     await flooder.wait_for(lambda m: m.get("id") == 124, timeout=10)
     assert loop.time() - started >= 1.4  # a burst of 50, then 50 a second: each frame answered, none refused
     assert not [m for m in flooder.inbox if "error" in m]
+
+
+async def test_freed_memory_is_given_back_only_after_a_connection_that_held_a_lot_and_not_too_often(monkeypatch):
+    """The memory goal of issue 26 is measured by bench/abuse.py (RSS back
+    within 10% once a never-reading client is gone); here, when it trims."""
+    from codexserver import freed_memory as module
+
+    trims = []
+    monkeypatch.setattr(module, "_malloc_trim", lambda: (lambda pad: trims.append(pad) or 1))
+    memory = module.FreedMemory()
+    memory.release_after(module.TRIM_AFTER_BYTES - 1)  # an ordinary connection: nothing
+    memory.release_after(32 << 20)
+    await asyncio.sleep(0.1)
+    memory.release_after(32 << 20)  # within a second of the last: skipped
+    await asyncio.sleep(0.1)
+    assert trims == [0]

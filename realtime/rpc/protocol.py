@@ -141,7 +141,8 @@ def parse_message(frame: str) -> Message:
     if has_id and not is_request_id(request_id):
         raise JsonRpcError.invalid_request("id must be a string or an integer")
     method = obj.get("method")
-    if nesting_exceeds(obj, MAX_JSON_DEPTH):  # requests and a client's answers alike
+    # Each level needs a bracket: a frame with few (nearly all of them) needs no walk.
+    if _brackets(frame) > MAX_JSON_DEPTH and nesting_exceeds(obj, MAX_JSON_DEPTH):  # requests and answers alike
         message = f"nested deeper than {MAX_JSON_DEPTH} levels"
         if method is None and has_id and ("result" in obj or "error" in obj):
             # An answer to a server request: taken as an error answer, so what waits for it goes on.
@@ -158,6 +159,10 @@ def parse_message(frame: str) -> Message:
     if not has_id:
         return Notification(method, obj.get("params"))
     return Request(request_id, method, obj.get("params"))
+
+
+def _brackets(frame: str) -> int:
+    return frame.count("{") + frame.count("[")
 
 
 def nesting_exceeds(value: Any, limit: int) -> bool:

@@ -12,11 +12,12 @@ from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
+from codexserver.freed_memory import freed_memory
 from codexserver.health import channel_layer_available
 from identity.actions import record_connection_closed, record_connection_opened
 from identity.principals import AuthenticatedPrincipal
 from realtime.lifecycle.process import process_lifecycle
-from realtime.rpc.connection import AppServerConnection
+from realtime.rpc.connection import CLOSE_POLICY_VIOLATION, AppServerConnection
 from realtime.rpc.protocol import MAX_FRAME_BYTES, JsonRpcError
 
 from .connection_limits import SERVICE_UNAVAILABLE, connection_limits
@@ -197,6 +198,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         # to finish, and the close must not be lost with it.
         self._row_closed = asyncio.ensure_future(record_connection_closed(self.connection.connection_id))
         await self.connection.close()  # it stops the outbox's writer too
+        freed_memory.release_after(self.connection.outbox.peak_bytes)
         await asyncio.shield(self._row_closed)
 
     async def _refuse(self, status: int) -> None:
@@ -218,6 +220,8 @@ class AppServerConsumer(AsyncWebsocketConsumer):
 
     def _close_soon(self, code: int) -> None:
         """Close from a synchronous callback (the outbox's, a task's)."""
+        if code == CLOSE_POLICY_VIOLATION and self.connection is not None and self.connection.identity is None:
+            connection_limits().cool_off(self._peer)  # closed for never saying who it is: not again at once
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_task(self.close(code=code))
 

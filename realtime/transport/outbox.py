@@ -46,6 +46,7 @@ class Outbox:
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=capacity)
         self._max_bytes = max_bytes
         self.queued_bytes = 0  # encoded as ASCII: characters are bytes
+        self.peak_bytes = 0  # the most it held at once
         self._overflowed = False
         self._stall_seconds = stall_seconds
         self._sent = 0
@@ -74,6 +75,7 @@ class Outbox:
             self._overflow(f"{self._queue.maxsize} messages")
             return
         self.queued_bytes += len(text)
+        self.peak_bytes = max(self.peak_bytes, self.queued_bytes)
 
     def _overflow(self, how_full: str) -> None:
         self._overflowed = True
