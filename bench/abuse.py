@@ -1,8 +1,10 @@
 """10. One hostile client beside 50 well-behaved ones (issue 26).
 
 For each attack, the well-behaved clients' median and p99 turn latency with
-the attacker against without it (goal: within 1.2x), and the server's RSS
-before, during and after (goal: back within 10% once the attacker leaves):
+the attacker against without it (goal: within 1.2x), over rounds with and
+without it taken in turn, and the server's RSS before, during and after
+(goal: back within 10% once the attacker leaves). A control row, with an
+"attacker" that does nothing, shows how far the ratios move on noise alone:
 - memory: a client that never reads asks for the largest replies it can get
   (thread/list of 100 threads with 4,096-character working directories);
 - database: a client pipelines store reads with the largest filter allowed,
@@ -30,7 +32,9 @@ from codexserver.devtools.attribution_load import close_clients, open_clients
 
 WELL_BEHAVED = 50
 TURN_TEXT = "flood:20:16"
-ATTACKS = ("memory", "database", "nesting", "slowloris")
+# "control" attacks nothing: its ratios are the noise of the measurement itself.
+ATTACKS = ("control", "memory", "database", "nesting", "slowloris")
+ROUNDS = 3  # baseline and attacked rounds alternate, so drift of the machine falls on both
 
 
 async def _well_behaved_latencies(ws_url: str, turns_each: int) -> list[float]:
@@ -150,7 +154,11 @@ async def _slowloris(ws_url: str, stop: asyncio.Event) -> None:
         writer.transport.abort()
 
 
-ATTACKERS = {"memory": _memory, "database": _database, "nesting": _nesting, "slowloris": _slowloris}
+async def _control(ws_url: str, stop: asyncio.Event) -> None:
+    await stop.wait()
+
+
+ATTACKERS = {"control": _control, "memory": _memory, "database": _database, "nesting": _nesting, "slowloris": _slowloris}
 
 
 def _attacker_process(attack: str, ws_url: str, stop) -> None:
@@ -195,9 +203,15 @@ def abuse_isolation(bench) -> dict:
     asyncio.run(_well_behaved_latencies(server.ws_url, 1))  # warm up
     results: dict = {}
     for attack in ATTACKS:
-        alone = asyncio.run(_well_behaved_latencies(server.ws_url, turns_each))
-        rss_before = server.rss_bytes()  # after the same clients' own round: what the attacker adds
-        attacked, rss_during = asyncio.run(_under_attack(server.ws_url, attack, turns_each, server))
+        alone, attacked, rss_during = [], [], 0
+        rss_before = None
+        for _ in range(2 if bench.quick else ROUNDS):
+            alone += asyncio.run(_well_behaved_latencies(server.ws_url, turns_each))
+            if rss_before is None:
+                rss_before = server.rss_bytes()  # after the same clients' own round: what the attacker adds
+            under_attack, rss = asyncio.run(_under_attack(server.ws_url, attack, turns_each, server))
+            attacked += under_attack
+            rss_during = max(rss_during, rss)
         time.sleep(2)  # what the attacker held is given back
         rss_after = server.rss_bytes()
         results[attack] = {

@@ -1,6 +1,6 @@
 """daphne, tuned for the app-server: the one place we reach into its internals.
 
-Six gaps in stock daphne 4.2 matter to us:
+Seven gaps in stock daphne 4.2 matter to us:
 - it refuses every WebSocket upgrade with 403; we need 401 for a missing
   bearer token. ASGI's "websocket.http.response" extension lets the consumer
   choose the status, so we advertise and implement it.
@@ -17,6 +17,13 @@ Six gaps in stock daphne 4.2 matter to us:
   the socket's push producer and hold each ``websocket.send`` while Twisted
   says its write buffer is full, so the consumer's bounded outbox fills and
   the slow client is dropped (PROTOCOL §3) instead of the process growing.
+- it reads a socket as fast as the client writes, into an unbounded queue
+  of frames for the consumer: a client sending faster than it is served
+  (CODEX_MAX_FRAMES_PER_SECOND paces each connection) grew the process by
+  every frame it sent, about 1 MiB a second, kept after it left. Past
+  PAUSE_READING_AT frames waiting, the socket is not read until the
+  consumer has caught up (``ReadPacedQueue``): the kernel's buffers fill
+  and the client's sends wait instead.
 - its access log writes each request's path and query as they came, past
   the logging formatter that redacts secrets; we pass it through the same
   redaction and escaping (``RedactedAccessLog``).
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from functools import partial
 from urllib.parse import unquote
 
 from autobahn.twisted.websocket import ConnectionDeny
@@ -44,6 +52,9 @@ from realtime.transport.upgrade_policy import DENIAL_EXTENSION
 logger = logging.getLogger(__name__)
 
 SERVER_CLOSE_CODES = frozenset({1000, 1001, 1008, 1009, 1011, 1013})
+# Frames of one WebSocket waiting for its consumer: at this many its socket
+# stops being read, and from this few it is read again.
+PAUSE_READING_AT, RESUME_READING_AT = 64, 16
 GC_THRESHOLDS = (10_000, 10, 10)  # gc.set_threshold; see tune_garbage_collector
 
 
@@ -140,6 +151,30 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
         logger.debug("WebSocket %s denied with HTTP %d", self.client_addr, status)
 
 
+class ReadPacedQueue(asyncio.Queue):
+    """One WebSocket's messages for its consumer; reading its socket pauses
+    while PAUSE_READING_AT of them wait. (The disconnect goes through it too,
+    once the socket is read again: the consumer drains the queue first.)"""
+
+    def __init__(self, transport) -> None:
+        super().__init__()
+        self._transport = transport
+        self._paused = False
+
+    def put_nowait(self, item) -> None:
+        super().put_nowait(item)
+        if not self._paused and self.qsize() >= PAUSE_READING_AT:
+            self._paused = True
+            self._transport.pauseProducing()
+
+    async def get(self):
+        item = await super().get()
+        if self._paused and self.qsize() <= RESUME_READING_AT:
+            self._paused = False
+            self._transport.resumeProducing()
+        return item
+
+
 class RedactedAccessLog:
     """daphne's access log, written where the operator chose, but through our
     redaction and escaping: its lines carry the request's path and query
@@ -169,9 +204,18 @@ class AppServerDaphne(Server):
         await super().handle_reply(protocol, message)
 
     def create_application(self, protocol, scope):
-        if isinstance(protocol, AppServerWebSocketProtocol):
-            scope = {**scope, "extensions": {**scope.get("extensions", {}), DENIAL_EXTENSION: {}}}
-        return super().create_application(protocol, scope)
+        if not isinstance(protocol, AppServerWebSocketProtocol):
+            return super().create_application(protocol, scope)
+        # daphne's own, with the extension we implement and a queue that paces reading.
+        assert "application_instance" not in self.connections[protocol]
+        scope = {**scope, "extensions": {**scope.get("extensions", {}), DENIAL_EXTENSION: {}}}
+        scope.setdefault("asgi", {"version": "3.0"})
+        input_queue = ReadPacedQueue(protocol.transport)
+        application_instance = self.application(scope=scope, receive=input_queue.get, send=partial(self.handle_reply, protocol))
+        if protocol not in self.connections:
+            return None
+        self.connections[protocol]["application_instance"] = asyncio.ensure_future(application_instance)
+        return input_queue
 
     def run(self):
         tune_garbage_collector()

@@ -437,3 +437,34 @@ async def test_freed_memory_is_given_back_only_after_a_connection_that_held_a_lo
     memory.release_after(32 << 20)  # within a second of the last: skipped
     await asyncio.sleep(0.1)
     assert trims == [0]
+
+
+@pytest.mark.e2e
+async def test_a_client_sending_faster_than_it_is_served_is_held_back_by_its_socket_not_our_memory(daphne_server):
+    """daphne read every frame as it came into an unbounded queue while the
+    connection is served CODEX_MAX_FRAMES_PER_SECOND: in four seconds one
+    client pushed 435 MiB and the process grew 640 MiB. Now its socket is
+    not read while 64 frames wait: its sends wait instead."""
+    server = daphne_server()
+    rss_before = server.rss_bytes()
+    async with ws_connect(server.ws_url, max_size=None) as socket:
+        await socket.send(json.dumps({"id": 0, "method": "initialize", "params": {"clientInfo": {"name": "flood", "version": "1"}}}))
+        await socket.recv()
+        frame = json.dumps({"id": 1, "method": "turn/interrupt", "params": {"threadId": "x" * 4000, "turnId": "y"}})
+        sent = 0
+
+        async def flood() -> None:
+            nonlocal sent
+            while True:
+                await socket.send(frame)
+                sent += len(frame)
+
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(flood(), 4)
+        grown = server.rss_bytes() - rss_before
+        socket.transport.abort()
+    assert sent < 32 << 20, f"{sent / 2**20:.0f} MiB went in"
+    assert grown < 16 << 20, f"the server grew {grown / 2**20:.0f} MiB"
+    async with ws_connect(server.ws_url) as other:  # and it serves the others
+        await other.send(json.dumps({"id": 1, "method": "initialize", "params": {"clientInfo": {"name": "a", "version": "1"}}}))
+        assert "result" in json.loads(await asyncio.wait_for(other.recv(), 5))

@@ -45,6 +45,7 @@ live_connections: weakref.WeakSet[AppServerConnection] = weakref.WeakSet()
 
 CLOSE_POLICY_VIOLATION = 1008  # its token was revoked (PROTOCOL §12), or it never initialized
 MAX_REFUSED_INITIALIZES = 16  # initialize requests refused on one connection, then it is closed
+FIRST_FRAMES = 20  # frames a new connection may send at once: a Codex TUI sends about a dozen as it starts
 # turn/interrupt requests of one connection running side by side: one per
 # running turn (CODEX_MAX_RUNNING_TURNS_PER_CONNECTION's default).
 MAX_INTERRUPTS_IN_FLIGHT = 16
@@ -86,7 +87,9 @@ class AppServerConnection:
         self._interrupts_in_flight = 0
         self.store_reads = asyncio.Semaphore(MAX_STORE_READS_IN_FLIGHT)
         self._refused_initializes = 0
-        self._frame_tokens, self._tokens_at = float(settings.CODEX_MAX_FRAMES_PER_SECOND), 0.0
+        # A new connection starts with a few frames' credit, not a whole
+        # second's: a client reconnecting in a loop gets no burst for free.
+        self._frame_tokens, self._tokens_at = float(FIRST_FRAMES), None
         self._closed = False
         live_connections.add(self)
 
@@ -132,12 +135,14 @@ class AppServerConnection:
 
     async def _pace(self) -> None:
         """At most CODEX_MAX_FRAMES_PER_SECOND frames of this connection are
-        read a second (bursts of as many allowed): past that, its next frame
+        read a second (bursts of as many allowed, once earned): past that, its next frame
         waits, and so does its socket, so a client flooding cheap requests
         slows itself, not the process's other connections. Nothing is refused."""
         rate = settings.CODEX_MAX_FRAMES_PER_SECOND
         loop = asyncio.get_running_loop()
         now = loop.time()
+        if self._tokens_at is None:
+            self._tokens_at = now
         self._frame_tokens = min(rate, self._frame_tokens + (now - self._tokens_at) * rate)
         self._tokens_at = now
         if self._frame_tokens < 1:
