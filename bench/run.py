@@ -267,7 +267,9 @@ def print_sandbox_report(results: dict) -> None:
 
 def connection_scale(bench: Bench, setup: str = "embedded") -> list[dict]:
     levels = [250, 500] if bench.quick else [250, 500, 1000, 2000]
-    server = bench.start(f"ours_scale_{slug(setup)}", **setup_env(setup))
+    # Every connection here is the one local principal, 2,000 turns at once:
+    # the per-principal cap (half the upstream pool) would refuse half of them.
+    server = bench.start(f"ours_scale_{slug(setup)}", CODEX_MAX_UPSTREAM_STREAMS_PER_PRINCIPAL="0", **setup_env(setup))
     rows = []
 
     async def run() -> None:

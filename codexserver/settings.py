@@ -328,6 +328,10 @@ CODEX_CONNECTION_ROW_RETENTION_DAYS = _env_number("CODEX_CONNECTION_ROW_RETENTIO
 # Frames of one connection read a second (bursts of as many): past that its
 # next frame, and its socket, wait. The Codex TUI sends about 15 at start-up.
 CODEX_MAX_FRAMES_PER_SECOND = _env_number("CODEX_MAX_FRAMES_PER_SECOND", "200", float)
+# Turns and realtime calls (each holds upstream streams) of one principal
+# on one process: half the shared upstream pool (2,048), so one principal's
+# many connections leave the others room. 0: no cap.
+CODEX_MAX_UPSTREAM_STREAMS_PER_PRINCIPAL = _env_number("CODEX_MAX_UPSTREAM_STREAMS_PER_PRINCIPAL", "1024", int)
 if CODEX_MAX_FRAMES_PER_SECOND <= 0:
     raise ImproperlyConfigured("CODEX_MAX_FRAMES_PER_SECOND must be above 0")
 # Realtime calls one connection may hold open at once (each an upstream call and socket).

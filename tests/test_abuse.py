@@ -262,6 +262,27 @@ async def test_connections_past_the_process_cap_are_refused_with_503(connect, se
     await fourth.initialize("codex_ios", "1")
 
 
+async def test_one_principals_turns_and_realtime_calls_are_bounded_on_a_process(connect, upstream, settings):
+    """Issue 26, 4: 128 connections of one principal, 16 turns each, would
+    take the whole shared upstream pool; each principal gets at most
+    CODEX_MAX_UPSTREAM_STREAMS_PER_PRINCIPAL, counted over its connections."""
+    settings.CODEX_MAX_UPSTREAM_STREAMS_PER_PRINCIPAL = 3
+    clients = [await connect() for _ in range(2)]
+    for client in clients:
+        await client.initialize("codex_ios", "1.4.0")
+    threads = [[await client.start_thread() for _ in range(2)] for client in clients]
+    slow = [{"type": "text", "text": "slow:50"}]
+    first = await clients[0].call("turn/start", {"threadId": threads[0][0], "input": slow})
+    await clients[0].call("turn/start", {"threadId": threads[0][1], "input": slow})
+    await clients[1].call("thread/realtime/start", {"threadId": threads[1][0], "sdp": "v=0"})
+    refused = await clients[1].request("turn/start", {"threadId": threads[1][1], "input": slow})
+    assert refused["error"]["code"] == -32001
+    assert (await clients[1].request("thread/realtime/start", {"threadId": threads[1][1], "sdp": "v=0"}))["error"]["code"] == -32001
+    await clients[0].call("turn/interrupt", {"threadId": threads[0][0], "turnId": first["turn"]["id"]})
+    await clients[0].notification("turn/completed", threadId=threads[0][0])
+    await clients[1].call("turn/start", {"threadId": threads[1][1], "input": slow})  # a place was given back
+
+
 async def test_realtime_calls_are_bounded_per_connection(connect, upstream, settings):
     settings.CODEX_MAX_REALTIME_CALLS_PER_CONNECTION = 2
     client = await connect()

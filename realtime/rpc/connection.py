@@ -12,12 +12,14 @@ import asyncio
 import logging
 import uuid
 import weakref
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
+from codexserver.loop_local import LoopLocal
 from identity.client_identity import ClientIdentity
 from identity.principals import AuthenticatedPrincipal
 from identity.scope import identity_scope
@@ -53,6 +55,10 @@ MAX_INTERRUPTS_IN_FLIGHT = 16
 MAX_STORE_READS_IN_FLIGHT = 2
 
 
+# Upstream holders (turns, realtime calls) of each principal on this process.
+_held_by_principal: LoopLocal[Counter[int]] = LoopLocal(Counter)
+
+
 class AppServerConnection:
     def __init__(
         self,
@@ -82,6 +88,7 @@ class AppServerConnection:
         self.threads: dict[str, Thread] = {}  # subscribed to
         self.own_turns: set = set()  # turns this connection started that have not ended
         self.realtime_sessions: set = set()  # its realtime calls, starting or open
+        self._upstream_holders: set = set()  # its turns and realtime calls, counted for its principal
         self._tasks: set[asyncio.Task] = set()
         self._requests_in_flight = 0
         self._interrupts_in_flight = 0
@@ -315,6 +322,27 @@ class AppServerConnection:
         if not task.cancelled() and task.exception() is not None:
             logger.error("task %s failed", task.get_name(), exc_info=task.exception())
 
+    def hold_upstream(self, holder: Any) -> None:
+        """Count ``holder`` (a turn, a realtime call: each holds upstream
+        streams) toward this connection's principal on this process; -32001
+        past CODEX_MAX_UPSTREAM_STREAMS_PER_PRINCIPAL, so one principal's
+        many connections cannot take the whole shared upstream pool."""
+        held, limit = _held_by_principal.get(), settings.CODEX_MAX_UPSTREAM_STREAMS_PER_PRINCIPAL
+        if holder in self._upstream_holders:
+            return
+        if limit and held[self.principal.id] >= limit:
+            raise JsonRpcError.overloaded()
+        self._upstream_holders.add(holder)
+        held[self.principal.id] += 1
+
+    def let_go_upstream(self, holder: Any) -> None:
+        if holder in self._upstream_holders:
+            self._upstream_holders.discard(holder)
+            held = _held_by_principal.get()
+            held[self.principal.id] -= 1
+            if not held[self.principal.id]:
+                del held[self.principal.id]
+
     @property
     def running_turns(self) -> int:
         # Its own turns, subscribed or not: unsubscribing does not free a slot.
@@ -365,3 +393,5 @@ class AppServerConnection:
             # Also when daphne cancels a consumer still closing at shutdown:
             # the writer must not outlive its connection.
             self.outbox.stop()
+            for holder in list(self._upstream_holders):  # (a turn never started, its reply never sent)
+                self.let_go_upstream(holder)

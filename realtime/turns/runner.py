@@ -332,6 +332,7 @@ def settle_turn(turn_context: TurnContext) -> None:
     ended here, or the thread would stay busy for good."""
     turn = turn_context.turn
     turn_context.connection.own_turns.discard(turn)
+    turn_context.connection.let_go_upstream(turn)
     if turn.status != IN_PROGRESS:
         return
     turn.finish(INTERRUPTED, None)

@@ -35,7 +35,9 @@ async def start_realtime(context, params: Any) -> dict[str, Any]:
     limit = settings.CODEX_MAX_REALTIME_CALLS_PER_CONNECTION
     if len(connection.realtime_sessions) >= limit:  # each holds an upstream call and socket
         raise JsonRpcError(INVALID_REQUEST, f"Realtime call limit reached ({limit} per connection)")
-    session = thread.realtime = RealtimeSession()
+    session = RealtimeSession()
+    connection.hold_upstream(session)  # -32001 past its principal's upstream streams
+    thread.realtime = session
     connection.realtime_sessions.add(session)
     identity, config = context.identity, UpstreamConfig.from_settings()
     try:
@@ -45,6 +47,7 @@ async def start_realtime(context, params: Any) -> dict[str, Any]:
     except BaseException:
         thread.realtime = None
         connection.realtime_sessions.discard(session)
+        connection.let_go_upstream(session)
         raise
     session.call_id = call.call_id
     session.notify_owner = connection.notify
@@ -80,6 +83,7 @@ async def _hold_sideband(connection, thread: Thread, session: RealtimeSession, s
         pass
     finally:
         connection.realtime_sessions.discard(session)
+        connection.let_go_upstream(session)
         await socket.close()
         if thread.realtime is session:
             thread.realtime = None

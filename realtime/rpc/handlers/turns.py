@@ -107,63 +107,69 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         client_name=context.identity.client_name,
         connection_id=str(context.connection.connection_id),
     )
-    started = now_ms()
-    user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
-    turn.items.append(user_item)
-    thread.preview = thread.preview or _preview(user_inputs)
-    # The lock is the store's, deployment-wide: a turn of this thread running
-    # on any process refuses this one.
-    store = store_for(thread)
-    hub = thread_hub()
-    await hub.ensure_started()  # its channel is where turn/interrupt from elsewhere arrives
-    lock_seconds = settings.CODEX_TURN_LOCK_SECONDS
-    lease = Lease.forever() if thread.ephemeral else Lease.asked_now(lock_seconds)  # asked for from here
-    begin = asyncio.ensure_future(
-        # like Codex: a model override sticks for later turns
-        store.begin_turn(
-            thread, turn, hub.channel, lock_seconds, settings.CODEX_MAX_HISTORY_BYTES, model,
-            sandbox, approvals,
-        )  # fmt: skip
-    )
+    # Counted toward its principal from here: it will hold an upstream stream.
+    context.connection.hold_upstream(turn)
     try:
-        begun = await asyncio.shield(begin)
-    except asyncio.CancelledError:
-        # The client left while the lock was being taken: never leave it held.
-        begin.add_done_callback(lambda done: _release_if_taken(done, thread, turn, store))
+        started = now_ms()
+        user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
+        turn.items.append(user_item)
+        thread.preview = thread.preview or _preview(user_inputs)
+        # The lock is the store's, deployment-wide: a turn of this thread running
+        # on any process refuses this one.
+        store = store_for(thread)
+        hub = thread_hub()
+        await hub.ensure_started()  # its channel is where turn/interrupt from elsewhere arrives
+        lock_seconds = settings.CODEX_TURN_LOCK_SECONDS
+        lease = Lease.forever() if thread.ephemeral else Lease.asked_now(lock_seconds)  # asked for from here
+        begin = asyncio.ensure_future(
+            # like Codex: a model override sticks for later turns
+            store.begin_turn(
+                thread, turn, hub.channel, lock_seconds, settings.CODEX_MAX_HISTORY_BYTES, model,
+                sandbox, approvals,
+            )  # fmt: skip
+        )
+        try:
+            begun = await asyncio.shield(begin)
+        except asyncio.CancelledError:
+            # The client left while the lock was being taken: never leave it held.
+            begin.add_done_callback(lambda done: _release_if_taken(done, thread, turn, store))
+            raise
+        except WrittenButUnread:
+            release_abandoned(thread, turn, store)  # the lock and the turn were written: free them
+            raise
+        if begun is None:
+            raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
+        # The model and policy as stored, the overrides applied (another process's turn/start may have changed them).
+        history, thread.model, turn.row_id, taken_over, policy = begun
+        thread.sandbox_mode, thread.network_access, thread.approval_policy = policy
+        thread.active_turn = turn
+        hub.hold(thread)
+        thread.touch()
+        turn_context = TurnContext(
+            identity=context.identity,
+            connection=context.connection,
+            thread=thread,
+            turn=turn,
+            store=store,
+            history=history,
+            user_message=user_message(parts),
+            user_item=user_item,
+            config=UpstreamConfig.from_settings(),
+            max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
+            lock_seconds=lock_seconds,
+            lease=lease,
+            output_schema=output_schema,
+            taken_over=taken_over,
+            tools_enabled=not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal)),
+            max_tool_steps=settings.CODEX_MAX_TOOL_STEPS,
+            full_access_allowed=settings.CODEX_ALLOW_FULL_ACCESS,
+            offered_tools=offered_tools(
+                settings.CODEX_WEB_SEARCH, thread.dynamic_tools.for_model() if thread.dynamic_tools is not None else ()
+            ),
+        )
+    except BaseException:
+        context.connection.let_go_upstream(turn)  # never started: a later settle_turn will not run
         raise
-    except WrittenButUnread:
-        release_abandoned(thread, turn, store)  # the lock and the turn were written: free them
-        raise
-    if begun is None:
-        raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
-    # The model and policy as stored, the overrides applied (another process's turn/start may have changed them).
-    history, thread.model, turn.row_id, taken_over, policy = begun
-    thread.sandbox_mode, thread.network_access, thread.approval_policy = policy
-    thread.active_turn = turn
-    hub.hold(thread)
-    thread.touch()
-    turn_context = TurnContext(
-        identity=context.identity,
-        connection=context.connection,
-        thread=thread,
-        turn=turn,
-        store=store,
-        history=history,
-        user_message=user_message(parts),
-        user_item=user_item,
-        config=UpstreamConfig.from_settings(),
-        max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
-        lock_seconds=lock_seconds,
-        lease=lease,
-        output_schema=output_schema,
-        taken_over=taken_over,
-        tools_enabled=not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal)),
-        max_tool_steps=settings.CODEX_MAX_TOOL_STEPS,
-        full_access_allowed=settings.CODEX_ALLOW_FULL_ACCESS,
-        offered_tools=offered_tools(
-            settings.CODEX_WEB_SEARCH, thread.dynamic_tools.for_model() if thread.dynamic_tools is not None else ()
-        ),
-    )
 
     connection = context.connection
     connection.own_turns.add(turn)
