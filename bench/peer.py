@@ -78,6 +78,7 @@ def start_peer(bench, workdir: Path) -> ServerProcess:
 
 CHAT_TURN = "flood:20:16"  # a reply of 20 deltas
 TOOL_TURN = "exec[true]"  # the model runs `true`, then answers with its output: two model requests
+TOOL_STEPS_TURN = "exec[true] steps:10"  # ten tool steps, one `true` each: eleven model requests
 
 
 async def sequential_latency(ws_url: str, turns: int, text: str = CHAT_TURN, **thread_params) -> float:
@@ -92,7 +93,7 @@ async def sequential_latency(ws_url: str, turns: int, text: str = CHAT_TURN, **t
             started = time.perf_counter()
             completed = await client.run_turn(thread, text, timeout=60)
             assert completed["turn"]["status"] == "completed", completed
-            if text == TOOL_TURN:  # the command ran (the scripted model repeats its output): not refused
+            if text.startswith("exec["):  # the command ran (the scripted model repeats its output): not refused
                 said = [item["text"] for item in completed["turn"]["items"] if item["type"] == "agentMessage"]
                 assert "Process exited with code 0" in said[-1], completed
             latencies.append(time.perf_counter() - started)
@@ -124,18 +125,21 @@ def compare(bench, workdir: Path) -> dict:
     turns = 10 if bench.quick else 30
     samples = {"ours": [], "peer": []}
     tool_samples = {"ours": [], "peer": []}
+    steps_samples = {"ours": [], "peer": []}
     for _ in range(2 if bench.quick else 3):  # interleaved: both see the same machine
         for name, server in (("ours", ours), ("peer", peer)):
             samples[name].append(asyncio.run(sequential_latency(server.ws_url, turns)))
-            tool_samples[name].append(
-                asyncio.run(sequential_latency(server.ws_url, turns, TOOL_TURN, cwd=str(workspace), sandbox="read-only"))
-            )
+            for text, kept, count in ((TOOL_TURN, tool_samples, turns), (TOOL_STEPS_TURN, steps_samples, max(3, turns // 3))):
+                kept[name].append(
+                    asyncio.run(sequential_latency(server.ws_url, count, text, cwd=str(workspace), sandbox="read-only"))
+                )
     ours_wrong, ours_total, _ = asyncio.run(misattributed(bench, ours.ws_url))
     peer_wrong, peer_total, peer_seen = asyncio.run(misattributed(bench, peer.ws_url))
     bench.stop(ours)
     bench.stop(peer)
     ours_ms, peer_ms = statistics.median(samples["ours"]), statistics.median(samples["peer"])
     ours_tool_ms, peer_tool_ms = statistics.median(tool_samples["ours"]), statistics.median(tool_samples["peer"])
+    ours_steps_ms, peer_steps_ms = statistics.median(steps_samples["ours"]), statistics.median(steps_samples["peer"])
     return {
         "version": version,
         "ours_median_ms": ours_ms,
@@ -144,6 +148,9 @@ def compare(bench, workdir: Path) -> dict:
         "ours_tool_turn_median_ms": ours_tool_ms,
         "peer_tool_turn_median_ms": peer_tool_ms,
         "tool_turn_latency_ratio": ours_tool_ms / peer_tool_ms,
+        "ours_tool_steps_median_ms": ours_steps_ms,
+        "peer_tool_steps_median_ms": peer_steps_ms,
+        "tool_steps_latency_ratio": ours_steps_ms / peer_steps_ms,
         "ours_misattributed": ours_wrong,
         "ours_requests": ours_total,
         "peer_misattributed": peer_wrong,

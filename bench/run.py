@@ -252,6 +252,10 @@ def print_peer_report(results: dict) -> None:
             f"   a turn running one command (`true`): {p['ours_tool_turn_median_ms']:.1f} ms ours vs"
             f" {p['peer_tool_turn_median_ms']:.1f} ms peer = {p['tool_turn_latency_ratio']:.2f}"
         )
+        print(
+            f"   a turn of ten tool steps (`true` each): {p['ours_tool_steps_median_ms']:.1f} ms ours vs"
+            f" {p['peer_tool_steps_median_ms']:.1f} ms peer = {p['tool_steps_latency_ratio']:.2f}"
+        )
 
 
 def print_sandbox_report(results: dict) -> None:
@@ -732,6 +736,7 @@ def summary(results: dict) -> dict:
         "relay_vs_echo_ratio": results["relay"]["relay_vs_echo_ratio"],
         "peer_latency_ratio": peer_result.get("latency_ratio"),
         "tool_turn_peer_latency_ratio": peer_result.get("tool_turn_latency_ratio"),
+        "tool_steps_peer_latency_ratio": peer_result.get("tool_steps_latency_ratio"),
         "peer_misattributed": peer_result.get("peer_misattributed"),
         "fan_out_p50_ms": results["fan_out"]["p50_ms"],
         "fan_out_busy_p50_ms": results["fan_out"]["busy"]["p50_ms"],
