@@ -41,7 +41,9 @@ class StoredThread(models.Model):
     read_revision = models.PositiveIntegerField(default=0)
     # The sequence number of its newest turn, assigned by the database as the
     # turn's lock is taken: turns are ordered by it, never by a host's clock.
-    turn_sequence = models.PositiveBigIntegerField(default=0)
+    # (A database default too: a process of the previous release, still
+    # running during a rolling deploy, inserts rows without the column.)
+    turn_sequence = models.PositiveBigIntegerField(default=0, db_default=0)
     # The deployment-wide turn lock: the running turn, the channel of the
     # process running it (turn/interrupt from elsewhere goes there) and when
     # the lock lapses unless that process keeps extending it.
@@ -73,12 +75,12 @@ class StoredTurn(models.Model):
     # Identity is the request's: the connection that sent turn/start.
     originator = models.CharField(max_length=256, db_index=True)
     # and its clientInfo.name: infrastructure clients share an originator (PROTOCOL §5).
-    client_name = models.CharField(max_length=256, blank=True, default="")
+    client_name = models.CharField(max_length=256, blank=True, default="", db_default="")
     connection_id = models.UUIDField()
     status = models.CharField(max_length=16)
     # Its place in its thread (1, 2, …; ``StoredThread.turn_sequence``): the
     # conversation's order, whatever the clocks of the hosts that ran it say.
-    sequence = models.PositiveBigIntegerField(default=0)
+    sequence = models.PositiveBigIntegerField(default=0, db_default=0)
     error = models.JSONField(null=True, blank=True)
     started_at_ms = models.BigIntegerField()
     completed_at_ms = models.BigIntegerField(null=True, blank=True)

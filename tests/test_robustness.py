@@ -449,3 +449,32 @@ async def test_thread_start_without_cwd_works_after_the_servers_own_directory_wa
     await client.initialize("codex_vscode")
     started = await client.request("thread/start", {})
     assert "result" in started, started
+
+
+async def test_a_quiet_turn_whose_lock_cannot_be_extended_stops_when_its_lease_ends(connect, upstream, settings, caplog):
+    """Issue 24, 2: the database stops answering (here: every row writer is
+    held) while the model is quiet; the turn stops at its lease's end, not
+    whenever an extension that never returns would have."""
+    import threading
+
+    from identity.actions import row_writers
+
+    settings.CODEX_TURN_LOCK_SECONDS = 1.5
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "hang"}]})
+    await client.notification("turn/started", threadId=thread)
+    release = threading.Event()
+    held = [asyncio.wrap_future(row_writers().submit(release.wait, 30)) for _ in range(row_writers()._max_workers)]
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.5 * 0.8 + 1.0  # the lease, and a margin
+        while "could not extend its thread's lock in time; interrupting it" not in caplog.text:
+            assert loop.time() < deadline, "the turn went on past its lease"
+            await asyncio.sleep(0.05)
+    finally:
+        release.set()
+        await asyncio.gather(*held)
+    ended = await client.notification("turn/completed", threadId=thread, timeout=10)
+    assert ended["turn"]["status"] == "interrupted"

@@ -271,7 +271,8 @@ async def tokens_used() -> int:
 async def test_a_turn_that_lost_its_lock_to_a_takeover_cannot_write_its_end_over_the_interrupted_one():
     """Issue 24, 2 and 6: its process was stopped past its lease; another took
     the thread over and stored it interrupted. Waking, it finishes: refused,
-    so nobody is told a second outcome, and its tokens are not counted."""
+    so nobody is told a second outcome; its tokens still count toward its
+    principal's budget."""
     thread = new_thread()
     await DatabaseThreads.create(thread)
     sleeper = new_turn()
@@ -286,7 +287,7 @@ async def test_a_turn_that_lost_its_lock_to_a_takeover_cannot_write_its_end_over
     assert isinstance(outcome, turn_writes.TurnLost)
     assert await statuses_of(thread) == {sleeper.id: INTERRUPTED, taker.id: "inProgress"}
     assert await DatabaseThreads.running_turn(thread) == (taker.id, "channel")  # the taker keeps its lock
-    assert await tokens_used() == used
+    assert await tokens_used() == used + 15  # spent upstream all the same: counted toward the budget, once
     stored = await DatabaseThreads.turn(sleeper.id)
     assert [record.item["type"] for record in stored.items] == ["userMessage"]  # none of its output
 
@@ -391,3 +392,38 @@ async def test_a_turn_starts_keeps_its_lock_and_ends_while_every_store_reader_is
         release.set()
         await asyncio.gather(*busy)
     assert (await reading).status == COMPLETED
+
+
+def test_turns_stored_before_sequences_are_numbered_in_their_old_order_by_the_migration(transactional_db):
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    before, after = [("realtime", "0003_thread_sandbox")], [("realtime", "0004_turn_sequence")]
+    executor = MigrationExecutor(connection)
+    executor.migrate(before)
+    try:
+        apps = executor.loader.project_state(before).apps
+        principal = apps.get_model("identity", "Principal").objects.get(pk=OWNER["id"])
+        thread_model, turn_model = apps.get_model("realtime", "StoredThread"), apps.get_model("realtime", "StoredTurn")
+        from django.utils import timezone
+
+        thread = thread_model.objects.create(
+            thread_id=new_id(), principal=principal, model="m", model_provider="openai", cwd="/", originator="o",
+            created_at=timezone.now(), updated_at=timezone.now(),
+        )  # fmt: skip
+        for started in (300, 100, 200):
+            turn_model.objects.create(
+                turn_id=f"t{started}", thread=thread, principal=principal, originator="o",
+                connection_id="00000000-0000-0000-0000-000000000001", status="completed", started_at_ms=started,
+            )  # fmt: skip
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(after)
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(executor.loader.graph.leaf_nodes())
+    assert list(StoredTurn.objects.filter(thread_id=thread.pk).order_by("sequence").values_list("turn_id", "sequence")) == [
+        ("t100", 1), ("t200", 2), ("t300", 3),
+    ]  # fmt: skip
+    assert StoredThread.objects.get(pk=thread.pk).turn_sequence == 3

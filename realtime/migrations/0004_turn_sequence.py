@@ -5,15 +5,18 @@ from django.db import migrations, models
 
 def number_existing_turns(apps, schema_editor):
     """Turns stored before sequences existed are numbered in the order they
-    were listed then (start time, then row key)."""
-    threads = apps.get_model("realtime", "StoredThread")
-    turns = apps.get_model("realtime", "StoredTurn")
-    for thread in threads.objects.filter(turns__isnull=False).distinct().iterator():
-        numbered = list(turns.objects.filter(thread=thread).order_by("started_at_ms", "id").only("id"))
-        for number, turn in enumerate(numbered, start=1):
-            turn.sequence = number
-        turns.objects.bulk_update(numbered, ["sequence"], batch_size=500)
-        threads.objects.filter(pk=thread.pk).update(turn_sequence=len(numbered))
+    were listed then (start time, then row key): two statements, whatever
+    the number of threads (UPDATE … FROM: PostgreSQL, SQLite 3.33+)."""
+    turns = apps.get_model("realtime", "StoredTurn")._meta.db_table
+    threads = apps.get_model("realtime", "StoredThread")._meta.db_table
+    schema_editor.execute(
+        f"UPDATE {turns} SET sequence = numbered.place FROM ("
+        f"  SELECT id, ROW_NUMBER() OVER (PARTITION BY thread_id ORDER BY started_at_ms, id) AS place FROM {turns}"
+        f") AS numbered WHERE {turns}.id = numbered.id"
+    )
+    schema_editor.execute(
+        f"UPDATE {threads} SET turn_sequence = (SELECT COUNT(*) FROM {turns} WHERE {turns}.thread_id = {threads}.id)"
+    )
 
 
 class Migration(migrations.Migration):
@@ -31,17 +34,17 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='storedthread',
             name='turn_sequence',
-            field=models.PositiveBigIntegerField(default=0),
+            field=models.PositiveBigIntegerField(db_default=0, default=0),
         ),
         migrations.AddField(
             model_name='storedturn',
             name='client_name',
-            field=models.CharField(blank=True, default='', max_length=256),
+            field=models.CharField(blank=True, db_default='', default='', max_length=256),
         ),
         migrations.AddField(
             model_name='storedturn',
             name='sequence',
-            field=models.PositiveBigIntegerField(default=0),
+            field=models.PositiveBigIntegerField(db_default=0, default=0),
         ),
         migrations.RunPython(number_existing_turns, migrations.RunPython.noop),
         migrations.AddIndex(

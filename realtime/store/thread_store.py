@@ -14,6 +14,7 @@ and at its end, are batched with other turns' (``realtime.turn_writes``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
@@ -197,13 +198,15 @@ class DatabaseThreads:
 
     @staticmethod
     @database_sync_to_async
-    def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> bool:
-        """Extend a running turn's lock; False if it was lost."""
-        return bool(
-            StoredThread.objects.filter(thread_id=thread.id, running_turn_id=turn.id).update(
-                lock_expires_at=lock_until(lock_seconds)
-            )
+    def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> float | None:
+        """Extend a running turn's lock: when it was asked for (``time.monotonic()``,
+        taken here, after any wait for a row writer: the new expiry is at least
+        that plus ``lock_seconds``), or None if the lock was lost."""
+        asked_at = time.monotonic()
+        extended = StoredThread.objects.filter(thread_id=thread.id, running_turn_id=turn.id).update(
+            lock_expires_at=lock_until(lock_seconds)
         )
+        return asked_at if extended else None
 
     @staticmethod
     def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> Awaitable[dict[str, int]]:
@@ -311,14 +314,15 @@ class MemoryThreads:
         # back to back both passed the check and both ran (issue 24, 5).
         thread.active_turn = turn
         history = thread.history(max_history_bytes)
-        turn.sequence = thread.turns[-1].sequence + 1 if thread.turns else 1
+        thread.turn_sequence += 1  # a counter: trimming may leave no turn to count from
+        turn.sequence = thread.turn_sequence
         thread.turns.append(turn)
         mode, network = sandbox or (thread.sandbox_mode, thread.network_access)
         return history, model or thread.model, None, None, (mode, network, thread.approval_policy if approvals is None else approvals)
 
     @staticmethod
-    async def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> bool:
-        return True
+    async def keep_lock(thread: Thread, turn: Turn, lock_seconds: float) -> float | None:
+        return time.monotonic()
 
     @staticmethod
     async def finish_turn(thread: Thread, turn: Turn, first_new_item: int) -> dict[str, int]:

@@ -159,6 +159,7 @@ class Thread:
     active_turn: Turn | None = None
     realtime: RealtimeSession | None = None
     read_revision: int = 0
+    turn_sequence: int = 0  # an ephemeral thread's last turn's number (stored threads: the database's)
     total_usage: dict[str, int] = field(default_factory=dict)  # every turn's usage, summed
     subscribers: weakref.WeakSet[AppServerConnection] = field(default_factory=weakref.WeakSet)
 

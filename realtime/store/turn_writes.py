@@ -517,7 +517,8 @@ def finish(
             freed.append(row.pk)
     update_each(TURNS, END_FIELDS, turn_rows)
     insert_each(ITEMS, ITEM_COLUMNS, item_rows)
-    add_principal_usage(_usage_by_principal(writing))
+    # A lost turn's tokens were spent upstream all the same: they count toward its principal's budget.
+    add_principal_usage(_usage_by_principal([end for end in ends if settled.get(id(end), True) is not None]))
     if freed:
         _run(
             f"UPDATE {THREADS} SET running_turn_id = NULL, running_channel = NULL, lock_expires_at = NULL, "
@@ -558,18 +559,19 @@ def _settled_elsewhere(ends: list[FinishTurn]) -> dict[int, TurnLost | None]:
     if not ends:
         return {}
     stored = {
-        turn_id: (status, completed)
-        for turn_id, status, completed in _rows(
-            f"SELECT turn_id, status, completed_at_ms FROM {TURNS} WHERE turn_id IN ({_marks(len(ends))})",
+        turn_id: (status, completed, size)
+        for turn_id, status, completed, size in _rows(
+            f"SELECT turn_id, status, completed_at_ms, input_bytes FROM {TURNS} WHERE turn_id IN ({_marks(len(ends))})",
             [end.turn.id for end in ends],
         )
     }
     settled: dict[int, TurnLost | None] = {}
     for end in ends:
-        status, completed = stored[end.turn.id]
+        status, completed, size = stored[end.turn.id]
         if status == IN_PROGRESS:
             continue
-        if (status, completed) == (end.turn.status, end.turn.completed_at_ms):
+        # Another's mark stores no input (0 bytes); an end of ours always holds the user's message.
+        if (status, completed, size) == (end.turn.status, end.turn.completed_at_ms, end.turn.input_bytes):
             settled[id(end)] = None
         else:
             settled[id(end)] = TurnLost(f"turn {end.turn.id} lost its thread's lock and was stored {status} by another")

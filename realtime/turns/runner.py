@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -71,8 +70,14 @@ class TurnContext:
 
 async def run_turn(turn_context: TurnContext) -> None:
     connection, thread, turn = turn_context.connection, turn_context.thread, turn_context.turn
+    # Kept from the start: the announcement below waits on Redis and the database.
+    lock_keeper = asyncio.create_task(_keep_lock(turn_context), name=f"lock of turn {turn.id}")
     if turn_context.taken_over is not None:  # its end is heard before this turn starts
-        await _announce_taken_over(thread, *turn_context.taken_over)
+        try:
+            await _announce_taken_over(thread, *turn_context.taken_over)
+        except BaseException:
+            lock_keeper.cancel()
+            raise
     # Every subscriber sees the turn; the one that started it sets the pace.
     notify = functools.partial(thread_hub().publish, thread, pace_setter=connection)
     notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
@@ -86,7 +91,6 @@ async def run_turn(turn_context: TurnContext) -> None:
     def will_retry(failure: UpstreamError) -> None:
         notify("error", {"threadId": thread.id, "turnId": turn.id, "error": _error(failure.turn_error()), "willRetry": True})
 
-    lock_keeper = asyncio.create_task(_keep_lock(turn_context), name=f"lock of turn {turn.id}")
     try:
         for step in range(1, turn_context.max_tool_steps + 1):
             request = _model_request(turn_context, steps, tools)
@@ -156,9 +160,11 @@ async def run_turn(turn_context: TurnContext) -> None:
     # thread on turn/completed finds it there, from any process.
     total = await _store_end(turn_context)
     if total is None:
-        # Its end could not be stored: nobody is told an outcome the store
-        # does not hold. Its lock lapses, and the sweep ends it interrupted,
-        # for every subscriber on every process: one story, told once.
+        # Its end could not be stored, or another ended it (a takeover, the
+        # sweep): nobody is told an outcome the store does not hold. Its lock
+        # lapses, and the sweep ends it interrupted, for every subscriber on
+        # every process: one story, told once.
+        thread_hub().release_if_unused(thread)
         return
     # The turn as stored: without usage, and failed, if its output was not.
     if turn.usage is not None:
@@ -314,16 +320,19 @@ async def _keep_lock(turn_context: TurnContext) -> None:
             logger.warning("turn %s could not extend its thread's lock in time; interrupting it", turn.id)
             turn.interrupt()
             return
-        asked_at = time.monotonic()
         try:
-            if not await turn_context.store.keep_lock(turn_context.thread, turn, turn_context.lock_seconds):
+            # Never waited for past the lease: a database that does not answer
+            # (a dead peer's TCP retransmissions take minutes) stops the turn in time.
+            async with asyncio.timeout(max(0.01, lease.remaining())):
+                asked_at = await turn_context.store.keep_lock(turn_context.thread, turn, turn_context.lock_seconds)
+            if asked_at is None:
                 # Another process may already run a turn of this thread: one at a time.
                 logger.warning("turn %s lost its thread's lock; interrupting it", turn.id)
                 turn.interrupt()
                 return
             lease.extended(asked_at)
-        except Exception as exc:  # the database is down: try again before the lease runs out
-            logger.warning("could not extend the lock of turn %s: %s", turn.id, exc)
+        except Exception as exc:  # the database is down, or slow: try again before the lease runs out
+            logger.warning("could not extend the lock of turn %s: %r", turn.id, exc)
 
 
 def settle_turn(turn_context: TurnContext) -> None:
@@ -403,17 +412,22 @@ def announce_dead_processes_turn(thread: Thread, turn: Turn, idle: bool) -> None
         hub.publish(thread, "thread/status/changed", {"threadId": thread.id, "status": {"type": "idle"}})
 
 
+ANNOUNCE_SECONDS = 2.0  # for each step of announcing a taken-over turn
+
+
 async def _announce_taken_over(thread: Thread, turn_id: str, channel: str | None) -> None:
     """The turn whose lapsed lock this one took was stored interrupted: its
     subscribers hear it, and its process, if it was only stopped and wakes,
     is told to stop it (its lease has run out too, and its end is fenced)."""
     if channel is not None:
         try:
-            await thread_hub().interrupt_elsewhere(channel, thread, turn_id)
-        except Exception as exc:  # Redis down: its lease stops it
-            logger.warning("could not tell the process of turn %s to stop it: %s", turn_id, exc)
+            async with asyncio.timeout(ANNOUNCE_SECONDS):
+                await thread_hub().interrupt_elsewhere(channel, thread, turn_id)
+        except Exception as exc:  # Redis down or slow: its lease stops it
+            logger.warning("could not tell the process of turn %s to stop it: %r", turn_id, exc)
     try:
-        turn = await DatabaseThreads.turn(turn_id)
+        async with asyncio.timeout(ANNOUNCE_SECONDS):
+            turn = await DatabaseThreads.turn(turn_id)
     except Exception as exc:  # the database is down: they find it interrupted on reading
         logger.warning("could not announce the end of turn %s of a stopped process: %s", turn_id, exc)
         return

@@ -35,11 +35,11 @@ async def start_realtime(context, params: Any) -> dict[str, Any]:
     limit = settings.CODEX_MAX_REALTIME_CALLS_PER_CONNECTION
     if len(connection.realtime_sessions) >= limit:  # each holds an upstream call and socket
         raise JsonRpcError(INVALID_REQUEST, f"Realtime call limit reached ({limit} per connection)")
+    identity, config = context.identity, UpstreamConfig.from_settings()
     session = RealtimeSession()
     connection.hold_upstream(session)  # -32001 past its principal's upstream streams
     thread.realtime = session
     connection.realtime_sessions.add(session)
-    identity, config = context.identity, UpstreamConfig.from_settings()
     try:
         call = await realtime_calls.create_call(identity, sdp, config)
         async with upstream_errors.websocket_failures(config.api_base_url):

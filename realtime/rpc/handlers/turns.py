@@ -109,6 +109,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     )
     # Counted toward its principal from here: it will hold an upstream stream.
     context.connection.hold_upstream(turn)
+    holds_lock = False
     try:
         started = now_ms()
         user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
@@ -139,6 +140,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
             raise
         if begun is None:
             raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
+        holds_lock = True
         # The model and policy as stored, the overrides applied (another process's turn/start may have changed them).
         history, thread.model, turn.row_id, taken_over, policy = begun
         thread.sandbox_mode, thread.network_access, thread.approval_policy = policy
@@ -169,6 +171,8 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         )
     except BaseException:
         context.connection.let_go_upstream(turn)  # never started: a later settle_turn will not run
+        if holds_lock:
+            release_abandoned(thread, turn, store)  # nor will it free the thread
         raise
 
     connection = context.connection
