@@ -427,3 +427,20 @@ def test_turns_stored_before_sequences_are_numbered_in_their_old_order_by_the_mi
         ("t100", 1), ("t200", 2), ("t300", 3),
     ]  # fmt: skip
     assert StoredThread.objects.get(pk=thread.pk).turn_sequence == 3
+
+
+async def test_a_lost_turns_end_tried_again_counts_its_tokens_once_and_keeps_them_on_its_row():
+    thread = new_thread()
+    await DatabaseThreads.create(thread)
+    sleeper = new_turn()
+    (begun,) = await write_in_one_batch([turn_writes.BeginTurn(thread, sleeper, "stopped", -1, 1 << 20, None)])
+    sleeper.row_id = begun[2]
+    await write_in_one_batch([begin(thread, new_turn())])  # the takeover
+    used = await tokens_used()
+    end = turn_writes.FinishTurn(thread, ended(sleeper, "woke up"), 1)
+    for _ in range(2):  # the first batch committed, and its reply was lost
+        (outcome,) = await write_in_one_batch([end])
+        assert isinstance(outcome, turn_writes.TurnLost)
+    assert await tokens_used() == used + 15
+    stored = await DatabaseThreads.turn(sleeper.id)
+    assert stored.status == INTERRUPTED and stored.usage["totalTokens"] == 15

@@ -15,7 +15,8 @@ def number_existing_turns(apps, schema_editor):
         f") AS numbered WHERE {turns}.id = numbered.id"
     )
     schema_editor.execute(
-        f"UPDATE {threads} SET turn_sequence = (SELECT COUNT(*) FROM {turns} WHERE {turns}.thread_id = {threads}.id)"
+        f"UPDATE {threads} SET turn_sequence = (SELECT COUNT(*) FROM {turns} WHERE {turns}.thread_id = {threads}.id) "
+        f"WHERE EXISTS (SELECT 1 FROM {turns} WHERE {turns}.thread_id = {threads}.id)"
     )
 
 

@@ -495,7 +495,7 @@ def finish(
     for end in ends:
         if turn_pks.get(end.turn.id) is None or end.thread.id not in rows:
             raise NotStored(f"turn {end.turn.id} of thread {end.thread.id} is not stored")
-    settled = _settled_elsewhere([end for end in ends if rows[end.thread.id].running_turn_id != end.turn.id])
+    settled, lost_usage = _settled_elsewhere([end for end in ends if rows[end.thread.id].running_turn_id != end.turn.id])
     writing = [end for end in ends if id(end) not in settled]
     turn_rows, item_rows, freed = [], [], []
     for end in writing:
@@ -517,8 +517,16 @@ def finish(
             freed.append(row.pk)
     update_each(TURNS, END_FIELDS, turn_rows)
     insert_each(ITEMS, ITEM_COLUMNS, item_rows)
-    # A lost turn's tokens were spent upstream all the same: they count toward its principal's budget.
-    add_principal_usage(_usage_by_principal([end for end in ends if settled.get(id(end), True) is not None]))
+    # A lost turn's tokens were spent upstream all the same: they count toward
+    # its principal's budget, and are kept on its row, which also says they
+    # were counted (an end tried again after its batch committed is not).
+    usage_columns = ["has_usage", *USAGE_FIELDS.values()]
+    update_each(
+        TURNS,
+        usage_columns,
+        [(turn_pks[end.turn.id], [True, *(end.turn.usage[name] for name in USAGE_FIELDS)]) for end in lost_usage],
+    )
+    add_principal_usage(_usage_by_principal([*writing, *lost_usage]))
     if freed:
         _run(
             f"UPDATE {THREADS} SET running_turn_id = NULL, running_channel = NULL, lock_expires_at = NULL, "
@@ -551,31 +559,36 @@ def finish(
     return totals
 
 
-def _settled_elsewhere(ends: list[FinishTurn]) -> dict[int, TurnLost | None]:
+def _settled_elsewhere(ends: list[FinishTurn]) -> tuple[dict[int, TurnLost | None], list[FinishTurn]]:
     """Of ends whose turn does not hold its thread's lock: those stored
     already, by id of the end: ``TurnLost`` where another ended the turn,
     None where this same end was (its earlier try committed). Those still in
-    progress are not here: nobody told another story, so they are written."""
+    progress are not here: nobody told another story, so they are written.
+    And the lost ones whose usage is not on their row yet."""
     if not ends:
-        return {}
+        return {}, []
     stored = {
-        turn_id: (status, completed, size)
-        for turn_id, status, completed, size in _rows(
-            f"SELECT turn_id, status, completed_at_ms, input_bytes FROM {TURNS} WHERE turn_id IN ({_marks(len(ends))})",
+        turn_id: (status, completed, size, bool(counted))
+        for turn_id, status, completed, size, counted in _rows(
+            f"SELECT turn_id, status, completed_at_ms, input_bytes, has_usage FROM {TURNS} "
+            f"WHERE turn_id IN ({_marks(len(ends))})",
             [end.turn.id for end in ends],
         )
     }
     settled: dict[int, TurnLost | None] = {}
+    lost_usage: list[FinishTurn] = []
     for end in ends:
-        status, completed, size = stored[end.turn.id]
+        status, completed, size, counted = stored[end.turn.id]
         if status == IN_PROGRESS:
             continue
-        # Another's mark stores no input (0 bytes); an end of ours always holds the user's message.
+        # Another's mark stores no input (0 bytes); a turn that ran stores at least the user's message.
         if (status, completed, size) == (end.turn.status, end.turn.completed_at_ms, end.turn.input_bytes):
             settled[id(end)] = None
         else:
             settled[id(end)] = TurnLost(f"turn {end.turn.id} lost its thread's lock and was stored {status} by another")
-    return settled
+            if end.turn.usage and not counted:
+                lost_usage.append(end)
+    return settled, lost_usage
 
 
 def begin(

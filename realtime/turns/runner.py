@@ -72,24 +72,24 @@ async def run_turn(turn_context: TurnContext) -> None:
     connection, thread, turn = turn_context.connection, turn_context.thread, turn_context.turn
     # Kept from the start: the announcement below waits on Redis and the database.
     lock_keeper = asyncio.create_task(_keep_lock(turn_context), name=f"lock of turn {turn.id}")
-    if turn_context.taken_over is not None:  # its end is heard before this turn starts
-        try:
+    try:
+        if turn_context.taken_over is not None:  # its end is heard before this turn starts
             await _announce_taken_over(thread, *turn_context.taken_over)
-        except BaseException:
-            lock_keeper.cancel()
-            raise
-    # Every subscriber sees the turn; the one that started it sets the pace.
-    notify = functools.partial(thread_hub().publish, thread, pace_setter=connection)
-    notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
-    notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
-    translator = TurnEventTranslator(thread.id, turn, notify)
-    translator.announce(turn_context.user_item)
-    tools = _tool_context(turn_context, notify)
-    steps: list[dict[str, Any]] = []  # this turn's earlier responses and their calls' outputs
-    status, error = COMPLETED, None
+        # Every subscriber sees the turn; the one that started it sets the pace.
+        notify = functools.partial(thread_hub().publish, thread, pace_setter=connection)
+        notify("turn/started", {"threadId": thread.id, "turn": turn.to_json()})
+        notify("thread/status/changed", {"threadId": thread.id, "status": thread.status_json()})
+        translator = TurnEventTranslator(thread.id, turn, notify)
+        translator.announce(turn_context.user_item)
+        tools = _tool_context(turn_context, notify)
+        steps: list[dict[str, Any]] = []  # this turn's earlier responses and their calls' outputs
+        status, error = COMPLETED, None
 
-    def will_retry(failure: UpstreamError) -> None:
-        notify("error", {"threadId": thread.id, "turnId": turn.id, "error": _error(failure.turn_error()), "willRetry": True})
+        def will_retry(failure: UpstreamError) -> None:
+            notify("error", {"threadId": thread.id, "turnId": turn.id, "error": _error(failure.turn_error()), "willRetry": True})
+    except BaseException:
+        lock_keeper.cancel()  # (nothing below would: it must not extend the lock of a turn that never ran)
+        raise
 
     try:
         for step in range(1, turn_context.max_tool_steps + 1):
@@ -382,11 +382,13 @@ def release_abandoned(thread: Thread, turn: Turn, store) -> None:
     turn.finish(INTERRUPTED, None)
     if thread.active_turn is turn:  # (an ephemeral thread's claim is its lock)
         thread.active_turn = None
+    thread_hub().release_if_unused(thread)
     end_in_background(store.finish_turn(thread, turn, first_new_item=1))
 
 
 async def _end_unstarted(turn_context: TurnContext) -> None:
     if await _store_end(turn_context) is None:
+        thread_hub().release_if_unused(turn_context.thread)
         return  # not stored: the sweep ends it, once
     _announce_end(turn_context.thread, turn_context.turn, functools.partial(thread_hub().publish, turn_context.thread))
 
