@@ -88,10 +88,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         """Join every one of ``groups`` again, now: after a Redis restart or
         flush the groups are gone, and a member that stops refreshing
         (its process died) stops counting after ``group_expiry``."""
-        by_host: dict[int, list[str]] = {}
-        for group in groups:
-            by_host.setdefault(self.consistent_hash(group), []).append(group)
-        for index, on_host in by_host.items():
+        for index, on_host in self._by_host(groups).items():
             connection = self.connection(index)
             if self._refresh_script is None:
                 self._refresh_script = connection.register_script(REFRESH_GROUPS)
@@ -113,10 +110,7 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
         Redis. Whoever is a member by the time of this read, as by a group
         send's own, gets the message.
         """
-        by_host: dict[int, list[str]] = {}
-        for group in groups:
-            by_host.setdefault(self.consistent_hash(group), []).append(group)
-        hosts = list(by_host.items())
+        hosts = list(self._by_host(groups).items())
         read = await asyncio.gather(
             *(self._others_on_host(index, on_host, sender) for index, on_host in hosts), return_exceptions=True
         )
@@ -129,6 +123,13 @@ class ResilientRedisChannelLayer(RedisChannelLayer):
             else:
                 membership.followed.update(group for group, flag in zip(on_host, flags, strict=True) if flag)
         return membership
+
+    def _by_host(self, groups: list[str]) -> dict[int, list[str]]:
+        """``groups`` by the index of the Redis host that keeps each (sharding)."""
+        by_host: dict[int, list[str]] = {}
+        for group in groups:
+            by_host.setdefault(self.consistent_hash(group), []).append(group)
+        return by_host
 
     async def _others_on_host(self, index: int, groups: list[str], sender: str) -> list[int]:
         connection = self.connection(index)
