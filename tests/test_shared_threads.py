@@ -4,12 +4,12 @@ serve`` processes sharing this machine's PostgreSQL and Redis."""
 import asyncio
 import contextlib
 import signal
-import socket
 import subprocess
 import time
 
 import psycopg
 import pytest
+import redis
 from websockets.asyncio.client import connect as ws_connect
 
 from codexserver.devtools.server_process import free_port
@@ -279,9 +279,8 @@ class PrivateRedis:
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as probe:
-                probe.sendall(b"PING\r\n")
-                if probe.recv(16).startswith(b"+PONG"):
+            with contextlib.suppress(redis.exceptions.ConnectionError), self.client() as client:
+                if client.ping():
                     return
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
@@ -290,10 +289,8 @@ class PrivateRedis:
         self.process.terminate()
         self.process.wait(10)
 
-    def command(self, *words: str) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as connection:
-            connection.sendall(("*%d\r\n" % len(words) + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)).encode())
-            return connection.recv(65536)
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url, socket_timeout=5)
 
 
 @pytest.fixture
@@ -350,8 +347,8 @@ async def test_a_dead_processs_channel_leaves_its_groups_within_the_expiry(postg
         def queued_for_the_dead() -> int:
             # A process's channel holds what was sent to it and not read (channels_redis: a sorted set per process,
             # "asgithreads.…!", gone once empty).
-            keys = [key for key in private_redis.command("KEYS", "asgithreads.*").split(b"\r\n") if key.startswith(b"asgi")]
-            return sum(int(private_redis.command("ZCARD", key.decode())[1:].split(b"\r\n")[0]) for key in keys)
+            with private_redis.client() as client:
+                return sum(client.zcard(key) for key in client.keys("asgithreads.*"))
 
         # Kept streaming: once the dead channel has lapsed, nothing more is queued for it.
         await asyncio.sleep(GROUP_EXPIRY + 1)
