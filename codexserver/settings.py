@@ -286,6 +286,9 @@ CODEX_MAX_THREADS_PER_CONNECTION = _env_number("CODEX_MAX_THREADS_PER_CONNECTION
 CODEX_MAX_RUNNING_TURNS_PER_CONNECTION = _env_number("CODEX_MAX_RUNNING_TURNS_PER_CONNECTION", "16", int)
 # Bytes of earlier turns replayed as model input per thread (oldest dropped first).
 CODEX_MAX_HISTORY_BYTES = _env_number("CODEX_MAX_HISTORY_BYTES", str(4 * 1024 * 1024), int)
+# Bytes of threads' history kept per process for their next turn, so it need
+# not be read back from the database (realtime.store.history_cache); 0: none.
+CODEX_HISTORY_CACHE_BYTES = _env_number("CODEX_HISTORY_CACHE_BYTES", str(64 * 1024 * 1024), int)
 # A thread's turn lock lapses this long after its process last extended it
 # (every third of it): a process killed mid-turn frees its threads within it.
 CODEX_TURN_LOCK_SECONDS = _env_number("CODEX_TURN_LOCK_SECONDS", "30", float)

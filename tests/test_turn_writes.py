@@ -61,7 +61,7 @@ async def test_two_starts_of_one_thread_in_one_batch_take_the_lock_once():
     await DatabaseThreads.create(thread)
     first, second = new_turn(), new_turn()
     outcomes = await write_in_one_batch([begin(thread, first), begin(thread, second)])
-    assert outcomes[0][:2] == ("[]", "gpt-test") and outcomes[1] is None
+    assert (outcomes[0][0].text, outcomes[0][1]) == ("[]", "gpt-test") and outcomes[1] is None
     assert await DatabaseThreads.running_turn(thread) == (first.id, "channel")
 
 
@@ -76,7 +76,7 @@ async def test_an_end_and_the_next_start_in_one_batch_find_the_thread_free_and_t
     )
     assert totals["totalTokens"] == 15
     history, *_ = begun
-    assert json.loads(history) == json.loads(first.model_input)  # the end, written first in the batch, is replayed
+    assert json.loads(history.text) == json.loads(first.model_input)  # the end, written first in the batch, is replayed
     # Stored from its text as JSON, not as a JSON string: the ORM reads the items.
     stored = await database_sync_to_async(lambda: StoredTurn.objects.get(turn_id=first.id).model_input)()
     assert stored == json.loads(first.model_input)
@@ -90,7 +90,7 @@ async def test_a_write_that_fails_fails_alone_and_its_batch_is_written():
     outcomes = await write_in_one_batch(
         [begin(good_thread, turn), turn_writes.FinishTurn(thread_gone, never_begun, 1), begin(thread_gone, new_turn())]
     )
-    assert outcomes[0][:2] == ("[]", "gpt-test")
+    assert (outcomes[0][0].text, outcomes[0][1]) == ("[]", "gpt-test")
     assert isinstance(outcomes[1], turn_writes.NotStored)
     assert outcomes[2] is None  # no such thread: nothing to lock
     assert await DatabaseThreads.running_turn(good_thread) == (turn.id, "channel")
@@ -124,7 +124,7 @@ async def test_a_turn_stored_by_the_earlier_code_is_replayed():
         lambda: StoredTurn.objects.filter(turn_id=earlier.id).update(model_input=items, input_bytes=70)
     )()
     history, *_ = await DatabaseThreads.begin_turn(thread, new_turn(), "channel", 30, 1 << 20, None)
-    assert json.loads(history) == items
+    assert json.loads(history.text) == items
 
 
 async def test_history_is_bounded_newest_first_across_threads_of_one_batch():
@@ -140,7 +140,7 @@ async def test_history_is_bounded_newest_first_across_threads_of_one_batch():
     outcomes = await write_in_one_batch(
         [turn_writes.BeginTurn(thread, new_turn(), "channel", 30, bound, None) for thread in (short, long)]
     )
-    texts = [[item["content"][0]["text"] for item in json.loads(history)] for history, *_ in outcomes]
+    texts = [[item["content"][0]["text"] for item in json.loads(history.text)] for history, *_ in outcomes]
     assert texts == [["a"], ["two", "three"]]
     assert await database_sync_to_async(lambda: StoredThread.objects.filter(running_turn_id__isnull=False).count())() == 2
 
@@ -321,7 +321,7 @@ async def test_turns_are_numbered_by_the_database_and_replayed_in_that_order_wha
         turn.row_id = begun[2]
         await write_in_one_batch([turn_writes.FinishTurn(thread, ended(turn, words), 1)])
     (begun,) = await write_in_one_batch([begin(thread, new_turn())])
-    assert [part["content"][0]["text"] for part in json.loads(begun[0])] == ["first", "second", "third"]
+    assert [part["content"][0]["text"] for part in json.loads(begun[0].text)] == ["first", "second", "third"]
     page, more = await DatabaseThreads.turn_page(thread, True, None, 10, with_items=False)
     assert [turn.sequence for turn in page] == [1, 2, 3, 4] and not more
 

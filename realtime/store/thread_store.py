@@ -174,12 +174,14 @@ class DatabaseThreads:
         model: str | None,
         sandbox: tuple[str, bool] | None = None,
         approvals: Any = None,
+        cached_sequence: int | None = None,
     ) -> Awaitable[Begun | None]:
         """Take the thread's turn lock and store the turn with its user message;
         ``model``, ``sandbox`` and ``approvals`` (the request's overrides)
         stick for later turns.
 
-        Gives the history to replay before it (a JSON array's text), the
+        Gives the history to replay before it (None if no turn began since
+        the one numbered ``cached_sequence``, whose history the caller has), the
         thread's model and policy as stored (another process may have changed
         them) with the overrides applied, the turn's row key and the turn
         whose lapsed lock it took over with its process's channel, or None
@@ -187,7 +189,9 @@ class DatabaseThreads:
         died, or stopped) is taken over, and the turn it held is marked
         interrupted.
         """
-        return turn_writes.submit(BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model, sandbox, approvals))
+        return turn_writes.submit(
+            BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model, sandbox, approvals, cached_sequence)
+        )
 
     @staticmethod
     @database_read_to_async
@@ -307,6 +311,7 @@ class MemoryThreads:
         model: str | None,
         sandbox: tuple[str, bool] | None = None,
         approvals: Any = None,
+        cached_sequence: int | None = None,  # (its history is its own: always current)
     ) -> Begun | None:
         if thread.active_turn is not None:
             return None

@@ -42,23 +42,43 @@ def now_ms() -> int:
 
 
 def newest_within(earlier: Iterable[tuple[str, int]], max_bytes: int) -> str:
-    """The model input to replay, as a JSON array's text. ``earlier`` is
-    (input items as a JSON array's text, its size as this server encoded it,
-    ASCII-escaped) of earlier turns, newest first; the newest that fit in
-    ``max_bytes`` are kept, whole turns only, oldest first.
+    """The model input to replay, as a JSON array's text (``History.within``)."""
+    return History.within(earlier, max_bytes).text
 
-    The texts are joined, never decoded: a thread's history may be
-    CODEX_MAX_HISTORY_BYTES (4 MiB), which each turn start would otherwise
-    decode on the row writer and encode again on the event loop (15 ms of
-    held GIL per turn for 4 MiB, every connection of the process waiting)."""
-    kept: list[str] = []
-    budget = max_bytes
-    for items, size in earlier:
-        if size > budget:
-            break
-        budget -= size
-        kept.append(array_items(items))
-    return joined_arrays(kept[::-1])
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a turn replays: its thread's earlier turns' model input.
+
+    ``turns`` are (input items as a JSON array's text, its size as this server
+    encoded it, ASCII-escaped), newest first; ``text`` is their items joined,
+    oldest first, as one JSON array's text. The texts are joined, never
+    decoded: a thread's history may be CODEX_MAX_HISTORY_BYTES (4 MiB), which
+    each turn start would otherwise decode on the row writer and encode again
+    on the event loop (15 ms of held GIL per turn for 4 MiB, every connection
+    of the process waiting)."""
+
+    turns: tuple[tuple[str, int], ...] = ()
+    text: str = "[]"
+
+    @classmethod
+    def within(cls, earlier: Iterable[tuple[str, int]], max_bytes: int) -> History:
+        """The newest of ``earlier`` (newest first) that fit in ``max_bytes``, whole turns only."""
+        kept: list[tuple[str, int]] = []
+        budget = max_bytes
+        for items, size in earlier:
+            if size > budget:
+                break
+            budget -= size
+            kept.append((items, size))
+        return cls(tuple(kept), joined_arrays([array_items(items) for items, _ in reversed(kept)]))
+
+    def then(self, model_input: str, input_bytes: int, max_bytes: int) -> History:
+        """This history followed by one more turn's input, within ``max_bytes``
+        (a turn with none, as the database does, adds nothing)."""
+        if input_bytes <= 0:
+            return self
+        return History.within(((model_input, input_bytes), *self.turns), max_bytes)
 
 
 @dataclass(eq=False)
@@ -165,11 +185,10 @@ class Thread:
 
     # --- conversation -------------------------------------------------------
 
-    def history(self, max_bytes: int) -> str:
-        """Model input of the earlier turns, newest kept first within
-        ``max_bytes``, as a JSON array's text (``newest_within``)."""
+    def history(self, max_bytes: int) -> History:
+        """Model input of the earlier turns, newest kept first within ``max_bytes``."""
         earlier = ((turn.model_input, turn.input_bytes) for turn in reversed(self.turns) if turn is not self.active_turn)
-        return newest_within(earlier, max_bytes)
+        return History.within(earlier, max_bytes)
 
     def trim(self, max_bytes: int) -> None:
         """Drop the oldest finished turns past ``max_bytes`` of stored input."""

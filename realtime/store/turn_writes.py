@@ -48,7 +48,7 @@ from identity.actions import row_writers
 from identity.models import Principal
 from realtime.models import USAGE_FIELDS, StoredItem, StoredThread, StoredTurn
 
-from .threads import IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn, newest_within, now_ms
+from .threads import IN_PROGRESS, INTERRUPTED, History, ItemRecord, Thread, Turn, now_ms
 
 # Columns given JSON already encoded, as text (``_json_text``).
 JSON_TEXT_COLUMNS = {"model_input"}
@@ -59,10 +59,11 @@ END_FIELDS = ["status", "error", "completed_at_ms", "model_input", "input_bytes"
 # A thread's sandbox mode, network access and approval policy (PROTOCOL §11).
 ThreadPolicy = tuple[str, bool, Any]
 POLICY_COLUMNS = ("sandbox_mode", "network_access", "approval_policy")
-# What a turn's start gives back: the history to replay, the thread's model,
+# What a turn's start gives back: the history to replay (None: the one the
+# start said it had cached is current), the thread's model,
 # the turn's row key, the turn whose lapsed lock it took and that turn's
 # process's channel, and the thread's policy.
-Begun = tuple[str, str, int | None, tuple[str, str | None] | None, ThreadPolicy]
+Begun = tuple[History | None, str, int | None, tuple[str, str | None] | None, ThreadPolicy]
 
 
 @dataclass(eq=False)
@@ -77,6 +78,9 @@ class BeginTurn:
     # overrides of the stored ones, which stick too (None: keep the stored).
     sandbox: tuple[str, bool] | None = None
     approvals: Any = None
+    # The number of the thread's newest turn whose history this process
+    # keeps (``history_cache``): if no turn began since, none is read.
+    cached_sequence: int | None = None
 
 
 @dataclass(eq=False)
@@ -595,12 +599,14 @@ def begin(
     starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
 ) -> Callable[[], list[Begun | None]]:
     """Take each thread's lock and store its turn, numbered next in its
-    thread: (history to replay, the thread's model, the turn's row key, the
+    thread: (history to replay, or None where the start's cached one is
+    current, the thread's model, the turn's row key, the
     turn whose lapsed lock it took over and its process's channel, the
     thread's policy), or None where another turn holds the lock; to read
     once committed."""
     now_sql, now_params = now
     taken: list[tuple[BeginTurn, _ThreadRow]] = []
+    cache_current: set[int] = set()  # by start: no turn began since the history it has
     lapsed_turns: dict[int, tuple[str, str | None]] = {}  # by start: the turn whose lapsed lock it takes, its channel
     for start in starts:
         row = rows.get(start.thread.id)
@@ -609,6 +615,8 @@ def begin(
         if row.running_turn_id:
             lapsed_turns[id(start)] = (row.running_turn_id, row.running_channel)
         row.running_turn_id, row.running_channel, row.held = start.turn.id, start.channel, True
+        if start.cached_sequence is not None and start.cached_sequence == row.sequence:
+            cache_current.add(id(start))
         row.sequence += 1
         start.turn.sequence = row.sequence
         row.model = start.model or row.model
@@ -642,12 +650,18 @@ def begin(
         mark_interrupted([turn_id for turn_id, _ in lapsed_turns.values()])
     turn_pks = _insert_turns(taken)
     _insert_first_items(taken)
-    histories = _histories_later(taken)
+    histories = _histories_later([(start, row) for start, row in taken if id(start) not in cache_current])
 
     def begun() -> list[Begun | None]:
         pks, earlier = turn_pks(), histories()
         by_start = {
-            id(start): (earlier[row.pk], row.model, pks[start.turn.id], lapsed_turns.get(id(start)), row.policy)
+            id(start): (
+                None if id(start) in cache_current else earlier[row.pk],
+                row.model,
+                pks[start.turn.id],
+                lapsed_turns.get(id(start)),
+                row.policy,
+            )
             for start, row in taken
         }
         return [by_start.get(id(start)) for start in starts]
@@ -726,12 +740,14 @@ def _insert_first_items(taken: list[tuple[BeginTurn, _ThreadRow]]) -> None:
             )
 
 
-def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[int, str]]:
+def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[int, History]]:
     """Each thread's model input of its earlier turns (a JSON array's text,
     never decoded), newest kept first within its bound, to read later: one
     query for every thread of the batch, bounded in the database by a
     running total of their sizes. The batch's
     new turns have no input yet (``input_bytes`` 0): none is replayed."""
+    if not taken:
+        return dict
     most = max(start.max_history_bytes for start, _ in taken)
     thread_pks = [row.pk for _, row in taken]
     earlier = _rows_later(
@@ -743,14 +759,14 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], 
         [*thread_pks, most],
     )
 
-    def histories() -> dict[int, str]:
+    def histories() -> dict[int, History]:
         by_thread: dict[int, list[tuple[str, int]]] = {pk: [] for pk in thread_pks}
         for thread_pk, stored_input, size in earlier():
             # Text on both databases: Django's PostgreSQL backend reads jsonb
             # as text too (its JSONField decodes it). Anything else is encoded.
             text = stored_input if isinstance(stored_input, str) else json.dumps(stored_input)
             by_thread[thread_pk].append((text, size))
-        return {row.pk: newest_within(by_thread[row.pk], start.max_history_bytes) for start, row in taken}
+        return {row.pk: History.within(by_thread[row.pk], start.max_history_bytes) for start, row in taken}
 
     return histories
 

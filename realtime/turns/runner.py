@@ -16,9 +16,10 @@ from realtime.services import telemetry
 from realtime.services.config import UpstreamConfig
 from realtime.services.responses import ModelRequest, stream_model_response
 from realtime.services.upstream_errors import UpstreamError
+from realtime.store.history_cache import history_cache
 from realtime.store.storable_text import made_storable
 from realtime.store.thread_store import DatabaseThreads, MemoryThreads
-from realtime.store.threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, ItemRecord, Thread, Turn
+from realtime.store.threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, History, ItemRecord, Thread, Turn
 from realtime.store.turn_writes import ONE_WRITES_FAULT, NotStored, TurnLost
 from realtime.tools.commands import (
     CommandContext,
@@ -50,7 +51,7 @@ class TurnContext:
     thread: Thread
     turn: Turn
     store: type[DatabaseThreads] | type[MemoryThreads]
-    history: str  # model input of the earlier turns, a JSON array's text as the store read it
+    history: History  # model input of the earlier turns, as the store read it (or this process kept it)
     user_message: dict[str, Any]  # Responses API input item
     user_item: ItemRecord  # the same message as a ThreadItem
     config: UpstreamConfig
@@ -224,7 +225,7 @@ def _model_request(turn_context: TurnContext, steps: list[dict[str, Any]], tools
     return ModelRequest(
         thread_id=thread.id,
         model=thread.model,
-        history=turn_context.history,
+        history=turn_context.history.text,
         input=[turn_context.user_message, *steps],
         instructions=instructions,
         output_schema=turn_context.output_schema,
@@ -246,14 +247,14 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int] | None:
     thread.trim(turn_context.max_history_bytes)
     thread.touch()
     try:
-        return await _end_written(turn_context)
+        return _remember_history(turn_context, await _end_written(turn_context))
     except TurnLost as exc:
         logger.warning("%s; its end is the one already told", exc)
-        return None
+        return _forget_history(thread, None)
     except ONE_WRITES_FAULT as exc:
         if isinstance(exc, NotStored):
             logger.error("could not store the end of turn %s: %r", turn.id, exc, exc_info=exc)
-            return dict(turn.usage or {})
+            return _forget_history(thread, dict(turn.usage or {}))
         # Something of the turn's own that the database refused (its other
         # writes went through): stored failed, without its output, its
         # thread is free now rather than when its lock lapses.
@@ -263,12 +264,28 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int] | None:
         _drop_output(turn)
     except Exception:
         logger.exception("could not store the end of turn %s; its lock will lapse and the sweep end it", turn.id)
-        return None
+        return _forget_history(thread, None)
     try:
-        return await _end_written(turn_context)
+        return _remember_history(turn_context, await _end_written(turn_context))
     except Exception:
         logger.exception("could not store the end of turn %s; its lock will lapse and the sweep end it", turn.id)
-        return None
+        return _forget_history(thread, None)
+
+
+def _remember_history(turn_context: TurnContext, total: dict[str, int]) -> dict[str, int]:
+    """The turn's end is stored as this process has it: the thread's next
+    turn here replays what the database holds without reading it."""
+    thread, turn = turn_context.thread, turn_context.turn
+    if not thread.ephemeral:
+        history = turn_context.history.then(turn.model_input, turn.input_bytes, turn_context.max_history_bytes)
+        history_cache().remember(thread.id, turn.sequence, history)
+    return total
+
+
+def _forget_history(thread: Thread, total: dict[str, int] | None) -> dict[str, int] | None:
+    if not thread.ephemeral:
+        history_cache().forget(thread.id)
+    return total
 
 
 async def _end_written(turn_context: TurnContext) -> dict[str, int]:

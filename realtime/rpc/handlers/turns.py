@@ -9,6 +9,7 @@ from django.conf import settings
 
 from realtime.fanout.thread_hub import thread_hub
 from realtime.services.config import UpstreamConfig
+from realtime.store.history_cache import history_cache
 from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
 from realtime.store.turn_writes import WrittenButUnread
@@ -122,11 +123,12 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         await hub.ensure_started()  # its channel is where turn/interrupt from elsewhere arrives
         lock_seconds = settings.CODEX_TURN_LOCK_SECONDS
         lease = Lease.forever() if thread.ephemeral else Lease.asked_now(lock_seconds)  # asked for from here
+        cached = None if thread.ephemeral else history_cache().get(thread.id)
         begin = asyncio.ensure_future(
             # like Codex: a model override sticks for later turns
             store.begin_turn(
                 thread, turn, hub.channel, lock_seconds, settings.CODEX_MAX_HISTORY_BYTES, model,
-                sandbox, approvals,
+                sandbox, approvals, cached_sequence=cached.sequence if cached is not None else None,
             )  # fmt: skip
         )
         try:
@@ -143,6 +145,8 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         holds_lock = True
         # The model and policy as stored, the overrides applied (another process's turn/start may have changed them).
         history, thread.model, turn.row_id, taken_over, policy = begun
+        if history is None:  # no turn began since the one whose history this process kept
+            history = cached.history
         thread.sandbox_mode, thread.network_access, thread.approval_policy = policy
         thread.active_turn = turn
         hub.hold(thread)

@@ -1,0 +1,143 @@
+"""A thread's history kept by the process that ran its last turn
+(realtime/store/history_cache.py): its next turn here reads none back, and
+a turn of it anywhere else in between makes that turn read it again."""
+
+from __future__ import annotations
+
+import pytest
+from channels.db import database_sync_to_async
+
+from identity.principals import local_principal
+from realtime.store import turn_writes
+from realtime.store.history_cache import HistoryCache, history_cache
+from realtime.store.thread_store import DatabaseThreads
+from realtime.store.threads import COMPLETED, History, ItemRecord, Turn, new_id, now_ms
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def requests_of(upstream, thread: str) -> list[list]:
+    return [r.body["input"] for r in upstream.model_requests() if r.headers.get("session-id") == thread]
+
+
+def texts(model_input: list) -> list[str]:
+    return [part["text"] for item in model_input if item.get("role") == "user" for part in item["content"]]
+
+
+@pytest.fixture
+def history_reads(monkeypatch) -> list[int]:
+    """How many threads each batch read the history of."""
+    reads = []
+    real = turn_writes._histories_later
+
+    def counted(taken):
+        if taken:
+            reads.append(len(taken))
+        return real(taken)
+
+    monkeypatch.setattr(turn_writes, "_histories_later", counted)
+    return reads
+
+
+async def test_a_threads_next_turn_here_replays_its_history_without_reading_it(connect, upstream, history_reads):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    for text in ("one", "two", "three"):
+        await client.run_turn(thread, text)
+    first, second, third = requests_of(upstream, thread)
+    assert history_reads == [1]  # the first turn's: nothing was kept for the thread yet
+    # Each replays every earlier turn, the model's replies included, exactly as a read would have.
+    assert second[: len(first)] == first and third[: len(second)] == second
+    assert texts(third) == ["one", "two", "three"]
+
+
+async def test_a_turn_of_the_thread_on_another_process_makes_the_next_start_here_read_it(
+    connect, upstream, history_reads
+):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread_id = await client.start_thread()
+    await client.run_turn(thread_id, "here")
+    # Another process (its own Thread object, its own writes) runs a turn of the thread.
+    elsewhere, _ = await DatabaseThreads.load(thread_id, await database_sync_to_async(lambda: local_principal().pk)())
+    turn = Turn(new_id(), originator="codex_vscode", connection_id=str(new_id()))
+    turn.items.append(ItemRecord({"id": new_id(), "type": "userMessage", "content": []}, now_ms(), now_ms()))
+    assert await DatabaseThreads.begin_turn(elsewhere, turn, "elsewhere", 30, 1 << 20, None) is not None
+    turn.remember_input([{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "there"}]}])
+    turn.finish(COMPLETED, None)
+    await DatabaseThreads.finish_turn(elsewhere, turn, 1)
+    history_reads.clear()
+
+    await client.run_turn(thread_id, "here again")
+    assert history_reads == [1]
+    assert texts(requests_of(upstream, thread_id)[-1]) == ["here", "there", "here again"]
+    await client.run_turn(thread_id, "and once more")  # kept again, with the other process's turn
+    assert history_reads == [1]
+    assert texts(requests_of(upstream, thread_id)[-1]) == ["here", "there", "here again", "and once more"]
+
+
+async def test_a_turn_whose_end_was_lost_leaves_nothing_kept(connect, upstream, monkeypatch):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await client.run_turn(thread, "kept")
+    assert history_cache().get(thread) is not None
+
+    def lost(thread_, turn, first_new_item):
+        raise turn_writes.TurnLost(f"turn {turn.id} lost its thread's lock")
+
+    monkeypatch.setattr(DatabaseThreads, "finish_turn", staticmethod(lost))
+    await client.request("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "lost"}]})
+    await upstream_done(upstream, thread, 2)
+    for _ in range(100):
+        if history_cache().get(thread) is None:
+            break
+        await _tick()
+    assert history_cache().get(thread) is None
+
+
+async def upstream_done(upstream, thread: str, count: int) -> None:
+    for _ in range(500):
+        if len(requests_of(upstream, thread)) >= count:
+            return
+        await _tick()
+    raise AssertionError("the model request never came")
+
+
+async def _tick() -> None:
+    import asyncio
+
+    await asyncio.sleep(0.01)
+
+
+def history(*texts_and_sizes: tuple[str, int]) -> History:
+    return History.within(texts_and_sizes, 1 << 20)
+
+
+def test_the_cache_is_bounded_in_bytes_least_recently_used_first_out():
+    cache = HistoryCache(max_bytes=3_200)  # three of these entries fit
+    for thread in ("a", "b", "c"):
+        cache.remember(thread, 1, history(("[" + "1" * 700 + "]", 702)))
+    assert cache.get("a") is not None  # a is now the most recently used
+    cache.remember("d", 1, history(("[" + "1" * 700 + "]", 702)))
+    assert [thread for thread in "abcd" if cache.get(thread) is not None] == ["a", "c", "d"]
+    assert cache.size <= 3_200
+    cache.remember("huge", 1, history(("[" + "1" * 5_000 + "]", 5_002)))  # larger than all of it: not kept
+    assert cache.get("huge") is None and cache.get("a") is not None
+
+
+def test_an_older_turns_history_never_replaces_a_newer_ones():
+    cache = HistoryCache(max_bytes=1 << 20)
+    cache.remember("t", 5, history(("[5]", 3)))
+    cache.remember("t", 4, history(("[4]", 3)))
+    assert cache.get("t").sequence == 5
+    cache.forget("t")
+    assert cache.get("t") is None and cache.size == 0
+
+
+def test_a_turn_with_no_input_adds_nothing_and_the_bound_drops_the_oldest():
+    earlier = history(("[2]", 3), ("[1]", 3))
+    assert earlier.text == "[1, 2]"
+    assert earlier.then("[]", 0, 1 << 20) is earlier
+    assert earlier.then("[3]", 3, 6).text == "[2, 3]"
