@@ -32,6 +32,7 @@ from realtime.tools.definitions import AGENT_INSTRUCTIONS, environment_context
 from realtime.tools.exec_sessions import command_sessions
 from realtime.tools.workspace import thread_sandbox
 
+from .early_stream import EarlyStream
 from .lease import Lease
 from .stream_events import TurnEventTranslator
 from .tool_calls import aborted_output, run_calls
@@ -67,6 +68,8 @@ class TurnContext:
     max_tool_steps: int = 1
     full_access_allowed: bool = False
     offered_tools: tuple[dict[str, Any], ...] = ()  # to the model, where tools are enabled
+    # Its first model request, sent while its start was written (``early_stream``).
+    early: EarlyStream | None = None
 
 
 async def run_turn(turn_context: TurnContext) -> None:
@@ -94,10 +97,12 @@ async def run_turn(turn_context: TurnContext) -> None:
 
     try:
         for step in range(1, turn_context.max_tool_steps + 1):
-            request = _model_request(turn_context, steps, tools)
-            async with aclosing(
-                stream_model_response(turn_context.identity, request, turn_context.config, on_retry=will_retry)
-            ) as events:
+            if step == 1 and turn_context.early is not None:
+                stream = turn_context.early.events(on_retry=will_retry)
+            else:
+                request = _model_request(turn_context, steps)
+                stream = stream_model_response(turn_context.identity, request, turn_context.config, on_retry=will_retry)
+            async with aclosing(stream) as events:
                 async for event in events:
                     await connection.outbox.wait_for_room()  # a slow client slows the stream
                     if turn_context.lease.lapsed:
@@ -214,22 +219,48 @@ def _tool_context(turn_context: TurnContext, notify) -> CommandContext | None:
     )
 
 
-def _model_request(turn_context: TurnContext, steps: list[dict[str, Any]], tools: CommandContext | None) -> ModelRequest:
+def _model_request(turn_context: TurnContext, steps: list[dict[str, Any]]) -> ModelRequest:
     """The next request of the turn: the history, this turn's message, and what
     the model said and its tools answered so far."""
     thread = turn_context.thread
+    return model_request(
+        thread,
+        thread.model,
+        (thread.sandbox_mode, thread.network_access, thread.approval_policy),
+        turn_context.history,
+        [turn_context.user_message, *steps],
+        turn_context.output_schema,
+        turn_context.offered_tools if turn_context.tools_enabled else None,
+    )
+
+
+def first_model_request(turn_context: TurnContext) -> ModelRequest:
+    return _model_request(turn_context, [])
+
+
+def model_request(
+    thread: Thread,
+    model: str,
+    policy: tuple[str, bool, Any],
+    history: History,
+    input_items: list[dict[str, Any]],
+    output_schema: dict[str, Any] | None,
+    tools: tuple[dict[str, Any], ...] | None,
+) -> ModelRequest:
+    """A request of a turn of ``thread`` with this model and policy (sandbox
+    mode, network access, approvals); ``tools`` None: the thread has none."""
     instructions = thread.base_instructions
     if tools is not None:
-        context = environment_context(thread.cwd, thread.sandbox_mode, thread.network_access, thread.approval_policy)
+        context = environment_context(thread.cwd, *policy)
         instructions = f"{instructions or AGENT_INSTRUCTIONS}\n\n{context}"
     return ModelRequest(
         thread_id=thread.id,
-        model=thread.model,
-        history=turn_context.history.text,
-        input=[turn_context.user_message, *steps],
+        model=model,
+        history=history.text,
+        input=input_items,
         instructions=instructions,
-        output_schema=turn_context.output_schema,
-        tools=turn_context.offered_tools if tools is not None else (),
+        output_schema=output_schema,
+        tools=tools or (),
     )
 
 
@@ -357,6 +388,8 @@ def settle_turn(turn_context: TurnContext) -> None:
     step (the client left at once) ran none of ``run_turn``, so its turn is
     ended here, or the thread would stay busy for good."""
     turn = turn_context.turn
+    if turn_context.early is not None:  # (a turn cancelled before its first step never took it)
+        turn_context.early.cancel()
     turn_context.connection.own_turns.discard(turn)
     turn_context.connection.let_go_upstream(turn)
     if turn.status != IN_PROGRESS:

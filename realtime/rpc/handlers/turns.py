@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from django.conf import settings
@@ -15,8 +16,17 @@ from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_
 from realtime.store.turn_writes import WrittenButUnread
 from realtime.tools.definitions import offered_tools
 from realtime.tools.workspace import within_workspace, workspace_roots
+from realtime.turns.early_stream import EarlyStream
 from realtime.turns.lease import Lease
-from realtime.turns.runner import TurnContext, release_abandoned, run_turn, settle_turn, user_message
+from realtime.turns.runner import (
+    TurnContext,
+    first_model_request,
+    model_request,
+    release_abandoned,
+    run_turn,
+    settle_turn,
+    user_message,
+)
 
 from ..params import optional_model, params_object, require_storable, required_list, required_str
 from ..policy_params import approval_policy, turn_sandbox
@@ -111,6 +121,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     # Counted toward its principal from here: it will hold an upstream stream.
     context.connection.hold_upstream(turn)
     holds_lock = False
+    early: EarlyStream | None = None
     try:
         started = now_ms()
         user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
@@ -124,6 +135,11 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         lock_seconds = settings.CODEX_TURN_LOCK_SECONDS
         lease = Lease.forever() if thread.ephemeral else Lease.asked_now(lock_seconds)  # asked for from here
         cached = None if thread.ephemeral else history_cache().get(thread.id)
+        config = UpstreamConfig.from_settings()
+        tools_enabled = not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal))
+        tools = offered_tools(
+            settings.CODEX_WEB_SEARCH, thread.dynamic_tools.for_model() if thread.dynamic_tools is not None else ()
+        )
         begin = asyncio.ensure_future(
             # like Codex: a model override sticks for later turns
             store.begin_turn(
@@ -131,6 +147,15 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
                 sandbox, approvals, cached_sequence=cached.sequence if cached is not None else None,
             )  # fmt: skip
         )
+        if cached is not None:
+            # Sent now, as the start is likely to confirm it; its output is held until then.
+            mode, network = sandbox or (thread.sandbox_mode, thread.network_access)
+            policy = (mode, network, thread.approval_policy if approvals is None else approvals)
+            request = model_request(
+                thread, model or thread.model, policy, cached.history, [user_message(parts)], output_schema,
+                tools if tools_enabled else None,
+            )  # fmt: skip
+            early = EarlyStream(context.connection, context.identity, request, config)
         try:
             begun = await asyncio.shield(begin)
         except asyncio.CancelledError:
@@ -160,20 +185,26 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
             history=history,
             user_message=user_message(parts),
             user_item=user_item,
-            config=UpstreamConfig.from_settings(),
+            config=config,
             max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
             lock_seconds=lock_seconds,
             lease=lease,
             output_schema=output_schema,
             taken_over=taken_over,
-            tools_enabled=not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal)),
+            tools_enabled=tools_enabled,
             max_tool_steps=settings.CODEX_MAX_TOOL_STEPS,
             full_access_allowed=settings.CODEX_ALLOW_FULL_ACCESS,
-            offered_tools=offered_tools(
-                settings.CODEX_WEB_SEARCH, thread.dynamic_tools.for_model() if thread.dynamic_tools is not None else ()
-            ),
+            offered_tools=tools,
+            early=early,
         )
+        if early is not None and early.request != first_model_request(turn_context):
+            # Another turn began since the history kept here, or another
+            # process changed the thread's model or policy: sent again.
+            early.cancel()
+            turn_context = dataclasses.replace(turn_context, early=None)
     except BaseException:
+        if early is not None:
+            early.cancel()  # the turn will not take it
         context.connection.let_go_upstream(turn)  # never started: a later settle_turn will not run
         if holds_lock:
             release_abandoned(thread, turn, store)  # nor will it free the thread

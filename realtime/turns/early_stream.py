@@ -1,0 +1,76 @@
+"""A turn's first model request, sent while its start is still being written.
+
+A stored thread's turn waits for its start's batch (the thread's lock, the
+turn's rows) before it may say anything; the model's time to first byte need
+not wait with it. Where this process kept the thread's history
+(``history_cache``), ``turn/start`` sends the first request at once, with the
+policy and model it expects the start to confirm, and this holds what comes
+back until then: the turn takes the stream over only if the start took the
+lock and gave the same request (no other turn began since the kept history,
+no other process changed the thread's model or policy). Otherwise the
+request is cancelled at once and the turn sends its own: the cost is one
+request cut short, on a thread that another process just used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+from identity.client_identity import ClientIdentity
+from realtime.services.config import UpstreamConfig
+from realtime.services.responses import ModelRequest, stream_model_response
+from realtime.services.upstream_errors import UpstreamError
+
+if TYPE_CHECKING:
+    from realtime.rpc.connection import AppServerConnection
+
+# Events held before the turn takes them: then the upstream waits (TCP).
+HELD_EVENTS = 64
+_EVENT, _RETRY, _FAILED, _END = range(4)
+
+
+class EarlyStream:
+    def __init__(self, connection: AppServerConnection, identity: ClientIdentity, request: ModelRequest, config: UpstreamConfig):
+        self.request = request
+        self._held: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(HELD_EVENTS)
+        # The connection's: its identity scope, and cancelled when it closes.
+        self._task = connection.spawn(self._read(identity, config), name=f"first model request of thread {request.thread_id}")
+
+    async def _read(self, identity: ClientIdentity, config: UpstreamConfig) -> None:
+        try:
+            async with aclosing(
+                stream_model_response(identity, self.request, config, on_retry=self._retried)
+            ) as events:
+                async for event in events:
+                    await self._held.put((_EVENT, event))
+        except Exception as exc:  # the turn's to tell (an UpstreamError, as it would have met it)
+            await self._held.put((_FAILED, exc))
+            return
+        await self._held.put((_END, None))
+
+    def _retried(self, error: UpstreamError) -> None:
+        self._held.put_nowait((_RETRY, error))  # (before any event: there is room)
+
+    async def events(self, on_retry: Callable[[UpstreamError], None]) -> AsyncIterator[dict[str, Any]]:
+        """What came back, as ``stream_model_response`` yields it; closing this
+        (the turn interrupted, or done) stops the request."""
+        try:
+            while True:
+                kind, value = await self._held.get()
+                if kind == _EVENT:
+                    yield value
+                elif kind == _RETRY:
+                    on_retry(value)
+                elif kind == _FAILED:
+                    raise value
+                else:
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the request (and close its stream), if it still runs."""
+        self._task.cancel()

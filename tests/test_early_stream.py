@@ -1,0 +1,154 @@
+"""A stored thread's turn sends its first model request while its start is
+still being written (realtime/turns/early_stream.py), and nothing of it
+reaches anyone before the start took the thread's lock."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from channels.db import database_sync_to_async
+
+from identity.principals import local_principal
+from realtime.store import turn_writes
+from realtime.store.thread_store import DatabaseThreads
+from realtime.store.threads import ItemRecord, Turn, new_id, now_ms
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def requests_of(upstream, thread: str, kind: str = "http") -> list:
+    return [r for r in upstream.requests("/responses") if r.kind == kind and r.headers.get("session-id") == thread]
+
+
+def user_texts(record) -> list[str]:
+    return [part["text"] for item in record.body["input"] if item.get("role") == "user" for part in item["content"]]
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def held_starts(monkeypatch) -> threading.Event:
+    """While cleared, a batch with a turn's start waits on its row writer (a slow database)."""
+    go = threading.Event()
+    go.set()
+    write = turn_writes.write_turns
+
+    def slow_starts(writes):
+        if any(isinstance(each, turn_writes.BeginTurn) for each in writes):
+            go.wait(10)
+        return write(writes)
+
+    monkeypatch.setattr(turn_writes, "write_turns", slow_starts)
+    return go
+
+
+async def test_the_first_request_goes_out_while_the_start_is_written_and_is_told_only_after(
+    connect, upstream, held_starts
+):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await first_turn(client, thread)
+    held_starts.clear()
+    await client.send({"id": 99, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "two"}]}})
+    await until(lambda: len(requests_of(upstream, thread)) == 2)  # sent while the start waits on the database
+    assert user_texts(requests_of(upstream, thread)[1]) == ["one", "two"]
+    await asyncio.sleep(0.2)  # its whole reply has come back by now
+    assert client.inbox == []  # and nobody heard a word of it, nor the reply
+    held_starts.set()
+
+    heard = []
+    while not heard or heard[-1] != "turn/completed":
+        message = await client.receive()
+        heard.append(message.get("method") or f"reply {message['id']}")
+    assert heard[:2] == ["reply 99", "turn/started"]
+    assert heard.count("item/agentMessage/delta") == 2  # "Hello", " world": once
+    assert len(requests_of(upstream, thread)) == 2
+
+
+async def first_turn(client, thread: str) -> None:
+    """Its history is kept: the next turn's first request goes out early. What it said is put aside."""
+    await client.run_turn(thread, "one")
+    await client.notification("thread/status/changed")
+    client.inbox.clear()
+
+
+async def another_process_holds_the_lock(thread_id: str) -> None:
+    principal = await database_sync_to_async(lambda: local_principal().pk)()
+    elsewhere, _ = await DatabaseThreads.load(thread_id, principal)
+    turn = Turn(new_id(), originator="codex_vscode", connection_id=str(new_id()))
+    turn.items.append(ItemRecord({"id": new_id(), "type": "userMessage", "content": []}, now_ms(), now_ms()))
+    assert await DatabaseThreads.begin_turn(elsewhere, turn, "elsewhere", 30, 1 << 20, None) is not None
+
+
+async def test_a_start_refused_by_another_processs_turn_cuts_its_request_at_once(connect, upstream, held_starts):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await first_turn(client, thread)
+    await another_process_holds_the_lock(thread)
+    held_starts.clear()
+    start = asyncio.ensure_future(
+        client.request("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:50"}]})
+    )
+    await until(lambda: len(requests_of(upstream, thread)) == 2)
+    held_starts.set()
+    assert (await start)["error"] == {"code": -32600, "message": "Turn already in progress"}
+    await until(lambda: len(requests_of(upstream, thread, "closed")) == 1, timeout=2)  # not its 5 s of deltas
+    await asyncio.sleep(0.2)
+    assert client.inbox == []  # not one delta of it reached the client
+
+
+async def test_a_request_the_start_does_not_confirm_is_cut_and_sent_again(connect, upstream, held_starts):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await first_turn(client, thread)
+    # Another process changes the thread's model: this one learns it from the start's batch.
+    principal = await database_sync_to_async(lambda: local_principal().pk)()
+    elsewhere, _ = await DatabaseThreads.load(thread, principal)
+    await DatabaseThreads.set_model(elsewhere, "gpt-other")
+    held_starts.clear()
+    await client.send({"id": 5, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "slow:3"}]}})
+    await until(lambda: len(requests_of(upstream, thread)) == 2)
+    held_starts.set()
+    completed = await client.notification("turn/completed")
+    assert completed["turn"]["status"] == "completed"
+    early, sent = requests_of(upstream, thread)[1:]
+    assert (early.body["model"], sent.body["model"]) == ("gpt-5-codex", "gpt-other")
+    assert len(requests_of(upstream, thread, "closed")) == 1  # the early one, cut
+    deltas = [m for m in client.inbox if m.get("method") == "item/agentMessage/delta"]
+    assert [m["params"]["delta"] for m in deltas] == ["d0 ", "d1 ", "d2 "]  # the second request's, once
+
+
+async def test_interrupting_a_turn_whose_request_went_out_early_closes_its_stream(connect, upstream):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await first_turn(client, thread)
+    started = await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:50"}]})
+    await client.notification("item/agentMessage/delta")
+    await client.call("turn/interrupt", {"threadId": thread, "turnId": started["turn"]["id"]})
+    completed = await client.notification("turn/completed")
+    assert completed["turn"]["status"] == "interrupted"
+    await until(lambda: len(requests_of(upstream, thread, "closed")) == 1, timeout=2)
+    assert len(requests_of(upstream, thread)) == 2  # the early one, taken over by the turn: not sent twice
+
+
+async def test_a_client_leaving_while_its_start_is_written_cuts_the_request(connect, upstream, held_starts):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await first_turn(client, thread)
+    held_starts.clear()
+    await client.send({"id": 7, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "slow:50"}]}})
+    await until(lambda: len(requests_of(upstream, thread)) == 2)
+    threading.Timer(0.3, held_starts.set).start()  # (the server's disconnect waits for the batch in flight)
+    await client.communicator.disconnect()
+    await until(lambda: len(requests_of(upstream, thread, "closed")) == 1, timeout=2)
