@@ -152,3 +152,20 @@ async def test_a_client_leaving_while_its_start_is_written_cuts_the_request(conn
     threading.Timer(0.3, held_starts.set).start()  # (the server's disconnect waits for the batch in flight)
     await client.communicator.disconnect()
     await until(lambda: len(requests_of(upstream, thread, "closed")) == 1, timeout=2)
+
+
+async def test_a_retry_and_a_failure_of_the_early_request_are_told_as_the_turns_own(connect, upstream, caplog):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await first_turn(client, thread)
+    completed = await client.run_turn(thread, "fail:500x1")  # fails once, then streams
+    assert completed["turn"]["status"] == "completed"
+    heard = [m.get("method") for m in client.inbox]
+    assert heard.index("turn/started") < heard.index("error")  # its willRetry error, after the turn was told
+    assert [m["params"]["willRetry"] for m in client.inbox if m.get("method") == "error"] == [True]
+    client.inbox.clear()
+    failed = await client.run_turn(thread, "fail:401")
+    assert failed["turn"]["status"] == "failed"
+    assert failed["turn"]["error"]["codexErrorInfo"] == "unauthorized"
+    assert "failed" not in " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")

@@ -35,24 +35,33 @@ _EVENT, _RETRY, _FAILED, _END = range(4)
 class EarlyStream:
     def __init__(self, connection: AppServerConnection, identity: ClientIdentity, request: ModelRequest, config: UpstreamConfig):
         self.request = request
-        self._held: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(HELD_EVENTS)
+        # Unbounded, so the request's end (however it ends) is always put;
+        # ``_read`` keeps it within HELD_EVENTS.
+        self._held: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+        self._room = asyncio.Event()
         # The connection's: its identity scope, and cancelled when it closes.
         self._task = connection.spawn(self._read(identity, config), name=f"first model request of thread {request.thread_id}")
+        self._task.add_done_callback(self._ended)
 
     async def _read(self, identity: ClientIdentity, config: UpstreamConfig) -> None:
         try:
-            async with aclosing(
-                stream_model_response(identity, self.request, config, on_retry=self._retried)
-            ) as events:
+            async with aclosing(stream_model_response(identity, self.request, config, on_retry=self._retried)) as events:
                 async for event in events:
-                    await self._held.put((_EVENT, event))
+                    while self._held.qsize() >= HELD_EVENTS:
+                        self._room.clear()
+                        await self._room.wait()
+                    self._held.put_nowait((_EVENT, event))
         except Exception as exc:  # the turn's to tell (an UpstreamError, as it would have met it)
-            await self._held.put((_FAILED, exc))
+            self._held.put_nowait((_FAILED, exc))
             return
-        await self._held.put((_END, None))
+        self._held.put_nowait((_END, None))
 
     def _retried(self, error: UpstreamError) -> None:
-        self._held.put_nowait((_RETRY, error))  # (before any event: there is room)
+        self._held.put_nowait((_RETRY, error))
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if task.cancelled():  # the connection closed, or the turn stopped it: the turn is being stopped too
+            self._held.put_nowait((_FAILED, asyncio.CancelledError()))
 
     async def events(self, on_retry: Callable[[UpstreamError], None]) -> AsyncIterator[dict[str, Any]]:
         """What came back, as ``stream_model_response`` yields it; closing this
@@ -60,6 +69,7 @@ class EarlyStream:
         try:
             while True:
                 kind, value = await self._held.get()
+                self._room.set()
                 if kind == _EVENT:
                     yield value
                 elif kind == _RETRY:

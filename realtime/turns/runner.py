@@ -75,7 +75,10 @@ class TurnContext:
 async def run_turn(turn_context: TurnContext) -> None:
     connection, thread, turn = turn_context.connection, turn_context.thread, turn_context.turn
     # Kept from the start: the announcement below waits on Redis and the database.
-    lock_keeper = asyncio.create_task(_keep_lock(turn_context), name=f"lock of turn {turn.id}")
+    # (An ephemeral thread's lock is this process's memory: nothing to keep.)
+    lock_keeper = (
+        None if thread.ephemeral else asyncio.create_task(_keep_lock(turn_context), name=f"lock of turn {turn.id}")
+    )
     try:
         if turn_context.taken_over is not None:  # its end is heard before this turn starts
             await _announce_taken_over(thread, *turn_context.taken_over)
@@ -92,7 +95,8 @@ async def run_turn(turn_context: TurnContext) -> None:
         def will_retry(failure: UpstreamError) -> None:
             notify("error", {"threadId": thread.id, "turnId": turn.id, "error": _error(failure.turn_error()), "willRetry": True})
     except BaseException:
-        lock_keeper.cancel()  # (nothing below would: it must not extend the lock of a turn that never ran)
+        if lock_keeper is not None:  # (nothing below would: it must not extend the lock of a turn that never ran)
+            lock_keeper.cancel()
         raise
 
     try:
@@ -150,7 +154,8 @@ async def run_turn(turn_context: TurnContext) -> None:
         logger.exception("turn %s failed unexpectedly", turn.id)
         status, error = FAILED, _error({"message": "internal error while streaming the turn", "codexErrorInfo": "other"})
     finally:
-        lock_keeper.cancel()
+        if lock_keeper is not None:
+            lock_keeper.cancel()
 
     translator.finish()
     if tools is not None:
