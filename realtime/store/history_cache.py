@@ -40,7 +40,8 @@ class CachedHistory:
 
     @property
     def cost(self) -> int:
-        return ENTRY_OVERHEAD_BYTES + sum(len(text) + TURN_OVERHEAD_BYTES for text, _ in self.history.turns)
+        turns = sum(len(text) + TURN_OVERHEAD_BYTES for text, _ in self.history.turns)
+        return ENTRY_OVERHEAD_BYTES + turns + len(self.history.text)  # (the joined text is a copy)
 
 
 class HistoryCache:
