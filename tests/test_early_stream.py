@@ -14,6 +14,7 @@ from identity.principals import local_principal
 from realtime.store import turn_writes
 from realtime.store.thread_store import DatabaseThreads
 from realtime.store.threads import ItemRecord, Turn, new_id, now_ms
+from realtime.turns.runner import background_endings_finished
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -115,24 +116,30 @@ async def test_a_request_the_start_does_not_confirm_is_cut_and_sent_again(connec
     elsewhere, _ = await DatabaseThreads.load(thread, principal)
     await DatabaseThreads.set_model(elsewhere, "gpt-other")
     held_starts.clear()
-    await client.send({"id": 5, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "slow:3"}]}})
+    await client.send({"id": 5, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "slow:10"}]}})
     await until(lambda: len(requests_of(upstream, thread)) == 2)
     held_starts.set()
     completed = await client.notification("turn/completed")
     assert completed["turn"]["status"] == "completed"
     early, sent = requests_of(upstream, thread)[1:]
     assert (early.body["model"], sent.body["model"]) == ("gpt-5-codex", "gpt-other")
-    assert len(requests_of(upstream, thread, "closed")) == 1  # the early one, cut
+    await until(lambda: len(requests_of(upstream, thread, "closed")) == 1)  # the early one, cut
     deltas = [m for m in client.inbox if m.get("method") == "item/agentMessage/delta"]
-    assert [m["params"]["delta"] for m in deltas] == ["d0 ", "d1 ", "d2 "]  # the second request's, once
+    assert [m["params"]["delta"] for m in deltas] == [f"d{i} " for i in range(10)]  # the second request's, once
 
 
-async def test_interrupting_a_turn_whose_request_went_out_early_closes_its_stream(connect, upstream):
+async def test_interrupting_a_turn_whose_request_went_out_early_closes_its_stream(connect, upstream, held_starts):
     client = await connect()
     await client.initialize("codex_ios", "1.4.0")
     thread = await client.start_thread()
     await first_turn(client, thread)
-    started = await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:50"}]})
+    held_starts.clear()
+    start = asyncio.ensure_future(
+        client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:50"}]})
+    )
+    await until(lambda: len(requests_of(upstream, thread)) == 2)  # early: while the start waits
+    held_starts.set()
+    started = await start
     await client.notification("item/agentMessage/delta")
     await client.call("turn/interrupt", {"threadId": thread, "turnId": started["turn"]["id"]})
     completed = await client.notification("turn/completed")
@@ -152,14 +159,27 @@ async def test_a_client_leaving_while_its_start_is_written_cuts_the_request(conn
     threading.Timer(0.3, held_starts.set).start()  # (the server's disconnect waits for the batch in flight)
     await client.communicator.disconnect()
     await until(lambda: len(requests_of(upstream, thread, "closed")) == 1, timeout=2)
+    # The lock the start took once its batch committed is freed: the thread is not left busy.
+    await turn_writes.flushed()  # the start's batch, then the end it leaves behind
+    await background_endings_finished()
+    other = await connect()
+    await other.initialize("codex_vscode", "1.0.0")
+    await other.call("thread/resume", {"threadId": thread})
+    assert (await other.run_turn(thread, "after"))["turn"]["status"] == "completed"
 
 
-async def test_a_retry_and_a_failure_of_the_early_request_are_told_as_the_turns_own(connect, upstream, caplog):
+async def test_a_retry_and_a_failure_of_the_early_request_are_told_as_the_turns_own(
+    connect, upstream, caplog, held_starts
+):
     client = await connect()
     await client.initialize("codex_ios", "1.4.0")
     thread = await client.start_thread()
     await first_turn(client, thread)
-    completed = await client.run_turn(thread, "fail:500x1")  # fails once, then streams
+    held_starts.clear()
+    completing = asyncio.ensure_future(client.run_turn(thread, "fail:500x1"))  # fails once, then streams
+    await until(lambda: len(requests_of(upstream, thread)) == 3)  # both tries, while the start waits
+    held_starts.set()
+    completed = await completing
     assert completed["turn"]["status"] == "completed"
     heard = [m.get("method") for m in client.inbox]
     assert heard.index("turn/started") < heard.index("error")  # its willRetry error, after the turn was told

@@ -5,17 +5,21 @@ a turn of it anywhere else in between makes that turn read it again."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from channels.db import database_sync_to_async
 
 from identity.principals import local_principal
+from realtime.fanout.thread_hub import EVENTS, thread_hub
+from realtime.models import StoredTurn
 from realtime.store import turn_writes
 from realtime.store.history_cache import HistoryCache, history_cache
 from realtime.store.thread_store import DatabaseThreads
 from realtime.store.threads import COMPLETED, History, ItemRecord, Turn, new_id, now_ms
 
 pytestmark = pytest.mark.django_db(transaction=True)
+BOUND_OF_TESTS = 4 * 1024 * 1024  # CODEX_MAX_HISTORY_BYTES, as the tests run
 
 
 def requests_of(upstream, thread: str) -> list[list]:
@@ -49,9 +53,20 @@ async def test_a_threads_next_turn_here_replays_its_history_without_reading_it(c
         await client.run_turn(thread, text)
     first, second, third = requests_of(upstream, thread)
     assert history_reads == [1]  # the first turn's: nothing was kept for the thread yet
-    # Each replays every earlier turn, the model's replies included, exactly as a read would have.
+    # Each replays every earlier turn, the model's replies included, as a read would have.
     assert second[: len(first)] == first and third[: len(second)] == second
     assert texts(third) == ["one", "two", "three"]
+    kept = history_cache().get(thread, BOUND_OF_TESTS).history
+    stored = await database_sync_to_async(
+        lambda: [
+            item
+            for model_input in StoredTurn.objects.filter(thread__thread_id=thread, input_bytes__gt=0)
+            .order_by("sequence")
+            .values_list("model_input", flat=True)
+            for item in model_input
+        ]
+    )()
+    assert json.loads(kept.text) == stored and len(stored) == 6  # three messages, three replies
 
 
 async def test_a_turn_of_the_thread_on_another_process_makes_the_next_start_here_read_it(
@@ -73,7 +88,9 @@ async def test_a_turn_of_the_thread_on_another_process_makes_the_next_start_here
 
     await client.run_turn(thread_id, "here again")
     assert history_reads == [1]
-    assert texts(requests_of(upstream, thread_id)[-1]) == ["here", "there", "here again"]
+    sent = [texts(body) for body in requests_of(upstream, thread_id)]
+    # The early one (with what was kept), cut; and the turn's own, with what the start read.
+    assert sorted(sent[1:]) == [["here", "here again"], ["here", "there", "here again"]]
     await client.run_turn(thread_id, "and once more")  # kept again, with the other process's turn
     assert history_reads == [1]
     assert texts(requests_of(upstream, thread_id)[-1]) == ["here", "there", "here again", "and once more"]
@@ -84,7 +101,7 @@ async def test_a_turn_whose_end_was_lost_leaves_nothing_kept(connect, upstream, 
     await client.initialize("codex_ios", "1.4.0")
     thread = await client.start_thread()
     await client.run_turn(thread, "kept")
-    assert history_cache().get(thread) is not None
+    assert history_cache().get(thread, BOUND_OF_TESTS) is not None
 
     def lost(thread_, turn, first_new_item):
         raise turn_writes.TurnLost(f"turn {turn.id} lost its thread's lock")
@@ -92,11 +109,11 @@ async def test_a_turn_whose_end_was_lost_leaves_nothing_kept(connect, upstream, 
     monkeypatch.setattr(DatabaseThreads, "finish_turn", staticmethod(lost))
     await client.request("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "lost"}]})
     await upstream_done(upstream, thread, 2)
-    for _ in range(100):
-        if history_cache().get(thread) is None:
+    for _ in range(500):
+        if history_cache().get(thread, BOUND_OF_TESTS) is None:
             break
         await _tick()
-    assert history_cache().get(thread) is None
+    assert history_cache().get(thread, BOUND_OF_TESTS) is None
 
 
 async def upstream_done(upstream, thread: str, count: int) -> None:
@@ -115,29 +132,66 @@ def history(*texts_and_sizes: tuple[str, int]) -> History:
     return History.within(texts_and_sizes, 1 << 20)
 
 
+BOUND = 1 << 20
+
+
 def test_the_cache_is_bounded_in_bytes_least_recently_used_first_out():
-    cache = HistoryCache(max_bytes=5_400)  # three of these entries fit (each 1,724 bytes counted), not four
+    entry = history(("[" + "1" * 700 + "]", 702))
+    one = HistoryCache(max_bytes=1 << 20)
+    one.remember("x", 1, entry, BOUND)
+    cache = HistoryCache(max_bytes=3 * one.size + 10)  # three of these entries fit, not four
     for thread in ("a", "b", "c"):
-        cache.remember(thread, 1, history(("[" + "1" * 700 + "]", 702)))
-    assert cache.get("a") is not None  # a is now the most recently used
-    cache.remember("d", 1, history(("[" + "1" * 700 + "]", 702)))
-    assert [thread for thread in "abcd" if cache.get(thread) is not None] == ["a", "c", "d"]
-    assert cache.size <= 5_400
-    cache.remember("huge", 1, history(("[" + "1" * 5_000 + "]", 5_002)))  # larger than all of it: not kept
-    assert cache.get("huge") is None and cache.get("a") is not None
+        cache.remember(thread, 1, entry, BOUND)
+    assert cache.get("a", BOUND) is not None  # a is now the most recently used
+    cache.remember("d", 1, entry, BOUND)
+    assert [thread for thread in "abcd" if cache.get(thread, BOUND) is not None] == ["a", "c", "d"]
+    assert cache.size <= cache.max_bytes
+    cache.remember("huge", 1, history(("[" + "1" * 5_000 + "]", 5_002)), BOUND)  # larger than all of it: not kept
+    assert cache.get("huge", BOUND) is None and cache.get("a", BOUND) is not None
 
 
-def test_an_older_turns_history_never_replaces_a_newer_ones():
+def test_text_past_latin_1_is_counted_as_the_memory_it_takes():
     cache = HistoryCache(max_bytes=1 << 20)
-    cache.remember("t", 5, history(("[5]", 3)))
-    cache.remember("t", 4, history(("[4]", 3)))
-    assert cache.get("t").sequence == 5
+    cache.remember("ascii", 1, history(('["' + "a" * 10_000 + '"]', 10_004)), BOUND)
+    ascii_cost = cache.size
+    cache.forget("ascii")
+    cache.remember("emoji", 1, history(('["' + "😀" * 10_000 + '"]', 10_004)), BOUND)  # as PostgreSQL's jsonb gives it
+    assert cache.size > 3.5 * ascii_cost
+
+
+def test_an_older_turns_history_never_replaces_a_newer_ones_nor_another_bounds():
+    cache = HistoryCache(max_bytes=1 << 20)
+    cache.remember("t", 5, history(("[5]", 3)), BOUND)
+    cache.remember("t", 4, history(("[4]", 3)), BOUND)
+    assert cache.get("t", BOUND).sequence == 5
+    assert cache.get("t", BOUND // 2) is None  # kept within another CODEX_MAX_HISTORY_BYTES
     cache.forget("t")
-    assert cache.get("t") is None and cache.size == 0
+    assert cache.get("t", BOUND) is None and cache.size == 0
 
 
-def test_a_turn_with_no_input_adds_nothing_and_the_bound_drops_the_oldest():
-    earlier = history(("[2]", 3), ("[1]", 3))
-    assert earlier.text == "[1, 2]"
-    assert earlier.then("[]", 0, 1 << 20) is earlier
-    assert earlier.then("[3]", 3, 6).text == "[2, 3]"
+def test_a_turn_added_keeps_the_newest_whole_turns_within_the_bound_as_the_database_does():
+    earlier = history(("[2]", 3), ("[]", 2), ("[1, 1.5]", 8))
+    assert earlier.text == "[1, 1.5, 2]"
+    assert earlier.then("[]", 0, BOUND) is earlier  # a turn with no input adds nothing
+    assert earlier.then('[3, "x"]', 8, 13).text == '[2, 3, "x"]'  # 8 + 3 + 2 fit; the next 8 do not
+    assert earlier.then('[3, "x"]', 8, 13).then("[4]", 3, 13).text == '[3, "x", 4]'
+    assert earlier.then("[3]", 3, 2).text == "[]"  # the newest alone is past the bound
+    for bound in range(0, 30):  # whatever the bound, the same as bounding every turn from scratch
+        grown = history(("[0]", 3)).then("[1]", 3, bound).then("[22]", 4, bound).then("[]", 0, bound).then("[3]", 3, bound)
+        fresh = History.within([("[3]", 3), ("[22]", 4), ("[1]", 3), ("[0]", 3)], bound)
+        assert json.loads(grown.text) == json.loads(fresh.text), bound
+        assert [size for _, _, size in grown.turns] == [size for _, _, size in fresh.turns]
+
+
+async def test_hearing_another_process_start_a_turn_of_the_thread_drops_what_was_kept(connect, upstream):
+    client = await connect()
+    await client.initialize("codex_ios", "1.4.0")
+    thread = await client.start_thread()
+    await client.run_turn(thread, "kept")
+    assert history_cache().get(thread, BOUND_OF_TESTS) is not None
+    hub = thread_hub()
+    # As the channel layer delivers another process's events of the thread.
+    started = {"threadId": thread, "turn": Turn(new_id(), originator="codex_vscode", connection_id=str(new_id())).to_json()}
+    hub._dispatch({"type": EVENTS, "origin": "elsewhere", "thread": thread, "events": [["turn/started", started]]})
+    assert history_cache().get(thread, BOUND_OF_TESTS) is None
+    assert (await client.run_turn(thread, "read again"))["turn"]["status"] == "completed"

@@ -243,14 +243,18 @@ async def test_history_is_bounded_in_bytes_per_thread(connect, upstream, setting
     assert thread_hub().get(thread).turns == []
 
 
-@pytest.mark.parametrize("ephemeral", [False, True], ids=["stored", "memory"])
+@pytest.mark.parametrize(
+    "ephemeral, cache_bytes", [(False, 1 << 20), (False, 0), (True, 0)], ids=["stored-kept", "stored-read", "memory"]
+)
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 async def test_the_history_replayed_is_exactly_what_the_earlier_turn_sent_and_got_back(
-    connect, upstream, settings, transport, ephemeral
+    connect, upstream, settings, transport, ephemeral, cache_bytes
 ):
-    # Stored and replayed as JSON text, never decoded (threads.newest_within):
-    # escapes, quotes and characters beyond the BMP must come back intact.
+    # Stored and replayed as JSON text, never decoded (threads.History):
+    # escapes, quotes and characters beyond the BMP must come back intact,
+    # read back from the database (no history kept) or kept by this process.
     settings.CODEX_RESPONSES_TRANSPORT = transport
+    settings.CODEX_HISTORY_CACHE_BYTES = cache_bytes
     client = await connect()
     await client.initialize("codex_ios", "1.4.0")
     thread = await client.start_thread(**({"ephemeral": True} if ephemeral else {}))

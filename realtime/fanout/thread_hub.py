@@ -39,6 +39,7 @@ from channels import DEFAULT_CHANNEL_LAYER
 from channels.layers import InMemoryChannelLayer, channel_layers, get_channel_layer
 
 from codexserver.loop_local import LoopLocal
+from realtime.store.history_cache import history_cache
 
 if TYPE_CHECKING:
     from realtime.rpc.connection import AppServerConnection
@@ -345,6 +346,8 @@ class ThreadHub:
             return
         if message["type"] == EVENTS and message.get("origin") != self.channel:
             for method, params, *request in message["events"]:
+                if method == "turn/started":  # its end will change the history: this process's copy is stale
+                    history_cache().forget(thread.id)
                 request = request[0] if request else None
                 if request and request[0] in self._heard:
                     continue  # already had from the group's answer to our query

@@ -28,7 +28,7 @@ class ModelRequest:
     thread_id: str
     model: str
     # The earlier turns' input items, a JSON array's text as the store keeps
-    # it: it goes into the body as it is, never decoded (threads.newest_within).
+    # it: it goes into the body as it is, never decoded (threads.History).
     history: str
     input: list[dict[str, Any]]  # this turn's items, after the history
     instructions: str | None = None

@@ -19,6 +19,7 @@ recently used first out; one per event loop, as the threads it serves are.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -28,20 +29,22 @@ from codexserver.loop_local import LoopLocal
 
 from .threads import History
 
-# What an entry costs beyond its texts' characters: the objects that hold them.
-ENTRY_OVERHEAD_BYTES = 200
-TURN_OVERHEAD_BYTES = 120
+# What an entry costs beyond its text: the objects that hold it.
+ENTRY_OVERHEAD_BYTES = 300
+TURN_OVERHEAD_BYTES = 80
 
 
 @dataclass(frozen=True, slots=True)
 class CachedHistory:
     sequence: int  # the number of the thread's newest turn it includes
+    max_bytes: int  # the bound it was kept within (CODEX_MAX_HISTORY_BYTES)
     history: History  # what the thread's next turn replays, if no other turn began since
 
     @property
     def cost(self) -> int:
-        turns = sum(len(text) + TURN_OVERHEAD_BYTES for text, _ in self.history.turns)
-        return ENTRY_OVERHEAD_BYTES + turns + len(self.history.text)  # (the joined text is a copy)
+        # In memory, not in characters: text from PostgreSQL's jsonb may hold
+        # characters past Latin-1, four bytes each in a str.
+        return ENTRY_OVERHEAD_BYTES + sys.getsizeof(self.history.text) + TURN_OVERHEAD_BYTES * len(self.history.turns)
 
 
 class HistoryCache:
@@ -50,19 +53,21 @@ class HistoryCache:
         self._entries: OrderedDict[str, CachedHistory] = OrderedDict()
         self._bytes = 0
 
-    def get(self, thread_id: str) -> CachedHistory | None:
+    def get(self, thread_id: str, max_bytes: int) -> CachedHistory | None:
+        """The thread's kept history, if it was kept within ``max_bytes``."""
         found = self._entries.get(thread_id)
-        if found is not None:
-            self._entries.move_to_end(thread_id)
+        if found is None or found.max_bytes != max_bytes:
+            return None
+        self._entries.move_to_end(thread_id)
         return found
 
-    def remember(self, thread_id: str, sequence: int, history: History) -> None:
+    def remember(self, thread_id: str, sequence: int, history: History, max_bytes: int) -> None:
         """The thread's history once its turn numbered ``sequence`` ended here, stored."""
         earlier = self._entries.get(thread_id)
         if earlier is not None and earlier.sequence > sequence:
             return  # a later turn's already (ends settle in order; never go back)
         self.forget(thread_id)
-        entry = CachedHistory(sequence, history)
+        entry = CachedHistory(sequence, max_bytes, history)
         if entry.cost > self.max_bytes:
             return
         self._entries[thread_id] = entry
@@ -72,7 +77,9 @@ class HistoryCache:
             self._bytes -= oldest.cost
 
     def forget(self, thread_id: str) -> None:
-        """The thread's turn ended without its end stored as this process has it."""
+        """What is kept of the thread is not what the database holds, or soon
+        will not be: a turn's end not stored as this process has it, a start
+        that found another turn, another process's turn of it heard."""
         gone = self._entries.pop(thread_id, None)
         if gone is not None:
             self._bytes -= gone.cost

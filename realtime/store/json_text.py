@@ -1,5 +1,5 @@
 """JSON kept as text: a thread's history goes from the database to the model
-request without being decoded and encoded again (``threads.newest_within``)."""
+request without being decoded and encoded again (``threads.History``)."""
 
 from __future__ import annotations
 

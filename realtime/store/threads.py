@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from codexserver import __version__ as SERVER_VERSION
 
-from .json_text import array_items, joined_arrays
+from .json_text import array_items
 
 if TYPE_CHECKING:
     from realtime.rpc.connection import AppServerConnection
@@ -41,44 +41,67 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def newest_within(earlier: Iterable[tuple[str, int]], max_bytes: int) -> str:
-    """The model input to replay, as a JSON array's text (``History.within``)."""
-    return History.within(earlier, max_bytes).text
-
-
 @dataclass(frozen=True, slots=True)
 class History:
     """What a turn replays: its thread's earlier turns' model input.
 
-    ``turns`` are (input items as a JSON array's text, its size as this server
-    encoded it, ASCII-escaped), newest first; ``text`` is their items joined,
-    oldest first, as one JSON array's text. The texts are joined, never
-    decoded: a thread's history may be CODEX_MAX_HISTORY_BYTES (4 MiB), which
-    each turn start would otherwise decode on the row writer and encode again
-    on the event loop (15 ms of held GIL per turn for 4 MiB, every connection
-    of the process waiting)."""
+    ``text`` is their items, oldest first, as one JSON array's text: joined,
+    never decoded (a thread's history may be CODEX_MAX_HISTORY_BYTES, 4 MiB,
+    which each turn start would otherwise decode on the row writer and encode
+    again on the event loop: 15 ms of held GIL per turn for 4 MiB, every
+    connection of the process waiting). ``turns`` says where each turn's
+    items are in it, newest first: (start, end, its size as this server
+    encoded it, ASCII-escaped). The text is held once; a turn's items are a
+    slice of it."""
 
-    turns: tuple[tuple[str, int], ...] = ()
     text: str = "[]"
+    turns: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def within(cls, earlier: Iterable[tuple[str, int]], max_bytes: int) -> History:
-        """The newest of ``earlier`` (newest first) that fit in ``max_bytes``, whole turns only."""
+        """The newest of ``earlier`` ((input items as a JSON array's text,
+        size), newest first) that fit in ``max_bytes``: whole turns only, and
+        none older than the first that does not fit."""
         kept: list[tuple[str, int]] = []
         budget = max_bytes
         for items, size in earlier:
             if size > budget:
                 break
             budget -= size
-            kept.append((items, size))
-        return cls(tuple(kept), joined_arrays([array_items(items) for items, _ in reversed(kept)]))
+            kept.append((array_items(items), size))
+        return cls._joined(kept[::-1])
 
     def then(self, model_input: str, input_bytes: int, max_bytes: int) -> History:
         """This history followed by one more turn's input, within ``max_bytes``
-        (a turn with none, as the database does, adds nothing)."""
+        (a turn with none adds nothing, as the database skips it)."""
         if input_bytes <= 0:
             return self
-        return History.within(((model_input, input_bytes), *self.turns), max_bytes)
+        budget, kept = max_bytes - input_bytes, 0
+        if budget < 0:
+            return History()  # the newest turn alone is past the bound: nothing is replayed
+        for _, _, size in self.turns:
+            if size > budget:
+                break
+            budget -= size
+            kept += 1
+        earlier = [(self.text[start:end], size) for start, end, size in reversed(self.turns[:kept])]
+        return History._joined([*earlier, (array_items(model_input), input_bytes)])
+
+    @classmethod
+    def _joined(cls, oldest_first: list[tuple[str, int]]) -> History:
+        """(items between a JSON array's brackets, size) of each turn, oldest first."""
+        pieces: list[str] = []
+        spans: list[tuple[int, int, int]] = []
+        at = 1  # after "["
+        for items, size in oldest_first:
+            if items:
+                at += 2 if pieces else 0  # ", "
+                pieces.append(items)
+                spans.append((at, at + len(items), size))
+                at += len(items)
+            else:  # (counted toward the bound all the same)
+                spans.append((at, at, size))
+        return cls("[" + ", ".join(pieces) + "]", tuple(spans[::-1]))
 
 
 @dataclass(eq=False)

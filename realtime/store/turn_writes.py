@@ -747,7 +747,7 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], 
     running total of their sizes. The batch's
     new turns have no input yet (``input_bytes`` 0): none is replayed."""
     if not taken:
-        return dict
+        return lambda: {}
     most = max(start.max_history_bytes for start, _ in taken)
     thread_pks = [row.pk for _, row in taken]
     earlier = _rows_later(

@@ -60,8 +60,11 @@ class EarlyStream:
         self._held.put_nowait((_RETRY, error))
 
     def _ended(self, task: asyncio.Task) -> None:
+        # (An Exception, and a normal end, were put by ``_read`` itself.)
         if task.cancelled():  # the connection closed, or the turn stopped it: the turn is being stopped too
             self._held.put_nowait((_FAILED, asyncio.CancelledError()))
+        elif task.exception() is not None:  # not an Exception (SystemExit, say): the turn must not wait for ever
+            self._held.put_nowait((_FAILED, task.exception()))
 
     async def events(self, on_retry: Callable[[UpstreamError], None]) -> AsyncIterator[dict[str, Any]]:
         """What came back, as ``stream_model_response`` yields it; closing this

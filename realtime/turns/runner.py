@@ -311,10 +311,10 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int] | None:
 def _remember_history(turn_context: TurnContext, total: dict[str, int]) -> dict[str, int]:
     """The turn's end is stored as this process has it: the thread's next
     turn here replays what the database holds without reading it."""
-    thread, turn = turn_context.thread, turn_context.turn
-    if not thread.ephemeral:
-        history = turn_context.history.then(turn.model_input, turn.input_bytes, turn_context.max_history_bytes)
-        history_cache().remember(thread.id, turn.sequence, history)
+    thread, turn, bound = turn_context.thread, turn_context.turn, turn_context.max_history_bytes
+    cache = history_cache()
+    if not thread.ephemeral and cache.max_bytes > 0:
+        cache.remember(thread.id, turn.sequence, turn_context.history.then(turn.model_input, turn.input_bytes, bound), bound)
     return total
 
 

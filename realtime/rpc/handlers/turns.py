@@ -134,18 +134,13 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         await hub.ensure_started()  # its channel is where turn/interrupt from elsewhere arrives
         lock_seconds = settings.CODEX_TURN_LOCK_SECONDS
         lease = Lease.forever() if thread.ephemeral else Lease.asked_now(lock_seconds)  # asked for from here
-        cached = None if thread.ephemeral else history_cache().get(thread.id)
+        max_history_bytes = settings.CODEX_MAX_HISTORY_BYTES
+        cache = history_cache()
+        cached = None if thread.ephemeral else cache.get(thread.id, max_history_bytes)
         config = UpstreamConfig.from_settings()
         tools_enabled = not thread.ephemeral and within_workspace(thread.cwd, workspace_roots(context.principal))
         tools = offered_tools(
             settings.CODEX_WEB_SEARCH, thread.dynamic_tools.for_model() if thread.dynamic_tools is not None else ()
-        )
-        begin = asyncio.ensure_future(
-            # like Codex: a model override sticks for later turns
-            store.begin_turn(
-                thread, turn, hub.channel, lock_seconds, settings.CODEX_MAX_HISTORY_BYTES, model,
-                sandbox, approvals, cached_sequence=cached.sequence if cached is not None else None,
-            )  # fmt: skip
         )
         if cached is not None:
             # Sent now, as the start is likely to confirm it; its output is held until then.
@@ -156,6 +151,15 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
                 tools if tools_enabled else None,
             )  # fmt: skip
             early = EarlyStream(context.connection, context.identity, request, config)
+        # Nothing that can fail between this and the wait below: a start
+        # sent must be waited for, or its lock released (see the except).
+        begin = asyncio.ensure_future(
+            # like Codex: a model override sticks for later turns
+            store.begin_turn(
+                thread, turn, hub.channel, lock_seconds, max_history_bytes, model,
+                sandbox, approvals, cached_sequence=cached.sequence if cached is not None else None,
+            )  # fmt: skip
+        )
         try:
             begun = await asyncio.shield(begin)
         except asyncio.CancelledError:
@@ -166,12 +170,15 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
             release_abandoned(thread, turn, store)  # the lock and the turn were written: free them
             raise
         if begun is None:
+            cache.forget(thread.id)  # a turn runs elsewhere: it will change the history
             raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
         holds_lock = True
         # The model and policy as stored, the overrides applied (another process's turn/start may have changed them).
         history, thread.model, turn.row_id, taken_over, policy = begun
         if history is None:  # no turn began since the one whose history this process kept
             history = cached.history
+        elif cached is not None:
+            cache.forget(thread.id)  # another turn began since: what was kept is stale
         thread.sandbox_mode, thread.network_access, thread.approval_policy = policy
         thread.active_turn = turn
         hub.hold(thread)
@@ -186,7 +193,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
             user_message=user_message(parts),
             user_item=user_item,
             config=config,
-            max_history_bytes=settings.CODEX_MAX_HISTORY_BYTES,
+            max_history_bytes=max_history_bytes,
             lock_seconds=lock_seconds,
             lease=lease,
             output_schema=output_schema,
