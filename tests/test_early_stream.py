@@ -49,15 +49,38 @@ def held_starts(monkeypatch) -> threading.Event:
     return go
 
 
-async def test_the_first_request_goes_out_while_the_start_is_written_and_is_told_only_after(
-    connect, upstream, held_starts
-):
+@pytest.fixture
+async def kept(connect, held_starts) -> tuple:
+    """A client and a thread whose history this process keeps: the thread's
+    next turn sends its first request early. What its first turn said is put
+    aside. (After ``held_starts``: the turn writes' queue takes its writer
+    function when first used.)"""
     client = await connect()
     await client.initialize("codex_ios", "1.4.0")
     thread = await client.start_thread()
-    await first_turn(client, thread)
+    await client.run_turn(thread, "one")
+    await client.notification("thread/status/changed")
+    client.inbox.clear()
+    return client, thread
+
+
+async def send_start(client, thread: str, text: str, request_id: int) -> None:
+    """``turn/start``, its reply left to read in order with the rest."""
+    await client.send(
+        {
+            "id": request_id,
+            "method": "turn/start",
+            "params": {"threadId": thread, "input": [{"type": "text", "text": text}]},
+        }
+    )
+
+
+async def test_the_first_request_goes_out_while_the_start_is_written_and_is_told_only_after(
+    kept, upstream, held_starts
+):
+    client, thread = kept
     held_starts.clear()
-    await client.send({"id": 99, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "two"}]}})
+    await send_start(client, thread, "two", 99)
     await until(lambda: len(requests_of(upstream, thread)) == 2)  # sent while the start waits on the database
     assert user_texts(requests_of(upstream, thread)[1]) == ["one", "two"]
     await asyncio.sleep(0.2)  # its whole reply has come back by now
@@ -73,13 +96,6 @@ async def test_the_first_request_goes_out_while_the_start_is_written_and_is_told
     assert len(requests_of(upstream, thread)) == 2
 
 
-async def first_turn(client, thread: str) -> None:
-    """Its history is kept: the next turn's first request goes out early. What it said is put aside."""
-    await client.run_turn(thread, "one")
-    await client.notification("thread/status/changed")
-    client.inbox.clear()
-
-
 async def another_process_holds_the_lock(thread_id: str) -> None:
     principal = await database_sync_to_async(lambda: local_principal().pk)()
     elsewhere, _ = await DatabaseThreads.load(thread_id, principal)
@@ -88,11 +104,8 @@ async def another_process_holds_the_lock(thread_id: str) -> None:
     assert await DatabaseThreads.begin_turn(elsewhere, turn, "elsewhere", 30, 1 << 20, None) is not None
 
 
-async def test_a_start_refused_by_another_processs_turn_cuts_its_request_at_once(connect, upstream, held_starts):
-    client = await connect()
-    await client.initialize("codex_ios", "1.4.0")
-    thread = await client.start_thread()
-    await first_turn(client, thread)
+async def test_a_start_refused_by_another_processs_turn_cuts_its_request_at_once(kept, upstream, held_starts):
+    client, thread = kept
     await another_process_holds_the_lock(thread)
     held_starts.clear()
     start = asyncio.ensure_future(
@@ -106,17 +119,14 @@ async def test_a_start_refused_by_another_processs_turn_cuts_its_request_at_once
     assert client.inbox == []  # not one delta of it reached the client
 
 
-async def test_a_request_the_start_does_not_confirm_is_cut_and_sent_again(connect, upstream, held_starts):
-    client = await connect()
-    await client.initialize("codex_ios", "1.4.0")
-    thread = await client.start_thread()
-    await first_turn(client, thread)
+async def test_a_request_the_start_does_not_confirm_is_cut_and_sent_again(kept, upstream, held_starts):
+    client, thread = kept
     # Another process changes the thread's model: this one learns it from the start's batch.
     principal = await database_sync_to_async(lambda: local_principal().pk)()
     elsewhere, _ = await DatabaseThreads.load(thread, principal)
     await DatabaseThreads.set_model(elsewhere, "gpt-other")
     held_starts.clear()
-    await client.send({"id": 5, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "slow:10"}]}})
+    await send_start(client, thread, "slow:10", 5)
     await until(lambda: len(requests_of(upstream, thread)) == 2)
     held_starts.set()
     completed = await client.notification("turn/completed")
@@ -128,11 +138,8 @@ async def test_a_request_the_start_does_not_confirm_is_cut_and_sent_again(connec
     assert [m["params"]["delta"] for m in deltas] == [f"d{i} " for i in range(10)]  # the second request's, once
 
 
-async def test_interrupting_a_turn_whose_request_went_out_early_closes_its_stream(connect, upstream, held_starts):
-    client = await connect()
-    await client.initialize("codex_ios", "1.4.0")
-    thread = await client.start_thread()
-    await first_turn(client, thread)
+async def test_interrupting_a_turn_whose_request_went_out_early_closes_its_stream(kept, upstream, held_starts):
+    client, thread = kept
     held_starts.clear()
     start = asyncio.ensure_future(
         client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:50"}]})
@@ -148,13 +155,10 @@ async def test_interrupting_a_turn_whose_request_went_out_early_closes_its_strea
     assert len(requests_of(upstream, thread)) == 2  # the early one, taken over by the turn: not sent twice
 
 
-async def test_a_client_leaving_while_its_start_is_written_cuts_the_request(connect, upstream, held_starts):
-    client = await connect()
-    await client.initialize("codex_ios", "1.4.0")
-    thread = await client.start_thread()
-    await first_turn(client, thread)
+async def test_a_client_leaving_while_its_start_is_written_cuts_the_request(kept, connect, upstream, held_starts):
+    client, thread = kept
     held_starts.clear()
-    await client.send({"id": 7, "method": "turn/start", "params": {"threadId": thread, "input": [{"type": "text", "text": "slow:50"}]}})
+    await send_start(client, thread, "slow:50", 7)
     await until(lambda: len(requests_of(upstream, thread)) == 2)
     threading.Timer(0.3, held_starts.set).start()  # (the server's disconnect waits for the batch in flight)
     await client.communicator.disconnect()
@@ -169,12 +173,9 @@ async def test_a_client_leaving_while_its_start_is_written_cuts_the_request(conn
 
 
 async def test_a_retry_and_a_failure_of_the_early_request_are_told_as_the_turns_own(
-    connect, upstream, caplog, held_starts
+    kept, upstream, caplog, held_starts
 ):
-    client = await connect()
-    await client.initialize("codex_ios", "1.4.0")
-    thread = await client.start_thread()
-    await first_turn(client, thread)
+    client, thread = kept
     held_starts.clear()
     completing = asyncio.ensure_future(client.run_turn(thread, "fail:500x1"))  # fails once, then streams
     await until(lambda: len(requests_of(upstream, thread)) == 3)  # both tries, while the start waits
