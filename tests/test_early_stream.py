@@ -59,7 +59,7 @@ async def kept(connect, held_starts) -> tuple:
     await client.initialize("codex_ios", "1.4.0")
     thread = await client.start_thread()
     await client.run_turn(thread, "one")
-    await client.notification("thread/status/changed")
+    await client.notification("thread/status/changed", status={"type": "idle"})
     client.inbox.clear()
     return client, thread
 

@@ -31,7 +31,7 @@ from .threads import History
 
 # What an entry costs beyond its text: the objects that hold it.
 ENTRY_OVERHEAD_BYTES = 300
-TURN_OVERHEAD_BYTES = 80
+TURN_OVERHEAD_BYTES = 150  # its (start, end, size) tuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,10 @@ class HistoryCache:
     def get(self, thread_id: str, max_bytes: int) -> CachedHistory | None:
         """The thread's kept history, if it was kept within ``max_bytes``."""
         found = self._entries.get(thread_id)
-        if found is None or found.max_bytes != max_bytes:
+        if found is not None and found.max_bytes != max_bytes:
+            self.forget(thread_id)  # kept within another bound: of no use
+            return None
+        if found is None:
             return None
         self._entries.move_to_end(thread_id)
         return found

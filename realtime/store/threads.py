@@ -51,8 +51,8 @@ class History:
     again on the event loop: 15 ms of held GIL per turn for 4 MiB, every
     connection of the process waiting). ``turns`` says where each turn's
     items are in it, newest first: (start, end, its size as this server
-    encoded it, ASCII-escaped). The text is held once; a turn's items are a
-    slice of it."""
+    encoded it, ASCII-escaped); (1, 1, size) for a turn with none. The text
+    is held once; a turn's items are a slice of it."""
 
     text: str = "[]"
     turns: tuple[tuple[int, int, int], ...] = ()
@@ -84,8 +84,17 @@ class History:
                 break
             budget -= size
             kept += 1
-        earlier = [(self.text[start:end], size) for start, end, size in reversed(self.turns[:kept])]
-        return History._joined([*earlier, (array_items(model_input), input_bytes)])
+        # The kept turns are the end of the text: one slice of it, not a copy per turn.
+        earlier = self.turns[:kept]
+        starts = [start for start, end, _ in earlier if end > start]  # (a turn with no items has no place)
+        first = starts[-1] if starts else len(self.text) - 1  # where the oldest kept items begin
+        kept_items = self.text[first:-1]
+        items = array_items(model_input)
+        shift = 1 - first  # each kept span, in the new text
+        spans = [(start + shift, end + shift, size) if end > start else (1, 1, size) for start, end, size in earlier]
+        joint = ", " if kept_items and items else ""
+        newest = (len(kept_items) + len(joint) + 1, len(kept_items) + len(joint) + 1 + len(items), input_bytes)
+        return History("[" + kept_items + joint + items + "]", (newest, *spans))
 
     @classmethod
     def _joined(cls, oldest_first: list[tuple[str, int]]) -> History:
@@ -99,8 +108,8 @@ class History:
                 pieces.append(items)
                 spans.append((at, at + len(items), size))
                 at += len(items)
-            else:  # (counted toward the bound all the same)
-                spans.append((at, at, size))
+            else:  # no place in the text, but counted toward the bound all the same
+                spans.append((1, 1, size))
         return cls("[" + ", ".join(pieces) + "]", tuple(spans[::-1]))
 
 

@@ -177,8 +177,11 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         history, thread.model, turn.row_id, taken_over, policy = begun
         if history is None:  # no turn began since the one whose history this process kept
             history = cached.history
-        elif cached is not None:
-            cache.forget(thread.id)  # another turn began since: what was kept is stale
+        if not thread.ephemeral:
+            # What was kept is one turn old from here (this one's end keeps
+            # the next), or was stale: a start while this turn's end is
+            # written must not send an early request without it.
+            cache.forget(thread.id)
         thread.sandbox_mode, thread.network_access, thread.approval_policy = policy
         thread.active_turn = turn
         hub.hold(thread)
