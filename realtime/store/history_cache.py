@@ -56,10 +56,10 @@ class HistoryCache:
     def get(self, thread_id: str, max_bytes: int) -> CachedHistory | None:
         """The thread's kept history, if it was kept within ``max_bytes``."""
         found = self._entries.get(thread_id)
-        if found is not None and found.max_bytes != max_bytes:
-            self.forget(thread_id)  # kept within another bound: of no use
-            return None
         if found is None:
+            return None
+        if found.max_bytes != max_bytes:
+            self.forget(thread_id)  # kept within another bound: of no use
             return None
         self._entries.move_to_end(thread_id)
         return found
@@ -81,8 +81,7 @@ class HistoryCache:
 
     def forget(self, thread_id: str) -> None:
         """What is kept of the thread is not what the database holds, or soon
-        will not be: a turn's end not stored as this process has it, a start
-        that found another turn, another process's turn of it heard."""
+        will not be: a turn of it started here, or another process's heard."""
         gone = self._entries.pop(thread_id, None)
         if gone is not None:
             self._bytes -= gone.cost

@@ -286,11 +286,11 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int] | None:
         return _remember_history(turn_context, await _end_written(turn_context))
     except TurnLost as exc:
         logger.warning("%s; its end is the one already told", exc)
-        return _forget_history(thread, None)
+        return None
     except ONE_WRITES_FAULT as exc:
         if isinstance(exc, NotStored):
             logger.error("could not store the end of turn %s: %r", turn.id, exc, exc_info=exc)
-            return _forget_history(thread, dict(turn.usage or {}))
+            return dict(turn.usage or {})
         # Something of the turn's own that the database refused (its other
         # writes went through): stored failed, without its output, its
         # thread is free now rather than when its lock lapses.
@@ -300,27 +300,23 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int] | None:
         _drop_output(turn)
     except Exception:
         logger.exception("could not store the end of turn %s; its lock will lapse and the sweep end it", turn.id)
-        return _forget_history(thread, None)
+        return None
     try:
         return _remember_history(turn_context, await _end_written(turn_context))
     except Exception:
         logger.exception("could not store the end of turn %s; its lock will lapse and the sweep end it", turn.id)
-        return _forget_history(thread, None)
+        return None
 
 
 def _remember_history(turn_context: TurnContext, total: dict[str, int]) -> dict[str, int]:
     """The turn's end is stored as this process has it: the thread's next
-    turn here replays what the database holds without reading it."""
+    turn here replays what the database holds without reading it. (Only
+    here: what was kept before was dropped when this turn started, so an
+    end not stored as this process has it leaves nothing kept.)"""
     thread, turn, bound = turn_context.thread, turn_context.turn, turn_context.max_history_bytes
     cache = history_cache()
     if not thread.ephemeral and cache.max_bytes > 0:
         cache.remember(thread.id, turn.sequence, turn_context.history.then(turn.model_input, turn.input_bytes, bound), bound)
-    return total
-
-
-def _forget_history(thread: Thread, total: dict[str, int] | None) -> dict[str, int] | None:
-    if not thread.ephemeral:
-        history_cache().forget(thread.id)
     return total
 
 

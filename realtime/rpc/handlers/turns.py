@@ -127,6 +127,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
         turn.items.append(user_item)
         thread.preview = thread.preview or _preview(user_inputs)
+        message = user_message(parts)
         # The lock is the store's, deployment-wide: a turn of this thread running
         # on any process refuses this one.
         store = store_for(thread)
@@ -147,7 +148,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
             mode, network = sandbox or (thread.sandbox_mode, thread.network_access)
             policy = (mode, network, thread.approval_policy if approvals is None else approvals)
             request = model_request(
-                thread, model or thread.model, policy, cached.history, [user_message(parts)], output_schema,
+                thread, model or thread.model, policy, cached.history, [message], output_schema,
                 tools if tools_enabled else None,
             )  # fmt: skip
             early = EarlyStream(context.connection, context.identity, request, config)
@@ -169,19 +170,18 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
         except WrittenButUnread:
             release_abandoned(thread, turn, store)  # the lock and the turn were written: free them
             raise
+        if not thread.ephemeral:
+            # What was kept is stale (a turn runs elsewhere, or began since), or
+            # one turn old from here (this one's end keeps the next): a start
+            # while this turn's end is written must not send an early request without it.
+            cache.forget(thread.id)
         if begun is None:
-            cache.forget(thread.id)  # a turn runs elsewhere: it will change the history
             raise JsonRpcError(INVALID_REQUEST, "Turn already in progress")
         holds_lock = True
         # The model and policy as stored, the overrides applied (another process's turn/start may have changed them).
         history, thread.model, turn.row_id, taken_over, policy = begun
         if history is None:  # no turn began since the one whose history this process kept
             history = cached.history
-        if not thread.ephemeral:
-            # What was kept is one turn old from here (this one's end keeps
-            # the next), or was stale: a start while this turn's end is
-            # written must not send an early request without it.
-            cache.forget(thread.id)
         thread.sandbox_mode, thread.network_access, thread.approval_policy = policy
         thread.active_turn = turn
         hub.hold(thread)
@@ -193,7 +193,7 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
             turn=turn,
             store=store,
             history=history,
-            user_message=user_message(parts),
+            user_message=message,
             user_item=user_item,
             config=config,
             max_history_bytes=max_history_bytes,
