@@ -1,6 +1,7 @@
 """The outbox: a slow reader holds the producer back, a stopped one overflows."""
 
 import asyncio
+import json
 
 from realtime.transport.outbox import OUTBOX_CAPACITY, OVERLOAD_THRESHOLD, Outbox
 
@@ -64,4 +65,38 @@ async def test_a_reader_that_never_reads_large_replies_is_dropped_at_the_byte_bo
     assert overflowed == [True] and outbox.queued_bytes == 0 and len(outbox) == 0
     outbox.put(big)  # nothing more is queued for a dropped client
     assert len(outbox) == 0
+    writer.cancel()
+
+
+async def test_frames_are_written_through_while_the_socket_takes_them_and_never_overtake_queued_ones():
+    wire: list[str] = []
+    socket_has_room = True
+    release_send = asyncio.Event()
+
+    def write_now(text):
+        if socket_has_room:
+            wire.append(text)
+        return socket_has_room
+
+    async def send_text(text):  # the ASGI way: waits for room, like our daphne's send
+        await release_send.wait()
+        wire.append(text)
+
+    outbox = Outbox(send_text, on_overflow=lambda: None, write_now=write_now)
+    writer = asyncio.create_task(outbox.run())
+    outbox.put({"index": 0})
+    assert wire == ['{"index":0}']  # written at once, no turn of the loop
+    socket_has_room = False
+    outbox.put({"index": 1})  # queued: the writer takes it and waits in send
+    await asyncio.sleep(0)
+    socket_has_room = True
+    outbox.put({"index": 2})  # the socket has room again, but 1 is still in the writer's hands
+    outbox.put({"index": 3})
+    assert wire == ['{"index":0}']
+    release_send.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert [json.loads(text)["index"] for text in wire] == [0, 1, 2, 3]
+    outbox.put({"index": 4})  # the queue drained: written through again
+    assert json.loads(wire[-1])["index"] == 4 and len(outbox) == 0
     writer.cancel()

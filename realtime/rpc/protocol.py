@@ -180,9 +180,13 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+# json.dumps builds an encoder per call when given separators; one will do.
+# Its ASCII escapes keep lone surrogates a client sent us encodable as UTF-8.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(message: dict[str, Any]) -> str:
-    # ASCII escapes keep lone surrogates a client sent us encodable as UTF-8.
-    return json.dumps(message, separators=(",", ":"))
+    return _ENCODER.encode(message)
 
 
 def response(request_id: RequestId, result: Any) -> dict[str, Any]:

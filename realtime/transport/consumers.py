@@ -21,7 +21,7 @@ from realtime.rpc.connection import CLOSE_POLICY_VIOLATION, AppServerConnection
 from realtime.rpc.protocol import MAX_FRAME_BYTES, JsonRpcError
 
 from .connection_limits import SERVICE_UNAVAILABLE, connection_limits
-from .outbox import Outbox
+from .outbox import WRITE_NOW_EXTENSION, Outbox
 from .upgrade_policy import (
     DENIAL_EXTENSION,
     UNAUTHORIZED,
@@ -143,8 +143,12 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             logger.info("refused a WebSocket upgrade with HTTP %d: no valid token", UNAUTHORIZED)
             await self._refuse(UNAUTHORIZED)
             return
+        write_now = self.scope.get("extensions", {}).get(WRITE_NOW_EXTENSION, {}).get("write")
         outbox = Outbox(
-            self._send_text, on_overflow=self._drop_slow_client, stall_seconds=settings.CODEX_CLIENT_STALL_TIMEOUT
+            self._send_text,
+            on_overflow=self._drop_slow_client,
+            stall_seconds=settings.CODEX_CLIENT_STALL_TIMEOUT,
+            write_now=write_now,
         )
         self.connection = AppServerConnection(connection_id, outbox, self.scope, principal, close_socket=self._close_soon)
         await self.accept()
