@@ -100,3 +100,20 @@ async def test_frames_are_written_through_while_the_socket_takes_them_and_never_
     outbox.put({"index": 4})  # the queue drained: written through again
     assert json.loads(wire[-1])["index"] == 4 and len(outbox) == 0
     writer.cancel()
+
+
+async def test_a_frame_the_socket_refused_with_an_error_goes_the_asgi_way():
+    sent = []
+
+    def broken_write(text):
+        raise RuntimeError("a protocol in a state we did not expect")
+
+    async def send_text(text):
+        sent.append(text)
+
+    outbox = Outbox(send_text, on_overflow=lambda: None, write_now=broken_write)
+    writer = asyncio.create_task(outbox.run())
+    outbox.put({"index": 0})
+    await asyncio.sleep(0)
+    assert sent == ['{"index":0}']
+    writer.cancel()

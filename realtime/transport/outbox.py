@@ -86,7 +86,7 @@ class Outbox:
         text = encode(message)
         # Nothing before it waits, and the socket takes it: written now, with
         # no turn of the loop for the writer task. Most frames go this way.
-        if not self._queue and not self._sending and self._write_now is not None and self._write_now(text):
+        if not self._queue and not self._sending and self._write_now is not None and self._written_now(text):
             self._sent += 1
             return
         if len(self._queue) >= self._capacity:
@@ -101,6 +101,13 @@ class Outbox:
             self.peak_bytes = self.queued_bytes
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
+
+    def _written_now(self, text: str) -> bool:
+        try:
+            return self._write_now(text)
+        except Exception:  # queued instead: the writer's send meets it too, and closes the connection
+            logger.exception("writing a frame through failed")
+            return False
 
     def _overflow(self, how_full: str) -> None:
         self._overflowed = True
