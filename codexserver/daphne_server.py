@@ -131,7 +131,11 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
         goes the ASGI way, which waits for room or drops it once closing."""
         if self.state != self.STATE_OPEN or not self._writable.is_set():
             return False
-        self.serverSend(text)
+        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0  # as serverSend does
+        try:
+            self.sendMessage(text.encode("utf-8"), False)
+        finally:
+            self.maxMessagePayloadSize = limit
         return True
 
     def serverSend(self, content, binary=False):

@@ -108,7 +108,8 @@ async def run_turn(turn_context: TurnContext) -> None:
                 stream = stream_model_response(turn_context.identity, request, turn_context.config, on_retry=will_retry)
             async with aclosing(stream) as events:
                 async for event in events:
-                    await connection.outbox.wait_for_room()  # a slow client slows the stream
+                    if connection.outbox.overloaded:  # a slow client slows the stream
+                        await connection.outbox.wait_for_room()
                     if turn_context.lease.lapsed:
                         raise LeaseLapsed(turn.id)
                     translator.feed(event)
