@@ -102,8 +102,10 @@ async def test_frames_are_written_through_while_the_socket_takes_them_and_never_
     writer.cancel()
 
 
-async def test_a_frame_the_socket_refused_with_an_error_goes_the_asgi_way():
-    sent = []
+async def test_a_frame_that_fails_to_be_written_drops_the_connection_and_nothing_follows_it():
+    # Part of it may be on the wire: a retry, or any frame after it, would
+    # corrupt the stream.
+    sent, dropped = [], []
 
     def broken_write(text):
         raise RuntimeError("a protocol in a state we did not expect")
@@ -111,9 +113,20 @@ async def test_a_frame_the_socket_refused_with_an_error_goes_the_asgi_way():
     async def send_text(text):
         sent.append(text)
 
-    outbox = Outbox(send_text, on_overflow=lambda: None, write_now=broken_write)
+    outbox = Outbox(send_text, on_overflow=lambda: dropped.append(True), write_now=broken_write)
     writer = asyncio.create_task(outbox.run())
     outbox.put({"index": 0})
+    outbox.put({"index": 1})
     await asyncio.sleep(0)
-    assert sent == ['{"index":0}']
+    assert dropped == [True] and sent == [] and len(outbox) == 0
     writer.cancel()
+
+
+async def test_what_is_written_through_counts_toward_the_memory_a_connection_held():
+    outbox = Outbox(_never_sent, on_overflow=lambda: None, write_now=lambda text: True)
+    outbox.put({"data": "x" * 100_000})
+    assert outbox.peak_bytes > 100_000 and len(outbox) == 0
+
+
+async def _never_sent(text):
+    raise AssertionError("written through, never queued")

@@ -216,9 +216,11 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         # nobody writes to, so close it rather than let the client hang.
         if not writer.cancelled() and writer.exception() is not None:
             logger.error("outbound writer failed; closing the connection", exc_info=writer.exception())
+            self.connection.outbox.stop()  # and nothing is written through past it
             self._close_soon(CLOSE_INTERNAL_ERROR)
 
     def _drop_slow_client(self) -> None:
+        # (also when a frame could not be written: nothing after it can be trusted)
         self.connection.abandon()
         self._close_soon(CLOSE_TRY_AGAIN_LATER)
 

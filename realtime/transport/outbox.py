@@ -86,9 +86,17 @@ class Outbox:
         text = encode(message)
         # Nothing before it waits, and the socket takes it: written now, with
         # no turn of the loop for the writer task. Most frames go this way.
-        if not self._queue and not self._sending and self._write_now is not None and self._written_now(text):
-            self._sent += 1
-            return
+        if not self._queue and not self._sending and not self._stopped and self._write_now is not None:
+            try:
+                written = self._write_now(text)
+            except Exception:  # part of it may be on the wire: nothing after it can be trusted
+                self._drop("a frame could not be written", exc_info=True)
+                return
+            if written:
+                self._sent += 1
+                if len(text) > self.peak_bytes:  # it was held, if only for this call
+                    self.peak_bytes = len(text)
+                return
         if len(self._queue) >= self._capacity:
             self._overflow(f"{self._capacity} messages")
             return
@@ -102,16 +110,13 @@ class Outbox:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    def _written_now(self, text: str) -> bool:
-        try:
-            return self._write_now(text)
-        except Exception:  # queued instead: the writer's send meets it too, and closes the connection
-            logger.exception("writing a frame through failed")
-            return False
-
     def _overflow(self, how_full: str) -> None:
+        self._drop(f"outbound queue full ({how_full}): disconnecting slow client")
+
+    def _drop(self, why: str, exc_info: bool = False) -> None:
+        """Nothing more is sent: the connection is dropped (``on_overflow``)."""
         self._overflowed = True
-        logger.warning("outbound queue full (%s): disconnecting slow client", how_full)
+        logger.warning("%s", why, exc_info=exc_info)
         self._queue.clear()  # what it held goes now, not when the socket closes
         self.queued_bytes = 0
         self._on_overflow()
