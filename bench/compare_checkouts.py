@@ -8,11 +8,13 @@ Benchmark 1's 50-connection round (8 turns each, ephemeral threads unless
 relay. Rounds alternate old, baseline, new (then new, baseline, old), so
 drift hits all three alike, and every figure is a median of per-round
 ratios: old and new each against the baseline round beside it, and new
-against old. CPU is the server process's, per turn, from ``/proc``
-(connection setup included, as the round includes it).
+against old (``bench/run.py`` gives the ratio of medians instead). CPU is
+the server process's, per turn, from ``/proc`` (connection setup included,
+as the round includes it). Each checkout runs its own ``manage.py``,
+migrations included, from its own directory.
 
 For a change to the server's per-turn work: a full ``bench/run.py`` run
-takes ten minutes and measures each version in a different hour, and on
+takes about ten minutes and measures each version in a different hour, and on
 these machines the hour matters more than most changes (make the old
 checkout with ``git worktree add /tmp/old REV``).
 """
@@ -57,8 +59,8 @@ def start_checkout(bench: Bench, name: str, checkout: Path, setup: str) -> Serve
         "PYTHONPATH": str(checkout),
         **setup_env(setup),
     }
-    migrate(env)
-    server = ServerProcess(env, bench.workdir / f"{name}.log", command=[str(checkout / "manage.py"), "serve", "--port", "{port}"])
+    migrate(env, project_dir=checkout)  # its own migrations
+    server = ServerProcess(env, bench.workdir / f"{name}.log", project_dir=checkout)
     bench.servers.append(server.start())
     return server
 
@@ -75,6 +77,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--stored", action="store_true", help="stored threads instead of ephemeral ones")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     with tempfile.TemporaryDirectory(prefix="codex-compare-") as workdir:
         bench = Bench(quick=True, workdir=Path(workdir))
         try:
@@ -93,17 +97,17 @@ def main() -> int:
             bench.close()
     kind = "stored" if args.stored else "ephemeral"
     print(f"{CONNECTIONS} connections x {TURNS_EACH} turns, {kind} threads, {args.setup}, {args.rounds} rounds")
-    print("             latency ratio  CPU ratio   latency ms  CPU ms/turn")
+    print(f"{'':16}{'latency ratio':>13}  {'CPU ratio':>9}  {'latency ms':>11}  {'CPU ms/turn':>11}")
     for name in ("old", "new"):
         latency, cpu = (statistics.median(r[i] for r in rounds[name]) for i in (0, 1))
         print(
-            f"{name} / baseline  {median_ratio(rounds[name], rounds['baseline'], 0):10.3f}"
+            f"{name} / baseline  {median_ratio(rounds[name], rounds['baseline'], 0):13.3f}"
             f"  {median_ratio(rounds[name], rounds['baseline'], 1):9.3f}  {latency:11.1f}  {cpu:11.3f}"
         )
     latency, cpu = (statistics.median(r[i] for r in rounds["baseline"]) for i in (0, 1))
-    print(f"baseline        {'':10}  {'':9}  {latency:11.1f}  {cpu:11.3f}")
+    print(f"baseline        {'':13}  {'':9}  {latency:11.1f}  {cpu:11.3f}")
     print(
-        f"new / old       {median_ratio(rounds['new'], rounds['old'], 0):10.3f}"
+        f"new / old       {median_ratio(rounds['new'], rounds['old'], 0):13.3f}"
         f"  {median_ratio(rounds['new'], rounds['old'], 1):9.3f}"
     )
     return 0

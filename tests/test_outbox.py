@@ -3,6 +3,8 @@
 import asyncio
 import json
 
+import pytest
+
 from realtime.transport.outbox import OUTBOX_CAPACITY, OVERLOAD_THRESHOLD, Outbox
 
 
@@ -84,28 +86,58 @@ async def test_frames_are_written_through_while_the_socket_takes_them_and_never_
 
     outbox = Outbox(send_text, on_overflow=lambda: None, write_now=write_now)
     writer = asyncio.create_task(outbox.run())
+    await asyncio.sleep(0)
     outbox.put({"index": 0})
     assert wire == ['{"index":0}']  # written at once, no turn of the loop
     socket_has_room = False
-    outbox.put({"index": 1})  # queued: the writer takes it and waits in send
-    await asyncio.sleep(0)
+    outbox.put({"index": 1})  # queued; the writer has not run yet
     socket_has_room = True
-    outbox.put({"index": 2})  # the socket has room again, but 1 is still in the writer's hands
-    outbox.put({"index": 3})
+    outbox.put({"index": 2})  # the socket has room again, but 1 waits in the queue
+    assert wire == ['{"index":0}'] and len(outbox) == 2
+    await asyncio.sleep(0)  # the writer takes 1 and waits in send
+    outbox.put({"index": 3})  # 2 is still queued, and the writer holds 1
+    outbox.put({"index": 4})
     assert wire == ['{"index":0}']
     release_send.set()
-    for _ in range(5):
+    for _ in range(10):
         await asyncio.sleep(0)
-    assert [json.loads(text)["index"] for text in wire] == [0, 1, 2, 3]
-    outbox.put({"index": 4})  # the queue drained: written through again
-    assert json.loads(wire[-1])["index"] == 4 and len(outbox) == 0
+    assert [json.loads(text)["index"] for text in wire] == [0, 1, 2, 3, 4]
+    outbox.put({"index": 5})  # the queue drained: written through again
+    assert json.loads(wire[-1])["index"] == 5 and len(outbox) == 0
     writer.cancel()
+
+
+async def test_nothing_is_written_through_once_the_writer_has_stopped():
+    wire: list[str] = []
+    socket_has_room = False
+
+    def write_now(text):
+        if socket_has_room:
+            wire.append(text)
+        return socket_has_room
+
+    async def failing_send(text):
+        raise ConnectionError("the writer's send failed")
+
+    outbox = Outbox(failing_send, on_overflow=lambda: None, write_now=write_now)
+    writer = asyncio.create_task(outbox.run())
+    outbox.put({"index": 0})  # the socket is full: queued
+    socket_has_room = True
+    with pytest.raises(ConnectionError):
+        await writer  # the writer fails on 0 ...
+    outbox.put({"index": 1})  # ... and 1 must not reach the wire after a frame that never did
+    assert wire == []
+
+    closed = Outbox(failing_send, on_overflow=lambda: None, write_now=write_now)
+    closed.stop()  # the connection closed
+    closed.put({"index": 0})
+    assert wire == []
 
 
 async def test_a_frame_that_fails_to_be_written_drops_the_connection_and_nothing_follows_it():
     # Part of it may be on the wire: a retry, or any frame after it, would
     # corrupt the stream.
-    sent, dropped = [], []
+    sent, overflowed, failed = [], [], []
 
     def broken_write(text):
         raise RuntimeError("a protocol in a state we did not expect")
@@ -113,12 +145,17 @@ async def test_a_frame_that_fails_to_be_written_drops_the_connection_and_nothing
     async def send_text(text):
         sent.append(text)
 
-    outbox = Outbox(send_text, on_overflow=lambda: dropped.append(True), write_now=broken_write)
+    outbox = Outbox(
+        send_text,
+        on_overflow=lambda: overflowed.append(True),
+        write_now=broken_write,
+        on_write_failure=lambda: failed.append(True),
+    )
     writer = asyncio.create_task(outbox.run())
     outbox.put({"index": 0})
     outbox.put({"index": 1})
     await asyncio.sleep(0)
-    assert dropped == [True] and sent == [] and len(outbox) == 0
+    assert failed == [True] and overflowed == [] and sent == [] and len(outbox) == 0
     writer.cancel()
 
 

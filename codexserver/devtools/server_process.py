@@ -20,9 +20,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def migrate(env: dict[str, str]) -> None:
+def migrate(env: dict[str, str], project_dir: Path = PROJECT_DIR) -> None:
     subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=PROJECT_DIR, env=env, check=True
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=project_dir, env=env, check=True
     )
 
 
@@ -36,12 +36,14 @@ class ServerProcess:
         port: int | None = None,
         command: list[str] | None = None,
         ready_path: str = "/healthz",
+        project_dir: Path = PROJECT_DIR,  # whose manage.py runs (bench/compare_checkouts.py: another checkout's)
     ):
         self.port = port or free_port()
         self.env = env
         self.log_path = log_path
         self.command = command or ["manage.py", "serve", "--port", "{port}"]
         self.ready_path = ready_path
+        self.project_dir = project_dir
         self.executable = sys.executable  # the command runs under this program
         self.process: subprocess.Popen | None = None
 
@@ -57,7 +59,7 @@ class ServerProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [self.executable, *(part.format(port=self.port) for part in self.command)],
-                cwd=PROJECT_DIR,
+                cwd=self.project_dir,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

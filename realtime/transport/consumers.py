@@ -149,6 +149,7 @@ class AppServerConsumer(AsyncWebsocketConsumer):
             on_overflow=self._drop_slow_client,
             stall_seconds=settings.CODEX_CLIENT_STALL_TIMEOUT,
             write_now=write_now,
+            on_write_failure=self._drop_after_a_failed_write,
         )
         self.connection = AppServerConnection(connection_id, outbox, self.scope, principal, close_socket=self._close_soon)
         await self.accept()
@@ -216,13 +217,15 @@ class AppServerConsumer(AsyncWebsocketConsumer):
         # nobody writes to, so close it rather than let the client hang.
         if not writer.cancelled() and writer.exception() is not None:
             logger.error("outbound writer failed; closing the connection", exc_info=writer.exception())
-            self.connection.outbox.stop()  # and nothing is written through past it
             self._close_soon(CLOSE_INTERNAL_ERROR)
 
     def _drop_slow_client(self) -> None:
-        # (also when a frame could not be written: nothing after it can be trusted)
         self.connection.abandon()
         self._close_soon(CLOSE_TRY_AGAIN_LATER)
+
+    def _drop_after_a_failed_write(self) -> None:
+        self.connection.abandon()
+        self._close_soon(CLOSE_INTERNAL_ERROR)
 
     def _close_soon(self, code: int) -> None:
         """Close from a synchronous callback (the outbox's, a task's)."""

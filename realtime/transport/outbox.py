@@ -52,12 +52,14 @@ class Outbox:
         stall_seconds: float = 10.0,
         max_bytes: int = MAX_QUEUED_BYTES,
         write_now: Callable[[str], bool] | None = None,
+        on_write_failure: Callable[[], None] | None = None,
     ):
         self._send_text = send_text
         # The server's synchronous write (WRITE_NOW_EXTENSION), or None: True
         # when the frame went to the socket, False when it cannot take one now.
         self._write_now = write_now
         self._on_overflow = on_overflow
+        self._on_write_failure = on_write_failure or on_overflow
         self._queue: deque[str] = deque()
         self._capacity = capacity
         self._max_bytes = max_bytes
@@ -90,7 +92,8 @@ class Outbox:
             try:
                 written = self._write_now(text)
             except Exception:  # part of it may be on the wire: nothing after it can be trusted
-                self._drop("a frame could not be written", exc_info=True)
+                logger.exception("a frame could not be written: closing the connection")
+                self._stop_sending(self._on_write_failure)
                 return
             if written:
                 self._sent += 1
@@ -111,15 +114,15 @@ class Outbox:
             self._wakeup.set_result(None)
 
     def _overflow(self, how_full: str) -> None:
-        self._drop(f"outbound queue full ({how_full}): disconnecting slow client")
+        logger.warning("outbound queue full (%s): disconnecting slow client", how_full)
+        self._stop_sending(self._on_overflow)
 
-    def _drop(self, why: str, exc_info: bool = False) -> None:
-        """Nothing more is sent: the connection is dropped (``on_overflow``)."""
+    def _stop_sending(self, then: Callable[[], None]) -> None:
+        """Nothing more is sent; ``then`` drops the connection."""
         self._overflowed = True
-        logger.warning("%s", why, exc_info=exc_info)
         self._queue.clear()  # what it held goes now, not when the socket closes
         self.queued_bytes = 0
-        self._on_overflow()
+        then()
 
     async def wait_for_room(self) -> None:
         """Hold a producer while the queue is above the overload threshold and
@@ -152,18 +155,23 @@ class Outbox:
     async def run(self) -> None:
         """The writer task: sends queued frames in order until cancelled."""
         loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wakeup = loop.create_future()
-                await self._wakeup
-                continue
-            text = self._queue.popleft()
-            self.queued_bytes -= len(text)
-            self._sending = True
-            try:
-                await self._send_text(text)
-            finally:
-                self._sending = False
-            self._sent += 1
-            if not self.overloaded:
-                self._room.set()
+        try:
+            while True:
+                if not self._queue:
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    continue
+                text = self._queue.popleft()
+                self.queued_bytes -= len(text)
+                self._sending = True
+                try:
+                    await self._send_text(text)
+                finally:
+                    self._sending = False
+                self._sent += 1
+                if not self.overloaded:
+                    self._room.set()
+        finally:
+            # However it ends: a frame after one it could not send must not
+            # be written through before the connection closes.
+            self._stopped = True
