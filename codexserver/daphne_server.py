@@ -29,9 +29,10 @@ Eight gaps in stock daphne 4.2 matter to us:
   redaction and escaping (``RedactedAccessLog``).
 - each frame sent takes the ASGI send's task switch and dozen awaits, and
   autobahn builds a debug line's arguments for it, logged or not: together
-  about a third of the server's Python calls for a streamed turn. A connection's outbox writes
-  through ``write_text_now`` when nothing waits before the frame and the
-  socket has room (``WRITE_NOW_EXTENSION``), and ``sendData`` skips that line.
+  about a third of the server's Python calls for a streamed turn. A
+  connection's outbox writes through ``write_text_now`` when nothing waits
+  before the frame and the socket has room (``WRITE_NOW_EXTENSION``), and
+  ``sendData`` skips that line.
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ class AppServerWebSocketProtocol(WebSocketProtocol):
     def sendData(self, data, sync=False, chopsize=None):
         # autobahn builds a debug line's arguments for every frame it writes,
         # logged or not: two qualified names and three click-styled strings,
-        # 17% of the server's Python calls for a streamed turn. The ordinary case
-        # (nothing queued, no chopping) is written here as autobahn writes it,
-        # without that line; anything else, or autobahn at debug level, is its.
+        # 17% of the server's Python calls for a streamed turn. The ordinary
+        # case (nothing queued, no chopping) is written here as autobahn
+        # 26.10 writes it, without that line; anything else, or autobahn at
+        # debug level, is autobahn's own.
         if sync or chopsize or self.send_queue or txaio.get_global_log_level() in DEBUG_LEVELS:
             super().sendData(data, sync, chopsize)
             return
