@@ -35,7 +35,6 @@ from bench.run import (  # noqa: E402  (bench.run sets Django up)
     Bench,
     ServerProcess,
     daphne_command,
-    migrate,
     setup_env,
     turn_round,
 )
@@ -53,16 +52,8 @@ async def measured_round(server: ServerProcess, ephemeral: bool) -> tuple[float,
 
 
 def start_checkout(bench: Bench, name: str, checkout: Path, setup: str) -> ServerProcess:
-    env = {
-        **bench.env,
-        "DATABASE_URL": f"sqlite:///{bench.workdir / name}.sqlite3",
-        "PYTHONPATH": str(checkout),
-        **setup_env(setup),
-    }
-    migrate(env, project_dir=checkout)  # its own migrations
-    server = ServerProcess(env, bench.workdir / f"{name}.log", project_dir=checkout)
-    bench.servers.append(server.start())
-    return server
+    """The checkout's own ``manage.py serve``, migrated by its own migrations."""
+    return bench.start(name, project_dir=checkout, PYTHONPATH=str(checkout), **setup_env(setup))
 
 
 def median_ratio(tops: list[tuple[float, float]], bottoms: list[tuple[float, float]], index: int) -> float:

@@ -95,11 +95,16 @@ class Bench:
         }
         self.servers: list[ServerProcess] = []
 
-    def start(self, name: str, command: list[str] | None = None, **env: str) -> ServerProcess:
+    def start(
+        self, name: str, command: list[str] | None = None, project_dir: Path = ROOT, **env: str
+    ) -> ServerProcess:
+        """``command`` (default: ``project_dir``'s ``manage.py serve``, migrated first) with ``env`` added."""
         server_env = {**self.env, "DATABASE_URL": f"sqlite:///{self.workdir / name}.sqlite3", **env}
         if command is None:
-            migrate(server_env)
-        server = ServerProcess(server_env, self.workdir / f"{name}.log", command=command, ready_path="/")
+            migrate(server_env, project_dir=project_dir)
+        server = ServerProcess(
+            server_env, self.workdir / f"{name}.log", command=command, ready_path="/", project_dir=project_dir
+        )
         self.servers.append(server.start())
         return server
 
