@@ -478,7 +478,10 @@ def deliver(
     ``item/completed`` still brings it the whole text.
     """
     droppable = method.endswith(DELTA_SUFFIXES)
-    for connection in list(thread.subscribers):
+    for subscriber in thread.subscribers.refs:
+        connection = subscriber()
+        if connection is None:  # collected without leaving
+            continue
         if request:
             connection.send_server_request(request[0], request[1], method, params)
             continue

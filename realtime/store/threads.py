@@ -16,7 +16,6 @@ import asyncio
 import json
 import time
 import uuid
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from codexserver import __version__ as SERVER_VERSION
 
 from .json_text import array_items
+from .subscriber_set import SubscriberSet
 
 if TYPE_CHECKING:
     from realtime.rpc.connection import AppServerConnection
@@ -213,7 +213,7 @@ class Thread:
     read_revision: int = 0
     turn_sequence: int = 0  # an ephemeral thread's last turn's number (stored threads: the database's)
     total_usage: dict[str, int] = field(default_factory=dict)  # every turn's usage, summed
-    subscribers: weakref.WeakSet[AppServerConnection] = field(default_factory=weakref.WeakSet)
+    subscribers: SubscriberSet[AppServerConnection] = field(default_factory=SubscriberSet)
 
     # --- conversation -------------------------------------------------------
 

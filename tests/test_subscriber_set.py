@@ -1,0 +1,58 @@
+"""A thread's subscribers (realtime/store/subscriber_set.py): a notification
+reaches each member once, a leaver hears nothing more, and a connection that
+was collected without leaving is neither kept alive nor sent to."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+from realtime.fanout.thread_hub import deliver
+from realtime.store.subscriber_set import SubscriberSet
+from realtime.store.threads import Thread, new_id
+
+
+class Outbox:
+    overloaded = False
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.outbox = Outbox()
+        self.heard: list[str] = []
+
+    def notify(self, method: str, params: dict) -> None:
+        self.heard.append(method)
+
+
+def a_thread() -> Thread:
+    return Thread(id=new_id(), model="m", model_provider="openai", cwd="/tmp", originator="codex_ios", principal_id=0)
+
+
+def test_a_notification_reaches_each_member_once_and_a_leaver_no_more():
+    thread = a_thread()
+    first, second = Listener(), Listener()
+    thread.subscribers.add(first)
+    thread.subscribers.add(second)
+    thread.subscribers.add(first)  # twice: still one member
+    deliver(thread, "turn/started", {}, pace_setter=first)
+    thread.subscribers.discard(second)
+    deliver(thread, "turn/completed", {}, pace_setter=first)
+    assert first.heard == ["turn/started", "turn/completed"]
+    assert second.heard == ["turn/started"]
+    assert len(thread.subscribers) == 1 and first in thread.subscribers and second not in thread.subscribers
+    assert list(thread.subscribers) == [first]
+
+
+def test_a_member_collected_without_leaving_is_not_kept_alive_nor_sent_to():
+    thread = a_thread()
+    kept, dropped = Listener(), Listener()
+    thread.subscribers.add(kept)
+    thread.subscribers.add(dropped)
+    gone = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert gone() is None  # the set and its walk list hold it weakly
+    deliver(thread, "turn/started", {}, pace_setter=kept)
+    assert kept.heard == ["turn/started"]
+    assert len(thread.subscribers) == 1 and not SubscriberSet()
