@@ -267,8 +267,9 @@ class AppServerConnection:
         self.send(protocol.error_response(request_id, error))
 
     def notify(self, method: str, params: dict[str, Any]) -> None:
-        if method not in self.opted_out:
-            self.send(protocol.notification(method, params))
+        # (send's work, inline: every delta of every turn comes here)
+        if method not in self.opted_out and not self._closed:
+            self.outbox.put({"method": method, "params": params})
 
     def send_server_request(self, request_id: str, asked_by: str | None, method: str, params: dict[str, Any]) -> None:
         """A request of the server's own (an approval), answered by a ClientResponse."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,13 +181,10 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-# json.dumps builds an encoder per call when given separators; one will do.
+# json.dumps builds an encoder per call when given separators; one will do,
+# and every frame is encoded by its method directly (no wrapper call).
 # Its ASCII escapes keep lone surrogates a client sent us encodable as UTF-8.
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
-def encode(message: dict[str, Any]) -> str:
-    return _ENCODER.encode(message)
+encode: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def response(request_id: RequestId, result: Any) -> dict[str, Any]:
@@ -196,6 +194,3 @@ def response(request_id: RequestId, result: Any) -> dict[str, Any]:
 def error_response(request_id: RequestId | None, error: JsonRpcError) -> dict[str, Any]:
     return {"id": request_id, "error": error.to_error()}
 
-
-def notification(method: str, params: Any) -> dict[str, Any]:
-    return {"method": method, "params": params}

@@ -237,11 +237,21 @@ class TurnEventTranslator:
             self._calls[key] = FunctionCall(made_storable(call_id), made_storable(name), made_storable(arguments), namespace)
 
     def _text_delta(self, event: dict[str, Any]) -> None:
-        delta = _text(event.get("delta"))
-        if delta:
-            message = self._message(self._key(event, event.get("item_id")))
-            message.parts.append(delta)
-            self._item_notification("item/agentMessage/delta", itemId=message.id, delta=delta)
+        # Every delta of the reply comes here: its ordinary case (an item
+        # already started, by its upstream id) takes no helper calls.
+        delta = event.get("delta")
+        if not isinstance(delta, str) or not delta:
+            return
+        delta = made_storable(delta)
+        item_id = event.get("item_id")
+        message = self._items.get(item_id) if isinstance(item_id, str) else None
+        if not isinstance(message, _AgentMessage):
+            message = self._message(self._key(event, item_id))
+        message.parts.append(delta)
+        self._notify(
+            "item/agentMessage/delta",
+            {"threadId": self.thread_id, "turnId": self.turn_id, "itemId": message.id, "delta": delta},
+        )
 
     def _reasoning(self, event: dict[str, Any]) -> _Reasoning:
         return self._reasoning_item(self._key(event, event.get("item_id")))
