@@ -4,8 +4,11 @@ was collected without leaving is neither kept alive nor sent to."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
+
+import pytest
 
 from realtime.fanout.thread_hub import deliver
 from realtime.store.subscriber_set import SubscriberSet
@@ -55,4 +58,31 @@ def test_a_member_collected_without_leaving_is_not_kept_alive_nor_sent_to():
     assert gone() is None  # the set and its walk list hold it weakly
     deliver(thread, "turn/started", {}, pace_setter=kept)
     assert kept.heard == ["turn/started"]
-    assert len(thread.subscribers) == 1 and not SubscriberSet()
+    assert len(thread.subscribers) == 1
+
+
+def test_a_walk_is_a_snapshot_whoever_joins_or_leaves_during_it():
+    thread = a_thread()
+    late = Listener()
+
+    class Changer(Listener):
+        def notify(self, method: str, params: dict) -> None:
+            super().notify(method, params)
+            thread.subscribers.add(late)  # joins during the walk: hears the next one
+            thread.subscribers.discard(leaver)  # leaves during it: was in the snapshot, heard it
+
+    changer, leaver = Changer(), Listener()
+    thread.subscribers.add(changer)
+    thread.subscribers.add(leaver)
+    deliver(thread, "turn/started", {}, pace_setter=changer)
+    deliver(thread, "turn/completed", {}, pace_setter=changer)
+    assert changer.heard == ["turn/started", "turn/completed"]
+    assert leaver.heard == ["turn/started"]
+    assert late.heard == ["turn/completed"]
+
+
+def test_an_empty_set_is_false_and_a_copy_is_refused():
+    subscribers = SubscriberSet()
+    assert not subscribers and list(subscribers) == [] and subscribers.refs == ()
+    with pytest.raises(TypeError):
+        copy.copy(subscribers)

@@ -193,4 +193,3 @@ def response(request_id: RequestId, result: Any) -> dict[str, Any]:
 
 def error_response(request_id: RequestId | None, error: JsonRpcError) -> dict[str, Any]:
     return {"id": request_id, "error": error.to_error()}
-

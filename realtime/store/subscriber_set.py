@@ -5,7 +5,10 @@ Every notification of a turn (twenty deltas and more per turn) walks them. A
 ``refs`` is a tuple of weak references kept between changes, so a walk is a
 loop over it. Weak as before: a connection whose close never got to leave
 (cancelled at shutdown) is not kept alive by the threads it had open, and
-its reference in ``refs`` then gives None.
+its reference in ``refs`` then gives None. What it offers is what the hub
+uses: ``add``, ``discard``, ``in``, ``len`` and iteration; ``refs`` is
+replaced on each change, never changed in place, so a walk of it is a
+snapshot.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ T = TypeVar("T")
 
 class SubscriberSet(Generic[T]):
     __slots__ = ("_members", "refs")
+
+    def __copy__(self):
+        # A shallow copy would share the members and not the walk list: the two would drift.
+        raise TypeError("a thread's subscribers are not copied")
 
     def __init__(self) -> None:
         self._members: weakref.WeakSet[T] = weakref.WeakSet()

@@ -238,7 +238,8 @@ class TurnEventTranslator:
 
     def _text_delta(self, event: dict[str, Any]) -> None:
         # Every delta of the reply comes here: its ordinary case (an item
-        # already started, by its upstream id) takes no helper calls.
+        # already started, found by its upstream id) calls no helper but
+        # made_storable, and builds _item_notification's params itself.
         delta = event.get("delta")
         if not isinstance(delta, str) or not delta:
             return
@@ -299,6 +300,7 @@ class TurnEventTranslator:
             self._item_notification("item/completed", item=item.record.item, completedAtMs=item.record.completed_at_ms)
 
     def _item_notification(self, method: str, **params: Any) -> None:
+        # (_text_delta builds the same params for each delta: change both)
         self._notify(method, {"threadId": self.thread_id, "turnId": self.turn_id, **params})
 
 
