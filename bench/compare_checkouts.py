@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.run import (  # noqa: E402  (bench.run sets Django up)
     ROOT,
+    UNPACED,
     Bench,
     ServerProcess,
     daphne_command,
@@ -52,8 +53,8 @@ async def measured_round(server: ServerProcess, ephemeral: bool) -> tuple[float,
 
 
 def start_checkout(bench: Bench, name: str, checkout: Path, setup: str) -> ServerProcess:
-    """The checkout's own ``manage.py serve``, migrated by its own migrations."""
-    return bench.start(name, project_dir=checkout, PYTHONPATH=str(checkout), **setup_env(setup))
+    """The checkout's own ``manage.py serve``, migrated by its own migrations, unpaced as benchmark 1's."""
+    return bench.start(name, project_dir=checkout, PYTHONPATH=str(checkout), **UNPACED, **setup_env(setup))
 
 
 def median_ratio(tops: list[tuple[float, float]], bottoms: list[tuple[float, float]], index: int) -> float:
