@@ -79,7 +79,7 @@ from identity.http_clients import IdentityClientFactory  # noqa: E402
 
 TURN_TEXT = "flood:20:16"  # 20 deltas per turn, streamed as fast as the upstream can
 # Benchmark 1 measures identity, not the abuse limits (benchmark 10 does):
-# its one-connection client runs 300 to 500 turns a second, past the
+# its one-connection client runs up to about 590 turns a second, past the
 # per-connection frame rate (CODEX_MAX_FRAMES_PER_SECOND, 200) that paces
 # such a flood, and the baseline relay has no such limit. Under it, once the
 # first burst was spent, ours measured the pacing: 5 ms a turn.

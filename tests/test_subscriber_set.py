@@ -84,5 +84,6 @@ def test_a_walk_is_a_snapshot_whoever_joins_or_leaves_during_it():
 def test_an_empty_set_is_false_and_a_copy_is_refused():
     subscribers = SubscriberSet()
     assert not subscribers and list(subscribers) == [] and subscribers.refs == ()
-    with pytest.raises(TypeError):
-        copy.copy(subscribers)
+    for copied in (copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="not copied"):
+            copied(subscribers)

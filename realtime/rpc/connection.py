@@ -260,6 +260,7 @@ class AppServerConnection:
     # --- frames out ---------------------------------------------------------
 
     def send(self, message: dict[str, Any]) -> None:
+        # (notify does this inline)
         if not self._closed:
             self.outbox.put(message)
 

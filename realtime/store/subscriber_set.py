@@ -6,7 +6,7 @@ Every notification of a turn (twenty deltas and more per turn) walks them. A
 loop over it. Weak as before: a connection whose close never got to leave
 (cancelled at shutdown) is not kept alive by the threads it had open, and
 its reference in ``refs`` then gives None. What it offers is what the hub
-uses: ``add``, ``discard``, ``in``, ``len`` and iteration; ``refs`` is
+uses (``add``, ``discard``, ``in``, ``len``) and iteration; ``refs`` is
 replaced on each change, never changed in place, so a walk of it is a
 snapshot.
 """
@@ -23,13 +23,16 @@ T = TypeVar("T")
 class SubscriberSet(Generic[T]):
     __slots__ = ("_members", "refs")
 
-    def __copy__(self):
-        # A shallow copy would share the members and not the walk list: the two would drift.
-        raise TypeError("a thread's subscribers are not copied")
-
     def __init__(self) -> None:
         self._members: weakref.WeakSet[T] = weakref.WeakSet()
         self.refs: tuple[weakref.ref[T], ...] = ()  # call each: None for one collected since
+
+    def __copy__(self) -> SubscriberSet[T]:
+        # A shallow copy would share the members and not the walk list: the two would drift.
+        raise TypeError("a thread's subscribers are not copied")
+
+    def __deepcopy__(self, memo: dict) -> SubscriberSet[T]:
+        return self.__copy__()
 
     def add(self, member: T) -> None:
         if member not in self._members:
