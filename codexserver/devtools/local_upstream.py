@@ -11,6 +11,7 @@ chosen by the user's text, so tests script faults without mocking anything:
     "garbage"         answer with bytes that are not HTTP (SSE only)
     "slow:N"          stream N deltas 0.1 s apart (for interrupts and disconnects)
     "flood:N:SIZE"    stream N deltas of SIZE characters as fast as possible
+    "numbered:N"      stream N deltas "0 ", "1 ", ... as fast as possible (to check their order)
     "response-failed" stream a response.failed event (server_is_overloaded)
     "hang"            send response.created, then nothing at all
     "fixture:NAME"    replay NAME.chunks.txt of ``fixtures_dir`` line by line, as recorded
@@ -344,6 +345,9 @@ class UpstreamServer:
         if flood:
             size = int(flood.group(2))
             return response_events(text, ["x" * size for _ in range(int(flood.group(1)))]), 0.0, False
+        numbered = re.search(r"numbered:(\d+)", text)
+        if numbered:
+            return response_events(text, [f"{i} " for i in range(int(numbered.group(1)))]), 0.0, False
         slow = re.search(r"slow:(\d+)", text)
         if slow:
             return response_events(text, [f"d{i} " for i in range(int(slow.group(1)))]), 0.1, False

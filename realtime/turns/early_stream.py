@@ -40,7 +40,7 @@ class EarlyStream:
         # ``_read`` keeps it within HELD_EVENTS. A deque and one waiting
         # future a side, not an asyncio.Queue: every event of a stored turn's
         # first response passes here, and the queue's get and put cost about
-        # fifteen calls an event; the turn takes all that is held at each wake.
+        # fifteen calls an event (cProfile).
         self._held: deque[tuple[int, Any]] = deque()
         self._arrived: asyncio.Future | None = None  # the turn, waiting for the next event
         self._room: asyncio.Future | None = None  # the reader, waiting for the turn to take some
@@ -98,6 +98,7 @@ class EarlyStream:
                     return
         finally:
             self.cancel()
+            self._held.clear()  # (what it held, freed now, not with the turn)
 
     def cancel(self) -> None:
         """Stop the request (and close its stream), if it still runs."""
