@@ -29,7 +29,6 @@ def storable(value: Any) -> bool:
 
 
 def storable_str(text: str) -> bool:
-    # (made_storable has this test inline: keep the two in step)
     return ("\x00" not in text if text.isascii() else UNSTORABLE.search(text) is None)
 
 
@@ -38,7 +37,4 @@ def made_storable(text: str) -> str:
     the model sends: the client sees what is stored and replayed, and a
     reply is never lost (nor its thread left locked) because a database
     refused its end."""
-    # storable_str's test, inline (keep the two in step): this runs for every delta the model streams.
-    if ("\x00" not in text) if text.isascii() else (UNSTORABLE.search(text) is None):
-        return text
-    return UNSTORABLE.sub(REPLACEMENT, text)
+    return text if storable_str(text) else UNSTORABLE.sub(REPLACEMENT, text)

@@ -6,15 +6,13 @@ Every notification of a turn (twenty deltas and more per turn) walks them. A
 loop over it. Weak as before: a connection whose close never got to leave
 (cancelled at shutdown) is not kept alive by the threads it had open, and
 its reference in ``refs`` then gives None. What it offers is what the hub
-uses (``add``, ``discard``, ``in``, ``len``) and iteration; ``refs`` is
-replaced on each change, never changed in place, so a walk of it is a
-snapshot.
+uses: ``add``, ``discard``, ``in``, ``len`` and ``refs``, which is replaced
+on each change, never changed in place, so a walk of it is a snapshot.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -52,6 +50,3 @@ class SubscriberSet(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._members)
-
-    def __iter__(self) -> Iterator[T]:
-        return iter(list(self._members))
