@@ -10,32 +10,41 @@ while the previous one was in flight.
 A batch goes straight to the executor and its callers' futures are settled
 from its done-callback: no writer task and no asgiref wrapper in between.
 On a busy loop every hop through the ready queue costs milliseconds, and a
-turn waits for two batches.
+turn waits for two batches. Without an executor, a batch is written by a
+coroutine, as a task on the loop (a database driver that is asynchronous).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextvars
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from typing import Any, Generic, TypeVar
 
 W = TypeVar("W")
 
-# Writes a batch, on an executor thread; returns, in order, each write's
-# result or the exception it alone raised (one bad write never fails the others).
-WriteBatch = Callable[[list[W]], list[Any]]
+# Writes a batch, on an executor thread or (a coroutine function) on the loop;
+# returns, in order, each write's result or the exception it alone raised
+# (one bad write never fails the others).
+WriteBatch = Callable[[list[W]], list[Any]] | Callable[[list[W]], Awaitable[list[Any]]]
 
 
 class GroupCommit(Generic[W]):
     """One event loop's queue of writes of one kind; one batch in flight at a time."""
 
-    def __init__(self, write_batch: WriteBatch, executor: Callable[[], Executor], max_batch: int):
+    def __init__(self, write_batch: WriteBatch, executor: Callable[[], Executor] | None, max_batch: int):
+        """``write_batch`` runs on ``executor``'s threads, or, with None, is a
+        coroutine function whose batches run as tasks on the loop."""
         self._write_batch = write_batch
         self._executor = executor
         self._max_batch = max_batch
         self._waiting: list[tuple[W, asyncio.Future]] = []
         self._in_flight: asyncio.Future | None = None
+        # The batches' tasks' one context: no connection's identity scope (a
+        # batch serves many connections), and made once, so what a batch
+        # keeps in context variables (Django's connection wrapper) is too.
+        self._context = contextvars.Context()
 
     def submit(self, write: W) -> asyncio.Future:
         """Queue ``write``; the future of its result once its batch is committed.
@@ -54,11 +63,12 @@ class GroupCommit(Generic[W]):
 
     def _write_next(self) -> None:
         batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
+        writes, loop = [write for write, _ in batch], asyncio.get_running_loop()
         try:
-            # No context is copied to the executor: the batch serves many connections.
-            written = asyncio.get_running_loop().run_in_executor(
-                self._executor(), self._write_batch, [write for write, _ in batch]
-            )
+            if self._executor is None:
+                written = loop.create_task(self._write_batch(writes), name="group commit", context=self._context)
+            else:  # no context is copied to the executor: the batch serves many connections
+                written = loop.run_in_executor(self._executor(), self._write_batch, writes)
         except Exception as exc:  # the executor is shut down: the process is stopping
             batch, self._waiting = batch + self._waiting, []
             _settle_each(batch, [exc] * len(batch))

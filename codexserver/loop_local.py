@@ -42,6 +42,10 @@ class LoopLocal(Generic[T]):
         """The running loop's value if it was ever made."""
         return self._values.get(asyncio.get_running_loop())
 
+    def values(self) -> list[T]:
+        """Every loop's value, of the loops still alive."""
+        return list(self._values.values())
+
     def pop(self) -> T | None:
         """Forget the running loop's value (the next ``get`` makes a new one); returns it."""
         self._last = None

@@ -130,6 +130,9 @@ TEMPLATES = [
 
 # Threads writing ConnectionIdentity rows (PostgreSQL; SQLite uses one).
 CODEX_DB_WRITE_THREADS = _env_number("CODEX_DB_WRITE_THREADS", "8", int)
+# On PostgreSQL the turn writes' session prepares its statements (0: binds
+# them in the client, as Django does, for a pooler without prepared statements).
+CODEX_DB_PREPARED_STATEMENTS = _env_bool("CODEX_DB_PREPARED_STATEMENTS", True)
 # Threads reading threads, turns and items for clients, apart from the writers.
 CODEX_DB_READ_THREADS = _env_number("CODEX_DB_READ_THREADS", "2", int)
 if CODEX_DB_READ_THREADS < 1:

@@ -16,6 +16,7 @@ from identity.actions import close_row_writer_connections
 from identity.http_clients import close_client_factory
 from realtime.fanout.thread_hub import stop_thread_hub
 from realtime.services.telemetry import flush_at_shutdown
+from realtime.store import turn_writes
 from tests.rpc_client import CommunicatorClient
 from tests.wire_schema import schema_errors
 
@@ -35,6 +36,16 @@ def close_connections_of_the_database_thread(django_db_setup, django_db_blocker)
         for connection in connections.all():
             if hasattr(connection, "close_pool"):  # PostgreSQL: the pooled sessions
                 connection.close_pool()
+
+
+@pytest.fixture(autouse=True)
+def close_the_turn_writes_sessions():
+    """On PostgreSQL each event loop writes its turns on a session of its own
+    (``turn_writes.LoopSession``), and each test has its own loop: closed
+    after each test, or they would add up, and keep the test database from
+    being dropped."""
+    yield
+    turn_writes.close_every_loop_session()
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +119,7 @@ async def connect(application):
     await stop_thread_hub()
     await flush_at_shutdown()
     await close_client_factory()
+    await turn_writes.close_loop_session()
 
 
 def server_env(upstream: UpstreamServer, database_url: str, **extra: str) -> dict[str, str]:

@@ -36,7 +36,7 @@ async def until(predicate, timeout: float = 5.0) -> None:
 
 @pytest.fixture
 def held_starts(monkeypatch) -> threading.Event:
-    """While cleared, a batch with a turn's start waits on its row writer (a slow database)."""
+    """While cleared, a batch with a turn's start waits (a slow database)."""
     go = threading.Event()
     go.set()
     write = turn_writes.write_turns
@@ -47,6 +47,14 @@ def held_starts(monkeypatch) -> threading.Event:
         return write(writes)
 
     monkeypatch.setattr(turn_writes, "write_turns", slow_starts)
+    write_on_loop = turn_writes.LoopSession.write  # on PostgreSQL the batches are written on the loop
+
+    async def slow_starts_on_loop(self, writes):
+        if any(isinstance(each, turn_writes.BeginTurn) for each in writes):
+            await asyncio.to_thread(go.wait, 10)
+        return await write_on_loop(self, writes)
+
+    monkeypatch.setattr(turn_writes.LoopSession, "write", slow_starts_on_loop)
     return go
 
 

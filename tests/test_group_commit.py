@@ -4,6 +4,7 @@ before them was written, and every caller hears back, whatever happens."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -104,3 +105,51 @@ async def test_a_caller_that_stops_waiting_does_not_stop_the_write_and_flushed_w
     release.set()
     await asyncio.wait_for(group.flushed(), 5)
     assert written == [1]
+
+
+CALLER = contextvars.ContextVar("caller", default=None)
+
+
+async def test_without_an_executor_a_coroutine_writes_the_batches_on_the_loop_in_a_context_of_no_caller():
+    """As on PostgreSQL (turn_writes.LoopSession): writes that queue while a
+    batch is written go out together in the next, and the batch, which
+    serves many connections, runs in none's context."""
+    batches: list[list[int]] = []
+    callers: list[object] = []
+    release = asyncio.Event()
+
+    async def write(writes: list[int]) -> list[int]:
+        callers.append(CALLER.get())
+        if not batches:
+            await release.wait()
+        batches.append(writes)
+        return [write * 10 for write in writes]
+
+    group = GroupCommit(write, None, max_batch=100)
+    CALLER.set("a connection")
+    first = group.submit(1)
+    rest = [group.submit(n) for n in (2, 3, 4)]
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await first == 10 and await asyncio.gather(*rest) == [20, 30, 40]
+    assert batches == [[1], [2, 3, 4]]
+    assert callers == [None, None]
+
+
+async def test_a_batch_task_cancelled_fails_its_writes_and_the_next_batch_still_goes():
+    started = asyncio.Event()
+
+    async def write(writes):
+        if writes == ["stuck"]:
+            started.set()
+            await asyncio.sleep(60)
+        return writes
+
+    group = GroupCommit(write, None, max_batch=100)
+    stuck = group.submit("stuck")
+    await started.wait()
+    after = group.submit("after")
+    group._in_flight.cancel()  # as a stopping loop cancels its tasks
+    with pytest.raises(RuntimeError, match="abandoned"):
+        await stuck
+    assert await asyncio.wait_for(after, 2) == "after"

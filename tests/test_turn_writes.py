@@ -8,6 +8,7 @@ import json
 
 import pytest
 from channels.db import database_sync_to_async
+from django.db import IntegrityError as DjangoIntegrityError
 
 from identity.principals import local_principal
 from realtime.models import StoredThread, StoredTurn
@@ -21,6 +22,16 @@ TEXT = [{"type": "text", "text": "hi"}]
 
 
 OWNER: dict[str, int] = {}  # the principal every thread here belongs to, made for each test
+
+# On PostgreSQL the server writes its batches on the event loop (LoopSession),
+# and every test here runs with its statements prepared and bound in the client.
+ON_LOOP = turn_writes._on_loop()
+on_postgresql = pytest.mark.skipif(not ON_LOOP, reason="the event loop's own session is PostgreSQL's")
+
+
+@pytest.fixture(autouse=True, params=[True, False] if ON_LOOP else [True], ids=lambda p: "prepared" if p else "bound")
+def prepared_statements(request, settings):
+    settings.CODEX_DB_PREPARED_STATEMENTS = request.param
 
 
 @pytest.fixture(autouse=True)
@@ -49,6 +60,14 @@ def ended(turn: Turn, words: str) -> Turn:
 
 
 async def write_in_one_batch(writes: list) -> list:
+    """As the server writes a batch: on PostgreSQL on a session of the event
+    loop's (``LoopSession``), elsewhere on a row writer's thread."""
+    if turn_writes._on_loop():
+        session = turn_writes.LoopSession()
+        try:
+            return await session.write(writes)
+        finally:
+            await session.close()
     return await database_sync_to_async(turn_writes.write_turns)(writes)
 
 
@@ -221,25 +240,26 @@ async def test_a_write_refused_late_in_its_batch_takes_back_all_it_wrote_and_not
     assert turns == sorted([turn.id, earlier.id])
 
 
-def test_a_batch_committed_but_not_read_back_fails_once_and_is_not_written_again(monkeypatch):
+async def test_a_batch_committed_but_not_read_back_fails_once_and_is_not_written_again(monkeypatch):
     """Its writes are stored: written again one by one they would be refused
     or find their own locks held."""
     threads = [new_thread(), new_thread()]
-    turn_writes.write_turns([turn_writes.CreateThread(thread) for thread in threads])
+    await write_in_one_batch([turn_writes.CreateThread(thread) for thread in threads])
     calls = []
     histories = turn_writes._histories_later
 
     def unreadable(taken):
-        histories(taken)
+        yield from histories(taken)
         calls.append(len(taken))
         return lambda: {}  # as if no history came back
 
     monkeypatch.setattr(turn_writes, "_histories_later", unreadable)
     turns = [new_turn(), new_turn()]
-    outcomes = turn_writes.write_turns([begin(thread, turn) for thread, turn in zip(threads, turns)])
+    outcomes = await write_in_one_batch([begin(thread, turn) for thread, turn in zip(threads, turns)])
     assert all(isinstance(outcome, turn_writes.WrittenButUnread) for outcome in outcomes)
     assert calls == [2]  # the batch, not each write again
-    assert StoredTurn.objects.filter(turn_id__in=[turn.id for turn in turns]).count() == 2
+    stored = database_sync_to_async(lambda: StoredTurn.objects.filter(turn_id__in=[turn.id for turn in turns]).count())
+    assert await stored() == 2
 
 
 async def test_the_sweep_frees_a_lapsed_lock_whose_turn_had_already_ended_and_announces_nothing():
@@ -444,3 +464,83 @@ async def test_a_lost_turns_end_tried_again_counts_its_tokens_once_and_keeps_the
     assert await tokens_used() == used + 15
     stored = await DatabaseThreads.turn(sleeper.id)
     assert stored.status == INTERRUPTED and stored.usage["totalTokens"] == 15
+
+
+def backend_of(session: turn_writes.LoopSession) -> int:
+    return session._session.info.backend_pid
+
+
+@database_sync_to_async
+def run_sql(sql: str, params: list) -> list:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
+@on_postgresql
+async def test_the_loops_session_that_postgresql_closed_between_batches_is_replaced_before_the_next():
+    """A restart, a failover or pg_terminate_backend between two turns: the
+    next batch runs on a new session and fails nothing."""
+    session = turn_writes.LoopSession()
+    try:
+        thread = new_thread()
+        assert await session.write([turn_writes.CreateThread(thread)]) == [None]
+        dropped = backend_of(session)
+        assert await run_sql("select pg_terminate_backend(%s)", [dropped]) == [(True,)]
+        async with asyncio.timeout(5):  # PostgreSQL closes it once the backend has exited
+            while not turn_writes._has_input(session._session.pgconn.socket):
+                await asyncio.sleep(0.01)
+        (begun,) = await session.write([begin(thread, new_turn())])
+        assert begun is not None and not isinstance(begun, Exception), begun
+        assert backend_of(session) != dropped
+    finally:
+        await session.close()
+
+
+@on_postgresql
+async def test_a_write_at_fault_keeps_the_loops_session():
+    session = turn_writes.LoopSession()
+    try:
+        thread = new_thread()
+        await session.write([turn_writes.CreateThread(thread)])
+        kept = backend_of(session)
+        (refused,) = await session.write([turn_writes.CreateThread(thread)])  # stored already
+        assert isinstance(refused, DjangoIntegrityError)
+        (begun,) = await session.write([begin(thread, new_turn())])
+        assert begun is not None and not isinstance(begun, Exception), begun
+        assert backend_of(session) == kept
+    finally:
+        await session.close()
+
+
+@on_postgresql
+async def test_a_batch_cancelled_while_it_waits_on_the_database_leaves_nothing_held_and_the_next_batch_writes():
+    """The server stopping mid-batch: its transaction ends with its session,
+    and the thread's row lock with it."""
+    import psycopg
+    from django.db import connection
+
+    session = turn_writes.LoopSession()
+    try:
+        thread = new_thread()
+        await session.write([turn_writes.CreateThread(thread)])
+        params = {k: v for k, v in connection.get_connection_params().items() if k not in ("cursor_factory", "context")}
+        with psycopg.connect(**params) as holder:  # another transaction holds the thread's row
+            holder.execute("select 1 from realtime_storedthread where thread_id = %s for update", [thread.id])
+            batch = asyncio.create_task(session.write([begin(thread, new_turn())]))
+            async with asyncio.timeout(5):
+                while not await run_sql(
+                    "select 1 from pg_stat_activity where wait_event_type = 'Lock' and datname = current_database()", []
+                ):
+                    await asyncio.sleep(0.01)
+            batch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await batch
+        turn = new_turn()
+        (begun,) = await session.write([begin(thread, turn)])
+        assert begun is not None and not isinstance(begun, Exception), begun
+        assert await statuses_of(thread) == {turn.id: "inProgress"}  # the cancelled one's turn was never stored
+    finally:
+        await session.close()

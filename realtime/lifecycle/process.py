@@ -214,6 +214,7 @@ class ProcessLifecycle:
                 await asyncio.wait_for(_turn_ends_written(), ENDINGS_SECONDS)
             except TimeoutError:
                 logger.error("turn ends still unwritten after %ss; their locks will lapse", ENDINGS_SECONDS)
+            await turn_writes.close_loop_session()
             await stop_thread_hub()
             closed = await record_boot_stopped(self.boot_id)
             logger.info("shutting down: closed %d open connection row(s)", closed)

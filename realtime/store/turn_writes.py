@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+import select
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
+from django.conf import settings
 from django.db import (
     DEFAULT_DB_ALIAS,
     DataError,
@@ -111,13 +113,17 @@ def lock_until(seconds: float) -> ExpressionWrapper:
 
 
 def mark_interrupted(turn_ids: list[str]) -> None:
-    """Turns whose process died mid-turn (their lock lapsed) end interrupted.
-    None at all is no statement: PostgreSQL refuses an empty ``IN ()``."""
+    """Turns whose process died mid-turn (their lock lapsed) end interrupted."""
+    run_here(_mark_interrupted(turn_ids))
+
+
+def _mark_interrupted(turn_ids: list[str]) -> Plan[None]:
+    """None at all is no statement: PostgreSQL refuses an empty ``IN ()``."""
     if not turn_ids:
         return
     # Never before it started: the host that started it may have a clock ahead of this one's.
     now = now_ms()
-    _run(
+    yield from _run(
         f"UPDATE {TURNS} SET status = %s, "
         f"completed_at_ms = CASE WHEN started_at_ms > %s THEN started_at_ms ELSE %s END "
         f"WHERE status = %s AND turn_id IN ({_marks(len(turn_ids))})",
@@ -261,9 +267,9 @@ def _one_transaction() -> Iterator[None]:
     with connection.wrap_database_errors:  # an error raised by the pipeline's end, as Django's
         try:
             with raw.pipeline():
-                _run("BEGIN", [])
+                run_here(_run("BEGIN", []))
                 yield
-                _run("COMMIT", [])
+                run_here(_run("COMMIT", []))
         except BaseException:
             raw.rollback()  # the failed or abandoned transaction; nothing if none is open
             raise
@@ -292,21 +298,83 @@ def _pipelines_supported() -> bool:
     return psycopg.Pipeline.is_supported()  # libpq 14 and newer
 
 
-def _rows(sql: str, params: list[Any]) -> list[tuple]:
+# A batch's statements, as a plan: a generator that yields each statement and
+# is sent back what it asked to read. One plan runs on Django's connection in
+# a row writer's thread (``run_here``: SQLite, and the sweep's statements) or
+# on the event loop's own PostgreSQL session (``_run_on_loop``).
+T = TypeVar("T")
+Plan = Generator["Statement", Any, T]
+NOW, LATER = "now", "later"
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """One statement of a plan. ``read``: None (nothing is read back), NOW
+    (its rows, before the plan goes on: inside a pipeline, a round trip) or
+    LATER (a callable that gives its rows once the batch has committed)."""
+
+    sql: str
+    params: list[Any]  # with ``many``, one list of parameters per execution
+    many: bool = False
+    read: str | None = None
+
+
+def _run(sql: str, params: list[Any]) -> Plan[None]:
+    """A statement without rows."""
+    yield Statement(sql, params)
+
+
+def _rows(sql: str, params: list[Any]) -> Plan[list[tuple]]:
     """The statement's rows, read now."""
-    return _rows_later(sql, params)()
+    return (yield Statement(sql, params, read=NOW))
 
 
-def _rows_later(sql: str, params: list[Any]) -> Callable[[], list[tuple]]:
+def _rows_later(sql: str, params: list[Any]) -> Plan[Callable[[], list[tuple]]]:
     """The statement's rows, to read once the batch has sent what it can
     (inside a pipeline, reading them is a round trip: read them last)."""
+    return (yield Statement(sql, params, read=LATER))
+
+
+def update_each(table: str, columns: list[str], rows: list[tuple[int, list[Any]]]) -> Plan[None]:
+    """``UPDATE … WHERE id = %s`` for each (pk, prepared values), as one executemany."""
+    if rows:
+        assignments = ", ".join(f"{column} = %s" for column in columns)
+        yield Statement(f"UPDATE {table} SET {assignments} WHERE id = %s", [[*values, pk] for pk, values in rows], many=True)
+
+
+def insert_each(table: str, columns: list[str], rows: list[list[Any]]) -> Plan[None]:
+    """``INSERT`` of each row of prepared values, as one executemany."""
+    if rows:
+        yield Statement(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(len(columns))})", rows, many=True)
+
+
+def run_here(plan: Plan[T]) -> T:
+    """Runs the plan's statements on this thread's Django connection."""
+    result = None
+    try:
+        while True:
+            try:
+                statement = plan.send(result)
+            except StopIteration as done:
+                return done.value
+            result = _execute_here(statement)
+    finally:
+        plan.close()
+
+
+def _execute_here(statement: Statement) -> Any:
     cursor = connection.cursor()
     try:
-        cursor.execute(sql, params)
+        (cursor.executemany if statement.many else cursor.execute)(statement.sql, statement.params)
     except BaseException:
         cursor.close()
         raise
-    if connection.vendor == "postgresql":
+    if statement.read is None:
+        cursor.close()
+        return None
+    if statement.read == NOW:
+        return _fetched(cursor)
+    if connection.vendor == "postgresql":  # inside the pipeline: read after it
         return lambda: _fetched(cursor)
     rows = _fetched(cursor)  # elsewhere a statement's rows are not left waiting
     return lambda: rows
@@ -317,30 +385,6 @@ def _fetched(cursor) -> list[tuple]:
         return cursor.fetchall()
     finally:
         cursor.close()
-
-
-def _run(sql: str, params: list[Any]) -> int:
-    """A statement without rows; how many rows it changed (-1 inside a pipeline)."""
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
-
-
-def update_each(table: str, columns: list[str], rows: list[tuple[int, list[Any]]]) -> None:
-    """``UPDATE … WHERE id = %s`` for each (pk, prepared values), as one executemany."""
-    if rows:
-        assignments = ", ".join(f"{column} = %s" for column in columns)
-        with connection.cursor() as cursor:
-            cursor.executemany(
-                f"UPDATE {table} SET {assignments} WHERE id = %s", [[*values, pk] for pk, values in rows]
-            )
-
-
-def insert_each(table: str, columns: list[str], rows: list[list[Any]]) -> None:
-    """``INSERT`` of each row of prepared values, as one executemany."""
-    if rows:
-        with connection.cursor() as cursor:
-            cursor.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(len(columns))})", rows)
 
 
 def _item_rows(turn_pk: int, records: list[ItemRecord], first_position: int) -> list[list[Any]]:
@@ -364,7 +408,8 @@ def _item_rows(turn_pk: int, records: list[ItemRecord], first_position: int) -> 
 def write_turns(writes: list[Write]) -> list[Any]:
     """Each write's outcome (see ``begin`` and ``finish``), or its exception.
     Runs on a row writer's thread, which it leaves as a request would: stale
-    or broken connections are retired before and after."""
+    or broken connections are retired before and after. (On PostgreSQL the
+    server writes its batches on the event loop instead: ``LoopSession``.)"""
     close_old_connections()
     try:
         return _write_each_alone_if_need_be(writes)
@@ -372,23 +417,44 @@ def write_turns(writes: list[Write]) -> list[Any]:
         close_old_connections()
 
 
+def _has_input(socket: int) -> bool:
+    """Whether anything waits to be read on the socket: between batches a
+    sound session has nothing to say, and PostgreSQL closing it (a restart,
+    a failover, ``pg_terminate_backend``) makes it readable."""
+    poller = select.poll()  # not select.select: a busy server's descriptors pass 1023
+    poller.register(socket, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _write_each_alone_if_need_be(writes: list[Write]) -> list[Any]:
-    try:
-        return _write(writes)
-    except ONE_WRITES_FAULT as exc:
-        if len(writes) == 1:
-            return [exc]
-    except Exception as exc:
+    attempts, tried = _attempts(writes), None
+    while True:  # its twin on the loop: LoopSession.write
+        try:
+            batch = attempts.send(tried)
+        except StopIteration as done:
+            return done.value
+        try:
+            tried = _write(batch)
+        except Exception as exc:
+            tried = exc
+
+
+def _attempts(writes: list[Write]) -> Generator[list[Write], list[Any] | Exception, list[Any]]:
+    """The batches to write: the writes together, and if one of them is at
+    fault, each alone. Sent back each batch's outcomes or the exception it
+    raised; returns each write's outcome."""
+    tried = yield writes
+    if not isinstance(tried, Exception):
+        return tried
+    if not isinstance(tried, ONE_WRITES_FAULT) or len(writes) == 1:
         # The database's fault (locked, down, connection lost): a write alone
         # would wait and fail the same way, once per write, while every turn
         # of the process waits behind it.
-        return [exc] * len(writes)
+        return [tried] * len(writes)
     outcomes = {}
     for write in _in_batch_order(writes):
-        try:
-            outcomes[id(write)] = _write([write])[0]
-        except Exception as exc:
-            outcomes[id(write)] = exc
+        alone = yield [write]
+        outcomes[id(write)] = alone if isinstance(alone, Exception) else alone[0]
     return [outcomes[id(write)] for write in writes]
 
 
@@ -404,19 +470,33 @@ def _in_batch_order(writes: list[Write]) -> list[Write]:
 
 
 def _write(writes: list[Write]) -> list[Any]:
-    creates, ends, starts = _by_kind(writes)
-    outcomes: list[tuple[list[Write], Callable[[], list[Any]]]] = []  # read once committed
     with _one_transaction():
-        if creates:
-            _insert_threads([create.thread for create in creates])
-            outcomes.append((creates, lambda: [None] * len(creates)))
-        if ends or starts:
-            now = _sql_of(Now())
-            rows = _lock_threads({write.thread.id for write in (*ends, *starts)}, now)
-            if ends:
-                outcomes.append((ends, finish(ends, rows, now)))
-            if starts:
-                outcomes.append((starts, begin(starts, rows, now)))
+        outcomes = run_here(_batch(writes))
+    return _read_back(writes, outcomes)
+
+
+# Each kind of write's outcomes, to read once the batch has committed.
+Outcomes = list[tuple[list[Write], Callable[[], list[Any]]]]
+
+
+def _batch(writes: list[Write]) -> Plan[Outcomes]:
+    """A batch's statements, between its BEGIN and COMMIT."""
+    creates, ends, starts = _by_kind(writes)
+    outcomes: Outcomes = []
+    if creates:
+        yield from _insert_threads([create.thread for create in creates])
+        outcomes.append((creates, lambda: [None] * len(creates)))
+    if ends or starts:
+        now = _sql_of(Now())
+        rows = yield from _lock_threads({write.thread.id for write in (*ends, *starts)}, now)
+        if ends:
+            outcomes.append((ends, (yield from finish(ends, rows, now))))
+        if starts:
+            outcomes.append((starts, (yield from begin(starts, rows, now))))
+    return outcomes
+
+
+def _read_back(writes: list[Write], outcomes: Outcomes) -> list[Any]:
     try:
         by_write = {id(write): outcome for kind, read in outcomes for write, outcome in zip(kind, read(), strict=True)}
         return [by_write[id(write)] for write in writes]
@@ -424,7 +504,7 @@ def _write(writes: list[Write]) -> list[Any]:
         raise WrittenButUnread(f"a batch of {len(writes)} writes was committed but not read back") from exc
 
 
-def _insert_threads(threads: list[Thread]) -> None:
+def _insert_threads(threads: list[Thread]) -> Plan[None]:
     rows = []
     for thread in threads:
         created = datetime.fromtimestamp(thread.created_at, dt_timezone.utc)
@@ -437,14 +517,14 @@ def _insert_threads(threads: list[Thread]) -> None:
                  thread.sandbox_mode, thread.network_access, thread.approval_policy, 0],
             )  # fmt: skip
         )
-    insert_each(THREADS, THREAD_COLUMNS, rows)
+    yield from insert_each(THREADS, THREAD_COLUMNS, rows)
 
 
-def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> dict[str, _ThreadRow]:
+def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> Plan[dict[str, _ThreadRow]]:
     """The batch's threads, locked in primary-key order until it commits."""
     now_sql, now_params = now
     ids = sorted(thread_ids)
-    found = _rows(
+    found = yield from _rows(
         f"SELECT id, thread_id, model, preview, running_turn_id, running_channel, "
         f"running_turn_id IS NOT NULL AND (lock_expires_at IS NULL OR lock_expires_at >= {now_sql}), "
         f"turn_sequence, sandbox_mode, network_access, approval_policy "
@@ -472,18 +552,21 @@ def _usage_by_principal(ends: list[FinishTurn]) -> dict[int, int]:
 
 
 def add_principal_usage(spent: dict[int, int]) -> None:
-    """Count turns' tokens toward their principals' budgets. Their rows are
-    updated after the threads' and in key order, as every batch does: two
-    batches never wait on each other in a circle."""
+    """Count turns' tokens toward their principals' budgets."""
+    run_here(_add_principal_usage(spent))
+
+
+def _add_principal_usage(spent: dict[int, int]) -> Plan[None]:
+    """Their rows are updated after the threads' and in key order, as every
+    batch does: two batches never wait on each other in a circle."""
     rows = [[tokens, principal_id] for principal_id, tokens in sorted(spent.items()) if tokens]
     if rows:
-        with connection.cursor() as cursor:
-            cursor.executemany(f"UPDATE {PRINCIPALS} SET tokens_used = tokens_used + %s WHERE id = %s", rows)
+        yield Statement(f"UPDATE {PRINCIPALS} SET tokens_used = tokens_used + %s WHERE id = %s", rows, many=True)
 
 
 def finish(
     ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> Callable[[], list[dict[str, int] | TurnLost]]:
+) -> Plan[Callable[[], list[dict[str, int] | TurnLost]]]:
     """Store each turn's end and free its thread; each thread's usage summed
     over its turns, to read once committed.
 
@@ -495,11 +578,13 @@ def finish(
     now_sql, now_params = now
     turn_pks = {end.turn.id: end.turn.row_id for end in ends if end.turn.row_id is not None}
     if unknown := [end.turn.id for end in ends if end.turn.row_id is None]:  # a client left mid-start
-        turn_pks |= _turn_pks(unknown)
+        turn_pks |= yield from _turn_pks(unknown)
     for end in ends:
         if turn_pks.get(end.turn.id) is None or end.thread.id not in rows:
             raise NotStored(f"turn {end.turn.id} of thread {end.thread.id} is not stored")
-    settled, lost_usage = _settled_elsewhere([end for end in ends if rows[end.thread.id].running_turn_id != end.turn.id])
+    settled, lost_usage = yield from _settled_elsewhere(
+        [end for end in ends if rows[end.thread.id].running_turn_id != end.turn.id]
+    )
     writing = [end for end in ends if id(end) not in settled]
     turn_rows, item_rows, freed = [], [], []
     for end in writing:
@@ -519,35 +604,35 @@ def finish(
         if row.running_turn_id == turn.id:
             row.running_turn_id, row.held = None, False
             freed.append(row.pk)
-    update_each(TURNS, END_FIELDS, turn_rows)
-    insert_each(ITEMS, ITEM_COLUMNS, item_rows)
+    yield from update_each(TURNS, END_FIELDS, turn_rows)
+    yield from insert_each(ITEMS, ITEM_COLUMNS, item_rows)
     # A lost turn's tokens were spent upstream all the same: they count toward
     # its principal's budget, and are kept on its row, which also says they
     # were counted (an end tried again after its batch committed is not).
     usage_columns = ["has_usage", *USAGE_FIELDS.values()]
-    update_each(
+    yield from update_each(
         TURNS,
         usage_columns,
         [(turn_pks[end.turn.id], [True, *(end.turn.usage[name] for name in USAGE_FIELDS)]) for end in lost_usage],
     )
-    add_principal_usage(_usage_by_principal([*writing, *lost_usage]))
+    yield from _add_principal_usage(_usage_by_principal([*writing, *lost_usage]))
     if freed:
-        _run(
+        yield from _run(
             f"UPDATE {THREADS} SET running_turn_id = NULL, running_channel = NULL, lock_expires_at = NULL, "
             f"updated_at = {now_sql} WHERE id IN ({_marks(len(freed))})",
             [*now_params, *freed],
         )
     kept = sorted({rows[end.thread.id].pk for end in writing} - set(freed))  # ended in progress, never locked again
     if kept:
-        _run(f"UPDATE {THREADS} SET updated_at = {now_sql} WHERE id IN ({_marks(len(kept))})", [*now_params, *kept])
+        yield from _run(f"UPDATE {THREADS} SET updated_at = {now_sql} WHERE id IN ({_marks(len(kept))})", [*now_params, *kept])
     told = sorted({rows[end.thread.id].pk for end in ends if settled.get(id(end)) is None})
     sums = ", ".join(f"SUM({column})" for column in USAGE_FIELDS.values())
     summed = (
-        _rows_later(
+        (yield from _rows_later(
             f"SELECT thread_id, {sums} FROM {TURNS} WHERE has_usage AND thread_id IN ({_marks(len(told))}) "
             "GROUP BY thread_id",
             told,
-        )
+        ))
         if told
         else list
     )
@@ -563,7 +648,7 @@ def finish(
     return totals
 
 
-def _settled_elsewhere(ends: list[FinishTurn]) -> tuple[dict[int, TurnLost | None], list[FinishTurn]]:
+def _settled_elsewhere(ends: list[FinishTurn]) -> Plan[tuple[dict[int, TurnLost | None], list[FinishTurn]]]:
     """Of ends whose turn does not hold its thread's lock: those stored
     already, by id of the end: ``TurnLost`` where another ended the turn,
     None where this same end was (its earlier try committed). Those still in
@@ -573,11 +658,11 @@ def _settled_elsewhere(ends: list[FinishTurn]) -> tuple[dict[int, TurnLost | Non
         return {}, []
     stored = {
         turn_id: (status, completed, size, bool(counted))
-        for turn_id, status, completed, size, counted in _rows(
+        for turn_id, status, completed, size, counted in (yield from _rows(
             f"SELECT turn_id, status, completed_at_ms, input_bytes, has_usage FROM {TURNS} "
             f"WHERE turn_id IN ({_marks(len(ends))})",
             [end.turn.id for end in ends],
-        )
+        ))
     }
     settled: dict[int, TurnLost | None] = {}
     lost_usage: list[FinishTurn] = []
@@ -597,7 +682,7 @@ def _settled_elsewhere(ends: list[FinishTurn]) -> tuple[dict[int, TurnLost | Non
 
 def begin(
     starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
-) -> Callable[[], list[Begun | None]]:
+) -> Plan[Callable[[], list[Begun | None]]]:
     """Take each thread's lock and store its turn, numbered next in its
     thread: (history to replay, or None where the start's cached one is
     current, the thread's model, the turn's row key, the
@@ -635,22 +720,22 @@ def begin(
     assignments = f"running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql}, " + ", ".join(
         f"{column} = %s" for column in ("running_turn_id", "turn_sequence", "model", "preview", *POLICY_COLUMNS)
     )
-    with connection.cursor() as cursor:
-        cursor.executemany(
-            f"UPDATE {THREADS} SET {assignments} WHERE id = %s",
-            [
-                [start.channel, *expiries[start.lock_seconds][1], *now_params]
-                + [row.running_turn_id, row.sequence, row.model, row.preview]
-                + _prepared(StoredThread, list(POLICY_COLUMNS), list(row.policy))
-                + [row.pk]
-                for start, row in taken
-            ],
-        )
+    yield Statement(
+        f"UPDATE {THREADS} SET {assignments} WHERE id = %s",
+        [
+            [start.channel, *expiries[start.lock_seconds][1], *now_params]
+            + [row.running_turn_id, row.sequence, row.model, row.preview]
+            + _prepared(StoredThread, list(POLICY_COLUMNS), list(row.policy))
+            + [row.pk]
+            for start, row in taken
+        ],
+        many=True,
+    )
     if lapsed_turns:
-        mark_interrupted([turn_id for turn_id, _ in lapsed_turns.values()])
-    turn_pks = _insert_turns(taken)
-    _insert_first_items(taken)
-    histories = _histories_later([(start, row) for start, row in taken if id(start) not in cache_current])
+        yield from _mark_interrupted([turn_id for turn_id, _ in lapsed_turns.values()])
+    turn_pks = yield from _insert_turns(taken)
+    yield from _insert_first_items(taken)
+    histories = yield from _histories_later([(start, row) for start, row in taken if id(start) not in cache_current])
 
     def begun() -> list[Begun | None]:
         pks, earlier = turn_pks(), histories()
@@ -669,7 +754,7 @@ def begin(
     return begun
 
 
-def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[str, int]]:
+def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[Callable[[], dict[str, int]]]:
     """The new turns' rows; their primary keys by turn id, to read later."""
     values = [
         _prepared(
@@ -707,23 +792,23 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dic
         sql = f"INSERT INTO {TURNS} ({', '.join(TURN_COLUMNS)}) VALUES {row_marks}"
         params = [value for row in chunk for value in row]
         if returning:
-            chunks.append(_rows_later(sql + " RETURNING turn_id, id", params))
+            chunks.append((yield from _rows_later(sql + " RETURNING turn_id, id", params)))
         else:
-            _run(sql, params)
+            yield from _run(sql, params)
     if not returning:
-        chunks.append(_turn_pks_later([start.turn.id for start, _ in taken]))
+        chunks.append((yield from _rows_later(*_turn_pks_query([start.turn.id for start, _ in taken]))))
     return lambda: {turn_id: pk for rows in chunks for turn_id, pk in rows()}
 
 
-def _turn_pks_later(turn_ids: list[str]) -> Callable[[], list[tuple]]:
-    return _rows_later(f"SELECT turn_id, id FROM {TURNS} WHERE turn_id IN ({_marks(len(turn_ids))})", turn_ids)
+def _turn_pks_query(turn_ids: list[str]) -> tuple[str, list[Any]]:
+    return f"SELECT turn_id, id FROM {TURNS} WHERE turn_id IN ({_marks(len(turn_ids))})", turn_ids
 
 
-def _turn_pks(turn_ids: list[str]) -> dict[str, int]:
-    return dict(_turn_pks_later(turn_ids)())
+def _turn_pks(turn_ids: list[str]) -> Plan[dict[str, int]]:
+    return dict((yield from _rows(*_turn_pks_query(turn_ids))))
 
 
-def _insert_first_items(taken: list[tuple[BeginTurn, _ThreadRow]]) -> None:
+def _insert_first_items(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[None]:
     """The new turns' first items (the user's message). Each names its turn
     by its id, as the row keys of the turns just inserted are not read yet."""
     columns = ", ".join(ITEM_COLUMNS)
@@ -733,14 +818,14 @@ def _insert_first_items(taken: list[tuple[BeginTurn, _ThreadRow]]) -> None:
         for _, *values in _item_rows(0, start.turn.items, 0)  # 0: a stand-in for the key, left out
     ]
     if rows:
-        with connection.cursor() as cursor:
-            cursor.executemany(
-                f"INSERT INTO {ITEMS} ({columns}) SELECT id, {_marks(len(ITEM_COLUMNS) - 1)} FROM {TURNS} WHERE turn_id = %s",
-                rows,
-            )
+        yield Statement(
+            f"INSERT INTO {ITEMS} ({columns}) SELECT id, {_marks(len(ITEM_COLUMNS) - 1)} FROM {TURNS} WHERE turn_id = %s",
+            rows,
+            many=True,
+        )
 
 
-def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], dict[int, History]]:
+def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[Callable[[], dict[int, History]]]:
     """Each thread's model input of its earlier turns (a JSON array's text,
     never decoded), newest kept first within its bound, to read later: one
     query for every thread of the batch, bounded in the database by a
@@ -750,7 +835,7 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], 
         return lambda: {}
     most = max(start.max_history_bytes for start, _ in taken)
     thread_pks = [row.pk for _, row in taken]
-    earlier = _rows_later(
+    earlier = yield from _rows_later(
         f"SELECT thread_id, model_input, input_bytes FROM ("
         f"  SELECT thread_id, model_input, input_bytes, sequence, SUM(input_bytes) OVER ("
         f"    PARTITION BY thread_id ORDER BY sequence DESC) AS bytes_so_far"
@@ -771,7 +856,168 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Callable[[], 
     return histories
 
 
-_batches: LoopLocal[GroupCommit] = LoopLocal(lambda: GroupCommit(write_turns, row_writers, max_batch=MAX_BATCH))
+# --- PostgreSQL: the batches on the event loop -------------------------------
+
+
+class LoopSession:
+    """The event loop's own PostgreSQL session, on which it writes its
+    batches itself: psycopg's async connection, in pipeline mode.
+
+    In a row writer's thread, each of a batch's waits for the database gave
+    the GIL to the event loop, and the thread then waited for the busy loop
+    to give it back: a batch of two round trips took 4 to 5 ms at one
+    connection, three times what the same statements take alone. On the
+    loop, a wait is one more socket the loop watches. The statements are the
+    plan's (``_batch``), as a row writer runs them on SQLite; the ORM keeps
+    every other read and write.
+
+    One batch at a time (``GroupCommit``), on one session that stays open
+    between batches. It is replaced, before a batch, when PostgreSQL closed
+    it (``_has_input``), and after one that failed in a way that may have
+    left it unusable."""
+
+    def __init__(self) -> None:
+        self._session: Any = None  # psycopg.AsyncConnection, not imported where SQLite serves
+
+    async def write(self, writes: list[Write]) -> list[Any]:
+        """Each write's outcome, as ``write_turns`` gives it."""
+        attempts, tried = _attempts(writes), None
+        while True:  # the twin of _write_each_alone_if_need_be
+            try:
+                batch = attempts.send(tried)
+            except StopIteration as done:
+                return done.value
+            try:
+                tried = await self._write(batch)
+            except Exception as exc:
+                tried = exc
+
+    async def _write(self, writes: list[Write]) -> list[Any]:
+        session = await self._session_for_batch()
+        later: list[_Later] = []
+        try:
+            with connection.wrap_database_errors:  # psycopg's errors as Django's (ONE_WRITES_FAULT)
+                async with session.pipeline():
+                    await session.execute("BEGIN")
+                    outcomes = await _run_on_loop(session, _batch(writes), later)
+                    await session.execute("COMMIT")
+        except BaseException as failure:
+            await self._after_failure(session, failure)
+            raise
+        for each in later:  # already received with the commit: no round trip
+            try:
+                each.rows = await each.cursor.fetchall()
+            except Exception as exc:
+                each.error = exc
+        return _read_back(writes, outcomes)
+
+    async def _session_for_batch(self) -> Any:
+        import psycopg  # PostgreSQL's driver: not loaded where SQLite serves
+
+        session = self._session
+        if session is not None and (
+            session.closed
+            or session.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            or _has_input(session.pgconn.socket)
+        ):
+            await self.close()
+        if self._session is None:
+            params = connection.get_connection_params()  # Django's: its adapters read jsonb as text, as the ORM does
+            params.update(autocommit=True, **_statement_binding())
+            self._session = await psycopg.AsyncConnection.connect(**params)
+        return self._session
+
+    async def _after_failure(self, session: Any, failure: BaseException) -> None:
+        """A write at fault leaves the session sound: its transaction is rolled
+        back. Anything else (the database, the network, a cancelled batch
+        mid-pipeline) may not have: the next batch gets a new session."""
+        if isinstance(failure, ONE_WRITES_FAULT) and not session.closed:
+            try:
+                await session.rollback()
+                return
+            except Exception:
+                pass
+        await self.close()
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def close_now(self) -> None:
+        """Close the session from outside its loop, which may have ended (libpq's own close)."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.pgconn.finish()
+
+
+def _statement_binding() -> dict[str, Any]:
+    """Server-side binding, each statement prepared the first time: a batch's
+    statements are the same few every time, and planned once per session they
+    took a quarter less of a batch's time (Django binds in the client and
+    prepares nothing, for poolers that cannot keep prepared statements:
+    ``CODEX_DB_PREPARED_STATEMENTS=0`` does the same here)."""
+    import psycopg  # PostgreSQL's driver: not loaded where SQLite serves
+
+    if settings.CODEX_DB_PREPARED_STATEMENTS:
+        return {"cursor_factory": psycopg.AsyncCursor, "prepare_threshold": 0}
+    return {"cursor_factory": psycopg.AsyncClientCursor, "prepare_threshold": None}
+
+
+@dataclass(eq=False, slots=True)
+class _Later:
+    """A LATER read on the loop: its rows, read once the batch committed."""
+
+    cursor: Any
+    rows: list[tuple] | None = None
+    error: Exception | None = None
+
+    def __call__(self) -> list[tuple]:
+        if self.error is not None:
+            raise self.error
+        return self.rows
+
+
+async def _run_on_loop(session: Any, plan: Plan[T], later: list[_Later]) -> T:
+    """Runs the plan's statements on ``session``, in its pipeline (the twin of ``run_here``)."""
+    result = None
+    try:
+        while True:
+            try:
+                statement = plan.send(result)
+            except StopIteration as done:
+                return done.value
+            cursor = session.cursor()
+            if statement.many:
+                await cursor.executemany(statement.sql, statement.params)
+            else:
+                await cursor.execute(statement.sql, statement.params)
+            if statement.read is None:
+                result = None
+            elif statement.read == NOW:
+                result = await cursor.fetchall()
+            else:
+                result = _Later(cursor)
+                later.append(result)
+    finally:
+        plan.close()
+
+
+def _on_loop() -> bool:
+    """Whether this process writes its batches on the event loop (PostgreSQL, libpq 14+)."""
+    return connection.vendor == "postgresql" and _pipelines_supported()
+
+
+_sessions: LoopLocal[LoopSession] = LoopLocal(LoopSession)
+
+
+def _new_batches() -> GroupCommit:
+    if _on_loop():
+        return GroupCommit(_sessions.get().write, None, max_batch=MAX_BATCH)
+    return GroupCommit(write_turns, row_writers, max_batch=MAX_BATCH)
+
+
+_batches: LoopLocal[GroupCommit] = LoopLocal(_new_batches)
 
 
 def submit(write: Write) -> asyncio.Future:
@@ -784,3 +1030,19 @@ async def flushed() -> None:
     batches = _batches.peek()
     if batches is not None:
         await batches.flushed()
+
+
+def close_every_loop_session() -> None:
+    """Close the sessions of every loop, this process's loops that ended
+    included (the tests: PostgreSQL refuses to drop a database in use)."""
+    for session in _sessions.values():
+        session.close_now()
+
+
+async def close_loop_session() -> None:
+    """Close this loop's PostgreSQL session, once its batches are written
+    (the server's shutdown; the tests, whose event loop ends with each test)."""
+    await flushed()
+    session = _sessions.peek()
+    if session is not None:
+        await session.close()
