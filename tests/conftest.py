@@ -16,7 +16,7 @@ from identity.actions import close_row_writer_connections
 from identity.http_clients import close_client_factory
 from realtime.fanout.thread_hub import stop_thread_hub
 from realtime.services.telemetry import flush_at_shutdown
-from realtime.store import turn_writes
+from realtime.store import loop_writers, turn_writes
 from tests.rpc_client import CommunicatorClient
 from tests.wire_schema import schema_errors
 
@@ -40,12 +40,12 @@ def close_connections_of_the_database_thread(django_db_setup, django_db_blocker)
 
 @pytest.fixture(autouse=True)
 def close_the_turn_writes_sessions():
-    """On PostgreSQL each event loop writes its turns on a session of its own
-    (``turn_writes.LoopSession``), and each test has its own loop: closed
-    after each test, or they would add up, and keep the test database from
-    being dropped."""
+    """Each event loop writes its turns on a database connection of its own
+    (``realtime.store.loop_writers``), and each test has its own loop: closed
+    after each test, or they would add up (and on PostgreSQL keep the test
+    database from being dropped)."""
     yield
-    turn_writes.close_every_loop_session()
+    loop_writers.close_every_loops_writer()
 
 
 @pytest.fixture(autouse=True)

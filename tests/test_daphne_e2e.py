@@ -281,3 +281,56 @@ async def test_serve_with_a_local_model_answers_offline(tmp_path):
             assert any("hi there" in (i.get("aggregatedOutput") or "") for i in command["turn"]["items"])
     finally:
         server.stop()
+
+
+async def test_a_turn_whose_start_finds_the_sqlite_file_locked_waits_on_a_row_writer_and_the_loop_does_not(daphne_server):
+    """SQLite: the event loop writes a turn's batches on its own connection,
+    which never waits for a lock. Another process holds the database's write
+    lock for a second: the turn's start is written once it is free, by a row
+    writer, while the loop answers other requests at once."""
+    server = daphne_server()
+    async with ws_connect(server.ws_url) as first, ws_connect(server.ws_url) as second:
+        writer, other = SocketClient(first), SocketClient(second)
+        await writer.initialize("codex_ios", "1.4.0")
+        await other.initialize("codex_vscode", "1.0.0")
+        thread = await writer.start_thread()
+        assert (await writer.run_turn(thread, "before"))["turn"]["status"] == "completed"
+
+        holder = sqlite3.connect(server.env["DATABASE_URL"].removeprefix("sqlite:///"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, as another process's transaction
+        try:
+            turn = asyncio.create_task(writer.run_turn(thread, "while locked", timeout=20))
+            await asyncio.sleep(0.2)
+            started = asyncio.get_running_loop().time()
+            assert "result" in await other.request("model/list", {})
+            assert asyncio.get_running_loop().time() - started < 0.5  # the loop is not waiting for the lock
+            await asyncio.sleep(0.8)
+            assert not turn.done()
+        finally:
+            holder.execute("COMMIT")
+            holder.close()
+        assert (await turn)["turn"]["status"] == "completed"
+        assert (await writer.run_turn(thread, "after"))["turn"]["status"] == "completed"
+
+
+async def test_the_turns_the_loop_writes_to_sqlite_reach_the_database_file_by_a_row_writers_checkpoint(daphne_server):
+    """The loop's SQLite connection never checkpoints (an fsync would stop
+    the loop): after every CHECKPOINT_EVERY commits, a row writer copies the
+    WAL into the database file."""
+    from realtime.store.loop_writers import CHECKPOINT_EVERY
+
+    server = daphne_server()
+    turns = CHECKPOINT_EVERY // 2 + 10  # each turn commits twice, its start and its end
+    async with ws_connect(server.ws_url) as socket:
+        client = SocketClient(socket)
+        await client.initialize("codex_ios", "1.4.0")
+        thread = await client.start_thread()
+        for _ in range(turns):
+            assert (await client.run_turn(thread))["turn"]["status"] == "completed"
+        path = server.env["DATABASE_URL"].removeprefix("sqlite:///")
+        in_the_file = sqlite3.connect(f"file:{path}?immutable=1", uri=True)  # the file alone, not its WAL
+        try:
+            checkpointed = in_the_file.execute("select count(*) from realtime_storedturn").fetchone()[0]
+        finally:
+            in_the_file.close()
+        assert checkpointed >= CHECKPOINT_EVERY // 2 - 5

@@ -11,7 +11,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from identity.principals import local_principal
-from realtime.store import turn_writes
+from realtime.store import loop_writers, turn_writes
 from realtime.store.thread_store import DatabaseThreads
 from realtime.store.threads import ItemRecord, Turn, new_id, now_ms
 from realtime.turns import early_stream
@@ -47,15 +47,18 @@ def held_starts(monkeypatch) -> threading.Event:
         return write(writes)
 
     monkeypatch.setattr(turn_writes, "write_turns", slow_starts)
-    write_on_loop = turn_writes.LoopSession.write  # on PostgreSQL the batches are written on the loop
+    for writer in (loop_writers.PostgresOnLoop, loop_writers.SqliteOnLoop):  # the batches written on the loop
+        monkeypatch.setattr(writer, "write", slow_starts_on_loop(writer.write, go))
+    return go
 
-    async def slow_starts_on_loop(self, writes):
+
+def slow_starts_on_loop(write, go: threading.Event):
+    async def slow_starts(self, writes):
         if any(isinstance(each, turn_writes.BeginTurn) for each in writes):
             await asyncio.to_thread(go.wait, 10)
-        return await write_on_loop(self, writes)
+        return await write(self, writes)
 
-    monkeypatch.setattr(turn_writes.LoopSession, "write", slow_starts_on_loop)
-    return go
+    return slow_starts
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ import json
 import pytest
 from channels.db import database_sync_to_async
 from django.db import IntegrityError as DjangoIntegrityError
+from django.db import connection
 
 from identity.principals import local_principal
 from realtime.models import StoredThread, StoredTurn
-from realtime.store import turn_writes
+from realtime.store import loop_writers, turn_writes
 from realtime.store.thread_store import DatabaseThreads
 from realtime.store.threads import COMPLETED, INTERRUPTED, ItemRecord, Thread, Turn, new_id, now_ms
 
@@ -23,15 +24,20 @@ TEXT = [{"type": "text", "text": "hi"}]
 
 OWNER: dict[str, int] = {}  # the principal every thread here belongs to, made for each test
 
-# On PostgreSQL the server writes its batches on the event loop (LoopSession),
-# and every test here runs with its statements prepared and bound in the client.
-ON_LOOP = turn_writes._on_loop()
-on_postgresql = pytest.mark.skipif(not ON_LOOP, reason="the event loop's own session is PostgreSQL's")
+# Every test here runs its batches as the server writes them, by the event
+# loop (on PostgreSQL with the statements prepared, and bound in the client),
+# and as a row writer does (the loop's SQLite writer, when it finds the
+# database locked; any database, where libpq is older than 14).
+ON_POSTGRESQL = connection.vendor == "postgresql"
+on_postgresql = pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's session")
+WRITERS = ["loop, prepared", "loop, bound", "row writer"] if ON_POSTGRESQL else ["loop", "row writer"]
+WRITER: dict[str, str] = {}
 
 
-@pytest.fixture(autouse=True, params=[True, False] if ON_LOOP else [True], ids=lambda p: "prepared" if p else "bound")
-def prepared_statements(request, settings):
-    settings.CODEX_DB_PREPARED_STATEMENTS = request.param
+@pytest.fixture(autouse=True, params=WRITERS)
+def batch_writer(request, settings):
+    WRITER["kind"] = request.param
+    settings.CODEX_DB_PREPARED_STATEMENTS = request.param != "loop, bound"
 
 
 @pytest.fixture(autouse=True)
@@ -60,15 +66,13 @@ def ended(turn: Turn, words: str) -> Turn:
 
 
 async def write_in_one_batch(writes: list) -> list:
-    """As the server writes a batch: on PostgreSQL on a session of the event
-    loop's (``LoopSession``), elsewhere on a row writer's thread."""
-    if turn_writes._on_loop():
-        session = turn_writes.LoopSession()
-        try:
-            return await session.write(writes)
-        finally:
-            await session.close()
-    return await database_sync_to_async(turn_writes.write_turns)(writes)
+    if WRITER["kind"] == "row writer":
+        return await database_sync_to_async(turn_writes.write_turns)(writes)
+    writer = loop_writers.PostgresOnLoop() if ON_POSTGRESQL else loop_writers.SqliteOnLoop()
+    try:
+        return await writer.write(writes)
+    finally:
+        writer.close()
 
 
 def begin(thread: Thread, turn: Turn) -> turn_writes.BeginTurn:
@@ -466,7 +470,7 @@ async def test_a_lost_turns_end_tried_again_counts_its_tokens_once_and_keeps_the
     assert stored.status == INTERRUPTED and stored.usage["totalTokens"] == 15
 
 
-def backend_of(session: turn_writes.LoopSession) -> int:
+def backend_of(session: loop_writers.PostgresOnLoop) -> int:
     return session._session.info.backend_pid
 
 
@@ -483,25 +487,25 @@ def run_sql(sql: str, params: list) -> list:
 async def test_the_loops_session_that_postgresql_closed_between_batches_is_replaced_before_the_next():
     """A restart, a failover or pg_terminate_backend between two turns: the
     next batch runs on a new session and fails nothing."""
-    session = turn_writes.LoopSession()
+    session = loop_writers.PostgresOnLoop()
     try:
         thread = new_thread()
         assert await session.write([turn_writes.CreateThread(thread)]) == [None]
         dropped = backend_of(session)
         assert await run_sql("select pg_terminate_backend(%s)", [dropped]) == [(True,)]
         async with asyncio.timeout(5):  # PostgreSQL closes it once the backend has exited
-            while not turn_writes._has_input(session._session.pgconn.socket):
+            while not loop_writers._has_input(session._session.pgconn.socket):
                 await asyncio.sleep(0.01)
         (begun,) = await session.write([begin(thread, new_turn())])
         assert begun is not None and not isinstance(begun, Exception), begun
         assert backend_of(session) != dropped
     finally:
-        await session.close()
+        session.close()
 
 
 @on_postgresql
 async def test_a_write_at_fault_keeps_the_loops_session():
-    session = turn_writes.LoopSession()
+    session = loop_writers.PostgresOnLoop()
     try:
         thread = new_thread()
         await session.write([turn_writes.CreateThread(thread)])
@@ -512,7 +516,7 @@ async def test_a_write_at_fault_keeps_the_loops_session():
         assert begun is not None and not isinstance(begun, Exception), begun
         assert backend_of(session) == kept
     finally:
-        await session.close()
+        session.close()
 
 
 @on_postgresql
@@ -522,7 +526,7 @@ async def test_a_batch_cancelled_while_it_waits_on_the_database_leaves_nothing_h
     import psycopg
     from django.db import connection
 
-    session = turn_writes.LoopSession()
+    session = loop_writers.PostgresOnLoop()
     try:
         thread = new_thread()
         await session.write([turn_writes.CreateThread(thread)])
@@ -543,4 +547,4 @@ async def test_a_batch_cancelled_while_it_waits_on_the_database_leaves_nothing_h
         assert begun is not None and not isinstance(begun, Exception), begun
         assert await statuses_of(thread) == {turn.id: "inProgress"}  # the cancelled one's turn was never stored
     finally:
-        await session.close()
+        session.close()

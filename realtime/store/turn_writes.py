@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import select
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from datetime import timezone as dt_timezone
 from functools import cache
 from typing import Any, TypeVar
 
-from django.conf import settings
 from django.db import (
     DEFAULT_DB_ALIAS,
     DataError,
@@ -279,7 +277,7 @@ def _can_pipeline() -> bool:
     """PostgreSQL, in autocommit (a plain BEGIN inside a caller's transaction
     would commit it), with no transaction settings that psycopg's own BEGIN
     would carry and a plain one would drop."""
-    if connection.vendor != "postgresql" or not _pipelines_supported():
+    if connection.vendor != "postgresql" or not pipelines_supported():
         return False
     raw = connection.connection
     return (
@@ -292,7 +290,7 @@ def _can_pipeline() -> bool:
 
 
 @cache
-def _pipelines_supported() -> bool:
+def pipelines_supported() -> bool:
     import psycopg  # PostgreSQL's driver: not loaded where SQLite serves
 
     return psycopg.Pipeline.is_supported()  # libpq 14 and newer
@@ -409,7 +407,7 @@ def write_turns(writes: list[Write]) -> list[Any]:
     """Each write's outcome (see ``begin`` and ``finish``), or its exception.
     Runs on a row writer's thread, which it leaves as a request would: stale
     or broken connections are retired before and after. (On PostgreSQL the
-    server writes its batches on the event loop instead: ``LoopSession``.)"""
+    server writes its batches on the event loop instead: ``loop_writers``.)"""
     close_old_connections()
     try:
         return _write_each_alone_if_need_be(writes)
@@ -417,20 +415,11 @@ def write_turns(writes: list[Write]) -> list[Any]:
         close_old_connections()
 
 
-def _has_input(socket: int) -> bool:
-    """Whether anything waits to be read on the socket: between batches a
-    sound session has nothing to say, and PostgreSQL closing it (a restart,
-    a failover, ``pg_terminate_backend``) makes it readable."""
-    poller = select.poll()  # not select.select: a busy server's descriptors pass 1023
-    poller.register(socket, select.POLLIN)
-    return bool(poller.poll(0))
-
-
 def _write_each_alone_if_need_be(writes: list[Write]) -> list[Any]:
-    attempts, tried = _attempts(writes), None
-    while True:  # its twin on the loop: LoopSession.write
+    tries, tried = attempts(writes), None
+    while True:  # its twins on the loop: loop_writers
         try:
-            batch = attempts.send(tried)
+            batch = tries.send(tried)
         except StopIteration as done:
             return done.value
         try:
@@ -439,7 +428,7 @@ def _write_each_alone_if_need_be(writes: list[Write]) -> list[Any]:
             tried = exc
 
 
-def _attempts(writes: list[Write]) -> Generator[list[Write], list[Any] | Exception, list[Any]]:
+def attempts(writes: list[Write]) -> Generator[list[Write], list[Any] | Exception, list[Any]]:
     """The batches to write: the writes together, and if one of them is at
     fault, each alone. Sent back each batch's outcomes or the exception it
     raised; returns each write's outcome."""
@@ -471,15 +460,15 @@ def _in_batch_order(writes: list[Write]) -> list[Write]:
 
 def _write(writes: list[Write]) -> list[Any]:
     with _one_transaction():
-        outcomes = run_here(_batch(writes))
-    return _read_back(writes, outcomes)
+        outcomes = run_here(batch_plan(writes))
+    return read_back(writes, outcomes)
 
 
 # Each kind of write's outcomes, to read once the batch has committed.
 Outcomes = list[tuple[list[Write], Callable[[], list[Any]]]]
 
 
-def _batch(writes: list[Write]) -> Plan[Outcomes]:
+def batch_plan(writes: list[Write]) -> Plan[Outcomes]:
     """A batch's statements, between its BEGIN and COMMIT."""
     creates, ends, starts = _by_kind(writes)
     outcomes: Outcomes = []
@@ -496,7 +485,7 @@ def _batch(writes: list[Write]) -> Plan[Outcomes]:
     return outcomes
 
 
-def _read_back(writes: list[Write], outcomes: Outcomes) -> list[Any]:
+def read_back(writes: list[Write], outcomes: Outcomes) -> list[Any]:
     try:
         by_write = {id(write): outcome for kind, read in outcomes for write, outcome in zip(kind, read(), strict=True)}
         return [by_write[id(write)] for write in writes]
@@ -856,164 +845,12 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[Callable
     return histories
 
 
-# --- PostgreSQL: the batches on the event loop -------------------------------
-
-
-class LoopSession:
-    """The event loop's own PostgreSQL session, on which it writes its
-    batches itself: psycopg's async connection, in pipeline mode.
-
-    In a row writer's thread, each of a batch's waits for the database gave
-    the GIL to the event loop, and the thread then waited for the busy loop
-    to give it back: a batch of two round trips took 4 to 5 ms at one
-    connection, three times what the same statements take alone. On the
-    loop, a wait is one more socket the loop watches. The statements are the
-    plan's (``_batch``), as a row writer runs them on SQLite; the ORM keeps
-    every other read and write.
-
-    One batch at a time (``GroupCommit``), on one session that stays open
-    between batches. It is replaced, before a batch, when PostgreSQL closed
-    it (``_has_input``), and after one that failed in a way that may have
-    left it unusable."""
-
-    def __init__(self) -> None:
-        self._session: Any = None  # psycopg.AsyncConnection, not imported where SQLite serves
-
-    async def write(self, writes: list[Write]) -> list[Any]:
-        """Each write's outcome, as ``write_turns`` gives it."""
-        attempts, tried = _attempts(writes), None
-        while True:  # the twin of _write_each_alone_if_need_be
-            try:
-                batch = attempts.send(tried)
-            except StopIteration as done:
-                return done.value
-            try:
-                tried = await self._write(batch)
-            except Exception as exc:
-                tried = exc
-
-    async def _write(self, writes: list[Write]) -> list[Any]:
-        session = await self._session_for_batch()
-        later: list[_Later] = []
-        try:
-            with connection.wrap_database_errors:  # psycopg's errors as Django's (ONE_WRITES_FAULT)
-                async with session.pipeline():
-                    await session.execute("BEGIN")
-                    outcomes = await _run_on_loop(session, _batch(writes), later)
-                    await session.execute("COMMIT")
-        except BaseException as failure:
-            await self._after_failure(session, failure)
-            raise
-        for each in later:  # already received with the commit: no round trip
-            try:
-                each.rows = await each.cursor.fetchall()
-            except Exception as exc:
-                each.error = exc
-        return _read_back(writes, outcomes)
-
-    async def _session_for_batch(self) -> Any:
-        import psycopg  # PostgreSQL's driver: not loaded where SQLite serves
-
-        session = self._session
-        if session is not None and (
-            session.closed
-            or session.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
-            or _has_input(session.pgconn.socket)
-        ):
-            await self.close()
-        if self._session is None:
-            params = connection.get_connection_params()  # Django's: its adapters read jsonb as text, as the ORM does
-            params.update(autocommit=True, **_statement_binding())
-            self._session = await psycopg.AsyncConnection.connect(**params)
-        return self._session
-
-    async def _after_failure(self, session: Any, failure: BaseException) -> None:
-        """A write at fault leaves the session sound: its transaction is rolled
-        back. Anything else (the database, the network, a cancelled batch
-        mid-pipeline) may not have: the next batch gets a new session."""
-        if isinstance(failure, ONE_WRITES_FAULT) and not session.closed:
-            try:
-                await session.rollback()
-                return
-            except Exception:
-                pass
-        await self.close()
-
-    async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-    def close_now(self) -> None:
-        """Close the session from outside its loop, which may have ended (libpq's own close)."""
-        session, self._session = self._session, None
-        if session is not None:
-            session.pgconn.finish()
-
-
-def _statement_binding() -> dict[str, Any]:
-    """Server-side binding, each statement prepared the first time: a batch's
-    statements are the same few every time, and planned once per session they
-    took a quarter less of a batch's time (Django binds in the client and
-    prepares nothing, for poolers that cannot keep prepared statements:
-    ``CODEX_DB_PREPARED_STATEMENTS=0`` does the same here)."""
-    import psycopg  # PostgreSQL's driver: not loaded where SQLite serves
-
-    if settings.CODEX_DB_PREPARED_STATEMENTS:
-        return {"cursor_factory": psycopg.AsyncCursor, "prepare_threshold": 0}
-    return {"cursor_factory": psycopg.AsyncClientCursor, "prepare_threshold": None}
-
-
-@dataclass(eq=False, slots=True)
-class _Later:
-    """A LATER read on the loop: its rows, read once the batch committed."""
-
-    cursor: Any
-    rows: list[tuple] | None = None
-    error: Exception | None = None
-
-    def __call__(self) -> list[tuple]:
-        if self.error is not None:
-            raise self.error
-        return self.rows
-
-
-async def _run_on_loop(session: Any, plan: Plan[T], later: list[_Later]) -> T:
-    """Runs the plan's statements on ``session``, in its pipeline (the twin of ``run_here``)."""
-    result = None
-    try:
-        while True:
-            try:
-                statement = plan.send(result)
-            except StopIteration as done:
-                return done.value
-            cursor = session.cursor()
-            if statement.many:
-                await cursor.executemany(statement.sql, statement.params)
-            else:
-                await cursor.execute(statement.sql, statement.params)
-            if statement.read is None:
-                result = None
-            elif statement.read == NOW:
-                result = await cursor.fetchall()
-            else:
-                result = _Later(cursor)
-                later.append(result)
-    finally:
-        plan.close()
-
-
-def _on_loop() -> bool:
-    """Whether this process writes its batches on the event loop (PostgreSQL, libpq 14+)."""
-    return connection.vendor == "postgresql" and _pipelines_supported()
-
-
-_sessions: LoopLocal[LoopSession] = LoopLocal(LoopSession)
-
-
 def _new_batches() -> GroupCommit:
-    if _on_loop():
-        return GroupCommit(_sessions.get().write, None, max_batch=MAX_BATCH)
+    from .loop_writers import writer_for_this_loop  # it builds on this module
+
+    write = writer_for_this_loop()
+    if write is not None:
+        return GroupCommit(write, None, max_batch=MAX_BATCH)
     return GroupCommit(write_turns, row_writers, max_batch=MAX_BATCH)
 
 
@@ -1032,17 +869,10 @@ async def flushed() -> None:
         await batches.flushed()
 
 
-def close_every_loop_session() -> None:
-    """Close the sessions of every loop, this process's loops that ended
-    included (the tests: PostgreSQL refuses to drop a database in use)."""
-    for session in _sessions.values():
-        session.close_now()
-
-
 async def close_loop_session() -> None:
-    """Close this loop's PostgreSQL session, once its batches are written
-    (the server's shutdown; the tests, whose event loop ends with each test)."""
+    """Close this loop's own database connection, once its batches are
+    written (the server's shutdown; the tests, whose loop ends with each)."""
+    from .loop_writers import close_this_loops_writer
+
     await flushed()
-    session = _sessions.peek()
-    if session is not None:
-        await session.close()
+    close_this_loops_writer()

@@ -1,0 +1,359 @@
+"""Turn batches written by the event loop itself, on a database connection of its own.
+
+In a row writer's thread, a batch's every wait for the database handed the
+GIL to the event loop, and the thread then waited for the busy loop to give
+it back: at one connection, a PostgreSQL batch of two round trips took 4 to
+5 ms, and a SQLite one three times what it takes alone (docs/PERFORMANCE.md).
+On the loop, a wait is one more socket the loop watches (PostgreSQL), or
+there is none worth a thread (SQLite: no fsync at a WAL commit).
+
+Both run the plan a row writer runs (``turn_writes.batch_plan``), and decide
+which writes to retry alone the same way (``turn_writes.attempts``). One
+batch at a time per loop (``GroupCommit``); the ORM keeps every other read
+and write.
+
+- PostgreSQL (``PostgresOnLoop``): psycopg's async connection in pipeline
+  mode, its statements prepared once per session.
+- SQLite (``SqliteOnLoop``): the loop never waits for another writer's lock:
+  a batch that finds the database locked goes to a row writer, which waits
+  (Django's busy timeout). Its checkpoints, the fsyncs, run on a row
+  writer too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+from codexserver.loop_local import LoopLocal
+from identity.actions import row_writers
+
+from .turn_writes import (
+    LATER,
+    NOW,
+    ONE_WRITES_FAULT,
+    Plan,
+    T,
+    Write,
+    attempts,
+    batch_plan,
+    pipelines_supported,
+    read_back,
+    write_turns,
+)
+
+logger = logging.getLogger(__name__)
+
+# SQLite: a row writer checkpoints the WAL after this many of the loop's commits.
+CHECKPOINT_EVERY = 200
+
+
+# --- PostgreSQL ---------------------------------------------------------------
+
+
+class PostgresOnLoop:
+    """The loop's PostgreSQL session. It stays open between batches, and is
+    replaced before a batch when PostgreSQL closed it (``_has_input``), and
+    after a batch that failed in a way that may have left it unusable."""
+
+    def __init__(self) -> None:
+        self._session: Any = None  # psycopg.AsyncConnection
+
+    async def write(self, writes: list[Write]) -> list[Any]:
+        """Each write's outcome, as ``turn_writes.write_turns`` gives it."""
+        tries, tried = attempts(writes), None
+        while True:  # the twin of SqliteOnLoop._write_each_alone_if_need_be
+            try:
+                batch = tries.send(tried)
+            except StopIteration as done:
+                return done.value
+            try:
+                tried = await self._write(batch)
+            except Exception as exc:
+                tried = exc
+
+    async def _write(self, writes: list[Write]) -> list[Any]:
+        session = await self._session_for_batch()
+        later: list[_Later] = []
+        try:
+            with connection.wrap_database_errors:  # psycopg's errors as Django's (ONE_WRITES_FAULT)
+                async with session.pipeline():
+                    await session.execute("BEGIN")
+                    outcomes = await _run_on_session(session, batch_plan(writes), later)
+                    await session.execute("COMMIT")
+        except BaseException as failure:
+            await self._after_failure(session, failure)
+            raise
+        for each in later:  # received with the commit: no round trip
+            try:
+                each.rows = await each.cursor.fetchall()
+            except Exception as exc:
+                each.error = exc
+        return read_back(writes, outcomes)
+
+    async def _session_for_batch(self) -> Any:
+        import psycopg  # PostgreSQL's driver: not loaded where SQLite serves
+
+        session = self._session
+        if session is not None and (
+            session.closed
+            or session.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            or _has_input(session.pgconn.socket)
+        ):
+            self.close()
+        if self._session is None:
+            params = connection.get_connection_params()  # Django's: its adapters read jsonb as text, as the ORM does
+            params.update(autocommit=True, **_statement_binding())
+            self._session = await psycopg.AsyncConnection.connect(**params)
+        return self._session
+
+    async def _after_failure(self, session: Any, failure: BaseException) -> None:
+        """A write at fault leaves the session sound: its transaction is rolled
+        back. Anything else (the database, the network, a batch cancelled
+        mid-pipeline) may not have: the next batch gets a new session."""
+        if isinstance(failure, ONE_WRITES_FAULT) and not session.closed:
+            try:
+                await session.rollback()
+                return
+            except Exception:
+                pass
+        self.close()
+
+    def close(self) -> None:
+        """libpq's own close, which does not wait: callable from outside the
+        loop, after it ended (psycopg's ``close`` does no more)."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.pgconn.finish()
+
+
+def _statement_binding() -> dict[str, Any]:
+    """Server-side binding, each statement prepared the first time: a batch's
+    statements are the same few every time, and planned once per session they
+    took a quarter less of a batch's time. Django binds in the client and
+    prepares nothing, for poolers that cannot keep prepared statements;
+    ``CODEX_DB_PREPARED_STATEMENTS=0`` does the same here."""
+    import psycopg
+
+    if settings.CODEX_DB_PREPARED_STATEMENTS:
+        return {"cursor_factory": psycopg.AsyncCursor, "prepare_threshold": 0}
+    return {"cursor_factory": psycopg.AsyncClientCursor, "prepare_threshold": None}
+
+
+def _has_input(socket: int) -> bool:
+    """Whether anything waits to be read on the socket: between batches a
+    sound session has nothing to say, and PostgreSQL closing it (a restart,
+    a failover, ``pg_terminate_backend``) makes it readable."""
+    poller = select.poll()  # not select.select: a busy server's descriptors pass 1023
+    poller.register(socket, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+@dataclass(eq=False, slots=True)
+class _Later:
+    """A read for after the commit (``turn_writes.LATER``): its rows once the batch committed."""
+
+    cursor: Any
+    rows: list[tuple] | None = None
+    error: Exception | None = None
+
+    def __call__(self) -> list[tuple]:
+        if self.error is not None:
+            raise self.error
+        return self.rows
+
+
+async def _run_on_session(session: Any, plan: Plan[T], later: list[_Later]) -> T:
+    """Runs the plan's statements in the session's pipeline (the twin of ``turn_writes.run_here``)."""
+    result = None
+    try:
+        while True:
+            try:
+                statement = plan.send(result)
+            except StopIteration as done:
+                return done.value
+            cursor = session.cursor()
+            if statement.many:
+                await cursor.executemany(statement.sql, statement.params)
+            else:
+                await cursor.execute(statement.sql, statement.params)
+            if statement.read is None:
+                result = None
+            elif statement.read == NOW:
+                result = await cursor.fetchall()
+            else:
+                result = _Later(cursor)
+                later.append(result)
+    finally:
+        plan.close()
+
+
+# --- SQLite -------------------------------------------------------------------
+
+
+class SqliteOnLoop:
+    """The loop's SQLite connection: Django's kind (its functions, pragmas and
+    WAL), opened by a row writer, with no busy timeout and no automatic
+    checkpoint."""
+
+    def __init__(self) -> None:
+        self._db: sqlite3.Connection | None = None
+        self._commits = 0
+        self._checkpointing = False
+
+    async def write(self, writes: list[Write]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        if self._db is None:
+            self._db = await loop.run_in_executor(row_writers(), _new_sqlite_connection)
+        try:
+            outcomes = self._write_each_alone_if_need_be(writes)
+        except _Locked:  # another writer holds the database: a row writer waits for it
+            return await loop.run_in_executor(row_writers(), write_turns, writes)
+        if self._commits >= CHECKPOINT_EVERY and not self._checkpointing:
+            self._start_checkpoint(loop)
+        return outcomes
+
+    def _start_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            checkpoint = loop.run_in_executor(row_writers(), _checkpoint)
+        except RuntimeError:  # the row writers are shut down: the process is stopping
+            return
+        self._commits, self._checkpointing = 0, True
+        checkpoint.add_done_callback(self._checkpointed)
+
+    def _write_each_alone_if_need_be(self, writes: list[Write]) -> list[Any]:
+        tries, tried, first = attempts(writes), None, True
+        while True:  # the twin of PostgresOnLoop.write
+            try:
+                batch = tries.send(tried)
+            except StopIteration as done:
+                return done.value
+            try:
+                tried = self._write(batch, locked_is_news=first)
+            except _Locked:
+                raise
+            except Exception as exc:
+                tried = exc
+            first = False
+
+    def _write(self, writes: list[Write], locked_is_news: bool) -> list[Any]:
+        """``locked_is_news``: the first try, which the caller hands to a row
+        writer if the database is locked (nothing of it is written then)."""
+        from django.db.backends.sqlite3.base import SQLiteCursorWrapper  # Django's: its "%s" become "?"
+
+        db = self._db
+        try:
+            with connection.wrap_database_errors:  # sqlite3's errors as Django's (ONE_WRITES_FAULT)
+                db.execute("BEGIN IMMEDIATE")  # the write lock now, or "database is locked" now
+                try:
+                    outcomes = _run_on_sqlite(db, SQLiteCursorWrapper, batch_plan(writes))
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except Exception as exc:
+            if locked_is_news and "locked" in str(exc):
+                raise _Locked from exc
+            raise
+        self._commits += 1
+        return read_back(writes, outcomes)
+
+    def _checkpointed(self, done: asyncio.Future) -> None:
+        self._checkpointing = False
+        if not done.cancelled() and done.exception() is not None:
+            logger.warning("could not checkpoint the database: %s", done.exception())
+
+    def close(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+
+class _Locked(Exception):
+    """The database is locked by another writer."""
+
+
+def _new_sqlite_connection() -> sqlite3.Connection:
+    """On a row writer, as Django opens its own, but in autocommit, without a
+    busy timeout (the loop must never wait for a lock) and without automatic
+    checkpoints (the loop must never wait for an fsync)."""
+    params = connection.get_connection_params()
+    params["timeout"] = 0
+    db = connection.get_new_connection(params)
+    db.isolation_level = None
+    db.execute("PRAGMA wal_autocheckpoint = 0")
+    return db
+
+
+def _checkpoint() -> None:
+    """Copy the WAL's pages into the database, on a row writer (PASSIVE: it
+    waits for nobody, and leaves what readers still need)."""
+    close_old_connections()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        close_old_connections()
+
+
+def _run_on_sqlite(db: sqlite3.Connection, cursor_factory: Any, plan: Plan[T]) -> T:
+    """Runs the plan's statements on ``db`` (the twin of ``turn_writes.run_here``)."""
+    result = None
+    try:
+        while True:
+            try:
+                statement = plan.send(result)
+            except StopIteration as done:
+                return done.value
+            cursor = db.cursor(factory=cursor_factory)
+            try:
+                if statement.many:
+                    cursor.executemany(statement.sql, statement.params)
+                else:
+                    cursor.execute(statement.sql, statement.params)
+                rows = None if statement.read is None else cursor.fetchall()
+            finally:
+                cursor.close()
+            result = (lambda rows=rows: rows) if statement.read == LATER else rows
+    finally:
+        plan.close()
+
+
+# --- which, for this loop -----------------------------------------------------
+
+_postgres: LoopLocal[PostgresOnLoop] = LoopLocal(PostgresOnLoop)
+_sqlite: LoopLocal[SqliteOnLoop] = LoopLocal(SqliteOnLoop)
+
+
+def writer_for_this_loop():
+    """The running loop's batch writer (a coroutine function), or None where
+    a row writer writes them (another database, libpq before 14, or SQLite in memory)."""
+    if connection.vendor == "postgresql" and pipelines_supported():
+        return _postgres.get().write
+    if connection.vendor == "sqlite" and not connection.is_in_memory_db():
+        # (In memory, the test suite's database: its shared cache's table
+        # locks wait for nobody, and a row writer would find them held.)
+        return _sqlite.get().write
+    return None
+
+
+def close_this_loops_writer() -> None:
+    for writers in (_postgres, _sqlite):
+        writer = writers.peek()
+        if writer is not None:
+            writer.close()
+
+
+def close_every_loops_writer() -> None:
+    """Close the connections of every loop's writers, of loops that ended
+    too (the tests: PostgreSQL refuses to drop a database in use)."""
+    for writers in (_postgres, _sqlite):
+        for writer in writers.values():
+            writer.close()
