@@ -41,9 +41,8 @@ class GroupCommit(Generic[W]):
         self._max_batch = max_batch
         self._waiting: list[tuple[W, asyncio.Future]] = []
         self._in_flight: asyncio.Future | None = None
-        # The batches' tasks' one context: no connection's identity scope (a
-        # batch serves many connections), and made once, so what a batch
-        # keeps in context variables (Django's connection wrapper) is too.
+        # The batches' tasks' context: no connection's identity scope (a
+        # batch serves many connections).
         self._context = contextvars.Context()
 
     def submit(self, write: W) -> asyncio.Future:

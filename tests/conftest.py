@@ -119,7 +119,8 @@ async def connect(application):
     await stop_thread_hub()
     await flush_at_shutdown()
     await close_client_factory()
-    await turn_writes.close_loop_session()
+    await turn_writes.flushed()
+    loop_writers.close_this_loops_writer()
 
 
 def server_env(upstream: UpstreamServer, database_url: str, **extra: str) -> dict[str, str]:

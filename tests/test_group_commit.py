@@ -111,7 +111,7 @@ CALLER = contextvars.ContextVar("caller", default=None)
 
 
 async def test_without_an_executor_a_coroutine_writes_the_batches_on_the_loop_in_a_context_of_no_caller():
-    """As on PostgreSQL (turn_writes.LoopSession): writes that queue while a
+    """As the event loop writes turns (realtime/store/loop_writers.py): writes that queue while a
     batch is written go out together in the next, and the batch, which
     serves many connections, runs in none's context."""
     batches: list[list[int]] = []

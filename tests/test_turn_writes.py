@@ -548,3 +548,13 @@ async def test_a_batch_cancelled_while_it_waits_on_the_database_leaves_nothing_h
         assert await statuses_of(thread) == {turn.id: "inProgress"}  # the cancelled one's turn was never stored
     finally:
         session.close()
+
+
+@on_postgresql
+async def test_where_django_sets_an_isolation_level_or_a_role_a_row_writer_writes_the_batches(monkeypatch):
+    """Django applies those after connecting; the loop's session would not."""
+    assert loop_writers.writer_for_this_loop() is not None
+    for option, value in (("isolation_level", 3), ("assume_role", "writer")):
+        with monkeypatch.context() as patched:
+            patched.setitem(connection.settings_dict["OPTIONS"], option, value)
+            assert loop_writers.writer_for_this_loop() is None

@@ -33,6 +33,7 @@ from realtime.fanout.thread_hub import stop_thread_hub, thread_hub
 from realtime.rpc.connection import live_connections
 from realtime.services.telemetry import flush_at_shutdown
 from realtime.store import turn_writes
+from realtime.store.loop_writers import close_this_loops_writer
 from realtime.store.thread_store import end_abandoned_turns
 from realtime.tools.exec_sessions import command_sessions
 from realtime.turns.runner import announce_dead_processes_turn, background_endings_finished
@@ -214,7 +215,8 @@ class ProcessLifecycle:
                 await asyncio.wait_for(_turn_ends_written(), ENDINGS_SECONDS)
             except TimeoutError:
                 logger.error("turn ends still unwritten after %ss; their locks will lapse", ENDINGS_SECONDS)
-            await turn_writes.close_loop_session()
+            # Not flushed again: what the wait above gave up on is given up.
+            close_this_loops_writer()
             await stop_thread_hub()
             closed = await record_boot_stopped(self.boot_id)
             logger.info("shutting down: closed %d open connection row(s)", closed)

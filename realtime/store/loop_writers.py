@@ -5,7 +5,8 @@ GIL to the event loop, and the thread then waited for the busy loop to give
 it back: at one connection, a PostgreSQL batch of two round trips took 4 to
 5 ms, and a SQLite one three times what it takes alone (docs/PERFORMANCE.md).
 On the loop, a wait is one more socket the loop watches (PostgreSQL), or
-there is none worth a thread (SQLite: no fsync at a WAL commit).
+there is none worth a thread (SQLite: no fsync at a WAL commit but the one
+that starts the WAL over after a checkpoint).
 
 Both run the plan a row writer runs (``turn_writes.batch_plan``), and decide
 which writes to retry alone the same way (``turn_writes.attempts``). One
@@ -13,11 +14,11 @@ batch at a time per loop (``GroupCommit``); the ORM keeps every other read
 and write.
 
 - PostgreSQL (``PostgresOnLoop``): psycopg's async connection in pipeline
-  mode, its statements prepared once per session.
+  mode, the statements it runs often prepared.
 - SQLite (``SqliteOnLoop``): the loop never waits for another writer's lock:
-  a batch that finds the database locked goes to a row writer, which waits
-  (Django's busy timeout). Its checkpoints, the fsyncs, run on a row
-  writer too.
+  a batch (or a write tried alone) that finds the database locked goes to a
+  row writer, which waits (Django's busy timeout). The checkpoints run on a
+  row writer too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import OperationalError, close_old_connections, connection
 
 from codexserver.loop_local import LoopLocal
 from identity.actions import row_writers
@@ -80,10 +81,11 @@ class PostgresOnLoop:
                 tried = exc
 
     async def _write(self, writes: list[Write]) -> list[Any]:
-        session = await self._session_for_batch()
+        with connection.wrap_database_errors:  # psycopg's errors as Django's (ONE_WRITES_FAULT)
+            session = await self._session_for_batch()
         later: list[_Later] = []
         try:
-            with connection.wrap_database_errors:  # psycopg's errors as Django's (ONE_WRITES_FAULT)
+            with connection.wrap_database_errors:
                 async with session.pipeline():
                     await session.execute("BEGIN")
                     outcomes = await _run_on_session(session, batch_plan(writes), later)
@@ -135,15 +137,18 @@ class PostgresOnLoop:
 
 
 def _statement_binding() -> dict[str, Any]:
-    """Server-side binding, each statement prepared the first time: a batch's
-    statements are the same few every time, and planned once per session they
-    took a quarter less of a batch's time. Django binds in the client and
-    prepares nothing, for poolers that cannot keep prepared statements;
+    """Server-side binding, and a statement prepared once it ran five times
+    (psycopg's default; it keeps the 100 last used): at one connection a
+    batch's statements are the same few every time, and prepared they took a
+    quarter less of a batch's time. (Their lists of keys grow with the batch,
+    so under load there are more texts, and the least used are planned each
+    time, as they were before.) Django binds in the client and prepares
+    nothing, for poolers that cannot keep prepared statements;
     ``CODEX_DB_PREPARED_STATEMENTS=0`` does the same here."""
     import psycopg
 
     if settings.CODEX_DB_PREPARED_STATEMENTS:
-        return {"cursor_factory": psycopg.AsyncCursor, "prepare_threshold": 0}
+        return {"cursor_factory": psycopg.AsyncCursor, "prepare_threshold": 5}
     return {"cursor_factory": psycopg.AsyncClientCursor, "prepare_threshold": None}
 
 
@@ -209,13 +214,23 @@ class SqliteOnLoop:
         self._checkpointing = False
 
     async def write(self, writes: list[Write]) -> list[Any]:
+        """Each write's outcome, as ``turn_writes.write_turns`` gives it."""
         loop = asyncio.get_running_loop()
-        if self._db is None:
-            self._db = await loop.run_in_executor(row_writers(), _new_sqlite_connection)
-        try:
-            outcomes = self._write_each_alone_if_need_be(writes)
-        except _Locked:  # another writer holds the database: a row writer waits for it
-            return await loop.run_in_executor(row_writers(), write_turns, writes)
+        tries, tried = attempts(writes), None
+        while True:  # the twin of PostgresOnLoop.write
+            try:
+                batch = tries.send(tried)
+            except StopIteration as done:
+                outcomes = done.value
+                break
+            try:
+                if self._db is None:
+                    self._db = await loop.run_in_executor(row_writers(), _new_sqlite_connection)
+                tried = self._write(batch)
+            except _Locked:  # another writer holds the file: a row writer waits for it (nothing was written here)
+                tried = await loop.run_in_executor(row_writers(), write_turns, batch)
+            except Exception as exc:
+                tried = exc
         if self._commits >= CHECKPOINT_EVERY and not self._checkpointing:
             self._start_checkpoint(loop)
         return outcomes
@@ -228,24 +243,8 @@ class SqliteOnLoop:
         self._commits, self._checkpointing = 0, True
         checkpoint.add_done_callback(self._checkpointed)
 
-    def _write_each_alone_if_need_be(self, writes: list[Write]) -> list[Any]:
-        tries, tried, first = attempts(writes), None, True
-        while True:  # the twin of PostgresOnLoop.write
-            try:
-                batch = tries.send(tried)
-            except StopIteration as done:
-                return done.value
-            try:
-                tried = self._write(batch, locked_is_news=first)
-            except _Locked:
-                raise
-            except Exception as exc:
-                tried = exc
-            first = False
-
-    def _write(self, writes: list[Write], locked_is_news: bool) -> list[Any]:
-        """``locked_is_news``: the first try, which the caller hands to a row
-        writer if the database is locked (nothing of it is written then)."""
+    def _write(self, writes: list[Write]) -> list[Any]:
+        """Raises ``_Locked``, having written nothing, if another writer holds the file."""
         from django.db.backends.sqlite3.base import SQLiteCursorWrapper  # Django's: its "%s" become "?"
 
         db = self._db
@@ -256,14 +255,26 @@ class SqliteOnLoop:
                     outcomes = _run_on_sqlite(db, SQLiteCursorWrapper, batch_plan(writes))
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    self._roll_back()
                     raise
-        except Exception as exc:
-            if locked_is_news and "locked" in str(exc):
+        except OperationalError as exc:
+            if "locked" in str(exc):  # "database is locked", or a shared cache's "database table is locked"
                 raise _Locked from exc
             raise
         self._commits += 1
         return read_back(writes, outcomes)
+
+    def _roll_back(self) -> None:
+        """After a failed statement; SQLite may have rolled back already (a
+        full disk, an I/O error). A connection left in a transaction, which
+        every later BEGIN would refuse, is closed: the next batch opens another."""
+        db = self._db
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        if db.in_transaction:
+            self.close()
 
     def _checkpointed(self, done: asyncio.Future) -> None:
         self._checkpointing = False
@@ -335,13 +346,20 @@ _sqlite: LoopLocal[SqliteOnLoop] = LoopLocal(SqliteOnLoop)
 def writer_for_this_loop():
     """The running loop's batch writer (a coroutine function), or None where
     a row writer writes them (another database, libpq before 14, or SQLite in memory)."""
-    if connection.vendor == "postgresql" and pipelines_supported():
+    if connection.vendor == "postgresql" and pipelines_supported() and not _options_the_session_would_drop():
         return _postgres.get().write
     if connection.vendor == "sqlite" and not connection.is_in_memory_db():
         # (In memory, the test suite's database: its shared cache's table
         # locks wait for nobody, and a row writer would find them held.)
         return _sqlite.get().write
     return None
+
+
+def _options_the_session_would_drop() -> bool:
+    """Django's options its own connections apply after connecting, which the
+    loop's session does not: there, a row writer writes the batches."""
+    options = connection.settings_dict["OPTIONS"]
+    return any(options.get(name) is not None for name in ("isolation_level", "assume_role"))
 
 
 def close_this_loops_writer() -> None:

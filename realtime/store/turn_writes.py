@@ -7,7 +7,9 @@ sum the thread's usage). One at a time, fifty turns starting together queued
 fifty transactions of seven ORM statements each on the row writers; in a
 batch they cost about five statements and one commit together
 (``codexserver.group_commit``), and on PostgreSQL two round trips: the
-statements go out as one pipeline (``_one_transaction``).
+statements go out as one pipeline. The event loop writes the batches itself,
+on a connection of its own (``loop_writers``); a row writer's thread runs
+the same statements where it cannot (``write_turns``).
 
 In a batch, the thread rows are locked first, in primary-key order (other
 processes' batches take them in the same order, so batches never deadlock),
@@ -298,8 +300,8 @@ def pipelines_supported() -> bool:
 
 # A batch's statements, as a plan: a generator that yields each statement and
 # is sent back what it asked to read. One plan runs on Django's connection in
-# a row writer's thread (``run_here``: SQLite, and the sweep's statements) or
-# on the event loop's own PostgreSQL session (``_run_on_loop``).
+# a row writer's thread (``run_here``; the sweep's statements too) or on the
+# event loop's own connection (``loop_writers``).
 T = TypeVar("T")
 Plan = Generator["Statement", Any, T]
 NOW, LATER = "now", "later"
@@ -406,8 +408,8 @@ def _item_rows(turn_pk: int, records: list[ItemRecord], first_position: int) -> 
 def write_turns(writes: list[Write]) -> list[Any]:
     """Each write's outcome (see ``begin`` and ``finish``), or its exception.
     Runs on a row writer's thread, which it leaves as a request would: stale
-    or broken connections are retired before and after. (On PostgreSQL the
-    server writes its batches on the event loop instead: ``loop_writers``.)"""
+    or broken connections are retired before and after. (The server's event
+    loop writes its batches itself where it can: ``loop_writers``.)"""
     close_old_connections()
     try:
         return _write_each_alone_if_need_be(writes)
@@ -867,12 +869,3 @@ async def flushed() -> None:
     batches = _batches.peek()
     if batches is not None:
         await batches.flushed()
-
-
-async def close_loop_session() -> None:
-    """Close this loop's own database connection, once its batches are
-    written (the server's shutdown; the tests, whose loop ends with each)."""
-    from .loop_writers import close_this_loops_writer
-
-    await flushed()
-    close_this_loops_writer()
