@@ -10,7 +10,8 @@ drift hits all three alike, and every figure is a median of per-round
 ratios: old and new each against the baseline round beside it, and new
 against old (``bench/run.py`` gives the ratio of medians instead). CPU is
 the server process's, per turn, from ``/proc`` (connection setup included,
-as the round includes it). Each checkout runs its own ``manage.py``,
+as the round includes it), and with the machine's PostgreSQL and Redis
+processes' added (the rounds run one at a time, so theirs is the round's). Each checkout runs its own ``manage.py``,
 migrations included, from its own directory.
 
 For a change to the server's per-turn work: a full ``bench/run.py`` run
@@ -34,22 +35,22 @@ from bench.run import (  # noqa: E402  (bench.run sets Django up)
     ROOT,
     UNPACED,
     Bench,
+    CpuSplit,
     ServerProcess,
     daphne_command,
     setup_env,
     turn_round,
 )
-from codexserver.devtools.server_process import cpu_seconds_of  # noqa: E402
 
 CONNECTIONS, TURNS_EACH = 50, 8
 
 
-async def measured_round(server: ServerProcess, ephemeral: bool) -> tuple[float, float]:
-    """(median turn latency ms, server CPU ms per turn) of one round."""
-    stat = f"/proc/{server.process.pid}/stat"
-    before = cpu_seconds_of(stat)
+async def measured_round(server: ServerProcess, ephemeral: bool) -> tuple[float, float, float]:
+    """(median turn latency ms, server CPU ms per turn, the same with the database servers') of one round."""
+    split = CpuSplit(server)
     latency_ms, _ = await turn_round(server.ws_url, CONNECTIONS, TURNS_EACH, ephemeral=ephemeral)
-    return latency_ms, (cpu_seconds_of(stat) - before) / (CONNECTIONS * TURNS_EACH) * 1000
+    cpu = split.per_turn(CONNECTIONS * TURNS_EACH)
+    return latency_ms, cpu["server"], cpu["server"] + cpu["database_servers"]
 
 
 def start_checkout(bench: Bench, name: str, checkout: Path, setup: str) -> ServerProcess:
@@ -89,18 +90,24 @@ def main() -> int:
             bench.close()
     kind = "stored" if args.stored else "ephemeral"
     print(f"{CONNECTIONS} connections x {TURNS_EACH} turns, {kind} threads, {args.setup}, {args.rounds} rounds")
-    print(f"{'':16}{'latency ratio':>13}  {'CPU ratio':>9}  {'latency ms':>11}  {'CPU ms/turn':>11}")
+    print(
+        f"{'':16}{'latency ratio':>13}  {'CPU ratio':>9}  {'+ databases':>11}"
+        f"  {'latency ms':>11}  {'CPU ms/turn':>11}  {'+ databases':>11}"
+    )
     for name in ("old", "new"):
-        latency, cpu = (statistics.median(r[i] for r in rounds[name]) for i in (0, 1))
+        latency, cpu, with_databases = (statistics.median(r[i] for r in rounds[name]) for i in (0, 1, 2))
         print(
             f"{name} / baseline  {median_ratio(rounds[name], rounds['baseline'], 0):13.3f}"
-            f"  {median_ratio(rounds[name], rounds['baseline'], 1):9.3f}  {latency:11.1f}  {cpu:11.3f}"
+            f"  {median_ratio(rounds[name], rounds['baseline'], 1):9.3f}"
+            f"  {median_ratio(rounds[name], rounds['baseline'], 2):11.3f}"
+            f"  {latency:11.1f}  {cpu:11.3f}  {with_databases:11.3f}"
         )
-    latency, cpu = (statistics.median(r[i] for r in rounds["baseline"]) for i in (0, 1))
-    print(f"baseline        {'':13}  {'':9}  {latency:11.1f}  {cpu:11.3f}")
+    latency, cpu, with_databases = (statistics.median(r[i] for r in rounds["baseline"]) for i in (0, 1, 2))
+    print(f"baseline        {'':13}  {'':9}  {'':11}  {latency:11.1f}  {cpu:11.3f}  {with_databases:11.3f}")
     print(
         f"new / old       {median_ratio(rounds['new'], rounds['old'], 0):13.3f}"
         f"  {median_ratio(rounds['new'], rounds['old'], 1):9.3f}"
+        f"  {median_ratio(rounds['new'], rounds['old'], 2):11.3f}"
     )
     return 0
 
