@@ -58,7 +58,7 @@ def start_checkout(bench: Bench, name: str, checkout: Path, setup: str) -> Serve
     return bench.start(name, project_dir=checkout, PYTHONPATH=str(checkout), **UNPACED, **setup_env(setup))
 
 
-def median_ratio(tops: list[tuple[float, float]], bottoms: list[tuple[float, float]], index: int) -> float:
+def median_ratio(tops: list[tuple[float, ...]], bottoms: list[tuple[float, ...]], index: int) -> float:
     return statistics.median(top[index] / bottom[index] for top, bottom in zip(tops, bottoms))
 
 

@@ -25,9 +25,10 @@ TEXT = [{"type": "text", "text": "hi"}]
 OWNER: dict[str, int] = {}  # the principal every thread here belongs to, made for each test
 
 # Every test here runs its batches as the server writes them, by the event
-# loop (on PostgreSQL with the statements prepared, and bound in the client),
-# and as a row writer does (the loop's SQLite writer, when it finds the
-# database locked; any database, where libpq is older than 14).
+# loop on one connection (on PostgreSQL with the statements prepared from
+# their first run, and bound in the client), and as a row writer does (the
+# loop's SQLite writer, when it finds the database locked; any database,
+# where libpq is older than 14). The loop's writer must not hand them on.
 ON_POSTGRESQL = connection.vendor == "postgresql"
 on_postgresql = pytest.mark.skipif(not ON_POSTGRESQL, reason="PostgreSQL's session")
 WRITERS = ["loop, prepared", "loop, bound", "row writer"] if ON_POSTGRESQL else ["loop", "row writer"]
@@ -35,9 +36,19 @@ WRITER: dict[str, str] = {}
 
 
 @pytest.fixture(autouse=True, params=WRITERS)
-def batch_writer(request, settings):
+def batch_writer(request, settings, monkeypatch):
     WRITER["kind"] = request.param
     settings.CODEX_DB_PREPARED_STATEMENTS = request.param != "loop, bound"
+    monkeypatch.setattr(loop_writers, "PREPARE_THRESHOLD", 0)
+
+    async def handed_on(writes):
+        raise AssertionError("the loop's writer handed a batch to a row writer")
+
+    monkeypatch.setattr(loop_writers, "on_a_row_writer", handed_on)
+    writer = loop_writers.PostgresOnLoop() if ON_POSTGRESQL else loop_writers.SqliteOnLoop()
+    WRITER["writer"] = writer
+    yield
+    writer.close()
 
 
 @pytest.fixture(autouse=True)
@@ -68,11 +79,7 @@ def ended(turn: Turn, words: str) -> Turn:
 async def write_in_one_batch(writes: list) -> list:
     if WRITER["kind"] == "row writer":
         return await database_sync_to_async(turn_writes.write_turns)(writes)
-    writer = loop_writers.PostgresOnLoop() if ON_POSTGRESQL else loop_writers.SqliteOnLoop()
-    try:
-        return await writer.write(writes)
-    finally:
-        writer.close()
+    return await WRITER["writer"].write(writes)
 
 
 def begin(thread: Thread, turn: Turn) -> turn_writes.BeginTurn:

@@ -2,8 +2,8 @@
 
 In a row writer's thread, a batch's every wait for the database handed the
 GIL to the event loop, and the thread then waited for the busy loop to give
-it back: at one connection, a PostgreSQL batch of two round trips took 4 to
-5 ms, and a SQLite one three times what it takes alone (docs/PERFORMANCE.md).
+it back: at one connection, a batch took two to three times what its
+statements take alone (docs/PERFORMANCE.md, the fifth session of 2026-12-06).
 On the loop, a wait is one more socket the loop watches (PostgreSQL), or
 there is none worth a thread (SQLite: no fsync at a WAL commit but the one
 that starts the WAL over after a checkpoint).
@@ -54,6 +54,11 @@ logger = logging.getLogger(__name__)
 
 # SQLite: a row writer checkpoints the WAL after this many of the loop's commits.
 CHECKPOINT_EVERY = 200
+# PostgreSQL: libpq's TCP keepalives for the loop's session (unless Django's
+# options set them): probed after 30 s idle, dropped after three unanswered.
+# A statement is prepared once it ran this many times on the session (psycopg's default).
+PREPARE_THRESHOLD = 5
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
 # --- PostgreSQL ---------------------------------------------------------------
@@ -66,9 +71,12 @@ class PostgresOnLoop:
 
     def __init__(self) -> None:
         self._session: Any = None  # psycopg.AsyncConnection
+        self._shut = False
 
     async def write(self, writes: list[Write]) -> list[Any]:
         """Each write's outcome, as ``turn_writes.write_turns`` gives it."""
+        if self._shut:  # the process is stopping: no new session
+            return await on_a_row_writer(writes)
         tries, tried = attempts(writes), None
         while True:  # the twin of SqliteOnLoop._write_each_alone_if_need_be
             try:
@@ -113,6 +121,8 @@ class PostgresOnLoop:
         if self._session is None:
             params = connection.get_connection_params()  # Django's: its adapters read jsonb as text, as the ORM does
             params.update(autocommit=True, **_statement_binding())
+            for name, value in KEEPALIVES.items():  # a session dropped silently on the way fails within a minute
+                params.setdefault(name, value)
             self._session = await psycopg.AsyncConnection.connect(**params)
         return self._session
 
@@ -135,6 +145,11 @@ class PostgresOnLoop:
         if session is not None:
             session.pgconn.finish()
 
+    def shut(self) -> None:
+        """Closed for good: what is still written goes to a row writer."""
+        self._shut = True
+        self.close()
+
 
 def _statement_binding() -> dict[str, Any]:
     """Server-side binding, and a statement prepared once it ran five times
@@ -148,7 +163,7 @@ def _statement_binding() -> dict[str, Any]:
     import psycopg
 
     if settings.CODEX_DB_PREPARED_STATEMENTS:
-        return {"cursor_factory": psycopg.AsyncCursor, "prepare_threshold": 5}
+        return {"cursor_factory": psycopg.AsyncCursor, "prepare_threshold": PREPARE_THRESHOLD}
     return {"cursor_factory": psycopg.AsyncClientCursor, "prepare_threshold": None}
 
 
@@ -210,11 +225,15 @@ class SqliteOnLoop:
 
     def __init__(self) -> None:
         self._db: sqlite3.Connection | None = None
-        self._commits = 0
+        self._commits = 0  # since the last checkpoint
+        self.committed = 0  # in all (the tests')
         self._checkpointing = False
+        self._shut = False
 
     async def write(self, writes: list[Write]) -> list[Any]:
         """Each write's outcome, as ``turn_writes.write_turns`` gives it."""
+        if self._shut:  # the process is stopping: no new connection
+            return await on_a_row_writer(writes)
         loop = asyncio.get_running_loop()
         tries, tried = attempts(writes), None
         while True:  # the twin of PostgresOnLoop.write
@@ -224,13 +243,18 @@ class SqliteOnLoop:
                 outcomes = done.value
                 break
             try:
-                if self._db is None:
-                    self._db = await loop.run_in_executor(row_writers(), _new_sqlite_connection)
-                tried = self._write(batch)
+                tried = self._write(await self._connection(), batch)
+            except OperationalError as exc:  # opening it found the file locked, say
+                tried = None if "locked" in str(exc) else exc
             except _Locked:  # another writer holds the file: a row writer waits for it (nothing was written here)
-                tried = await loop.run_in_executor(row_writers(), write_turns, batch)
+                tried = None
             except Exception as exc:
                 tried = exc
+            if tried is None:
+                try:
+                    tried = await on_a_row_writer(batch)
+                except Exception as exc:  # the row writers are shut down: the process is stopping
+                    tried = exc
         if self._commits >= CHECKPOINT_EVERY and not self._checkpointing:
             self._start_checkpoint(loop)
         return outcomes
@@ -243,11 +267,19 @@ class SqliteOnLoop:
         self._commits, self._checkpointing = 0, True
         checkpoint.add_done_callback(self._checkpointed)
 
-    def _write(self, writes: list[Write]) -> list[Any]:
+    async def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = await asyncio.get_running_loop().run_in_executor(row_writers(), _new_sqlite_connection)
+            if self._shut:  # shut while it was being opened
+                db.close()
+                raise RuntimeError("the loop's SQLite writer is shut")
+            self._db = db
+        return self._db
+
+    def _write(self, db: sqlite3.Connection, writes: list[Write]) -> list[Any]:
         """Raises ``_Locked``, having written nothing, if another writer holds the file."""
         from django.db.backends.sqlite3.base import SQLiteCursorWrapper  # Django's: its "%s" become "?"
 
-        db = self._db
         try:
             with connection.wrap_database_errors:  # sqlite3's errors as Django's (ONE_WRITES_FAULT)
                 db.execute("BEGIN IMMEDIATE")  # the write lock now, or "database is locked" now
@@ -262,6 +294,7 @@ class SqliteOnLoop:
                 raise _Locked from exc
             raise
         self._commits += 1
+        self.committed += 1
         return read_back(writes, outcomes)
 
     def _roll_back(self) -> None:
@@ -286,6 +319,15 @@ class SqliteOnLoop:
         if db is not None:
             db.close()
 
+    def shut(self) -> None:
+        """Closed for good: what is still written goes to a row writer."""
+        self._shut = True
+        self.close()
+
+
+async def on_a_row_writer(writes: list[Write]) -> list[Any]:
+    return await asyncio.get_running_loop().run_in_executor(row_writers(), write_turns, writes)
+
 
 class _Locked(Exception):
     """The database is locked by another writer."""
@@ -297,9 +339,10 @@ def _new_sqlite_connection() -> sqlite3.Connection:
     checkpoints (the loop must never wait for an fsync)."""
     params = connection.get_connection_params()
     params["timeout"] = 0
-    db = connection.get_new_connection(params)
-    db.isolation_level = None
-    db.execute("PRAGMA wal_autocheckpoint = 0")
+    with connection.wrap_database_errors:  # its pragmas may find the file locked: Django's error, as a batch's
+        db = connection.get_new_connection(params)
+        db.isolation_level = None
+        db.execute("PRAGMA wal_autocheckpoint = 0")
     return db
 
 
@@ -363,10 +406,12 @@ def _options_the_session_would_drop() -> bool:
 
 
 def close_this_loops_writer() -> None:
+    """For good (the server's shutdown, the end of a test): what is still
+    written goes to a row writer."""
     for writers in (_postgres, _sqlite):
         writer = writers.peek()
         if writer is not None:
-            writer.close()
+            writer.shut()
 
 
 def close_every_loops_writer() -> None:
@@ -374,4 +419,4 @@ def close_every_loops_writer() -> None:
     too (the tests: PostgreSQL refuses to drop a database in use)."""
     for writers in (_postgres, _sqlite):
         for writer in writers.values():
-            writer.close()
+            writer.shut()
