@@ -24,6 +24,7 @@ and write.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import select
 import sqlite3
@@ -41,12 +42,14 @@ from .turn_writes import (
     NOW,
     ONE_WRITES_FAULT,
     Plan,
+    Statement,
     T,
     Write,
     attempts,
     batch_plan,
     pipelines_supported,
     read_back,
+    run_plan,
     write_turns,
 )
 
@@ -191,7 +194,7 @@ class _Later:
 
 
 async def _run_on_session(session: Any, plan: Plan[T], later: list[_Later]) -> T:
-    """Runs the plan's statements in the session's pipeline (the twin of ``turn_writes.run_here``)."""
+    """Runs the plan's statements in the session's pipeline (the twin of ``turn_writes.run_plan``)."""
     result = None
     try:
         while True:
@@ -284,7 +287,7 @@ class SqliteOnLoop:
             with connection.wrap_database_errors:  # sqlite3's errors as Django's (ONE_WRITES_FAULT)
                 db.execute("BEGIN IMMEDIATE")  # the write lock now, or "database is locked" now
                 try:
-                    outcomes = _run_on_sqlite(db, SQLiteCursorWrapper, batch_plan(writes))
+                    outcomes = run_plan(batch_plan(writes), functools.partial(_execute_on_sqlite, db, SQLiteCursorWrapper))
                     db.execute("COMMIT")
                 except BaseException:
                     self._roll_back()
@@ -357,27 +360,17 @@ def _checkpoint() -> None:
         close_old_connections()
 
 
-def _run_on_sqlite(db: sqlite3.Connection, cursor_factory: Any, plan: Plan[T]) -> T:
-    """Runs the plan's statements on ``db`` (the twin of ``turn_writes.run_here``)."""
-    result = None
+def _execute_on_sqlite(db: sqlite3.Connection, cursor_factory: Any, statement: Statement) -> Any:
+    cursor = db.cursor(factory=cursor_factory)
     try:
-        while True:
-            try:
-                statement = plan.send(result)
-            except StopIteration as done:
-                return done.value
-            cursor = db.cursor(factory=cursor_factory)
-            try:
-                if statement.many:
-                    cursor.executemany(statement.sql, statement.params)
-                else:
-                    cursor.execute(statement.sql, statement.params)
-                rows = None if statement.read is None else cursor.fetchall()
-            finally:
-                cursor.close()
-            result = (lambda rows=rows: rows) if statement.read == LATER else rows
+        if statement.many:
+            cursor.executemany(statement.sql, statement.params)
+        else:
+            cursor.execute(statement.sql, statement.params)
+        rows = None if statement.read is None else cursor.fetchall()
     finally:
-        plan.close()
+        cursor.close()
+    return (lambda: rows) if statement.read == LATER else rows
 
 
 # --- which, for this loop -----------------------------------------------------

@@ -350,6 +350,12 @@ def insert_each(table: str, columns: list[str], rows: list[list[Any]]) -> Plan[N
 
 def run_here(plan: Plan[T]) -> T:
     """Runs the plan's statements on this thread's Django connection."""
+    return run_plan(plan, _execute_here)
+
+
+def run_plan(plan: Plan[T], execute: Callable[[Statement], Any]) -> T:
+    """Runs the plan, each statement by ``execute``, which gives what it
+    asked to read (its twin on the loop: ``loop_writers._run_on_session``)."""
     result = None
     try:
         while True:
@@ -357,7 +363,7 @@ def run_here(plan: Plan[T]) -> T:
                 statement = plan.send(result)
             except StopIteration as done:
                 return done.value
-            result = _execute_here(statement)
+            result = execute(statement)
     finally:
         plan.close()
 
