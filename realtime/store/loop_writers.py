@@ -57,10 +57,10 @@ logger = logging.getLogger(__name__)
 
 # SQLite: a row writer checkpoints the WAL after this many of the loop's commits.
 CHECKPOINT_EVERY = 200
+# PostgreSQL: a statement is prepared once it ran this many times on the session (psycopg's default).
+PREPARE_THRESHOLD = 5
 # PostgreSQL: libpq's TCP keepalives for the loop's session (unless Django's
 # options set them): probed after 30 s idle, dropped after three unanswered.
-# A statement is prepared once it ran this many times on the session (psycopg's default).
-PREPARE_THRESHOLD = 5
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
@@ -81,7 +81,7 @@ class PostgresOnLoop:
         if self._shut:  # the process is stopping: no new session
             return await on_a_row_writer(writes)
         tries, tried = attempts(writes), None
-        while True:  # the twin of SqliteOnLoop._write_each_alone_if_need_be
+        while True:  # the twin of SqliteOnLoop.write
             try:
                 batch = tries.send(tried)
             except StopIteration as done:
