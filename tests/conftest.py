@@ -17,6 +17,7 @@ from identity.http_clients import close_client_factory
 from realtime.fanout.thread_hub import stop_thread_hub
 from realtime.services.telemetry import flush_at_shutdown
 from realtime.store import loop_writers, turn_writes
+from realtime.turns.runner import background_endings_finished
 from tests.rpc_client import CommunicatorClient
 from tests.wire_schema import schema_errors
 
@@ -119,6 +120,7 @@ async def connect(application):
     await stop_thread_hub()
     await flush_at_shutdown()
     await close_client_factory()
+    await background_endings_finished()  # as the server's shutdown waits for them
     await turn_writes.flushed()
     loop_writers.close_this_loops_writer()
 

@@ -40,8 +40,10 @@ def batch_writer(request, settings, monkeypatch):
     WRITER["kind"] = request.param
     settings.CODEX_DB_PREPARED_STATEMENTS = request.param != "loop, bound"
     monkeypatch.setattr(loop_writers, "PREPARE_THRESHOLD", 0)
+    handed: list = []
 
     async def handed_on(writes):
+        handed.append(writes)
         raise AssertionError("the loop's writer handed a batch to a row writer")
 
     monkeypatch.setattr(loop_writers, "on_a_row_writer", handed_on)
@@ -49,6 +51,7 @@ def batch_writer(request, settings, monkeypatch):
     WRITER["writer"] = writer
     yield
     writer.close()
+    assert not handed, "the loop's writer handed batches to a row writer"
 
 
 @pytest.fixture(autouse=True)

@@ -59,9 +59,17 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_EVERY = 200
 # PostgreSQL: a statement is prepared once it ran this many times on the session (psycopg's default).
 PREPARE_THRESHOLD = 5
-# PostgreSQL: libpq's TCP keepalives for the loop's session (unless Django's
-# options set them): probed after 30 s idle, dropped after three unanswered.
-KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+# PostgreSQL: the loop's session's TCP settings (unless Django's options set
+# them), for a peer gone silently (a dropped NAT entry, a dead host): idle,
+# probed after 30 s and dropped after three unanswered; mid-batch, dropped
+# once what it sent waits 60 s unacknowledged (TCP's own retries: 15 minutes).
+TCP_SETTINGS = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
 
 
 # --- PostgreSQL ---------------------------------------------------------------
@@ -75,6 +83,7 @@ class PostgresOnLoop:
     def __init__(self) -> None:
         self._session: Any = None  # psycopg.AsyncConnection
         self._shut = False
+        self._writing = False  # a batch is on the session
 
     async def write(self, writes: list[Write]) -> list[Any]:
         """Each write's outcome, as ``turn_writes.write_turns`` gives it."""
@@ -87,11 +96,20 @@ class PostgresOnLoop:
             except StopIteration as done:
                 return done.value
             try:
-                tried = await self._write(batch)
+                tried = await on_a_row_writer(batch) if self._shut else await self._write(batch)
             except Exception as exc:
                 tried = exc
 
     async def _write(self, writes: list[Write]) -> list[Any]:
+        self._writing = True
+        try:
+            return await self._write_on_session(writes)
+        finally:
+            self._writing = False
+            if self._shut:  # shut meanwhile: closed once the batch is done with the session
+                self.close()
+
+    async def _write_on_session(self, writes: list[Write]) -> list[Any]:
         with connection.wrap_database_errors:  # psycopg's errors as Django's (ONE_WRITES_FAULT)
             session = await self._session_for_batch()
         later: list[_Later] = []
@@ -124,7 +142,7 @@ class PostgresOnLoop:
         if self._session is None:
             params = connection.get_connection_params()  # Django's: its adapters read jsonb as text, as the ORM does
             params.update(autocommit=True, **_statement_binding())
-            for name, value in KEEPALIVES.items():  # a session dropped silently on the way fails within a minute
+            for name, value in TCP_SETTINGS.items():
                 params.setdefault(name, value)
             self._session = await psycopg.AsyncConnection.connect(**params)
         return self._session
@@ -149,9 +167,12 @@ class PostgresOnLoop:
             session.pgconn.finish()
 
     def shut(self) -> None:
-        """Closed for good: what is still written goes to a row writer."""
+        """Closed for good: what is still written goes to a row writer. A
+        batch on the session keeps it until it is done (libpq's close under
+        a socket the loop watches could leave that batch waiting for ever)."""
         self._shut = True
-        self.close()
+        if not self._writing:
+            self.close()
 
 
 def _statement_binding() -> dict[str, Any]:
@@ -229,7 +250,6 @@ class SqliteOnLoop:
     def __init__(self) -> None:
         self._db: sqlite3.Connection | None = None
         self._commits = 0  # since the last checkpoint
-        self.committed = 0  # in all (the tests')
         self._checkpointing = False
         self._shut = False
 
@@ -246,9 +266,11 @@ class SqliteOnLoop:
                 outcomes = done.value
                 break
             try:
-                tried = self._write(await self._connection(), batch)
+                tried = None if self._shut else self._write(await self._connection(), batch)
             except OperationalError as exc:  # opening it found the file locked, say
                 tried = None if "locked" in str(exc) else exc
+            except _Shut:
+                tried = None
             except _Locked:  # another writer holds the file: a row writer waits for it (nothing was written here)
                 tried = None
             except Exception as exc:
@@ -275,7 +297,7 @@ class SqliteOnLoop:
             db = await asyncio.get_running_loop().run_in_executor(row_writers(), _new_sqlite_connection)
             if self._shut:  # shut while it was being opened
                 db.close()
-                raise RuntimeError("the loop's SQLite writer is shut")
+                raise _Shut
             self._db = db
         return self._db
 
@@ -290,21 +312,19 @@ class SqliteOnLoop:
                     outcomes = run_plan(batch_plan(writes), functools.partial(_execute_on_sqlite, db, SQLiteCursorWrapper))
                     db.execute("COMMIT")
                 except BaseException:
-                    self._roll_back()
+                    self._roll_back(db)
                     raise
         except OperationalError as exc:
             if "locked" in str(exc):  # "database is locked", or a shared cache's "database table is locked"
                 raise _Locked from exc
             raise
         self._commits += 1
-        self.committed += 1
         return read_back(writes, outcomes)
 
-    def _roll_back(self) -> None:
+    def _roll_back(self, db: sqlite3.Connection) -> None:
         """After a failed statement; SQLite may have rolled back already (a
         full disk, an I/O error). A connection left in a transaction, which
         every later BEGIN would refuse, is closed: the next batch opens another."""
-        db = self._db
         try:
             db.execute("ROLLBACK")
         except sqlite3.Error:
@@ -336,6 +356,10 @@ class _Locked(Exception):
     """The database is locked by another writer."""
 
 
+class _Shut(Exception):
+    """The writer was shut while its connection was being opened."""
+
+
 def _new_sqlite_connection() -> sqlite3.Connection:
     """On a row writer, as Django opens its own, but in autocommit, without a
     busy timeout (the loop must never wait for a lock) and without automatic
@@ -344,8 +368,12 @@ def _new_sqlite_connection() -> sqlite3.Connection:
     params["timeout"] = 0
     with connection.wrap_database_errors:  # its pragmas may find the file locked: Django's error, as a batch's
         db = connection.get_new_connection(params)
-        db.isolation_level = None
-        db.execute("PRAGMA wal_autocheckpoint = 0")
+        try:
+            db.isolation_level = None
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+        except BaseException:
+            db.close()
+            raise
     return db
 
 
@@ -409,7 +437,9 @@ def close_this_loops_writer() -> None:
 
 def close_every_loops_writer() -> None:
     """Close the connections of every loop's writers, of loops that ended
-    too (the tests: PostgreSQL refuses to drop a database in use)."""
+    too, whatever they were doing (the tests: PostgreSQL refuses to drop a
+    database in use)."""
     for writers in (_postgres, _sqlite):
         for writer in writers.values():
             writer.shut()
+            writer.close()
