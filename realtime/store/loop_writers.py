@@ -24,7 +24,6 @@ and write.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import select
 import sqlite3
@@ -38,7 +37,6 @@ from codexserver.loop_local import LoopLocal
 from identity.actions import row_writers
 
 from .turn_writes import (
-    LATER,
     NOW,
     ONE_WRITES_FAULT,
     Plan,
@@ -47,6 +45,7 @@ from .turn_writes import (
     Write,
     attempts,
     batch_plan,
+    execute_on,
     pipelines_supported,
     read_back,
     run_plan,
@@ -86,9 +85,8 @@ class PostgresOnLoop:
         self._writing = False  # a batch is on the session
 
     async def write(self, writes: list[Write]) -> list[Any]:
-        """Each write's outcome, as ``turn_writes.write_turns`` gives it."""
-        if self._shut:  # the process is stopping: no new session
-            return await on_a_row_writer(writes)
+        """Each write's outcome, as ``turn_writes.write_turns`` gives it (once
+        shut, as a row writer gives it: the process is stopping)."""
         tries, tried = attempts(writes), None
         while True:  # the twin of SqliteOnLoop.write
             try:
@@ -254,9 +252,8 @@ class SqliteOnLoop:
         self._shut = False
 
     async def write(self, writes: list[Write]) -> list[Any]:
-        """Each write's outcome, as ``turn_writes.write_turns`` gives it."""
-        if self._shut:  # the process is stopping: no new connection
-            return await on_a_row_writer(writes)
+        """Each write's outcome, as ``turn_writes.write_turns`` gives it (once
+        shut, as a row writer gives it: the process is stopping)."""
         loop = asyncio.get_running_loop()
         tries, tried = attempts(writes), None
         while True:  # the twin of PostgresOnLoop.write
@@ -266,16 +263,16 @@ class SqliteOnLoop:
                 outcomes = done.value
                 break
             try:
-                tried = None if self._shut else self._write(await self._connection(), batch)
-            except OperationalError as exc:  # opening it found the file locked, say
+                db = None if self._shut else await self._connection()
+                tried = None if db is None else self._write(db, batch)
+            except OperationalError as exc:
+                # "database is locked", or a shared cache's "database table is
+                # locked", opening the connection or writing (then rolled
+                # back): another writer holds the file, and a row writer waits.
                 tried = None if "locked" in str(exc) else exc
-            except _Shut:
-                tried = None
-            except _Locked:  # another writer holds the file: a row writer waits for it (nothing was written here)
-                tried = None
             except Exception as exc:
                 tried = exc
-            if tried is None:
+            if tried is None:  # shut, or locked: nothing was written here
                 try:
                     tried = await on_a_row_writer(batch)
                 except Exception as exc:  # the row writers are shut down: the process is stopping
@@ -292,32 +289,31 @@ class SqliteOnLoop:
         self._commits, self._checkpointing = 0, True
         checkpoint.add_done_callback(self._checkpointed)
 
-    async def _connection(self) -> sqlite3.Connection:
+    async def _connection(self) -> sqlite3.Connection | None:
+        """None if the writer was shut while it was being opened."""
         if self._db is None:
             db = await asyncio.get_running_loop().run_in_executor(row_writers(), _new_sqlite_connection)
-            if self._shut:  # shut while it was being opened
+            if self._shut:
                 db.close()
-                raise _Shut
+                return None
             self._db = db
         return self._db
 
     def _write(self, db: sqlite3.Connection, writes: list[Write]) -> list[Any]:
-        """Raises ``_Locked``, having written nothing, if another writer holds the file."""
+        """A failed batch is rolled back: nothing of it is written."""
         from django.db.backends.sqlite3.base import SQLiteCursorWrapper  # Django's: its "%s" become "?"
 
-        try:
-            with connection.wrap_database_errors:  # sqlite3's errors as Django's (ONE_WRITES_FAULT)
-                db.execute("BEGIN IMMEDIATE")  # the write lock now, or "database is locked" now
-                try:
-                    outcomes = run_plan(batch_plan(writes), functools.partial(_execute_on_sqlite, db, SQLiteCursorWrapper))
-                    db.execute("COMMIT")
-                except BaseException:
-                    self._roll_back(db)
-                    raise
-        except OperationalError as exc:
-            if "locked" in str(exc):  # "database is locked", or a shared cache's "database table is locked"
-                raise _Locked from exc
-            raise
+        def execute(statement: Statement) -> Any:
+            return execute_on(db.cursor(factory=SQLiteCursorWrapper), statement)
+
+        with connection.wrap_database_errors:  # sqlite3's errors as Django's (ONE_WRITES_FAULT)
+            db.execute("BEGIN IMMEDIATE")  # the write lock now, or "database is locked" now
+            try:
+                outcomes = run_plan(batch_plan(writes), execute)
+                db.execute("COMMIT")
+            except BaseException:
+                self._roll_back(db)
+                raise
         self._commits += 1
         return read_back(writes, outcomes)
 
@@ -352,14 +348,6 @@ async def on_a_row_writer(writes: list[Write]) -> list[Any]:
     return await asyncio.get_running_loop().run_in_executor(row_writers(), write_turns, writes)
 
 
-class _Locked(Exception):
-    """The database is locked by another writer."""
-
-
-class _Shut(Exception):
-    """The writer was shut while its connection was being opened."""
-
-
 def _new_sqlite_connection() -> sqlite3.Connection:
     """On a row writer, as Django opens its own, but in autocommit, without a
     busy timeout (the loop must never wait for a lock) and without automatic
@@ -386,19 +374,6 @@ def _checkpoint() -> None:
             cursor.execute("PRAGMA wal_checkpoint(PASSIVE)")
     finally:
         close_old_connections()
-
-
-def _execute_on_sqlite(db: sqlite3.Connection, cursor_factory: Any, statement: Statement) -> Any:
-    cursor = db.cursor(factory=cursor_factory)
-    try:
-        if statement.many:
-            cursor.executemany(statement.sql, statement.params)
-        else:
-            cursor.execute(statement.sql, statement.params)
-        rows = None if statement.read is None else cursor.fetchall()
-    finally:
-        cursor.close()
-    return (lambda: rows) if statement.read == LATER else rows
 
 
 # --- which, for this loop -----------------------------------------------------

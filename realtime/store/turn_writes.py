@@ -369,7 +369,14 @@ def run_plan(plan: Plan[T], execute: Callable[[Statement], Any]) -> T:
 
 
 def _execute_here(statement: Statement) -> Any:
-    cursor = connection.cursor()
+    # On PostgreSQL, inside the pipeline: a LATER statement's rows are read after it.
+    return execute_on(connection.cursor(), statement, later_when_asked=connection.vendor == "postgresql")
+
+
+def execute_on(cursor, statement: Statement, later_when_asked: bool = False) -> Any:
+    """Runs the statement on ``cursor``, which it closes once read, and gives
+    what the statement asked to read. A LATER statement's rows are read now
+    (a statement's rows are not left waiting), or ``later_when_asked``."""
     try:
         (cursor.executemany if statement.many else cursor.execute)(statement.sql, statement.params)
     except BaseException:
@@ -378,12 +385,10 @@ def _execute_here(statement: Statement) -> Any:
     if statement.read is None:
         cursor.close()
         return None
-    if statement.read == NOW:
-        return _fetched(cursor)
-    if connection.vendor == "postgresql":  # inside the pipeline: read after it
+    if statement.read == LATER and later_when_asked:
         return lambda: _fetched(cursor)
-    rows = _fetched(cursor)  # elsewhere a statement's rows are not left waiting
-    return lambda: rows
+    rows = _fetched(cursor)
+    return (lambda: rows) if statement.read == LATER else rows
 
 
 def _fetched(cursor) -> list[tuple]:
