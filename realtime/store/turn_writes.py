@@ -123,12 +123,11 @@ def _mark_interrupted(turn_ids: list[str]) -> Plan[None]:
         return
     # Never before it started: the host that started it may have a clock ahead of this one's.
     now = now_ms()
-    named, named_params = _in("turn_id", turn_ids, "text")
     yield from _run(
         f"UPDATE {TURNS} SET status = %s, "
         f"completed_at_ms = CASE WHEN started_at_ms > %s THEN started_at_ms ELSE %s END "
-        f"WHERE status = %s AND {named}",
-        [INTERRUPTED, now, now, IN_PROGRESS, *named_params],
+        f"WHERE status = %s AND turn_id IN ({_marks(len(turn_ids))})",
+        [INTERRUPTED, now, now, IN_PROGRESS, *turn_ids],
     )
 
 
@@ -198,39 +197,6 @@ class _ThreadRow:
 
 def _marks(count: int) -> str:
     return ", ".join(["%s"] * count)
-
-
-# On PostgreSQL a batch's statements name their keys in one array parameter
-# and take their rows as ``unnest`` of one array a column. A statement's
-# text is then the same for any batch, so psycopg prepares it once (with
-# ``IN`` lists and multi-row ``VALUES`` it differed with each batch's size,
-# and under load most were planned afresh), and many rows are one command
-# (an ``executemany`` sends one a row, each a send and a result to read back
-# on the event loop). SQLite keeps its ``IN`` lists and ``executemany``.
-@cache
-def _postgresql() -> bool:
-    return connections[DEFAULT_DB_ALIAS].vendor == "postgresql"
-
-
-def _in(column: str, values: list[Any], array_type: str) -> tuple[str, list[Any]]:
-    """The condition that ``column`` is one of ``values`` (``array_type``: of
-    their array on PostgreSQL, ``text`` or ``bigint``), and its parameters."""
-    if _postgresql():
-        return f"{column} = ANY(%s::{array_type}[])", [list(values)]
-    return f"{column} IN ({_marks(len(values))})", list(values)
-
-
-@cache
-def _array_casts(model, columns: tuple[str, ...]) -> str:
-    """PostgreSQL: ``%s::type[]`` for each column, of the model's field types."""
-    fields = {field.column: field for field in model._meta.concrete_fields}
-    db = connections[DEFAULT_DB_ALIAS]
-    return ", ".join(f"%s::{fields[column].db_type(db)}[]" for column in columns)
-
-
-def _arrays(rows: list[list[Any]]) -> list[list[Any]]:
-    """The rows' values as one list a column: ``unnest``'s arrays."""
-    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _prepared(model, columns: list[str], values: list[Any]) -> list[Any]:
@@ -369,33 +335,17 @@ def _rows_later(sql: str, params: list[Any]) -> Plan[Callable[[], list[tuple]]]:
     return (yield Statement(sql, params, read=LATER))
 
 
-def update_each(model, columns: list[str], rows: list[tuple[int, list[Any]]]) -> Plan[None]:
-    """The model's rows by primary key, each (pk, prepared values) set, in one statement."""
-    if not rows:
-        return
-    table = model._meta.db_table
-    if _postgresql():
-        latest = dict(rows)  # a key twice: its last values, as one update after the other leaves it
-        assignments = ", ".join(f"{column} = v.{column}" for column in columns)
-        yield Statement(
-            f"UPDATE {table} SET {assignments} FROM unnest({_array_casts(model, ('id', *columns))}) "
-            f"AS v(id, {', '.join(columns)}) WHERE {table}.id = v.id",
-            _arrays([[pk, *values] for pk, values in latest.items()]),
-        )
-        return
-    assignments = ", ".join(f"{column} = %s" for column in columns)
-    yield Statement(f"UPDATE {table} SET {assignments} WHERE id = %s", [[*values, pk] for pk, values in rows], many=True)
+def update_each(table: str, columns: list[str], rows: list[tuple[int, list[Any]]]) -> Plan[None]:
+    """``UPDATE … WHERE id = %s`` for each (pk, prepared values), as one executemany."""
+    if rows:
+        assignments = ", ".join(f"{column} = %s" for column in columns)
+        yield Statement(f"UPDATE {table} SET {assignments} WHERE id = %s", [[*values, pk] for pk, values in rows], many=True)
 
 
-def insert_each(model, columns: list[str], rows: list[list[Any]]) -> Plan[None]:
-    """The model's rows of prepared values, inserted in their order in one statement."""
-    if not rows:
-        return
-    table, names = model._meta.db_table, ", ".join(columns)
-    if _postgresql():
-        yield Statement(f"INSERT INTO {table} ({names}) SELECT * FROM unnest({_array_casts(model, tuple(columns))})", _arrays(rows))
-        return
-    yield Statement(f"INSERT INTO {table} ({names}) VALUES ({_marks(len(columns))})", rows, many=True)
+def insert_each(table: str, columns: list[str], rows: list[list[Any]]) -> Plan[None]:
+    """``INSERT`` of each row of prepared values, as one executemany."""
+    if rows:
+        yield Statement(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(len(columns))})", rows, many=True)
 
 
 def run_here(plan: Plan[T]) -> T:
@@ -569,20 +519,20 @@ def _insert_threads(threads: list[Thread]) -> Plan[None]:
                  thread.sandbox_mode, thread.network_access, thread.approval_policy, 0],
             )  # fmt: skip
         )
-    yield from insert_each(StoredThread, THREAD_COLUMNS, rows)
+    yield from insert_each(THREADS, THREAD_COLUMNS, rows)
 
 
 def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> Plan[dict[str, _ThreadRow]]:
     """The batch's threads, locked in primary-key order until it commits."""
     now_sql, now_params = now
-    named, named_params = _in("thread_id", sorted(thread_ids), "text")
+    ids = sorted(thread_ids)
     found = yield from _rows(
         f"SELECT id, thread_id, model, preview, running_turn_id, running_channel, "
         f"running_turn_id IS NOT NULL AND (lock_expires_at IS NULL OR lock_expires_at >= {now_sql}), "
         f"turn_sequence, sandbox_mode, network_access, approval_policy "
-        f"FROM {THREADS} WHERE {named} ORDER BY id"
+        f"FROM {THREADS} WHERE thread_id IN ({_marks(len(ids))}) ORDER BY id"
         + (" FOR UPDATE" if connection.features.has_select_for_update else ""),
-        [*now_params, *named_params],
+        [*now_params, *ids],
     )
     approvals = StoredThread._meta.get_field("approval_policy")
     return {
@@ -656,38 +606,38 @@ def finish(
         if row.running_turn_id == turn.id:
             row.running_turn_id, row.held = None, False
             freed.append(row.pk)
-    yield from update_each(StoredTurn, END_FIELDS, turn_rows)
-    yield from insert_each(StoredItem, ITEM_COLUMNS, item_rows)
+    yield from update_each(TURNS, END_FIELDS, turn_rows)
+    yield from insert_each(ITEMS, ITEM_COLUMNS, item_rows)
     # A lost turn's tokens were spent upstream all the same: they count toward
     # its principal's budget, and are kept on its row, which also says they
     # were counted (an end tried again after its batch committed is not).
     usage_columns = ["has_usage", *USAGE_FIELDS.values()]
     yield from update_each(
-        StoredTurn,
+        TURNS,
         usage_columns,
         [(turn_pks[end.turn.id], [True, *(end.turn.usage[name] for name in USAGE_FIELDS)]) for end in lost_usage],
     )
     yield from _add_principal_usage(_usage_by_principal([*writing, *lost_usage]))
     if freed:
-        named, named_params = _in("id", freed, "bigint")
         yield from _run(
             f"UPDATE {THREADS} SET running_turn_id = NULL, running_channel = NULL, lock_expires_at = NULL, "
-            f"updated_at = {now_sql} WHERE {named}",
-            [*now_params, *named_params],
+            f"updated_at = {now_sql} WHERE id IN ({_marks(len(freed))})",
+            [*now_params, *freed],
         )
     kept = sorted({rows[end.thread.id].pk for end in writing} - set(freed))  # ended in progress, never locked again
     if kept:
-        named, named_params = _in("id", kept, "bigint")
-        yield from _run(f"UPDATE {THREADS} SET updated_at = {now_sql} WHERE {named}", [*now_params, *named_params])
+        yield from _run(f"UPDATE {THREADS} SET updated_at = {now_sql} WHERE id IN ({_marks(len(kept))})", [*now_params, *kept])
     told = sorted({rows[end.thread.id].pk for end in ends if settled.get(id(end)) is None})
     sums = ", ".join(f"SUM({column})" for column in USAGE_FIELDS.values())
-    if told:
-        named, named_params = _in("thread_id", told, "bigint")
-        summed = yield from _rows_later(
-            f"SELECT thread_id, {sums} FROM {TURNS} WHERE has_usage AND {named} GROUP BY thread_id", named_params
-        )
-    else:
-        summed = list
+    summed = (
+        (yield from _rows_later(
+            f"SELECT thread_id, {sums} FROM {TURNS} WHERE has_usage AND thread_id IN ({_marks(len(told))}) "
+            "GROUP BY thread_id",
+            told,
+        ))
+        if told
+        else list
+    )
 
     def totals() -> list[dict[str, int] | TurnLost]:
         by_thread = {thread_pk: dict(zip(USAGE_FIELDS, sums, strict=True)) for thread_pk, *sums in summed()}
@@ -708,11 +658,12 @@ def _settled_elsewhere(ends: list[FinishTurn]) -> Plan[tuple[dict[int, TurnLost 
     And the lost ones whose usage is not on their row yet."""
     if not ends:
         return {}, []
-    named, named_params = _in("turn_id", [end.turn.id for end in ends], "text")
     stored = {
         turn_id: (status, completed, size, bool(counted))
         for turn_id, status, completed, size, counted in (yield from _rows(
-            f"SELECT turn_id, status, completed_at_ms, input_bytes, has_usage FROM {TURNS} WHERE {named}", named_params
+            f"SELECT turn_id, status, completed_at_ms, input_bytes, has_usage FROM {TURNS} "
+            f"WHERE turn_id IN ({_marks(len(ends))})",
+            [end.turn.id for end in ends],
         ))
     }
     settled: dict[int, TurnLost | None] = {}
@@ -764,7 +715,24 @@ def begin(
         taken.append((start, row))
     if not taken:
         return lambda: [None] * len(starts)
-    yield from _take_locks(taken, now)
+    # One statement for every lock of the batch; the expiry on the database's
+    # clock (its SQL is the same for any length, only the parameters differ).
+    expiries = {seconds: _sql_of(lock_until(seconds)) for seconds in {start.lock_seconds for start, _ in taken}}
+    expiry_sql, _ = next(iter(expiries.values()))
+    assignments = f"running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql}, " + ", ".join(
+        f"{column} = %s" for column in ("running_turn_id", "turn_sequence", "model", "preview", *POLICY_COLUMNS)
+    )
+    yield Statement(
+        f"UPDATE {THREADS} SET {assignments} WHERE id = %s",
+        [
+            [start.channel, *expiries[start.lock_seconds][1], *now_params]
+            + [row.running_turn_id, row.sequence, row.model, row.preview]
+            + _prepared(StoredThread, list(POLICY_COLUMNS), list(row.policy))
+            + [row.pk]
+            for start, row in taken
+        ],
+        many=True,
+    )
     if lapsed_turns:
         yield from _mark_interrupted([turn_id for turn_id, _ in lapsed_turns.values()])
     turn_pks = yield from _insert_turns(taken)
@@ -786,43 +754,6 @@ def begin(
         return [by_start.get(id(start)) for start in starts]
 
     return begun
-
-
-LOCKED_COLUMNS = ["running_channel", "running_turn_id", "turn_sequence", "model", "preview", *POLICY_COLUMNS]
-
-
-def _take_locks(taken: list[tuple[BeginTurn, _ThreadRow]], now: tuple[str, list[Any]]) -> Plan[None]:
-    """Each thread's row, locked for its start's turn (one start a thread:
-    its row is held once taken), its lock's expiry on the database's clock."""
-    now_sql, now_params = now
-    values = [
-        [row.pk, start.channel, row.running_turn_id, row.sequence, row.model, row.preview]
-        + _prepared(StoredThread, list(POLICY_COLUMNS), list(row.policy))
-        for start, row in taken
-    ]
-    if _postgresql():
-        # As ``lock_until`` writes it, with each start's own lease.
-        leases = [timedelta(seconds=start.lock_seconds) for start, _ in taken]
-        assignments = ", ".join(f"{column} = v.{column}" for column in LOCKED_COLUMNS)
-        yield Statement(
-            f"UPDATE {THREADS} SET {assignments}, lock_expires_at = {now_sql} + v.lease, updated_at = {now_sql} "
-            f"FROM unnest({_array_casts(StoredThread, ('id', *LOCKED_COLUMNS))}, %s::interval[]) "
-            f"AS v(id, {', '.join(LOCKED_COLUMNS)}, lease) WHERE {THREADS}.id = v.id",
-            [*now_params, *now_params, *_arrays(values), leases],
-        )
-        return
-    # One statement for every lock of the batch (its SQL is the same for any lease, only the parameters differ).
-    expiries = {seconds: _sql_of(lock_until(seconds)) for seconds in {start.lock_seconds for start, _ in taken}}
-    expiry_sql, _ = next(iter(expiries.values()))
-    assignments = ", ".join(f"{column} = %s" for column in LOCKED_COLUMNS)
-    yield Statement(
-        f"UPDATE {THREADS} SET {assignments}, lock_expires_at = {expiry_sql}, updated_at = {now_sql} WHERE id = %s",
-        [
-            [*columns, *expiries[start.lock_seconds][1], *now_params, pk]
-            for (start, _), (pk, *columns) in zip(taken, values, strict=True)
-        ],
-        many=True,
-    )
 
 
 def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[Callable[[], dict[str, int]]]:
@@ -851,16 +782,9 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[Callable[[]
         )
         for start, row in taken
     ]
-    if _postgresql():
-        keys = yield from _rows_later(
-            f"INSERT INTO {TURNS} ({', '.join(TURN_COLUMNS)}) SELECT * FROM unnest({_array_casts(StoredTurn, tuple(TURN_COLUMNS))}) "
-            "RETURNING turn_id, id",
-            _arrays(values),
-        )
-        return lambda: dict(keys())
     # Several rows a statement, within the database's parameter limit;
-    # their keys come back with them where it can return rows (SQLite 3.35+),
-    # else from one query after.
+    # their keys come back with them where it can return rows (SQLite 3.35+,
+    # PostgreSQL), else from one query after.
     per_statement = (connection.features.max_query_params or 65535) // len(TURN_COLUMNS)
     returning = connection.features.can_return_rows_from_bulk_insert
     chunks = []
@@ -879,8 +803,7 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[Callable[[]
 
 
 def _turn_pks_query(turn_ids: list[str]) -> tuple[str, list[Any]]:
-    named, named_params = _in("turn_id", turn_ids, "text")
-    return f"SELECT turn_id, id FROM {TURNS} WHERE {named}", named_params
+    return f"SELECT turn_id, id FROM {TURNS} WHERE turn_id IN ({_marks(len(turn_ids))})", turn_ids
 
 
 def _turn_pks(turn_ids: list[str]) -> Plan[dict[str, int]]:
@@ -896,15 +819,7 @@ def _insert_first_items(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[None]
         for start, _ in taken
         for _, *values in _item_rows(0, start.turn.items, 0)  # 0: a stand-in for the key, left out
     ]
-    if rows and _postgresql():
-        named = ", ".join(ITEM_COLUMNS[1:])
-        yield Statement(
-            f"INSERT INTO {ITEMS} ({columns}) SELECT turns.id, {', '.join(f'v.{column}' for column in ITEM_COLUMNS[1:])} "
-            f"FROM unnest({_array_casts(StoredItem, tuple(ITEM_COLUMNS[1:]))}, %s::text[]) WITH ORDINALITY "
-            f"AS v({named}, turn_key, n) JOIN {TURNS} AS turns ON turns.turn_id = v.turn_key ORDER BY v.n",
-            _arrays(rows),
-        )
-    elif rows:
+    if rows:
         yield Statement(
             f"INSERT INTO {ITEMS} ({columns}) SELECT id, {_marks(len(ITEM_COLUMNS) - 1)} FROM {TURNS} WHERE turn_id = %s",
             rows,
@@ -922,14 +837,13 @@ def _histories_later(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[Callable
         return lambda: {}
     most = max(start.max_history_bytes for start, _ in taken)
     thread_pks = [row.pk for _, row in taken]
-    named, named_params = _in("thread_id", thread_pks, "bigint")
     earlier = yield from _rows_later(
         f"SELECT thread_id, model_input, input_bytes FROM ("
         f"  SELECT thread_id, model_input, input_bytes, sequence, SUM(input_bytes) OVER ("
         f"    PARTITION BY thread_id ORDER BY sequence DESC) AS bytes_so_far"
-        f"  FROM {TURNS} WHERE input_bytes > 0 AND {named}"
+        f"  FROM {TURNS} WHERE input_bytes > 0 AND thread_id IN ({_marks(len(thread_pks))})"
         f") AS earlier WHERE bytes_so_far <= %s ORDER BY thread_id, sequence DESC",
-        [*named_params, most],
+        [*thread_pks, most],
     )
 
     def histories() -> dict[int, History]:
