@@ -240,12 +240,40 @@ def _as_is(text: str) -> str:
     return text
 
 
-def _sql_of(expression) -> tuple[str, list[Any]]:
+def _sql_of(expression) -> tuple[str, tuple[Any, ...]]:
     """An ORM expression as this database writes it (its clock, its interval
     arithmetic), to put into the statements below."""
     query = Query(StoredThread)
     sql, params = query.get_compiler(connection=connection).compile(expression.resolve_expression(query))
-    return sql, list(params)
+    return sql, tuple(params)
+
+
+# Compiled once a process, not once a batch: compiling an expression took
+# an eighth of a one-write batch's time on the event loop (cProfile), and
+# what it gives depends only on the database (one a process) and the lease.
+@cache
+def _now_sql() -> tuple[str, tuple[Any, ...]]:
+    return _sql_of(Now())
+
+
+@cache
+def _lock_until_sql(seconds: float) -> tuple[str, tuple[Any, ...]]:
+    return _sql_of(lock_until(seconds))
+
+
+@cache
+def _locks_for_update() -> str:
+    return " FOR UPDATE" if connection.features.has_select_for_update else ""
+
+
+@cache
+def _insert_returns_rows() -> bool:
+    return connection.features.can_return_rows_from_bulk_insert
+
+
+@cache
+def _max_query_params() -> int:
+    return connection.features.max_query_params or 65535
 
 
 @contextmanager
@@ -489,7 +517,7 @@ def batch_plan(writes: list[Write]) -> Plan[Outcomes]:
         yield from _insert_threads([create.thread for create in creates])
         outcomes.append((creates, lambda: [None] * len(creates)))
     if ends or starts:
-        now = _sql_of(Now())
+        now = _now_sql()
         rows = yield from _lock_threads({write.thread.id for write in (*ends, *starts)}, now)
         if ends:
             outcomes.append((ends, (yield from finish(ends, rows, now))))
@@ -531,7 +559,7 @@ def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> Plan[dict
         f"running_turn_id IS NOT NULL AND (lock_expires_at IS NULL OR lock_expires_at >= {now_sql}), "
         f"turn_sequence, sandbox_mode, network_access, approval_policy "
         f"FROM {THREADS} WHERE thread_id IN ({_marks(len(ids))}) ORDER BY id"
-        + (" FOR UPDATE" if connection.features.has_select_for_update else ""),
+        + _locks_for_update(),
         [*now_params, *ids],
     )
     approvals = StoredThread._meta.get_field("approval_policy")
@@ -717,7 +745,7 @@ def begin(
         return lambda: [None] * len(starts)
     # One statement for every lock of the batch; the expiry on the database's
     # clock (its SQL is the same for any length, only the parameters differ).
-    expiries = {seconds: _sql_of(lock_until(seconds)) for seconds in {start.lock_seconds for start, _ in taken}}
+    expiries = {seconds: _lock_until_sql(seconds) for seconds in {start.lock_seconds for start, _ in taken}}
     expiry_sql, _ = next(iter(expiries.values()))
     assignments = f"running_channel = %s, lock_expires_at = {expiry_sql}, updated_at = {now_sql}, " + ", ".join(
         f"{column} = %s" for column in ("running_turn_id", "turn_sequence", "model", "preview", *POLICY_COLUMNS)
@@ -785,8 +813,8 @@ def _insert_turns(taken: list[tuple[BeginTurn, _ThreadRow]]) -> Plan[Callable[[]
     # Several rows a statement, within the database's parameter limit;
     # their keys come back with them where it can return rows (SQLite 3.35+,
     # PostgreSQL), else from one query after.
-    per_statement = (connection.features.max_query_params or 65535) // len(TURN_COLUMNS)
-    returning = connection.features.can_return_rows_from_bulk_insert
+    per_statement = _max_query_params() // len(TURN_COLUMNS)
+    returning = _insert_returns_rows()
     chunks = []
     for first in range(0, len(values), per_statement):
         chunk = values[first : first + per_statement]
