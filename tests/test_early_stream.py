@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 from channels.db import database_sync_to_async
-from django.db import OperationalError
 
 from identity.principals import local_principal
 from realtime.store import loop_writers, turn_writes
@@ -227,85 +225,3 @@ async def test_a_reply_longer_than_what_is_held_arrives_whole_and_in_order_after
     assert heard[:2] == ["reply 98", "turn/started"]
     said = [m["params"]["delta"] for m in client.inbox if m.get("method") == "item/agentMessage/delta"]
     assert said == [f"{i} " for i in range(deltas)]
-
-
-# Where the early request went out, the turn need not wait for its start's
-# commit either: it begins once the start's batch holds the thread's row and
-# found the lock free, and only its end waits for the start to be stored.
-
-
-def after_the_starts_statements(monkeypatch, then_sync, then_async) -> None:
-    """Runs ``then_sync`` (a row writer's thread) or awaits ``then_async``
-    (the loop's PostgreSQL session) once a batch's statements are sent,
-    before its commit: after the start was told it holds the lock."""
-    plan = turn_writes.batch_plan
-
-    def plan_then(writes):
-        outcomes = yield from plan(writes)
-        then_sync(writes)
-        return outcomes
-
-    monkeypatch.setattr(turn_writes, "batch_plan", plan_then)
-    run, sent = loop_writers._run_on_session, {}
-
-    def noting_plan(writes):
-        sent["writes"] = writes
-        return plan(writes)
-
-    async def run_then(session, batch, later):
-        outcomes = await run(session, batch, later)
-        await then_async(sent["writes"])
-        return outcomes
-
-    monkeypatch.setattr(loop_writers, "batch_plan", noting_plan)
-    monkeypatch.setattr(loop_writers, "_run_on_session", run_then)
-
-
-def has_start(writes) -> bool:
-    return any(isinstance(each, turn_writes.BeginTurn) for each in writes)
-
-
-async def test_a_turn_begins_before_its_start_commits_and_is_told_ended_only_after(kept, upstream, monkeypatch):
-    client, thread = kept
-    go = threading.Event()
-
-    async def wait_async(writes):
-        await asyncio.to_thread(go.wait, 10)
-
-    after_the_starts_statements(monkeypatch, lambda writes: go.wait(10), wait_async)
-    started = await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "two"}]})
-    await client.notification("turn/started")
-    await client.notification("item/agentMessage/delta")  # streaming while the start's commit waits
-    await asyncio.sleep(0.2)
-    assert not [m for m in client.inbox if m.get("method") == "turn/completed"]
-    go.set()
-    completed = await client.notification("turn/completed")
-    assert completed["turn"]["status"] == "completed"
-    assert len(requests_of(upstream, thread)) == 2  # the early request was the turn's
-    stored = await DatabaseThreads.turn(started["turn"]["id"])
-    assert stored.status == "completed" and [item.item["type"] for item in stored.items] == ["userMessage", "agentMessage"]
-
-
-async def test_a_turn_whose_start_fails_to_commit_after_it_began_ends_failed_and_unstored(kept, monkeypatch):
-    client, thread = kept
-    failures = []
-
-    def fail(writes):
-        if has_start(writes) and not failures:
-            time.sleep(0.3)  # the turn has begun meanwhile
-            failures.append(writes)
-            raise OperationalError("the database went away before the commit")
-
-    async def fail_async(writes):
-        if has_start(writes) and not failures:
-            await asyncio.sleep(0.3)
-        fail(writes)
-
-    after_the_starts_statements(monkeypatch, fail, fail_async)
-    started = await client.call("turn/start", {"threadId": thread, "input": [{"type": "text", "text": "slow:50"}]})
-    completed = await client.notification("turn/completed", timeout=10)
-    assert failures and completed["turn"]["status"] == "failed"
-    assert "could not be stored" in completed["turn"]["error"]["message"]
-    assert await DatabaseThreads.turn(started["turn"]["id"]) is None  # one story: the store has none
-    await client.notification("thread/status/changed", status={"type": "idle"})
-    assert (await client.run_turn(thread, "three"))["turn"]["status"] == "completed"

@@ -15,7 +15,7 @@ and at its end, are batched with other turns' (``realtime.turn_writes``).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 
@@ -175,7 +175,6 @@ class DatabaseThreads:
         sandbox: tuple[str, bool] | None = None,
         approvals: Any = None,
         cached_sequence: int | None = None,
-        on_locked: Callable[[Begun], None] | None = None,
     ) -> Awaitable[Begun | None]:
         """Take the thread's turn lock and store the turn with its user message;
         ``model``, ``sandbox`` and ``approvals`` (the request's overrides)
@@ -188,12 +187,10 @@ class DatabaseThreads:
         whose lapsed lock it took over with its process's channel, or None
         when another turn holds the lock. A lock that lapsed (its process
         died, or stopped) is taken over, and the turn it held is marked
-        interrupted. ``on_locked``: see ``BeginTurn``.
+        interrupted.
         """
         return turn_writes.submit(
-            BeginTurn(
-                thread, turn, channel, lock_seconds, max_history_bytes, model, sandbox, approvals, cached_sequence, on_locked
-            )  # fmt: skip
+            BeginTurn(thread, turn, channel, lock_seconds, max_history_bytes, model, sandbox, approvals, cached_sequence)
         )
 
     @staticmethod
@@ -315,7 +312,6 @@ class MemoryThreads:
         sandbox: tuple[str, bool] | None = None,
         approvals: Any = None,
         cached_sequence: int | None = None,  # (its history is its own: always current)
-        on_locked: Callable[[Begun], None] | None = None,  # (its lock is taken at once)
     ) -> Begun | None:
         if thread.active_turn is not None:
             return None

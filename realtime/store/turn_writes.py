@@ -83,12 +83,6 @@ class BeginTurn:
     # The number of the thread's newest turn whose history this process
     # keeps (``history_cache``): if no turn began since, none is read.
     cached_sequence: int | None = None
-    # Given what the start is to give (its row key None) as soon as its batch
-    # holds the thread's row and found the lock free (not lapsed: free) and
-    # the kept history current, before the batch commits: the turn need not
-    # wait for the commit to begin (its outcome still tells whether the start
-    # was stored). Called on the thread writing the batch.
-    on_locked: Callable[[Begun], None] | None = None
 
 
 @dataclass(eq=False)
@@ -772,13 +766,6 @@ def begin(
     turn_pks = yield from _insert_turns(taken)
     yield from _insert_first_items(taken)
     histories = yield from _histories_later([(start, row) for start, row in taken if id(start) not in cache_current])
-    # Told once every statement is sent but the commit, as the turn then runs
-    # and changes what they were made of (its items). Not a takeover: its
-    # announcement of the lapsed turn's end must not precede a commit that
-    # might not come.
-    for start, row in taken:
-        if start.on_locked is not None and id(start) in cache_current and id(start) not in lapsed_turns:
-            start.on_locked((None, row.model, None, None, row.policy))
 
     def begun() -> list[Begun | None]:
         pks, earlier = turn_pks(), histories()

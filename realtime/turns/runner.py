@@ -20,7 +20,7 @@ from realtime.store.history_cache import history_cache
 from realtime.store.storable_text import made_storable
 from realtime.store.thread_store import DatabaseThreads, MemoryThreads
 from realtime.store.threads import COMPLETED, FAILED, IN_PROGRESS, INTERRUPTED, History, ItemRecord, Thread, Turn
-from realtime.store.turn_writes import ONE_WRITES_FAULT, NotStored, TurnLost, WrittenButUnread
+from realtime.store.turn_writes import ONE_WRITES_FAULT, NotStored, TurnLost
 from realtime.tools.commands import (
     CommandContext,
     TurnCancelledByUser,
@@ -70,9 +70,6 @@ class TurnContext:
     offered_tools: tuple[dict[str, Any], ...] = ()  # to the model, where tools are enabled
     # Its first model request, sent while its start was written (``early_stream``).
     early: EarlyStream | None = None
-    # The start's outcome (its batch's future), where the turn began once the
-    # batch held the thread's lock, before it committed (``BeginTurn.on_locked``).
-    start_written: asyncio.Future | None = None
 
 
 async def run_turn(turn_context: TurnContext) -> None:
@@ -82,8 +79,6 @@ async def run_turn(turn_context: TurnContext) -> None:
     lock_keeper = (
         None if thread.ephemeral else asyncio.create_task(_keep_lock(turn_context), name=f"lock of turn {turn.id}")
     )
-    if turn_context.start_written is not None:
-        turn_context.start_written.add_done_callback(functools.partial(_start_settled, turn))
     try:
         if turn_context.taken_over is not None:  # its end is heard before this turn starts
             await _announce_taken_over(thread, *turn_context.taken_over)
@@ -163,11 +158,6 @@ async def run_turn(turn_context: TurnContext) -> None:
         if lock_keeper is not None:
             lock_keeper.cancel()
 
-    if turn_context.start_written is not None:
-        # Its end is not told before its start is known stored.
-        await _written(asyncio.wait([turn_context.start_written]))
-        if (why := _not_stored_because(turn_context.start_written)) is not None:
-            status, error = FAILED, _error({"message": f"the turn could not be stored: {why}", "codexErrorInfo": "other"})
     translator.finish()
     if tools is not None:
         finish_command_items(tools)  # those still running stay sessions the model may poll later
@@ -196,30 +186,6 @@ async def run_turn(turn_context: TurnContext) -> None:
         notify("error", {"threadId": thread.id, "turnId": turn.id, "error": turn.error, "willRetry": False})
     _announce_end(thread, turn, notify)
     telemetry.record_event(turn_context.identity, telemetry.TURN_COMPLETED, thread.id, turn.id, usage=usage)
-
-
-def _not_stored_because(begin: asyncio.Future) -> str | None:
-    """Why the settled start of a turn that began before its batch committed
-    was not stored after all (the batch failed, or was tried again and found
-    another turn holding the thread), or None: it was."""
-    if begin.cancelled():
-        return "its start's write was cancelled"
-    failure = begin.exception()
-    if isinstance(failure, WrittenButUnread):
-        return None  # stored: its end finds its row by the turn's id
-    if failure is not None:
-        return f"its start's write failed ({type(failure).__name__})"
-    return None if begin.result() is not None else "another turn took the thread as it started"
-
-
-def _start_settled(turn: Turn, begin: asyncio.Future) -> None:
-    """The start's batch is done: the turn learns its row's key, or is stopped."""
-    why = _not_stored_because(begin)
-    if why is not None:
-        logger.warning("turn %s stopped: %s", turn.id, why)
-        turn.interrupt()
-    elif begin.exception() is None:
-        turn.row_id = begin.result()[2]
 
 
 async def _stop_commands(thread: Thread, turn: Turn) -> None:
@@ -317,10 +283,6 @@ async def _store_end(turn_context: TurnContext) -> dict[str, int] | None:
     thread.active_turn = None
     thread.trim(turn_context.max_history_bytes)
     thread.touch()
-    if (begin := turn_context.start_written) is not None:
-        await _written(asyncio.wait([begin]))  # (its end is written after it: one batch at a time)
-        if not begin.cancelled() and begin.exception() is None and begin.result() is None:
-            return dict(turn.usage or {})  # never stored: another turn holds the thread
     try:
         return _remember_history(turn_context, await _end_written(turn_context))
     except TurnLost as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -14,7 +13,7 @@ from realtime.services.config import UpstreamConfig
 from realtime.store.history_cache import history_cache
 from realtime.store.thread_store import DatabaseThreads, store_for
 from realtime.store.threads import PREVIEW_CHARS, ItemRecord, Turn, new_id, now_ms
-from realtime.store.turn_writes import Begun, WrittenButUnread
+from realtime.store.turn_writes import WrittenButUnread
 from realtime.tools.definitions import offered_tools
 from realtime.tools.workspace import within_workspace, workspace_roots
 from realtime.turns.early_stream import EarlyStream
@@ -123,7 +122,6 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
     context.connection.hold_upstream(turn)
     holds_lock = False
     early: EarlyStream | None = None
-    locked: asyncio.Future | None = None
     try:
         started = now_ms()
         user_item = ItemRecord({"id": new_id(), "type": "userMessage", "content": user_inputs}, started, started)
@@ -154,7 +152,6 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
                 tools if tools_enabled else None,
             )  # fmt: skip
             early = EarlyStream(context.connection, context.identity, request, config)
-            locked = asyncio.get_running_loop().create_future()
         # Nothing that can fail between this and the wait below: a start
         # sent must be waited for, or its lock released (see the except).
         begin = asyncio.ensure_future(
@@ -162,11 +159,10 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
             store.begin_turn(
                 thread, turn, hub.channel, lock_seconds, max_history_bytes, model,
                 sandbox, approvals, cached_sequence=cached.sequence if cached is not None else None,
-                on_locked=None if locked is None else _telling(locked),
             )  # fmt: skip
         )
         try:
-            begun, committed = await asyncio.shield(_locked_or_begun(begin, locked))
+            begun = await asyncio.shield(begin)
         except asyncio.CancelledError:
             # The client left while the lock was being taken: never leave it held.
             begin.add_done_callback(lambda done: _release_if_taken(done, thread, turn, store))
@@ -210,7 +206,6 @@ async def start_turn(context, params: Any) -> dict[str, Any]:
             full_access_allowed=settings.CODEX_ALLOW_FULL_ACCESS,
             offered_tools=tools,
             early=early,
-            start_written=None if committed else begin,
         )
         if early is not None and early.request != first_model_request(turn_context):
             # Another turn began since the history kept here, or another
@@ -248,31 +243,6 @@ async def _check_budget(context) -> None:
         raise JsonRpcError.usage_limit_exceeded(
             f"Usage limit reached: {context.principal.name} has used {used:,} of its {budget:,}-token budget"
         )
-
-
-def _telling(locked: asyncio.Future) -> Callable[[Begun], None]:
-    """``on_locked`` for the start's batch: it settles ``locked`` on this loop
-    (from the writer's thread, which may be a row writer's)."""
-    loop = asyncio.get_running_loop()
-    return lambda begun: loop.call_soon_threadsafe(_settle, locked, begun)
-
-
-def _settle(future: asyncio.Future, value: Any) -> None:
-    if not future.done():  # (a batch tried again calls it again)
-        future.set_result(value)
-
-
-async def _locked_or_begun(begin: asyncio.Future, locked: asyncio.Future | None) -> tuple[Begun | None, bool]:
-    """What the start gives, and whether its batch had committed: its batch's
-    outcome, or, where it was asked for and comes first, what the batch
-    found once it held the thread's row (``BeginTurn.on_locked``). Then the
-    turn begins during the batch's commit, PostgreSQL's fsync included: with
-    the early request, only the end's commit waits before turn/completed."""
-    if locked is not None:
-        await asyncio.wait((begin, locked), return_when=asyncio.FIRST_COMPLETED)
-        if not begin.done():
-            return locked.result(), False
-    return await begin, True
 
 
 def _release_if_taken(begin: asyncio.Future, thread, turn: Turn, store) -> None:
