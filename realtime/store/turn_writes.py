@@ -550,7 +550,7 @@ def _insert_threads(threads: list[Thread]) -> Plan[None]:
     yield from insert_each(THREADS, THREAD_COLUMNS, rows)
 
 
-def _lock_threads(thread_ids: set[str], now: tuple[str, list[Any]]) -> Plan[dict[str, _ThreadRow]]:
+def _lock_threads(thread_ids: set[str], now: tuple[str, tuple[Any, ...]]) -> Plan[dict[str, _ThreadRow]]:
     """The batch's threads, locked in primary-key order until it commits."""
     now_sql, now_params = now
     ids = sorted(thread_ids)
@@ -595,7 +595,7 @@ def _add_principal_usage(spent: dict[int, int]) -> Plan[None]:
 
 
 def finish(
-    ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
+    ends: list[FinishTurn], rows: dict[str, _ThreadRow], now: tuple[str, tuple[Any, ...]]
 ) -> Plan[Callable[[], list[dict[str, int] | TurnLost]]]:
     """Store each turn's end and free its thread; each thread's usage summed
     over its turns, to read once committed.
@@ -711,7 +711,7 @@ def _settled_elsewhere(ends: list[FinishTurn]) -> Plan[tuple[dict[int, TurnLost 
 
 
 def begin(
-    starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, list[Any]]
+    starts: list[BeginTurn], rows: dict[str, _ThreadRow], now: tuple[str, tuple[Any, ...]]
 ) -> Plan[Callable[[], list[Begun | None]]]:
     """Take each thread's lock and store its turn, numbered next in its
     thread: (history to replay, or None where the start's cached one is
