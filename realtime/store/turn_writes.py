@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any, TypeVar
 
 from django.db import (
@@ -256,7 +256,7 @@ def _now_sql() -> tuple[str, tuple[Any, ...]]:
     return _sql_of(Now())
 
 
-@cache
+@lru_cache(maxsize=16)  # (a lease is a setting: a test changes it, rarely)
 def _lock_until_sql(seconds: float) -> tuple[str, tuple[Any, ...]]:
     return _sql_of(lock_until(seconds))
 
